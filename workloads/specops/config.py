@@ -1,0 +1,366 @@
+"""Data-only contracts shared by the CLI, the workloads and the operator.
+
+These pydantic models are the single source of truth: they parse YAML inside pods, validate
+custom resources in the operator, and generate the CRD schemas. They must stay importable
+without torch. Field names are snake_case in Python and camelCase on the wire (YAML and the
+Kubernetes API accept both spellings on input; CRDs and dumps use camelCase).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel, to_snake
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Contract(BaseModel):
+    """Base for every config model: unknown fields are errors, camelCase aliases on the wire."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+
+# --------------------------------------------------------------------------- data generation
+
+
+class VerifierConfig(Contract):
+    """The verifier (target) model whose hidden states train the draft."""
+
+    name_or_path: Annotated[str, Field(min_length=1, max_length=512)]
+    """Hugging Face model id or a local directory under an allowed root."""
+    revision: Annotated[str, Field(max_length=128)] | None = None
+    """Hub revision (branch, tag or commit); ignored for local directories."""
+    dtype: DType = "auto"
+    """Weights dtype; auto = bfloat16 on GPU, float32 on CPU."""
+    gguf_file: Annotated[str, Field(max_length=256)] | None = None
+    """GGUF file name inside `name_or_path`; the model is dequantized on load."""
+    trust_remote_code: bool = False
+    """Run modeling code shipped with the model. Off by default: it executes foreign code."""
+
+
+class ColumnMapping(Contract):
+    """Which columns of a dataset row hold the conversation; None = detect."""
+
+    messages: Annotated[str, Field(max_length=128)] | None = None
+    """Column with the turn list (ShareGPT `conversations`, OpenAI `messages`)."""
+    role_key: Annotated[str, Field(max_length=64)] | None = None
+    """Key of the speaker inside each turn (`from` or `role`)."""
+    content_key: Annotated[str, Field(max_length=64)] | None = None
+    """Key of the text inside each turn (`value` or `content`)."""
+    text: Annotated[str, Field(max_length=128)] | None = None
+    """Column holding plain text (no chat template, whole sequence trained)."""
+    id: Annotated[str, Field(max_length=128)] | None = None
+    """Column with a stable row id; default: the row number."""
+
+
+class DatasetSource(Contract):
+    """One input dataset: a Hugging Face id, a local file or directory, or plain text files."""
+
+    kind: Literal["hf", "local", "text"] = "local"
+    """hf = `datasets.load_dataset(id)`; local = json/jsonl/parquet/arrow path; text = .txt files."""
+    path: Annotated[str, Field(min_length=1, max_length=1024)]
+    """HF dataset id (kind=hf) or a local path under an allowed root."""
+    name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] | None = None
+    """Label used in example ids (`<name>/<row>/<turn>`); default: derived from the path."""
+    subset: Annotated[str, Field(max_length=128)] | None = None
+    """HF dataset configuration name."""
+    split: Annotated[str, Field(max_length=64)] = "train"
+    """Split to read, e.g. `train` or `train_sft[:1000]`."""
+    format: Literal["auto", "sharegpt", "openai", "text"] = "auto"
+    """Row shape; auto detects ShareGPT `conversations[{from,value}]` or OpenAI `messages[{role,content}]`."""
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    """Column overrides for unusual layouts."""
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Read at most this many rows (after the split)."""
+
+
+class ProcessorConfig(Contract):
+    """How conversations become token ids and loss masks."""
+
+    max_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Truncate sequences to this many tokens."""
+    min_loss_tokens: Annotated[int, Field(ge=0)] = 1
+    """Drop examples with fewer trainable (assistant) tokens than this."""
+    assistant_only_loss: bool = True
+    """Mask everything but assistant turns; off = train on every token."""
+    add_generation_prompt: bool = False
+    """Append the template's generation prompt after the last turn."""
+
+
+class HiddenStatesConfig(Contract):
+    """Which verifier layers to capture."""
+
+    layers: list[Annotated[int, Field(ge=0, le=1024)]] | None = Field(default=None, max_length=16)
+    """Layer ids; slot k = input of decoder layer k, id == num_layers = final output before the
+    final norm. Default: EAGLE-3's [2, N//2, N-3, N]."""
+    reduce: Literal["none", "mean"] = "none"
+    """none = keep [S, L, H]; mean = average the aux layers into one slot (keeps the last)."""
+
+
+class StatesConfig(Contract):
+    """What each example persists besides token ids."""
+
+    loss_mask: bool = True
+    hidden_states: HiddenStatesConfig = Field(default_factory=HiddenStatesConfig)
+    logits: bool = False
+    """Persist full verifier logits [S, V] (large; the trainer recomputes them from the last slot)."""
+    output_tokens: bool = False
+    """Persist the verifier's greedy next token per position."""
+
+
+class EngineConfig(Contract):
+    """The inference engine that runs the verifier forward."""
+
+    kind: Literal["transformers", "vllm"] = "transformers"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Maximum sequences per forward."""
+    max_tokens_per_batch: Annotated[int, Field(ge=16)] = 16384
+    """Maximum padded tokens per forward; batches are grouped by length."""
+    dtype: DType = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    seed: int = 0
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    """vLLM only."""
+    data_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    """vLLM only."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85
+    """vLLM only."""
+    handoff: Literal["memory", "file"] = "memory"
+    """vLLM only: pass hidden states in memory (our connector) or through files."""
+
+
+class SyncConfig(Contract):
+    """Where generated examples go: disk shards, a local queue, or a ZeroMQ broker."""
+
+    kind: Literal["disk", "mpqueue", "zmq"] = "disk"
+    path: Annotated[str, Field(max_length=1024)] | None = None
+    """Directory for disk shards (kind=disk, and the cache of stream-then-cache)."""
+    shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    """Examples per shard file."""
+    compression: Literal["none", "zstd"] = "none"
+    queue_size: Annotated[int, Field(ge=1, le=65536)] = 16
+    """Bounded queue length (mpqueue) / producer in-flight window (zmq)."""
+    url: Annotated[str, Field(max_length=512)] | None = None
+    """Broker address for zmq, e.g. tcp://specops-broker:5555."""
+    max_broker_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30
+    """zmq: bytes the broker may hold at once."""
+    curve_key_dir: Annotated[str, Field(max_length=1024)] | None = None
+    """zmq: directory with CURVE key files; unset = no encryption."""
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Self:
+        if self.kind == "disk" and not self.path:
+            raise ValueError("sync.path is required when sync.kind is 'disk'")
+        if self.kind == "zmq" and not self.url:
+            raise ValueError("sync.url is required when sync.kind is 'zmq'")
+        return self
+
+
+class RunConfig(Contract):
+    """How this process takes part in a run (set by the CLI, the operator or `specops run`)."""
+
+    num_workers: Annotated[int, Field(ge=1, le=256)] = 1
+    """Local worker processes to spawn (each takes one slice)."""
+    shard_index: Annotated[int, Field(ge=0)] = 0
+    """This worker's slice of the input (Kubernetes: the Job completion index)."""
+    num_shards: Annotated[int, Field(ge=1)] = 1
+    """Number of disjoint input slices."""
+    allowed_roots: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
+    """Local paths must resolve under one of these; empty = the current directory and the
+    SpecOps cache directory only."""
+
+    @model_validator(mode="after")
+    def _slice_in_range(self) -> Self:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(
+                f"run.shard_index={self.shard_index} must be < run.num_shards={self.num_shards}"
+            )
+        return self
+
+
+class DataGenConfig(Contract):
+    """A data generation run: sources -> chat/loss mask -> verifier forward -> sink."""
+
+    verifier: VerifierConfig
+    datasets: list[DatasetSource] = Field(min_length=1, max_length=64)
+    chat_template: Annotated[str, Field(max_length=65536)] | None = None
+    """Inline Jinja chat template; default: the verifier tokenizer's own."""
+    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    states: StatesConfig = Field(default_factory=StatesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sync: SyncConfig
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class DraftConfig(Contract):
+    """The draft (speculator) architecture."""
+
+    algorithm: Literal["eagle3", "hass"] = "eagle3"
+    num_layers: Annotated[int, Field(ge=1, le=8)] = 1
+    draft_vocab_size: Annotated[int, Field(ge=16, le=1_048_576)] = 32000
+    """Tokens the draft can propose; clipped to the verifier vocab."""
+    layer_style: Literal["llama", "qwen3"] = "llama"
+    norm_before_residual: bool = False
+    speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 3
+    """k written to the proposal method (what vLLM drafts per step)."""
+
+
+class OptimConfig(Contract):
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: Annotated[float, Field(gt=0.0)] = 0.5
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+class TrainDataConfig(Contract):
+    """Where training examples come from."""
+
+    kind: Literal["disk", "speculators", "mpqueue", "zmq"] = "disk"
+    """disk = SpecOps shards; speculators = upstream hs_{i}.safetensors; zmq = broker stream."""
+    path: Annotated[str, Field(max_length=1024)] | None = None
+    url: Annotated[str, Field(max_length=512)] | None = None
+    cache_path: Annotated[str, Field(max_length=1024)] | None = None
+    """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    """DataLoader worker processes."""
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Self:
+        if self.kind in ("disk", "speculators") and not self.path:
+            raise ValueError(f"data.path is required when data.kind is '{self.kind}'")
+        if self.kind == "zmq" and not self.url:
+            raise ValueError("data.url is required when data.kind is 'zmq'")
+        return self
+
+
+class TrainConfig(Contract):
+    """A training run: GeneratedDataset -> draft with TTT steps -> speculators checkpoint."""
+
+    verifier: VerifierConfig
+    data: TrainDataConfig
+    draft: DraftConfig = Field(default_factory=DraftConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    output_dir: Annotated[str, Field(min_length=1, max_length=1024)]
+    ttt_steps: Annotated[int, Field(ge=1, le=16)] = 3
+    """Training-time-test steps unrolled per position."""
+    ttt_step_loss_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Weight of step i is decay**i."""
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    tokens_per_step: Annotated[int, Field(ge=16)] = 8192
+    """Packed token budget per optimizer step per rank."""
+    max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on GPU, fp32 on CPU."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    eval_every: Annotated[int, Field(ge=1)] = 500
+    log_every: Annotated[int, Field(ge=1)] = 10
+    tensorboard: bool = False
+    hass_topk: Annotated[int, Field(ge=1, le=1024)] = 10
+    """HASS only: top-k of the verifier distribution distilled."""
+    allowed_roots: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
+    """Local paths must resolve under one of these; empty = see RunConfig.allowed_roots."""
+
+
+# --------------------------------------------------------------------------- YAML helpers
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message`."""
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"]
+        ctx = item.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"{msg} (allowed: {ctx['expected']})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override_value(raw: str) -> Any:
+    """`--engine.batch_size 4` -> 4; YAML scalars and flow lists/maps are accepted."""
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`engine.batch_size`) in a nested dict, creating levels as needed."""
+    out: dict[str, Any] = {**data}
+    for dotted, value in overrides.items():
+        parts = dotted.replace("-", "_").split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = {**child} if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(model: type[C], source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> C:
+    """Parse a YAML file (or dict) into `model`, applying dotted overrides; errors name the field."""
+    label = "<dict>"
+    if isinstance(source, dict):
+        data = source
+    else:
+        label = str(source)
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{label}: cannot read config: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{label}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{label}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(_snake_keys(data), overrides or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, label)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML with camelCase keys, the form pods and CRs read."""
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+
+
+def _snake_keys(data: Any) -> Any:
+    """Normalize camelCase keys so snake_case overrides land on the same key.
+
+    Workload configs hold no free-form maps, so every key is a field name.
+    """
+    if isinstance(data, dict):
+        return {to_snake(str(k)): _snake_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_snake_keys(v) for v in data]
+    return data

@@ -1,0 +1,1 @@
+"""Dataset sources, chat templating and assistant-only loss masks."""

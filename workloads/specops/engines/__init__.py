@@ -1,0 +1,1 @@
+"""Inference engines that run the verifier and capture hidden states."""

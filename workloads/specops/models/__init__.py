@@ -1,0 +1,1 @@
+"""Speculator (draft) models in the speculators format that vLLM serves."""

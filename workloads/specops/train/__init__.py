@@ -1,0 +1,1 @@
+"""The speculator trainer: loop, losses, metrics, checkpoints, distributed setup."""
