@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from specops.example import ExampleDict
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What produced a set of examples; a store refuses to mix examples from different producers."""
+
+    verifier: str
+    """Verifier name_or_path (plus `@revision` when pinned)."""
+    layer_ids: tuple[int, ...]
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    """torch dtype name of hidden_states, e.g. `float32`, `bfloat16`."""
+    chat_template_sha256: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "layer_ids": list(self.layer_ids)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreMeta:
+        return cls(**{**data, "layer_ids": tuple(data["layer_ids"])})
 
 
 @runtime_checkable
