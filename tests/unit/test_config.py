@@ -59,9 +59,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_train_config_defaults() -> None:
-    cfg = load_config(
-        TrainConfig, {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o"}
-    )
+    cfg = load_config(TrainConfig, {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o"})
     assert cfg.ttt_steps == 3 and cfg.draft.algorithm == "eagle3"
 
 

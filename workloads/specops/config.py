@@ -184,9 +184,7 @@ class RunConfig(Contract):
     @model_validator(mode="after")
     def _slice_in_range(self) -> Self:
         if self.shard_index >= self.num_shards:
-            raise ValueError(
-                f"run.shard_index={self.shard_index} must be < run.num_shards={self.num_shards}"
-            )
+            raise ValueError(f"run.shard_index={self.shard_index} must be < run.num_shards={self.num_shards}")
         return self
 
 
@@ -325,7 +323,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
-def load_config(model: type[C], source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> C:
+def load_config(
+    model: type[C], source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None
+) -> C:
     """Parse a YAML file (or dict) into `model`, applying dotted overrides; errors name the field."""
     label = "<dict>"
     if isinstance(source, dict):

