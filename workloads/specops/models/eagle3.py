@@ -1,0 +1,496 @@
+"""EAGLE-3 draft model (also trained as HASS): config, decoder layers, TTT forward, proposals.
+
+Architecture (tensor names are what vLLM's `Eagle3LlamaForCausalLM` loader expects):
+`fc` fuses the A=3 auxiliary verifier hidden states (A*H -> H); `layers.0` takes
+`[input_layernorm(embed(token)); hidden_norm(hidden)]` (2H) into attention and keeps `hidden`
+(or its norm, `norm_before_residual`) as the residual; further `layers.i` are plain pre-norm
+decoder layers; `norm` + `lm_head` give logits over the draft vocabulary; `d2t` maps a draft id
+to its target id (`target = draft + d2t[draft]`), `t2d` marks target ids in the draft vocab.
+`embed_tokens` and `lm_head` are copies of the verifier's (lm_head rows selected by t2d) and frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, PretrainedConfig, Qwen3Config
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from specops.engines.base import default_layer_ids
+from specops.models.base import SpeculatorModel
+from specops.models.batch import DraftBatch
+from specops.models.config import (
+    SpeculatorFormatError,
+    SpeculatorModelConfig,
+    SpeculatorsConfig,
+    SpeculatorVerifierConfig,
+    layer_config_from_dict,
+)
+from specops.models.safetensors_io import read_tensors, weight_locations
+from specops.models.ttt import context_mask, step_tokens
+
+ARCHITECTURE = "Eagle3DraftModel"
+LayerStyle = Literal["llama", "qwen3"]
+_LAYER_CONFIGS: dict[str, Any] = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+_NOISE_KEYS = (
+    "architectures",
+    "chunk_size_feed_forward",
+    "dtype",
+    "id2label",
+    "is_encoder_decoder",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "transformers_version",
+    "_name_or_path",
+)
+"""transformers-internal keys left out of `transformer_layer_config` (they describe no layer)."""
+_ATTENTION_BUDGET = 1 << 24
+"""Max query x key scores materialized per attention chunk (bounds memory for long packed rows)."""
+
+
+@SpeculatorModelConfig.register("eagle3")
+class Eagle3SpeculatorConfig(SpeculatorModelConfig):
+    """config.json of an EAGLE-3 (or HASS-trained) draft."""
+
+    transformer_layer_config: PretrainedConfig | dict[str, Any] | None = None
+    draft_vocab_size: int = 32000
+    norm_before_residual: bool = False
+    target_hidden_size: int | None = None
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.transformer_layer_config is None:
+            raise SpeculatorFormatError("transformer_layer_config is missing")
+        self.transformer_layer_config = layer_config_from_dict(
+            self.transformer_layer_config, "transformer_layer_config"
+        )
+        if not self.architectures:
+            self.architectures = [ARCHITECTURE]
+        vocab = int(self.layer_config.vocab_size)
+        if not 1 <= int(self.draft_vocab_size) <= vocab:
+            raise SpeculatorFormatError(f"draft_vocab_size {self.draft_vocab_size} must be in 1..{vocab}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def layer_config(self) -> PretrainedConfig:
+        """`transformer_layer_config` as a transformers config."""
+        cfg = self.transformer_layer_config
+        if not isinstance(cfg, PretrainedConfig):
+            raise SpeculatorFormatError("transformer_layer_config is missing")
+        return cfg
+
+    @property
+    def num_aux_layers(self) -> int:
+        """Auxiliary verifier layers fused by `fc` (3 unless the ids say otherwise)."""
+        ids = self.eagle_aux_hidden_state_layer_ids
+        return len(ids) if ids else 3
+
+    def speculators_dict(self) -> dict[str, Any]:
+        layer = {k: v for k, v in self.layer_config.to_dict().items() if k not in _NOISE_KEYS}
+        return {
+            **super().speculators_dict(),
+            "transformer_layer_config": layer,
+            "draft_vocab_size": int(self.draft_vocab_size),
+            "norm_before_residual": bool(self.norm_before_residual),
+            "target_hidden_size": self.target_hidden_size,
+            "eagle_aux_hidden_state_layer_ids": self.eagle_aux_hidden_state_layer_ids,
+        }
+
+
+def draft_layer_config(
+    verifier_config: PretrainedConfig, num_layers: int, layer_style: LayerStyle
+) -> PretrainedConfig:
+    """Decoder-layer config of the draft: the verifier's dimensions and rotary setup, `num_layers` deep."""
+    text = verifier_config.get_text_config()
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    return _LAYER_CONFIGS[layer_style](
+        vocab_size=int(text.vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(text.intermediate_size),
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        hidden_act=str(getattr(text, "hidden_act", "silu")),
+        max_position_embeddings=int(getattr(text, "max_position_embeddings", 4096)),
+        rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+        rope_parameters=getattr(text, "rope_parameters", None),
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
+
+
+@dataclass
+class StepKV:
+    """One layer's keys/values across TTT steps.
+
+    `context` holds step 0 for every position (built from verifier features); `diagonal[j]` holds
+    step j+1 for the current query positions only (the draft's own features).
+    """
+
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
+    diagonal: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def ttt_attention(
+    q: torch.Tensor,
+    kv: StepKV,
+    context_allowed: torch.Tensor,
+    scale: float,
+    aligned: bool,
+) -> torch.Tensor:
+    """Attention of queries [B, h, Tq, d] over context keys (masked) plus diagonal keys (same index).
+
+    `context_allowed` is bool [B, Tq, Tk]. `aligned` = query row r is context position r (training),
+    which lets each query chunk skip the context keys after it.
+    """
+    if kv.context is None:
+        raise RuntimeError("ttt_attention called before the step-0 context was stored")
+    ctx_k, ctx_v = kv.context
+    b, heads, tq, _ = q.shape
+    tk = ctx_k.shape[2]
+    n_diag = len(kv.diagonal)
+    gqa = heads != ctx_k.shape[1]
+    chunk = tq
+    while chunk > 16 and chunk * (tk + n_diag * chunk) > _ATTENTION_BUDGET:
+        chunk //= 2
+    outs = []
+    for r0 in range(0, tq, chunk):
+        r1 = min(tq, r0 + chunk)
+        end = r1 if aligned else tk
+        keys = [ctx_k[:, :, :end], *(k[:, :, r0:r1] for k, _ in kv.diagonal)]
+        values = [ctx_v[:, :, :end], *(v[:, :, r0:r1] for _, v in kv.diagonal)]
+        allowed = context_allowed[:, r0:r1, :end]
+        if n_diag:
+            eye = torch.eye(r1 - r0, dtype=torch.bool, device=q.device).expand(b, -1, -1)
+            allowed = torch.cat([allowed, *([eye] * n_diag)], dim=-1)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, r0:r1],
+                torch.cat(keys, dim=2),
+                torch.cat(values, dim=2),
+                attn_mask=allowed[:, None],
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outs, dim=2)
+
+
+class DraftAttention(nn.Module):
+    """Multi-head attention (GQA) whose keys span TTT steps; Qwen3 style adds per-head q/k RMSNorm."""
+
+    def __init__(self, cfg: PretrainedConfig, in_features: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.num_key_value_heads)
+        self.head_dim = int(cfg.head_dim)
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.q_proj = nn.Linear(in_features, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, int(cfg.hidden_size), bias=bias)
+        self.q_norm: nn.Module | None = LlamaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm: nn.Module | None = LlamaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: StepKV,
+        context_allowed: torch.Tensor,
+        aligned: bool,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rope)
+        if kv.context is None:
+            kv.context = (k, v)
+        else:
+            kv.diagonal.append((k, v))
+        out = ttt_attention(q, kv, context_allowed, 1.0 / math.sqrt(self.head_dim), aligned)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DraftDecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the first one reads `[embed; hidden]` (2H) as EAGLE-3 defines."""
+
+    def __init__(
+        self, cfg: PretrainedConfig, *, first: bool, norm_before_residual: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        hidden = int(cfg.hidden_size)
+        self.first = first
+        self.norm_before_residual = norm_before_residual
+        self.self_attn = DraftAttention(cfg, 2 * hidden if first else hidden, qk_norm)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = LlamaRMSNorm(hidden, cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, cfg.rms_norm_eps)
+        self.hidden_norm: nn.Module | None = LlamaRMSNorm(hidden, cfg.rms_norm_eps) if first else None
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        embeds: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: StepKV,
+        context_allowed: torch.Tensor,
+        aligned: bool,
+    ) -> torch.Tensor:
+        if self.hidden_norm is not None:
+            if embeds is None:
+                raise ValueError("the first draft layer needs token embeddings")
+            normed = self.hidden_norm(hidden)
+            residual = normed if self.norm_before_residual else hidden
+            x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
+        else:
+            residual, x = hidden, self.input_layernorm(hidden)
+        hidden = residual + self.self_attn(x, rope, kv, context_allowed, aligned)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+@SpeculatorModel.register("eagle3")
+class Eagle3DraftModel(SpeculatorModel):
+    """The EAGLE-3 draft; `forward_ttt` trains it, `propose` drafts tokens at inference."""
+
+    config_class: ClassVar[type[SpeculatorModelConfig]] = Eagle3SpeculatorConfig
+    config: Eagle3SpeculatorConfig
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+
+    def __init__(self, config: SpeculatorModelConfig) -> None:
+        if not isinstance(config, Eagle3SpeculatorConfig):
+            raise TypeError(f"Eagle3DraftModel needs an Eagle3SpeculatorConfig, got {type(config).__name__}")
+        super().__init__(config)
+        cfg = config.layer_config
+        hidden, vocab, draft_vocab = int(cfg.hidden_size), int(cfg.vocab_size), int(config.draft_vocab_size)
+        target_hidden = int(config.target_hidden_size or hidden)
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.fc = nn.Linear(config.num_aux_layers * target_hidden, hidden, bias=False)
+        qk_norm = cfg.model_type == "qwen3"
+        self.layers = nn.ModuleList(
+            DraftDecoderLayer(
+                cfg, first=i == 0, norm_before_residual=config.norm_before_residual, qk_norm=qk_norm
+            )
+            for i in range(int(cfg.num_hidden_layers))
+        )
+        self.norm = LlamaRMSNorm(hidden, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(cast(LlamaConfig, cfg))  # Qwen3Config has the same rope fields
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(vocab, dtype=torch.bool))
+        self._init_weights(float(getattr(cfg, "initializer_range", 0.02)))
+        self.embed_tokens.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+
+    def _init_weights(self, std: float) -> None:
+        """Small normal init; residual-branch outputs scaled by 1/sqrt(2 * layers) so depth stays stable."""
+        out_std = std / math.sqrt(2 * len(self.layers))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_training_args(
+        cls,
+        verifier_config: PretrainedConfig,
+        t2d: torch.Tensor,
+        d2t: torch.Tensor,
+        *,
+        verifier_name_or_path: str,
+        verifier_weights: str | Path | None = None,
+        algorithm: Literal["eagle3", "hass"] = "eagle3",
+        num_layers: int = 1,
+        layer_style: LayerStyle = "llama",
+        norm_before_residual: bool = False,
+        speculative_tokens: int = 3,
+        aux_layer_ids: Sequence[int] | None = None,
+        draft_vocab_size: int | None = None,
+    ) -> Eagle3DraftModel:
+        """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm copied.
+
+        `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
+        (default: the same path). The keyword names match `specops.config.DraftConfig`.
+        """
+        if d2t.dim() != 1 or t2d.dim() != 1 or t2d.dtype != torch.bool:
+            raise ValueError("d2t must be int64 [Vd] and t2d bool [V]")
+        if int(t2d.sum()) != d2t.numel():
+            raise ValueError(f"t2d marks {int(t2d.sum())} tokens but d2t has {d2t.numel()} entries")
+        if draft_vocab_size is not None and draft_vocab_size != d2t.numel():
+            raise ValueError(f"draft_vocab_size {draft_vocab_size} != len(d2t) {d2t.numel()}")
+        text = verifier_config.get_text_config()
+        if t2d.numel() != int(text.vocab_size):
+            raise ValueError(f"t2d has {t2d.numel()} entries but the verifier vocab is {text.vocab_size}")
+        layer_ids = (
+            list(aux_layer_ids) if aux_layer_ids else default_layer_ids(int(text.num_hidden_layers))[:3]
+        )
+        config = Eagle3SpeculatorConfig(
+            architectures=[ARCHITECTURE],
+            transformer_layer_config=draft_layer_config(verifier_config, num_layers, layer_style),
+            draft_vocab_size=d2t.numel(),
+            norm_before_residual=norm_before_residual,
+            eagle_aux_hidden_state_layer_ids=layer_ids,
+            speculators_config=SpeculatorsConfig.greedy(
+                algorithm,
+                speculative_tokens,
+                SpeculatorVerifierConfig.from_config(verifier_config, verifier_name_or_path),
+            ),
+        )
+        model = cls(config)
+        model.set_vocab_mapping(t2d, d2t)
+        model.copy_verifier_weights(
+            verifier_weights if verifier_weights is not None else verifier_name_or_path
+        )
+        return model
+
+    def set_vocab_mapping(self, t2d: torch.Tensor, d2t: torch.Tensor) -> None:
+        """Install the draft<->target vocabulary mapping (see `specops.models.vocab`)."""
+        if tuple(t2d.shape) != tuple(self.t2d.shape) or tuple(d2t.shape) != tuple(self.d2t.shape):
+            raise ValueError(
+                f"vocab mapping shapes t2d {tuple(t2d.shape)}, d2t {tuple(d2t.shape)} do not match the model "
+                f"({tuple(self.t2d.shape)}, {tuple(self.d2t.shape)})"
+            )
+        self.t2d.copy_(t2d.to(torch.bool))
+        self.d2t.copy_(d2t.to(torch.long))
+
+    def copy_verifier_weights(self, verifier: str | Path) -> None:
+        """Copy the verifier's input embedding, final norm and lm_head rows (selected by t2d)."""
+        names = set(weight_locations(verifier))
+        embed = _pick(
+            names, ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"), verifier
+        )
+        norm = _pick(names, ("model.norm.weight", "model.language_model.norm.weight"), verifier)
+        head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in names), embed)
+        tensors = read_tensors(verifier, sorted({embed, norm, head}))
+        if tuple(tensors[embed].shape) != tuple(self.embed_tokens.weight.shape):
+            raise ValueError(
+                f"{verifier}: embedding {tuple(tensors[embed].shape)} does not match the draft "
+                f"{tuple(self.embed_tokens.weight.shape)}"
+            )
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(tensors[embed])
+            self.norm.weight.copy_(tensors[norm])
+            self.lm_head.weight.copy_(tensors[head][self.t2d.to(tensors[head].device)])
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary_emb(like, positions)
+        return cos, sin
+
+    def _step(
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[StepKV],
+        context_allowed: torch.Tensor,
+        aligned: bool,
+    ) -> torch.Tensor:
+        """One draft pass over all layers; returns the last layer's pre-norm hidden state."""
+        embeds = self.embed_tokens(tokens).to(hidden.dtype)
+        rope = self._rope(hidden, positions)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(
+                hidden, embeds if index == 0 else None, rope, caches[index], context_allowed, aligned
+            )
+        return hidden
+
+    def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        """fc over the concatenated auxiliary hidden states [.., A, H] -> [.., H]."""
+        return self.fc(aux_hidden.flatten(-2).to(self.fc.weight.dtype))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of pre-norm draft hidden states."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward_ttt(self, batch: DraftBatch, ttt_steps: int) -> list[torch.Tensor]:
+        """Draft logits [B, T, Vd] per TTT step, aligned with `ttt.step_targets` (see ttt.py).
+
+        Step 0 reads fused verifier features; step i > 0 reads the draft's own hidden output of
+        step i-1 and attends to step-0 context keys plus its own keys of steps 1..i at the same index.
+        """
+        if ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
+        if batch.aux_hidden.shape[2] != self.config.num_aux_layers:
+            raise ValueError(
+                f"DraftBatch.aux_hidden has {batch.aux_hidden.shape[2]} aux layers, the draft fuses "
+                f"{self.config.num_aux_layers}"
+            )
+        allowed = context_mask(batch.document_ids)
+        caches = [StepKV() for _ in self.layers]
+        hidden = self.fuse(batch.aux_hidden)
+        out = []
+        for step in range(ttt_steps):
+            tokens = step_tokens(batch.input_ids, step)
+            hidden = self._step(hidden, tokens, batch.position_ids + step, caches, allowed, aligned=True)
+            out.append(self.logits(hidden))
+        return out
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids -> verifier ids."""
+        return draft_ids + self.d2t[draft_ids]
+
+    @torch.no_grad()
+    def propose(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Greedy chain of `num_tokens` verifier-vocabulary ids continuing one unpacked sequence.
+
+        `input_ids` [B, n+1] are the tokens so far (the last one produced by the verifier and not
+        yet run through it); `aux_hidden` [B, n, A, H] the verifier's aux states for the first n.
+        """
+        b, n_plus_1 = input_ids.shape
+        n = n_plus_1 - 1
+        if n < 1 or aux_hidden.shape[:2] != (b, n):
+            raise ValueError(
+                f"propose needs input_ids [B, n+1] and aux_hidden [B, n, A, H]; got {tuple(input_ids.shape)} "
+                f"and {tuple(aux_hidden.shape)}"
+            )
+        device = input_ids.device
+        positions = torch.arange(n, device=device).expand(b, n)
+        caches = [StepKV() for _ in self.layers]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n)
+        hidden = self._step(self.fuse(aux_hidden), input_ids[:, 1:], positions, caches, allowed, aligned=True)
+        hidden = hidden[:, -1:]
+        last_allowed = allowed[:, -1:]
+        proposed = []
+        for step in range(num_tokens):
+            token = self.to_target_ids(self.logits(hidden).argmax(-1))
+            proposed.append(token)
+            if step + 1 < num_tokens:
+                hidden = self._step(
+                    hidden, token, positions[:, -1:] + step + 1, caches, last_allowed, aligned=False
+                )
+        return torch.cat(proposed, dim=1)
+
+
+def _pick(names: set[str], candidates: Sequence[str], source: str | Path) -> str:
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    raise KeyError(f"{source}: none of {list(candidates)} in its safetensors checkpoint")
