@@ -40,6 +40,7 @@ from specops.models.config import (
 )
 from specops.models.safetensors_io import read_tensors, weight_locations
 from specops.models.ttt import context_mask, step_tokens
+from specops.models.vocab import check_vocab_mapping
 
 ARCHITECTURE = "Eagle3DraftModel"
 LayerStyle = Literal["llama", "qwen3"]
@@ -338,13 +339,12 @@ class Eagle3DraftModel(SpeculatorModel):
         `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
         (default: the same path). The keyword names match `specops.config.DraftConfig`.
         """
-        if d2t.dim() != 1 or t2d.dim() != 1 or t2d.dtype != torch.bool:
-            raise ValueError("d2t must be int64 [Vd] and t2d bool [V]")
-        if int(t2d.sum()) != d2t.numel():
-            raise ValueError(f"t2d marks {int(t2d.sum())} tokens but d2t has {d2t.numel()} entries")
-        if draft_vocab_size is not None and draft_vocab_size != d2t.numel():
-            raise ValueError(f"draft_vocab_size {draft_vocab_size} != len(d2t) {d2t.numel()}")
+        check_vocab_mapping(t2d, d2t)
         text = verifier_config.get_text_config()
+        if draft_vocab_size is not None and min(draft_vocab_size, int(text.vocab_size)) != d2t.numel():
+            raise ValueError(
+                f"draft_vocab_size {draft_vocab_size} (clipped to the vocab) != len(d2t) {d2t.numel()}"
+            )
         if t2d.numel() != int(text.vocab_size):
             raise ValueError(f"t2d has {t2d.numel()} entries but the verifier vocab is {text.vocab_size}")
         layer_ids = (

@@ -1,0 +1,213 @@
+"""Eagle3DraftModel: shapes, trainable parameters, TTT semantics (packing, causality, inference parity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _models_support import VOCAB, build_verifier, new_draft, packed_batch, stack_rows
+from transformers import LlamaForCausalLM
+
+from specops.models.batch import DraftBatch
+from specops.models.eagle3 import Eagle3DraftModel
+from specops.models.ttt import step_targets, step_valid
+from specops.models.verifier_head import VerifierHead
+
+
+@pytest.fixture(scope="module")
+def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("verifier")
+    build_verifier(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def verifier(verifier_dir: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
+
+
+def _docs(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
+
+
+def test_forward_ttt_shapes_and_frozen_copies(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    batch = stack_rows([packed_batch(verifier, _docs(7, 5)), packed_batch(verifier, _docs(9, seed=1), 12)])
+    logits = draft.forward_ttt(batch, 3)
+    assert len(logits) == 3
+    assert all(x.shape == (2, 12, 48) for x in logits)
+    assert all(torch.isfinite(x).all() for x in logits)
+    # embeddings, final norm and lm_head rows come from the verifier
+    assert torch.equal(draft.embed_tokens.weight, verifier.model.embed_tokens.weight)
+    assert torch.equal(draft.norm.weight, verifier.model.norm.weight)
+    assert torch.equal(draft.lm_head.weight, verifier.lm_head.weight[draft.t2d])
+
+
+def test_gradients_reach_only_trainable_parameters(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    batch = packed_batch(verifier, _docs(10))
+    loss = sum((x * torch.randn_like(x)).sum() for x in draft.forward_ttt(batch, 2))
+    assert isinstance(loss, torch.Tensor)
+    loss.backward()
+    frozen = {"embed_tokens.weight", "lm_head.weight"}
+    for name, param in draft.named_parameters():
+        if name in frozen:
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.requires_grad, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert {n for n, _ in draft.named_buffers() if n in ("d2t", "t2d")} == {"d2t", "t2d"}
+
+
+def test_packed_row_equals_separate_documents(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    docs = _docs(6, 9, 4, seed=3)
+    packed = packed_batch(verifier, docs, row_len=22)
+    packed_logits = draft.forward_ttt(packed, 3)
+    start = 0
+    for doc in docs:
+        alone = packed_batch(verifier, [doc])
+        alone_logits = draft.forward_ttt(alone, 3)
+        for step in range(3):
+            valid = step_valid(alone, step)[0]
+            got = packed_logits[step][0, start : start + len(doc)][valid]
+            torch.testing.assert_close(got, alone_logits[step][0][valid], rtol=1e-5, atol=1e-5)
+            # the packed row marks exactly the same positions valid
+            assert torch.equal(step_valid(packed, step)[0, start : start + len(doc)], valid)
+        start += len(doc)
+    assert not any(step_valid(packed, s)[0, start:].any() for s in range(3)), "padding is never a target"
+
+
+def test_step_logits_depend_only_on_what_inference_has(
+    verifier: LlamaForCausalLM, verifier_dir: Path
+) -> None:
+    """Step i at index t may read tokens up to t+1+i and verifier features up to t, nothing later."""
+    draft = new_draft(verifier, verifier_dir)
+    batch = packed_batch(verifier, _docs(12, seed=4))
+    base = draft.forward_ttt(batch, 3)
+    t = 5
+    for step in range(3):
+        changed_ids = batch.input_ids.clone()
+        changed_ids[0, t + 2 + step :] = (changed_ids[0, t + 2 + step :] + 1) % VOCAB
+        changed_aux = batch.aux_hidden.clone()
+        changed_aux[0, t + 1 :] += 1.0
+        changed = DraftBatch(
+            input_ids=changed_ids,
+            aux_hidden=changed_aux,
+            last_hidden=batch.last_hidden,
+            loss_mask=batch.loss_mask,
+            position_ids=batch.position_ids,
+            document_ids=batch.document_ids,
+        )
+        out = draft.forward_ttt(changed, 3)
+        torch.testing.assert_close(out[step][0, : t + 1], base[step][0, : t + 1])
+        # ... and it does read the token at t+1+step
+        poked = batch.input_ids.clone()
+        poked[0, t + 1 + step] = (poked[0, t + 1 + step] + 1) % VOCAB
+        poked_batch = DraftBatch(**{**batch.__dict__, "input_ids": poked})
+        assert not torch.allclose(draft.forward_ttt(poked_batch, 3)[step][0, t], base[step][0, t])
+
+
+def test_training_forward_matches_inference_chain(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    """Feeding the proposed tokens as teacher-forced inputs reproduces the greedy chain exactly."""
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    prompt = _docs(9, seed=5)[0]
+    n = len(prompt) - 1
+    full = packed_batch(verifier, [prompt])
+    proposed = draft.propose(full.input_ids, full.aux_hidden[:, :n], 3)[0]
+    extended_ids = torch.cat([prompt, proposed[:-1]])
+    pad = len(extended_ids) - len(prompt)
+    batch = DraftBatch(
+        input_ids=extended_ids[None],
+        aux_hidden=torch.cat([full.aux_hidden, full.aux_hidden[:, :pad]], dim=1),
+        last_hidden=torch.cat([full.last_hidden, full.last_hidden[:, :pad]], dim=1),
+        loss_mask=torch.ones(1, len(extended_ids), dtype=torch.bool),
+        position_ids=torch.arange(len(extended_ids))[None],
+        document_ids=torch.zeros(1, len(extended_ids), dtype=torch.long),
+    )
+    logits = draft.forward_ttt(batch, 3)
+    chain = [draft.to_target_ids(logits[i][0, n - 1].argmax()) for i in range(3)]
+    assert torch.stack(chain).tolist() == proposed.tolist()
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 4])
+def test_draft_learns_targets(verifier: LlamaForCausalLM, verifier_dir: Path, num_layers: int) -> None:
+    """A few Adam steps on forward KL lower the loss at every depth (stability with >= 2 layers)."""
+    draft = new_draft(verifier, verifier_dir, num_layers=num_layers)
+    head = VerifierHead.from_pretrained(verifier_dir)
+    batch = stack_rows(
+        [packed_batch(verifier, _docs(8, 8, seed=6)), packed_batch(verifier, _docs(16, seed=7))]
+    )
+    targets = step_targets(batch, head, draft.t2d, 2)
+    optim = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+
+    def loss_fn() -> torch.Tensor:
+        total = torch.zeros(())
+        for logits, (logp, valid) in zip(draft.forward_ttt(batch, 2), targets, strict=True):
+            kl = (logp.exp() * (logp - torch.log_softmax(logits, -1))).sum(-1)
+            total = total + (kl * valid).sum() / valid.sum()
+        return total
+
+    first = loss_fn()
+    for _ in range(25):
+        optim.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        optim.step()
+    final = loss_fn()
+    assert torch.isfinite(final)
+    assert final < 0.7 * first
+
+
+def test_qwen3_style_layers_have_qk_norm(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2, layer_style="qwen3")
+    names = set(draft.state_dict())
+    assert {"layers.0.self_attn.q_norm.weight", "layers.1.self_attn.k_norm.weight"} <= names
+    assert draft.config.layer_config.model_type == "qwen3"
+    logits = draft.forward_ttt(packed_batch(verifier, _docs(6)), 2)
+    assert logits[1].shape == (1, 6, 48)
+
+
+def test_norm_before_residual_changes_the_first_layer(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    batch = packed_batch(verifier, _docs(6, seed=8))
+    plain = new_draft(verifier, verifier_dir, seed=3)
+    normed = new_draft(verifier, verifier_dir, seed=3, norm_before_residual=True)
+    assert normed.config.norm_before_residual
+    assert not torch.allclose(plain.forward_ttt(batch, 1)[0], normed.forward_ttt(batch, 1)[0])
+
+
+def test_tied_verifier_embeddings_become_the_lm_head(tmp_path: Path) -> None:
+    tied = build_verifier(tmp_path, tie=True, seed=2)
+    draft = new_draft(tied, tmp_path)
+    assert torch.equal(draft.lm_head.weight, tied.model.embed_tokens.weight[draft.t2d])
+
+
+def test_bad_inputs_name_the_problem(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    draft = new_draft(verifier, verifier_dir)
+    batch = packed_batch(verifier, _docs(6))
+    with pytest.raises(ValueError, match="aux layers"):
+        draft.forward_ttt(DraftBatch(**{**batch.__dict__, "aux_hidden": batch.aux_hidden[:, :, :2]}), 1)
+    with pytest.raises(ValueError, match="ttt_steps"):
+        draft.forward_ttt(batch, 0)
+    with pytest.raises(ValueError, match=r"DraftBatch\.loss_mask"):
+        DraftBatch(**{**batch.__dict__, "loss_mask": batch.loss_mask[:, :3]})
+    with pytest.raises(ValueError, match=r"DraftBatch\.last_hidden"):
+        DraftBatch(**{**batch.__dict__, "last_hidden": batch.last_hidden[..., :5]})
+    with pytest.raises(ValueError, match="propose"):
+        draft.propose(batch.input_ids, batch.aux_hidden, 2)
+    t2d = torch.zeros(VOCAB, dtype=torch.bool)
+    t2d[:10] = True
+    with pytest.raises(ValueError, match="disagree"):
+        Eagle3DraftModel.from_training_args(
+            verifier.config, t2d, torch.ones(10, dtype=torch.long), verifier_name_or_path=str(verifier_dir)
+        )
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        Eagle3DraftModel.from_training_args(
+            verifier.config,
+            t2d,
+            torch.zeros(10, dtype=torch.long),
+            verifier_name_or_path=str(verifier_dir),
+            draft_vocab_size=12,
+        )
