@@ -1,0 +1,340 @@
+"""The data generation driver: sources -> chat/loss mask -> slice -> resume -> engine -> sink.
+
+One call handles one input slice (`run.shard_index` of `run.num_shards`, what a Kubernetes
+Indexed-Job pod gets) or, with `run.num_workers > 1`, spawns that many local worker processes that
+split the slice further: worker `w` of slice `k` of `K` takes slice `k*W + w` of `K*W`. Slices are
+chosen by a stable hash of the example id, so they are disjoint and complete whatever the order
+the sources yield rows in, and a rerun skips every id the sink already committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from specops.config import ConfigError, DataGenConfig, load_config
+from specops.paths import PathNotAllowedError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from specops.data.records import TokenizedExample
+    from specops.engines.base import InferencePipeline
+    from specops.example import ExampleDict
+    from specops.stores.base import DataSink, StoreMeta
+
+log = logging.getLogger(__name__)
+
+WINDOW_BATCHES = 16
+"""Examples are read `WINDOW_BATCHES * batch_size` at a time and grouped by length inside the window."""
+
+
+@dataclass
+class GenerateReport:
+    """What a run did; `ok` is False when examples or workers failed (a rerun retries them)."""
+
+    written: int = 0
+    """Examples handed to the sink in this run."""
+    skipped: int = 0
+    """Examples of this slice the sink already held (resume)."""
+    dropped: int = 0
+    """Conversations that yield no example (e.g. fewer loss tokens than processor.min_loss_tokens)."""
+    failed: int = 0
+    """Examples the engine could not process even alone (listed in failed_ids)."""
+    tokens: int = 0
+    """Tokens of the written examples."""
+    seconds: float = 0.0
+    failed_ids: list[str] = field(default_factory=list)
+    worker_errors: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.worker_errors
+
+    def add(self, other: GenerateReport) -> None:
+        """Fold a worker's counts into this report (seconds stay the caller's wall time)."""
+        for name in ("written", "skipped", "dropped", "failed", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failed_ids.extend(other.failed_ids)
+        self.worker_errors.extend(other.worker_errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1), "ok": self.ok}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerateReport:
+        return cls(**{k: v for k, v in data.items() if k not in ("tokens_per_s", "ok")})
+
+
+class GenerateError(RuntimeError):
+    """Some examples or workers failed; `report` holds what was done and what failed."""
+
+    def __init__(self, report: GenerateReport) -> None:
+        problems = [*report.worker_errors]
+        if report.failed:
+            shown = ", ".join(report.failed_ids[:5]) + (" ..." if report.failed > 5 else "")
+            problems.append(f"{report.failed} example(s) failed: {shown}")
+        super().__init__("; ".join(problems))
+        self.report = report
+
+
+def resolve_config(config: DataGenConfig | str | Path, overrides: dict[str, Any]) -> DataGenConfig:
+    """A validated config with dotted overrides applied (`engine__batch_size` means `engine.batch_size`)."""
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    if isinstance(config, DataGenConfig):
+        return load_config(DataGenConfig, config.model_dump(mode="json"), dotted)
+    return load_config(DataGenConfig, config, dotted)
+
+
+def in_slice(example_id: str, index: int, count: int) -> bool:
+    """Whether `example_id` belongs to slice `index` of `count`: no coordination needed.
+
+    Slices are equal ranges of a 64-bit hash, so they nest: slice `k*W + w` of `K*W` lies inside
+    slice `k` of `K`, and pods running different worker counts still partition the same ids.
+    """
+    digest = hashlib.sha256(example_id.encode()).digest()
+    return (int.from_bytes(digest[:8], "big") * count) >> 64 == index
+
+
+def worker_config(config: DataGenConfig, worker: int) -> DataGenConfig:
+    """Local worker `worker`'s own single-process slice of this process's slice."""
+    run = config.run
+    update = {
+        "num_workers": 1,
+        "shard_index": run.shard_index * run.num_workers + worker,
+        "num_shards": run.num_shards * run.num_workers,
+    }
+    return config.model_copy(update={"run": run.model_copy(update=update)})
+
+
+def generate_data(config: DataGenConfig | str | Path, **overrides: Any) -> GenerateReport:
+    """Run data generation for this process's slice; raises GenerateError if anything failed.
+
+    With `run.num_workers > 1` the workers are spawned processes: call this under
+    `if __name__ == "__main__":` in scripts.
+    """
+    cfg = resolve_config(config, overrides)
+    report = run_workers(cfg) if cfg.run.num_workers > 1 else run_slice(cfg)
+    if not report.ok:
+        raise GenerateError(report)
+    return report
+
+
+# ---------------------------------------------------------------------------- one slice
+
+
+def run_slice(config: DataGenConfig) -> GenerateReport:
+    """Generate this process's slice in-process and finalize the sink when nothing failed."""
+    from specops.stores.factory import FinalizingSink, open_sink
+    from specops.verifier import load_tokenizer
+
+    started = time.monotonic()
+    report = GenerateReport()
+    tokenizer = load_tokenizer(config.verifier, config.run.allowed_roots)
+    engine = load_engine(config)
+    sink = open_sink(config, store_meta(config, engine, tokenizer))
+    try:
+        done = sink.done_ids()
+        examples = tokenized_slice(config, tokenizer, done, report)
+        generate_examples(engine, sink, examples, config, report, started)
+    except BaseException:
+        sink.close()
+        raise
+    if report.ok and isinstance(sink, FinalizingSink):
+        sink.finalize()
+    else:
+        sink.close()
+    report.seconds = time.monotonic() - started
+    log.info("slice %d/%d: %s", config.run.shard_index, config.run.num_shards, json.dumps(report.to_json()))
+    return report
+
+
+def load_engine(config: DataGenConfig) -> InferencePipeline:
+    """The engine `engine.kind` names."""
+    if config.engine.kind == "transformers":
+        from specops.engines.transformers import TransformersPipeline
+
+        return TransformersPipeline.from_config(config)
+    try:
+        from specops.engines.vllm import VllmPipeline  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"engine.kind: {config.engine.kind!r} is not available ({exc.name} is missing)"
+        ) from None
+    engine: InferencePipeline = VllmPipeline.from_config(config)
+    return engine
+
+
+def store_meta(
+    config: DataGenConfig, engine: InferencePipeline, tokenizer: PreTrainedTokenizerBase
+) -> StoreMeta:
+    """The producer identity the sink records and checks before mixing examples."""
+    from specops.engines.transformers import compute_dtype_name
+    from specops.stores.base import StoreMeta
+    from specops.verifier import load_verifier_config, resolve_device, resolve_dtype, verifier_identity
+
+    dtype = resolve_dtype(compute_dtype_name(config), resolve_device(config.engine.device))
+    template = config.chat_template or tokenizer.chat_template or ""
+    vocab = load_verifier_config(config.verifier, config.run.allowed_roots).get_text_config().vocab_size
+    return StoreMeta(
+        verifier=verifier_identity(config.verifier),
+        layer_ids=tuple(engine.layer_ids),
+        num_layers=engine.num_layers,
+        hidden_size=engine.hidden_size,
+        vocab_size=int(vocab),
+        dtype=str(dtype).removeprefix("torch."),
+        chat_template_sha256=hashlib.sha256(str(template).encode()).hexdigest() if template else "",
+    )
+
+
+def tokenized_slice(
+    config: DataGenConfig, tokenizer: PreTrainedTokenizerBase, done: set[str], report: GenerateReport
+) -> Iterator[TokenizedExample]:
+    """This slice's examples not yet in the sink, tokenized with their loss masks."""
+    from specops.data.chat import tokenize_conversation
+    from specops.data.sources import iter_conversations
+
+    run = config.run
+    for conversation in iter_conversations(config.datasets, run.allowed_roots):
+        if not in_slice(conversation.id, run.shard_index, run.num_shards):
+            continue
+        if conversation.id in done:
+            report.skipped += 1
+            continue
+        example = tokenize_conversation(conversation, tokenizer, config)
+        if example is None:
+            report.dropped += 1
+            continue
+        yield example
+
+
+def _windows(examples: Iterable[TokenizedExample], size: int) -> Iterator[list[TokenizedExample]]:
+    window: list[TokenizedExample] = []
+    for example in examples:
+        window.append(example)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def generate_examples(
+    engine: InferencePipeline,
+    sink: DataSink,
+    examples: Iterable[TokenizedExample],
+    config: DataGenConfig,
+    report: GenerateReport,
+    started: float,
+) -> None:
+    """Length-grouped batches through the engine into the sink, with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    from specops.engines.batching import plan_batches
+
+    engine_cfg = config.engine
+    label = f"slice {config.run.shard_index}/{config.run.num_shards}"
+    with tqdm(
+        desc=label, unit="ex", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0
+    ) as bar:
+        for window in _windows(examples, WINDOW_BATCHES * engine_cfg.batch_size):
+            lengths = [len(e.token_ids) for e in window]
+            for _, indices in plan_batches(lengths, engine_cfg.batch_size, engine_cfg.max_tokens_per_batch):
+                batch = [window[i] for i in indices]
+                for output in _forward_or_isolate(engine, batch, report):
+                    sink.write(output)
+                    written = sum(len(e["token_ids"]) for e in output)
+                    report.written += len(output)
+                    report.tokens += written
+                    bar.update(len(output))
+                bar.set_postfix(tok_s=f"{report.tokens / max(time.monotonic() - started, 1e-9):.0f}")
+
+
+def _forward_or_isolate(
+    engine: InferencePipeline, batch: list[TokenizedExample], report: GenerateReport
+) -> Iterator[list[ExampleDict]]:
+    """Forward a batch; when it runs out of accelerator memory, retry its examples one by one and
+    report those that fail alone (a rerun retries them)."""
+    import torch
+
+    try:
+        yield engine.forward(batch)
+        return
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            log.error("%s: out of memory even alone", batch[0].id)
+            report.failed += 1
+            report.failed_ids.append(batch[0].id)
+            return
+        log.warning("out of memory on a batch of %d; retrying one by one", len(batch))
+    for example in batch:
+        yield from _forward_or_isolate(engine, [example], report)
+
+
+# ---------------------------------------------------------------------------- local workers
+
+
+def run_workers(config: DataGenConfig) -> GenerateReport:
+    """Spawn `run.num_workers` processes, wait for all, and merge their reports."""
+    started = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    report = GenerateReport()
+    with tempfile.TemporaryDirectory(prefix="specops-workers-") as tmp:
+        workers = []
+        for w in range(config.run.num_workers):
+            sub = worker_config(config, w)
+            out = Path(tmp) / f"report-{w}.json"
+            proc = ctx.Process(
+                target=worker_main,
+                args=(sub.model_dump_json(), w, config.run.num_workers, str(out)),
+                name=f"specops-generate-{sub.run.shard_index}",
+            )
+            proc.start()
+            log.info("worker %d (slice %d/%d): pid %s", w, sub.run.shard_index, sub.run.num_shards, proc.pid)
+            workers.append((proc, sub, out))
+        for proc, sub, out in workers:
+            proc.join()
+            where = f"worker pid {proc.pid} (slice {sub.run.shard_index}/{sub.run.num_shards})"
+            if out.is_file():
+                report.add(GenerateReport.from_json(json.loads(out.read_text())))
+            if proc.exitcode != 0:
+                code = proc.exitcode or 0
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                report.worker_errors.append(f"{where} {how}")
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def worker_main(config_json: str, worker: int, num_workers: int, report_path: str) -> None:
+    """Entry point of a spawned worker: share the CPU (or pick a GPU), run the slice, write the report."""
+    import torch
+
+    config = DataGenConfig.model_validate_json(config_json)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
+    device = config.engine.device
+    gpus = torch.cuda.device_count()
+    if device in ("auto", "cuda") and gpus > 1:
+        engine = config.engine.model_copy(update={"device": f"cuda:{worker % gpus}"})
+        config = config.model_copy(update={"engine": engine})
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {worker} %(levelname)s %(message)s")
+    try:
+        report = run_slice(config)
+    except (ConfigError, PathNotAllowedError, FileNotFoundError) as exc:
+        print(f"specops generate-data worker {worker}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    Path(report_path).write_text(json.dumps(report.to_json()))
+    sys.exit(0 if report.ok else 1)
