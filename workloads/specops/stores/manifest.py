@@ -1,0 +1,147 @@
+"""Manifests: the commit markers of a DiskStore directory, and the file names around them.
+
+Each writer owns `manifest-wNNNNN.json` (its shards, their ids and checksums) and
+`tokens-wNNNNN.json` (a cache of its loss-token counts). A shard exists for readers only once a
+manifest lists it. `manifest.json` + `tokens.json` are the merged summary written when every
+writer has finished.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specops.config import format_validation_error
+from specops.stores.atomic import write_json_atomic
+from specops.stores.base import StoreMeta
+from specops.stores.shards import Compression
+
+MERGED_MANIFEST = "manifest.json"
+MERGED_TOKENS = "tokens.json"
+WRITER_MANIFEST_RE = re.compile(r"^manifest-w(\d{5,})\.json$")
+SHARD_RE = re.compile(r"^shard-w(\d{5,})-(\d{5,})\.safetensors(\.zst)?$")
+M = TypeVar("M", bound=BaseModel)
+
+
+class ManifestError(ValueError):
+    """A manifest or token-count file is unreadable or malformed; the message names the file."""
+
+
+class StoreMetaMismatchError(ValueError):
+    """The directory holds examples from a different producer than this run."""
+
+
+def writer_tag(index: int) -> str:
+    return f"w{index:05d}"
+
+
+def manifest_name(writer: int) -> str:
+    return f"manifest-{writer_tag(writer)}.json"
+
+
+def tokens_name(manifest: str) -> str:
+    """The token-count cache that belongs to a manifest file name."""
+    return manifest.replace("manifest", "tokens", 1)
+
+
+def shard_name(writer: int, seq: int, compression: Compression) -> str:
+    return f"shard-{writer_tag(writer)}-{seq:05d}.safetensors" + (".zst" if compression == "zstd" else "")
+
+
+def shard_sort_key(file: str) -> tuple[int, int]:
+    """(writer, sequence) of a shard file name: the canonical partition order."""
+    match = SHARD_RE.match(file)
+    if not match:
+        raise ValueError(f"not a shard file name: {file}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardEntry(_Strict):
+    """One committed shard."""
+
+    file: Annotated[str, Field(pattern=SHARD_RE.pattern)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """Of the file as stored (compressed bytes when compressed)."""
+    nbytes: Annotated[int, Field(ge=8)]
+    """Size on disk."""
+    raw_nbytes: Annotated[int, Field(ge=8)]
+    """Size of the safetensors payload (equals nbytes when uncompressed)."""
+    compression: Compression
+    num_tokens: Annotated[int, Field(ge=0)]
+    fields: tuple[str, ...]
+    """Per-token tensors present, e.g. token_ids, loss_mask, hidden_states."""
+    ids: tuple[str, ...]
+    """Example ids in file order."""
+
+
+class Manifest(BaseModel):
+    """A writer's commit marker (or the merged summary when `writer` is None)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["specops-manifest"] = "specops-manifest"
+    version: Literal[1] = 1
+    writer: Annotated[int, Field(ge=0)] | None = None
+    num_writers: Annotated[int, Field(ge=1)] | None = None
+    complete: bool = False
+    """Set by finalize(): this writer's input slice is fully written."""
+    meta: StoreMeta
+    shards: list[ShardEntry] = Field(default_factory=list)
+
+
+class TokenCounts(_Strict):
+    """Cache of summed loss-token counts over exactly the shards listed (file -> sha256)."""
+
+    format: Literal["specops-tokens"] = "specops-tokens"
+    shards: dict[str, str]
+    counts: dict[int, int]
+
+
+def load_manifest(path: Path) -> Manifest:
+    return _load(Manifest, path)
+
+
+def load_token_counts(path: Path) -> TokenCounts | None:
+    """The cache at `path`, or None when absent or unreadable (it is only a cache)."""
+    try:
+        return _load(TokenCounts, path)
+    except (ManifestError, FileNotFoundError):
+        return None
+
+
+def _load(model: type[M], path: Path) -> M:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise ManifestError(format_validation_error(exc, str(path))) from None
+
+
+def save(path: Path, model: BaseModel, temp_prefix: str) -> None:
+    """Atomically replace `path` with `model` as JSON."""
+    write_json_atomic(path, model.model_dump(mode="json"), temp_prefix)
+
+
+def check_meta(found: StoreMeta, expected: StoreMeta, source: Path) -> None:
+    """Refuse to mix producers: name every differing StoreMeta field and the file that disagrees."""
+    if found == expected:
+        return
+    have, want = asdict(found), asdict(expected)
+    diffs = "; ".join(f"{k}: stored {have[k]!r}, this run {want[k]!r}" for k in have if have[k] != want[k])
+    raise StoreMetaMismatchError(
+        f"{source}: examples here come from a different producer ({diffs}); use a new sync.path "
+        "or the original verifier and layers"
+    )
