@@ -247,17 +247,15 @@ def test_open_errors_name_the_directory(tmp_path: Path) -> None:
         DiskStore.open(tmp_path / "empty", [tmp_path])
 
 
-def test_from_config_numbers_writers_globally(tmp_path: Path) -> None:
+def test_from_config_writes_as_the_slice_writer(tmp_path: Path) -> None:
     sync = SyncConfig(kind="disk", path=str(tmp_path / "store"), shard_size=2, compression="zstd")
-    run = RunConfig(shard_index=1, num_shards=2, num_workers=2, allowed_roots=[str(tmp_path)])
-    store = DiskStore.from_config(sync, run, META, worker=1)
+    run = RunConfig(shard_index=3, num_shards=4, allowed_roots=[str(tmp_path)])
+    store = DiskStore.from_config(sync, run, META)
     store.write([make_example(i) for i in range(3)])
     store.close()
     assert (tmp_path / "store" / "manifest-w00003.json").exists()
     assert store.partitions()[0] == "shard-w00003-00000.safetensors.zst"
     assert mf.load_manifest(tmp_path / "store" / "manifest-w00003.json").num_writers == 4
-    with pytest.raises(ValueError, match="worker=2"):
-        DiskStore.from_config(sync, run, META, worker=2)
     outside = RunConfig(allowed_roots=[str(tmp_path / "other")])
     with pytest.raises(PathNotAllowedError, match=r"sync\.path"):
         DiskStore.from_config(sync, outside, META)

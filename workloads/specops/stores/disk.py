@@ -198,21 +198,16 @@ class DiskStore:
         return store
 
     @classmethod
-    def from_config(cls, sync: SyncConfig, run: RunConfig, meta: StoreMeta, *, worker: int = 0) -> DiskStore:
-        """The sink for local worker `worker` of this process's input slice.
-
-        Writers are numbered globally: slice `run.shard_index` (the Job completion index) holds
-        writers `shard_index * num_workers ... + num_workers - 1`.
-        """
+    def from_config(cls, sync: SyncConfig, run: RunConfig, meta: StoreMeta) -> DiskStore:
+        """The sink of input slice `run.shard_index` of `run.num_shards`: one writer per slice
+        (local workers arrive as slices of their own, see `generate.worker_config`)."""
         if not sync.path:
             raise ValueError("sync.path is required for disk shards")
-        if not 0 <= worker < run.num_workers:
-            raise ValueError(f"worker={worker} must be in [0, run.num_workers={run.num_workers})")
         return cls(
             sync.path,
             meta=meta,
-            writer_index=run.shard_index * run.num_workers + worker,
-            num_writers=run.num_shards * run.num_workers,
+            writer_index=run.shard_index,
+            num_writers=run.num_shards,
             shard_size=sync.shard_size,
             compression=sync.compression,
             allowed_roots=run.allowed_roots,
