@@ -237,8 +237,16 @@ class TrainDataConfig(Contract):
     cache_path: Annotated[str, Field(max_length=1024)] | None = None
     """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
-    """DataLoader worker processes."""
+    prefetch: Annotated[int, Field(ge=0, le=64)] = 2
+    """Batches read and packed ahead by a background thread (0 = inline). A thread, not worker
+    processes, so tensors never cross a process boundary."""
+    shuffle: bool = True
+    """Reshuffle partitions (and examples within a window of them) every epoch."""
+    max_validation_examples: Annotated[int, Field(ge=0)] = 256
+    """Streams only: held-out examples (by id hash) kept in memory for validation."""
+    vocab_from: Annotated[str, Field(max_length=1024)] | None = None
+    """DiskStore directory whose token counts choose the draft vocabulary; default: the training
+    data's own. Streams need it unless draft.draft_vocab_size covers the verifier vocabulary."""
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Self:
@@ -277,8 +285,26 @@ class TrainConfig(Contract):
     tensorboard: bool = False
     hass_topk: Annotated[int, Field(ge=1, le=1024)] = 10
     """HASS only: top-k of the verifier distribution distilled."""
+    hass_topk_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    """HASS only: weight of the top-k distillation term added to the forward KL."""
+    batching: Literal["packed", "padded"] = "packed"
+    """packed = documents share rows up to tokens_per_step; padded = one example per row (baseline)."""
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda)$")] = "auto"
+    """auto = cuda when available (each rank takes cuda:LOCAL_RANK), else cpu."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto = continue from the newest complete checkpoint in output_dir; never = refuse a used output_dir."""
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 2
+    """Step checkpoints kept under output_dir/checkpoints (older ones are deleted)."""
     allowed_roots: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
     """Local paths must resolve under one of these; empty = see RunConfig.allowed_roots."""
+
+    @model_validator(mode="after")
+    def _streams_need_max_steps(self) -> Self:
+        if self.data.kind in ("mpqueue", "zmq") and self.max_steps is None:
+            raise ValueError(
+                f"max_steps is required when data.kind is '{self.data.kind}' (a stream has no known length)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- YAML helpers
