@@ -347,12 +347,29 @@ def test_flipped_byte_is_caught_by_sha256(tmp_path: Path) -> None:
     (root / parts[1]).write_bytes(bytes(data))
     quick = DiskStore.open(root, [tmp_path])
     assert quick.partitions() == parts, "a same-size change passes the size check"
-    with pytest.raises(CorruptShardError, match=f"{parts[1]}: sha256"):
-        list(quick.read(parts[1]))
     thorough = DiskStore.open(root, [tmp_path], verify="sha256")
     assert thorough.partitions() == parts[:1]
+    assert thorough.dropped[0][0] == parts[1] and "sha256" in thorough.dropped[0][1]
     resumed = _writer(tmp_path)
     assert resumed.done_ids() == {f"d/{i}/0" for i in range(4)}
+
+
+def test_shard_changed_after_open_fails_naming_the_file(tmp_path: Path) -> None:
+    root, parts = _one_shard_store(tmp_path)
+    view = DiskStore.open(root, [tmp_path])
+    with open(root / parts[0], "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(CorruptShardError, match=f"{parts[0]}: truncated: 200 of"):
+        list(view.read(parts[0]))
+    with open(root / parts[1], "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(CorruptShardError, match=f"{parts[1]}: longer than"):
+        list(view.read(parts[1]))
+    data = bytearray((root / parts[1]).read_bytes()[:-5])
+    data[10] ^= 0xFF
+    (root / parts[1]).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{parts[1]}: malformed shard"):
+        list(view.read(parts[1]))
 
 
 def test_missing_shard_is_dropped(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ class DiskStore:
     """A directory of shards: a `DataSink` for one writer and a `DataSource` over all writers.
 
     Partitions are shard file names. `read()` yields examples whose tensors are views into the
-    shard buffer; each shard's sha256 is checked the first time this process reads it.
+    shard buffer, after checking the file's size, header, ids, dtypes and shapes.
     """
 
     def __init__(
@@ -164,7 +164,6 @@ class DiskStore:
         self._buffer: list[ExampleDict] = []
         self._buffer_ids: set[str] = set()
         self._buffer_bytes = 0
-        self._verified: set[str] = set()
         self._committed_any = False
         self._closed = False
 
@@ -177,7 +176,11 @@ class DiskStore:
         verify: Verify = "size",
         field: str = "data.path",
     ) -> DiskStore:
-        """Read-only view over every committed shard; `verify="sha256"` hashes them all now."""
+        """Read-only view over every committed shard.
+
+        `verify="size"` drops listed shards that are missing or of the wrong size (a stat each);
+        `verify="sha256"` also hashes every shard now and drops those that differ.
+        """
         root = resolve_allowed(path, allowed_roots, field)
         if not root.is_dir():
             raise FileNotFoundError(f"{field}: {root} is not a directory")
@@ -193,7 +196,6 @@ class DiskStore:
         store._meta = manifests[names[0]].meta
         store._view = store._build_view(manifests, verify)
         store._done = set(store._view.owner)
-        store._verified = set()
         store._closed = True
         return store
 
@@ -238,11 +240,9 @@ class DiskStore:
         if entry is None:
             raise KeyError(f"{self.path}: no committed shard {partition!r}")
         path = self.path / partition
-        sha = None if partition in self._verified else entry.sha256
         buf = read_shard_bytes(
-            path, nbytes=entry.nbytes, sha256=sha, compression=entry.compression, raw_nbytes=entry.raw_nbytes
+            path, nbytes=entry.nbytes, compression=entry.compression, raw_nbytes=entry.raw_nbytes
         )
-        self._verified.add(partition)
         contents = decode_shard(buf, path)
         validate_shard(contents, path, self._meta, entry.ids, entry.fields)
         owner = self._view.owner

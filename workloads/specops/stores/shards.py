@@ -131,7 +131,7 @@ class WrittenShard:
 
 
 class _Sha256Behind:
-    """sha256 computed on a helper thread (hashlib drops the GIL), overlapping the caller's I/O.
+    """sha256 computed on a helper thread (hashlib drops the GIL), overlapping the caller's writes.
 
     Callers must keep each buffer unchanged until `hexdigest()` returns.
     """
@@ -236,13 +236,14 @@ def write_shard(
 # --------------------------------------------------------------------------- reading
 
 
-def read_shard_bytes(
-    path: Path, *, nbytes: int, sha256: str | None, compression: Compression, raw_nbytes: int
-) -> torch.Tensor:
-    """The uncompressed shard as a uint8 tensor; checks the size and, when given, the sha256."""
+def read_shard_bytes(path: Path, *, nbytes: int, compression: Compression, raw_nbytes: int) -> torch.Tensor:
+    """The uncompressed shard as a uint8 tensor; a file shorter or longer than recorded is corrupt.
+
+    Reads do not hash (that would halve read throughput); the sha256 is checked by
+    `DiskStore.open(verify="sha256")` and by a writer resuming over its own shards.
+    """
     buf = torch.empty(nbytes, dtype=torch.uint8)
     view = buf.numpy().data
-    hasher = _Sha256Behind() if sha256 else None
     try:
         with open(path, "rb", buffering=0) as f:
             pos = 0
@@ -250,17 +251,11 @@ def read_shard_bytes(
                 n = f.readinto(view[pos : pos + _READ_CHUNK])
                 if not n:
                     raise CorruptShardError(f"{path}: truncated: {pos} of {nbytes} bytes")
-                if hasher:
-                    hasher.update(view[pos : pos + n])
                 pos += n
             if f.read(1):
                 raise CorruptShardError(f"{path}: longer than the {nbytes} bytes its manifest records")
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file is missing") from None
-    finally:
-        digest = hasher.hexdigest() if hasher else None
-    if sha256 and digest != sha256:
-        raise CorruptShardError(f"{path}: sha256 {digest} differs from the manifest's {sha256}")
     if compression == "zstd":
         return _decompress(buf, raw_nbytes, path)
     return buf
@@ -379,9 +374,7 @@ def iter_examples(contents: ShardContents) -> Iterator[ExampleDict]:
 def shard_token_counts(path: Path, compression: Compression, nbytes: int, raw_nbytes: int) -> dict[int, int]:
     """Loss-token counts stored in one shard; reads only those two tensors when uncompressed."""
     if compression == "zstd":
-        buf = read_shard_bytes(
-            path, nbytes=nbytes, sha256=None, compression=compression, raw_nbytes=raw_nbytes
-        )
+        buf = read_shard_bytes(path, nbytes=nbytes, compression=compression, raw_nbytes=raw_nbytes)
         t = decode_shard(buf, path).tensors
         ids, counts = t["vocab_ids"], t["vocab_counts"]
     else:
