@@ -1,0 +1,232 @@
+"""Chain speculative decoding: acceptance accounting, cache rollback, lossless check, prompts, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _models_support import VOCAB, build_verifier, new_draft
+from transformers import LlamaForCausalLM
+
+from specops.commands import evaluate as evaluate_command
+from specops.evaluate import (
+    CachedVerifier,
+    evaluate,
+    greedy_decode,
+    load_prompts,
+    prompts_from_examples,
+    speculative_decode,
+)
+from specops.models.eagle3 import Eagle3DraftModel
+from specops.paths import PathNotAllowedError
+from specops.stores.base import StoreMeta
+from specops.stores.disk import DiskStore
+
+PROMPTS = [[5, 17, 3, 44, 9], [60, 2, 71, 8, 8, 30, 12, 1, 90]]
+
+
+@pytest.fixture(scope="module")
+def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("verifier")
+    build_verifier(path, layers=6)
+    return path
+
+
+@pytest.fixture(scope="module")
+def verifier(verifier_dir: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def draft(verifier: LlamaForCausalLM, verifier_dir: Path) -> Eagle3DraftModel:
+    return new_draft(verifier, verifier_dir).eval()
+
+
+def _oracle(
+    verifier: LlamaForCausalLM,
+    draft: Eagle3DraftModel,
+    monkeypatch: pytest.MonkeyPatch,
+    corrupt_at: int | None,
+) -> None:
+    """Make the draft propose the verifier's own greedy continuation (optionally wrong at one position)."""
+
+    def propose(input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        assert aux_hidden.shape[1] == input_ids.shape[1] - 1
+        truth = greedy_decode(verifier, input_ids[0].tolist(), num_tokens, eos=set())
+        if corrupt_at is not None:
+            truth[corrupt_at] = (truth[corrupt_at] + 1) % VOCAB
+        return torch.tensor([truth])
+
+    monkeypatch.setattr(draft, "propose", propose)
+
+
+def test_untrained_draft_is_lossless(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
+    report = evaluate(verifier, draft, PROMPTS, max_new_tokens=12)
+    assert report.lossless and report.mismatched_prompts == []
+    assert report.prompts == 2 and report.speculative_tokens == 3
+    assert report.drafts > 0 and 1.0 <= report.acceptance_length <= 4.0
+    assert report.acceptance_length == pytest.approx(1 + report.accepted_tokens / report.drafts)
+    assert len(report.per_position) == 3
+    assert report.per_position == sorted(report.per_position, reverse=True)
+    assert json.loads(json.dumps(report.to_dict()))["lossless"] is True
+
+
+def test_perfect_draft_accepts_everything(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _oracle(verifier, draft, monkeypatch, corrupt_at=None)
+    report = evaluate(verifier, draft, PROMPTS, max_new_tokens=13)
+    assert report.lossless
+    assert report.acceptance_length == 4.0 and report.per_position == [1.0, 1.0, 1.0]
+    out = speculative_decode(verifier, draft, PROMPTS[0], 13, 3, set())
+    assert out.accepted == [3, 3, 3] and len(out.tokens) == 13
+
+
+def test_partial_acceptance_rolls_the_cache_back(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _oracle(verifier, draft, monkeypatch, corrupt_at=1)
+    report = evaluate(verifier, draft, PROMPTS, max_new_tokens=11, k=3)
+    assert report.lossless, "rejected tokens must leave no trace in the verifier cache"
+    assert report.acceptance_length == 2.0 and report.per_position == [1.0, 0.0, 0.0]
+
+
+def test_generation_stops_at_eos(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
+    greedy = greedy_decode(verifier, PROMPTS[1], 10, eos=set())
+    stop = greedy[3]
+    first = greedy.index(stop)
+    out = speculative_decode(verifier, draft, PROMPTS[1], 10, 3, {stop})
+    assert out.tokens == greedy[: first + 1]
+    assert greedy_decode(verifier, PROMPTS[1], 10, {stop}) == out.tokens
+
+
+def test_mismatch_is_reported(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("specops.evaluate.greedy_decode", lambda *a, **k: [-1])
+    report = evaluate(verifier, draft, PROMPTS, max_new_tokens=4)
+    assert not report.lossless and report.mismatched_prompts == [0, 1]
+
+
+def test_cached_verifier_truncate(verifier: LlamaForCausalLM) -> None:
+    runner = CachedVerifier(verifier, [1, 3])
+    logits, aux = runner.extend([1, 2, 3, 4])
+    assert logits.shape == (4, VOCAB) and aux.shape == (4, 2, 32)
+    runner.truncate(2)
+    assert runner.length == 2
+    again, _ = runner.extend([3, 4])
+    torch.testing.assert_close(again, logits[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_evaluate_inputs(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
+    with pytest.raises(ValueError, match="at least one prompt"):
+        evaluate(verifier, draft, [])
+    with pytest.raises(ValueError, match="empty prompt"):
+        evaluate(verifier, draft, [[]])
+
+
+def test_prompts_from_a_disk_store_and_files(tmp_path: Path) -> None:
+    meta = StoreMeta(
+        verifier="v", layer_ids=(1, 2, 3, 4), num_layers=4, hidden_size=8, vocab_size=VOCAB, dtype="float32"
+    )
+    with DiskStore(tmp_path / "store", meta=meta, allowed_roots=[tmp_path]) as store:
+        store.write(
+            [
+                {
+                    "id": f"d/{i}/0",
+                    "token_ids": torch.arange(6, dtype=torch.int32) + i,
+                    "loss_mask": torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.uint8),
+                    "hidden_states": torch.zeros(6, 4, 8),
+                }
+                for i in range(3)
+            ]
+        )
+        store.finalize()
+    prompts = load_prompts(tmp_path / "store", allowed_roots=[tmp_path], limit=2)
+    assert len(prompts) == 2 and all(len(p) == 3 for p in prompts)
+    assert sorted(map(tuple, load_prompts(tmp_path / "store", allowed_roots=[tmp_path]))) == [
+        (0, 1, 2),
+        (1, 2, 3),
+        (2, 3, 4),
+    ]
+    assert prompts_from_examples([[1, 2], [3, 4]], [[1, 1], [0, 1]]) == [[3]], "no prompt -> skipped"
+
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt_ids": [4, 5]}\n\n{"prompt_ids": [6]}\n')
+    assert load_prompts(rows, allowed_roots=[tmp_path]) == [[4, 5], [6]]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt_ids": []}]))
+    with pytest.raises(ValueError, match="row 0: prompt_ids"):
+        load_prompts(bad, allowed_roots=[tmp_path])
+    bad.write_text(json.dumps([{"prompt": "hello"}]))
+    with pytest.raises(ValueError, match="need the verifier tokenizer"):
+        load_prompts(bad, allowed_roots=[tmp_path])
+    bad.write_text(json.dumps({"question": 1}))
+    with pytest.raises(ValueError, match="expected"):
+        load_prompts(bad, allowed_roots=[tmp_path])
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_prompts(bad, allowed_roots=[tmp_path])
+    with pytest.raises(FileNotFoundError):
+        load_prompts(tmp_path / "missing.jsonl", allowed_roots=[tmp_path])
+    with pytest.raises(PathNotAllowedError):
+        load_prompts(rows, allowed_roots=[tmp_path / "elsewhere"])
+
+
+def test_text_prompts_use_the_chat_template(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "user:", "assistant:", "hello", "there", "hi"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<s>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]}
+        )
+        + "\n"
+        + json.dumps({"prompt": "hi"})
+        + "\n"
+    )
+    assert load_prompts(rows, get_tokenizer=lambda: tokenizer, allowed_roots=[tmp_path]) == [
+        [1, 3, 4, 2],
+        [1, 5, 2],
+    ]
+
+
+def cli_main(argv: list[str]) -> int:
+    """`specops evaluate ...` through the command module (the dispatcher also loads other commands)."""
+    parser = argparse.ArgumentParser(prog="specops evaluate")
+    evaluate_command.register(parser)
+    return evaluate_command.main(parser.parse_args(argv[1:]), {})
+
+
+def test_cli_evaluate(
+    verifier_dir: Path, draft: Eagle3DraftModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    draft.save_pretrained(tmp_path / "spec")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+    roots = ["--allowed-root", str(tmp_path), "--allowed-root", str(verifier_dir)]
+    args = ["evaluate", "--speculator", str(tmp_path / "spec"), "--data", str(tmp_path / "prompts.jsonl")]
+    code = cli_main([*args, "--max-new-tokens", "6", "--output", str(tmp_path / "r.json"), *roots])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["lossless"] is True and printed["prompts"] == 2
+    assert json.loads((tmp_path / "r.json").read_text()) == printed
+
+    assert cli_main([*args, "--max-new-tokens", "0", *roots]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    broken = ["evaluate", "--speculator", str(tmp_path / "broken"), "--data", str(tmp_path / "prompts.jsonl")]
+    assert cli_main([*broken, *roots]) == 2
+    assert "speculators_model_type is missing" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""`specops evaluate --speculator DIR [--verifier ID_OR_DIR] --data PATH`: acceptance length."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculator", required=True, help="speculator directory (config.json + model.safetensors)"
+    )
+    parser.add_argument(
+        "--verifier", help="verifier Hub id or directory; default: the one recorded in the speculator"
+    )
+    parser.add_argument("--gguf-file", help="GGUF file name inside the --verifier directory")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="held-out prompts: a DiskStore directory, or JSON/JSONL rows with prompt_ids, messages or prompt",
+    )
+    parser.add_argument("--max-prompts", type=int, default=32, help="evaluate at most this many prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument(
+        "--k", type=int, help="draft tokens per step; default: the speculator's speculative_tokens"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--no-lossless-check", action="store_true", help="skip the plain greedy decoding check"
+    )
+    parser.add_argument("--output", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
+    )
+    parser.epilog = (
+        "Prints one JSON report line (acceptance_length, per_position, lossless, ...). "
+        "Exits 1 when the speculative output differs from the verifier's greedy output."
+    )
+
+
+def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    if overrides:
+        print(f"specops evaluate: error: unknown options {sorted(overrides)}", file=sys.stderr)
+        return 2
+    for name in ("max_prompts", "max_new_tokens", "k"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"specops evaluate: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+
+    from specops.config import VerifierConfig
+    from specops.evaluate import evaluate, load_prompts, write_report
+    from specops.models.config import SpeculatorFormatError
+    from specops.models.eagle3 import Eagle3DraftModel
+    from specops.paths import resolve_allowed
+    from specops.verifier import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    roots = args.allowed_root
+    try:
+        speculator_dir = resolve_allowed(args.speculator, roots, "--speculator")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        draft = Eagle3DraftModel.from_pretrained(speculator_dir, device=device)
+        recorded = draft.config.spec.verifier.name_or_path
+        verifier_name = args.verifier or recorded
+        if not verifier_name:
+            raise ValueError("--verifier: the speculator records no verifier; pass one")
+        verifier = VerifierConfig(name_or_path=verifier_name, gguf_file=args.gguf_file)
+        prompts = load_prompts(
+            args.data,
+            get_tokenizer=lambda: load_tokenizer(verifier, roots),
+            allowed_roots=roots,
+            limit=args.max_prompts,
+        )
+        if not prompts:
+            raise ValueError(f"--data: {args.data} holds no prompts")
+        model = load_model(verifier, dtype=dtype, device=device, allowed_roots=roots)
+        report = evaluate(
+            model,
+            draft,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            k=args.k,
+            check_lossless=not args.no_lossless_check,
+        )
+    except (SpeculatorFormatError, ValueError, KeyError) as exc:
+        print(f"specops evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict()))
+    if args.output:
+        write_report(report, args.output)
+    if not report.lossless:
+        print(
+            f"specops evaluate: speculative output differs from greedy decoding for prompts "
+            f"{report.mismatched_prompts}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,314 @@
+"""Acceptance of a speculator against its verifier: chain speculative decoding, greedy, k tokens.
+
+Each verification step the draft proposes k tokens from the verifier's aux hidden states of the
+accepted prefix; the verifier scores `[last token, d1..dk]` in one cached forward, accepts the
+longest prefix matching its own greedy choices and adds its next token. Acceptance length is
+`1 + accepted / drafts` (vLLM's definition); per-position acceptance is the share of steps whose
+first j+1 draft tokens were all accepted. Greedy verification is lossless by construction: the
+output must equal the verifier's own greedy decoding token for token, and that is checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from specops.engines.capture import LayerCapture
+from specops.paths import resolve_allowed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from specops.models.eagle3 import Eagle3DraftModel
+
+
+@dataclass
+class SpeculativeOutput:
+    """Tokens generated for one prompt and the accepted draft count of every verification step."""
+
+    tokens: list[int]
+    accepted: list[int]
+
+
+@dataclass
+class EvalReport:
+    """Aggregate acceptance over all prompts (the JSON `specops evaluate` prints)."""
+
+    prompts: int
+    speculative_tokens: int
+    drafts: int
+    accepted_tokens: int
+    acceptance_length: float
+    per_position: list[float]
+    generated_tokens: int
+    lossless: bool
+    mismatched_prompts: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CachedVerifier:
+    """The verifier with a KV cache that also returns the aux hidden states of every new position."""
+
+    def __init__(self, model: PreTrainedModel, aux_layer_ids: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.layers: Sequence[torch.nn.Module] = model.get_decoder().layers
+        self.aux_layer_ids = list(aux_layer_ids)
+        self.cache = DynamicCache(config=model.config)
+        self.device = next(model.parameters()).device
+
+    @property
+    def length(self) -> int:
+        """Positions held in the KV cache."""
+        return int(self.cache.get_seq_length())
+
+    @torch.inference_mode()
+    def extend(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens` after the cached prefix: (logits [n, V], aux [n, A, H]) of the new positions."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with LayerCapture(self.layers, self.aux_layer_ids) as capture:
+            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        return logits[0].float(), capture.stacked()[0]
+
+    def truncate(self, length: int) -> None:
+        """Forget cached positions from `length` on (rejected draft tokens)."""
+        excess = self.length - length
+        if excess > 0:
+            self.cache.crop(-excess)
+
+
+def eos_ids(model: PreTrainedModel) -> set[int]:
+    """End-of-sequence ids from the generation config (falling back to the model config)."""
+    source = getattr(model, "generation_config", None)
+    value = getattr(source, "eos_token_id", None)
+    if value is None:
+        value = getattr(model.config, "eos_token_id", None)
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, list | tuple) else [value])}
+
+
+def _finish(tokens: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], bool]:
+    """Cut at the first EOS or the token budget; True when generation is over."""
+    for i, token in enumerate(tokens[:max_new_tokens]):
+        if token in eos:
+            return tokens[: i + 1], True
+    return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: PreTrainedModel, prompt: Sequence[int], max_new_tokens: int, eos: set[int]
+) -> list[int]:
+    """The verifier's own greedy continuation (KV-cached, one token per forward)."""
+    runner = CachedVerifier(model, [0])
+    logits, _ = runner.extend(prompt)
+    out: list[int] = []
+    while True:
+        out.append(int(logits[-1].argmax()))
+        out, done = _finish(out, max_new_tokens, eos)
+        if done:
+            return out
+        logits, _ = runner.extend(out[-1:])
+
+
+@torch.inference_mode()
+def speculative_decode(
+    model: PreTrainedModel,
+    draft: Eagle3DraftModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    k: int,
+    eos: set[int],
+) -> SpeculativeOutput:
+    """Greedy chain speculative decoding of one prompt."""
+    aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
+    if not aux_ids:
+        raise ValueError("the speculator's config has no eagle_aux_hidden_state_layer_ids")
+    runner = CachedVerifier(model, aux_ids)
+    draft_device = next(draft.parameters()).device
+    logits, aux = runner.extend(prompt)
+    tokens = [*prompt, int(logits[-1].argmax())]
+    aux_states = [aux]
+    accepted: list[int] = []
+    generated, done = _finish(tokens[len(prompt) :], max_new_tokens, eos)
+    while not done:
+        features = torch.cat(aux_states).to(draft_device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=draft_device)
+        proposal = draft.propose(ids, features[None], k)[0].tolist()
+        start = runner.length  # == len(tokens) - 1: the last token is not in the cache yet
+        logits, aux = runner.extend([tokens[-1], *proposal])
+        choices = logits.argmax(-1).tolist()
+        n_ok = 0
+        while n_ok < k and proposal[n_ok] == choices[n_ok]:
+            n_ok += 1
+        accepted.append(n_ok)
+        tokens.extend([*proposal[:n_ok], choices[n_ok]])
+        runner.truncate(start + 1 + n_ok)
+        aux_states.append(aux[: 1 + n_ok])
+        generated, done = _finish(tokens[len(prompt) :], max_new_tokens, eos)
+    return SpeculativeOutput(tokens=generated, accepted=accepted)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    draft: Eagle3DraftModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    k: int | None = None,
+    check_lossless: bool = True,
+) -> EvalReport:
+    """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`."""
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("evaluate: empty prompt")
+    steps = k if k is not None else draft.config.spec.speculative_tokens
+    eos = eos_ids(model)
+    began = time.perf_counter()
+    per_position = [0] * steps
+    drafts = accepted_tokens = generated = 0
+    mismatched: list[int] = []
+    for index, prompt in enumerate(prompts):
+        out = speculative_decode(model, draft, prompt, max_new_tokens, steps, eos)
+        drafts += len(out.accepted)
+        accepted_tokens += sum(out.accepted)
+        generated += len(out.tokens)
+        for n_ok in out.accepted:
+            for j in range(n_ok):
+                per_position[j] += 1
+        if check_lossless and out.tokens != greedy_decode(model, prompt, max_new_tokens, eos):
+            mismatched.append(index)
+    return EvalReport(
+        prompts=len(prompts),
+        speculative_tokens=steps,
+        drafts=drafts,
+        accepted_tokens=accepted_tokens,
+        acceptance_length=1.0 + accepted_tokens / drafts if drafts else 1.0,
+        per_position=[c / drafts if drafts else 0.0 for c in per_position],
+        generated_tokens=generated,
+        lossless=not mismatched,
+        mismatched_prompts=mismatched,
+        seconds=round(time.perf_counter() - began, 3),
+    )
+
+
+def prompts_from_examples(
+    token_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]]
+) -> list[list[int]]:
+    """Held-out prompts from stored examples: every token before the first trained (assistant) token."""
+    prompts = []
+    for ids, mask in zip(token_ids, loss_masks, strict=True):
+        first = next((i for i, m in enumerate(mask) if m), len(ids))
+        if first > 0:
+            prompts.append(list(ids[:first]))
+    return prompts
+
+
+def write_report(report: EvalReport, path: str | Path) -> None:
+    """Save the report as JSON (temp file + rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    tmp.replace(target)
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    get_tokenizer: Callable[[], PreTrainedTokenizerBase] | None = None,
+    allowed_roots: Sequence[str | Path] = (),
+    limit: int | None = None,
+    field: str = "--data",
+) -> list[list[int]]:
+    """Prompts as token ids from a DiskStore directory or a JSON/JSONL file.
+
+    A DiskStore example yields its tokens before the first trained (assistant) token. A file row
+    is `{"prompt_ids": [...]}`, `{"messages": [{"role", "content"}, ...]}` (trailing assistant
+    turns dropped, the tokenizer's chat template adds the generation prompt) or `{"prompt": "text"}`.
+    The tokenizer is loaded (once) only when a text row needs it.
+    """
+    root = resolve_allowed(path, allowed_roots, field)
+    if root.is_dir():
+        return _store_prompts(root, allowed_roots, limit, field)
+    if not root.is_file():
+        raise FileNotFoundError(f"{field}: {root} does not exist")
+    prompts: list[list[int]] = []
+    tokenizer = functools.cache(get_tokenizer) if get_tokenizer is not None else None
+    for number, row in enumerate(_json_rows(root, field)):
+        prompts.append(_row_prompt(row, tokenizer, f"{field}: {root} row {number}"))
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts
+
+
+def _store_prompts(
+    root: Path, allowed_roots: Sequence[str | Path], limit: int | None, field: str
+) -> list[list[int]]:
+    from specops.stores.disk import DiskStore
+
+    store = DiskStore.open(root, allowed_roots, field=field)
+    prompts: list[list[int]] = []
+    for partition in sorted(store.partitions()):
+        for example in store.read(partition):
+            prompts += prompts_from_examples([example["token_ids"].tolist()], [example["loss_mask"].tolist()])
+            if limit is not None and len(prompts) >= limit:
+                return prompts[:limit]
+    return prompts
+
+
+def _json_rows(file: Path, field: str) -> list[Any]:
+    text = file.read_text()
+    try:
+        if file.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field}: {file} is not valid JSON: {exc}") from None
+    return data if isinstance(data, list) else [data]
+
+
+def _row_prompt(
+    row: Any, get_tokenizer: Callable[[], PreTrainedTokenizerBase] | None, where: str
+) -> list[int]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with prompt_ids, messages or prompt")
+    if "prompt_ids" in row:
+        ids = row["prompt_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"{where}: prompt_ids must be a non-empty list of token ids")
+        return ids
+    if "messages" not in row and not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{where}: expected prompt_ids, messages or prompt, got keys {sorted(row)}")
+    if get_tokenizer is None:
+        raise ValueError(f"{where}: text prompts need the verifier tokenizer")
+    tokenizer = get_tokenizer()
+    if "messages" in row:
+        messages = list(row["messages"])
+        while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages.pop()
+        if not messages:
+            raise ValueError(f"{where}: messages hold no turn before the answer")
+    else:
+        messages = [{"role": "user", "content": row["prompt"]}]
+    if tokenizer.chat_template:
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    else:
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+    ids = list(tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"])
+    if not ids:
+        raise ValueError(f"{where}: the prompt tokenizes to nothing")
+    return ids
