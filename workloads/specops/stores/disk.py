@@ -291,7 +291,11 @@ class DiskStore:
     # ------------------------------------------------------------------ writing
 
     def write(self, examples: Sequence[ExampleDict]) -> None:
-        """Buffer examples, committing a shard whenever one is full. Already stored ids are skipped."""
+        """Buffer examples, committing a shard whenever one is full. Already stored ids are skipped.
+
+        CPU tensors are kept by reference (no copy) until their shard commits: callers must not
+        modify or recycle them after handing them over.
+        """
         if self._writer is None:
             raise RuntimeError(f"{self.path}: opened read-only")
         if self._closed:
