@@ -1,0 +1,206 @@
+"""The training loop on CPU: gradients, learning, exact resume, checkpoints, validation, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _train_support import VOCAB, build_verifier, make_examples, train_config, write_store
+
+from specops.config import ConfigError
+from specops.example import ExampleDict
+from specops.models.base import SpeculatorModel
+from specops.models.ttt import step_targets
+from specops.stores.base import StoreMeta
+from specops.stores.disk import DiskStore
+from specops.train.data import TrainData, is_validation
+from specops.train.distributed import DistEnv
+from specops.train.losses import draft_loss, step_valid_counts
+from specops.train.packing import batches
+from specops.train.state_io import StateFormatError
+from specops.train.trainer import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("train")
+    verifier = build_verifier(root / "verifier")
+    examples = make_examples(verifier, 40)
+    write_store(root / "data", root / "verifier", examples)
+    return {"root": root, "verifier": root / "verifier", "data": root / "data", "examples": examples}
+
+
+def config(world: dict[str, Any], output: str, **overrides: Any) -> Any:
+    return train_config(world["root"], world["verifier"], world["data"], output, **overrides)
+
+
+def losses(output: Path, kind: str = "train") -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
+
+
+def test_gradients_reach_only_trainable_parameters(world: dict[str, Any]) -> None:
+    trainer = Trainer(config(world, "grads", max_steps=1), DistEnv())
+    batch = trainer._to_device(next(batches(trainer.data.epoch(0), "packed", 128, 64)).batch)
+    targets = step_targets(batch, trainer.head, trainer.draft.t2d, 2)
+    logits = trainer.model(**{name: getattr(batch, name) for name in batch.__dataclass_fields__})
+    loss, _ = draft_loss(logits, targets, step_valid_counts(targets), trainer.loss_spec)
+    loss.backward()
+    named = dict(trainer.draft.named_parameters())
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert frozen == {"embed_tokens.weight", "lm_head.weight"}
+    assert all(named[n].grad is None for n in frozen)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if n not in frozen)
+    assert not any(p.requires_grad for p in trainer.head.parameters())
+    assert {id(p) for p in trainer.params} == {id(p) for n, p in named.items() if n not in frozen}
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "hass"])
+def test_eagle3_and_hass_both_learn(world: dict[str, Any], algorithm: str) -> None:
+    out = world["root"] / f"learn-{algorithm}"
+    result = train(config(world, out.name, max_steps=24, draft__algorithm=algorithm))
+    curve = [loss for _, loss in losses(out)]
+    assert len(curve) == 24 and not result.interrupted
+    assert sum(curve[-4:]) < 0.7 * sum(curve[:4])
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["speculators_config"]["algorithm"] == algorithm
+
+
+def test_interrupted_then_resumed_run_reproduces_the_loss_curve_exactly(world: dict[str, Any]) -> None:
+    # No max_steps: the schedule length comes from counting epoch 0's batches; 2 epochs cross a boundary.
+    straight = train(config(world, "straight", epochs=2, data__prefetch=2))
+    expected = losses(world["root"] / "straight")
+    assert straight.step == len(expected) > 12
+
+    cut = world["root"] / "cut"
+    stops = iter([4, 13])
+
+    def sigterm_at(record: dict[str, Any], at: list[int]) -> None:
+        if at and record["kind"] == "train" and record["step"] == at[0]:
+            at.pop()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    for stop in stops:
+        pending = [stop]
+        result = train(config(world, cut.name, epochs=2, data__prefetch=2), on_log=lambda r: sigterm_at(r, pending))
+        assert result.interrupted and result.step == stop and result.final is None
+        assert (cut / "checkpoints" / f"step-{stop:08d}" / "state" / "trainer.json").is_file()
+    finished = train(config(world, cut.name, epochs=2, data__prefetch=2))
+    assert not finished.interrupted and finished.step == straight.step
+    assert losses(cut) == expected  # bit-exact, step for step
+    a = SpeculatorModel.from_pretrained(world["root"] / "straight" / "final").state_dict()
+    b = SpeculatorModel.from_pretrained(cut / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_is_a_speculators_directory(world: dict[str, Any]) -> None:
+    out = world["root"] / "ckpt"
+    trainer = Trainer(config(world, out.name, max_steps=3, keep_checkpoints=1, checkpoint_every=1), DistEnv())
+    result = trainer.run()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]  # older ones pruned
+    for directory in (result.final, result.checkpoint):
+        assert directory is not None
+        loaded = SpeculatorModel.from_pretrained(directory)
+        batch = next(batches(world["examples"][:2], "packed", 128, 64)).batch
+        with torch.no_grad():
+            mine = trainer.draft.forward_ttt(batch, 2)
+            theirs = loaded.forward_ttt(batch, 2)  # type: ignore[attr-defined]
+        assert all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True))
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["speculators_model_type"] == "eagle3" and saved["draft_vocab_size"] == 48
+    assert saved["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert saved["speculators_config"]["verifier"]["name_or_path"] == str(world["verifier"])
+    state = out / "checkpoints" / "step-00000003" / "state"
+    assert sorted(p.name for p in state.iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rank-00000.json",
+        "rank-00000.safetensors",
+        "trainer.json",
+    ]
+
+
+def test_validation_split_picks_the_best_checkpoint(world: dict[str, Any]) -> None:
+    out = world["root"] / "val"
+    result = train(config(world, out.name, max_steps=12, eval_every=4, data__validation_fraction=0.3))
+    evals = losses(out, "eval")
+    assert [s for s, _ in evals] == [4, 8, 12]
+    assert result.best_val_loss == min(v for _, v in evals)
+    assert result.best is not None and (result.best / "model.safetensors").is_file()
+
+
+def test_resume_refusals_and_partial_checkpoints(world: dict[str, Any]) -> None:
+    out = world["root"] / "refuse"
+    train(config(world, out.name, max_steps=2, checkpoint_every=1, keep_checkpoints=5))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(config(world, out.name, max_steps=2, resume="never"))
+    # A process killed mid-checkpoint leaves a temp dir, or a dir without trainer.json: both ignored.
+    (out / "checkpoints" / ".tmp-step-00000003").mkdir()
+    partial = out / "checkpoints" / "step-00000004"
+    shutil.copytree(out / "checkpoints" / "step-00000002", partial)
+    (partial / "state" / "trainer.json").unlink()
+    result = train(config(world, out.name, max_steps=5, checkpoint_every=1000))
+    assert result.step == 5 and not (out / "checkpoints" / ".tmp-step-00000003").exists()
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5]
+    trainer_json = out / "checkpoints" / "step-00000005" / "state" / "trainer.json"
+    data = json.loads(trainer_json.read_text())
+    trainer_json.write_text(json.dumps({**data, "world_size": 2}))
+    with pytest.raises(StateFormatError, match="world of 2"):
+        train(config(world, out.name, max_steps=6))
+
+
+def test_data_from_another_verifier_or_missing_is_rejected(world: dict[str, Any], tmp_path: Path) -> None:
+    other = StoreMeta(verifier="x", layer_ids=(1, 2, 3, 4), num_layers=4, hidden_size=16, vocab_size=VOCAB, dtype="float32")
+    ex = {**world["examples"][0], "hidden_states": torch.zeros(10, 4, 16)}
+    ex["token_ids"], ex["loss_mask"] = ex["token_ids"][:10], ex["loss_mask"][:10]
+    with DiskStore(world["root"] / "other-data", meta=other, allowed_roots=[world["root"]]) as store:
+        store.write([ex])
+    bad = train_config(world["root"], world["verifier"], world["root"] / "other-data", "bad", max_steps=1)
+    with pytest.raises(ValueError, match="hidden size 16 != verifier 32"):
+        train(bad)
+    missing = train_config(world["root"], world["verifier"], world["root"] / "nope", "bad2", max_steps=1)
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        train(missing)
+
+
+class ListStream:
+    """A StreamSource over a list, like a queue that delivers each example once."""
+
+    def __init__(self, examples: list[ExampleDict]) -> None:
+        self.examples = examples
+        self.closed = False
+
+    def __iter__(self) -> Iterator[ExampleDict]:
+        return iter(self.examples)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None:
+    examples: list[ExampleDict] = world["examples"]
+    stream = ListStream(examples)
+    data = TrainData(stream, DistEnv(), validation_fraction=0.25, seed=0, max_validation_examples=100)
+    trained = [ex["id"] for ex in data.epoch(0)]
+    held = [ex["id"] for ex in data.validation()]
+    assert stream.closed and held and trained
+    assert sorted(trained + held) == sorted(ex["id"] for ex in examples)
+    assert all(is_validation(i, 0.25) for i in held) and not any(is_validation(i, 0.25) for i in trained)
+    with pytest.raises(ValueError, match="second epoch"):
+        data.epoch(1)
+
+    out = world["root"] / "stream"
+    cfg = config(world, out.name, max_steps=50, eval_every=3, data__validation_fraction=0.25)
+    with pytest.raises(ConfigError, match=r"data\.vocab_from: streamed data carries no token counts"):
+        train(cfg, source=ListStream(examples))
+    cfg = config(world, out.name, max_steps=50, eval_every=3, data__validation_fraction=0.25, data__vocab_from=str(world["data"]))
+    result = train(cfg, source=ListStream(examples))
+    assert 0 < result.step < 50 and not result.interrupted  # the stream ended first
+    assert losses(out, "eval")

@@ -1,0 +1,49 @@
+"""`specops train --config train.yaml [--section.field VALUE ...]`, alone or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_INTERRUPTED = 143
+"""128 + SIGTERM: a preempted run is not a finished one (Kubernetes retries it; rerun resumes)."""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="TrainConfig YAML file")
+    parser.epilog = (
+        "Any config field can be overridden as --section.field VALUE, e.g. --optim.lr 3e-4 "
+        "--max_steps 1000 --draft.algorithm hass. Run under `torchrun --nproc-per-node N` for "
+        "data parallelism. Rerunning with the same output_dir resumes from its newest checkpoint. "
+        "Rank 0 prints one JSON result line on stdout; exit 143 = stopped by SIGTERM after a checkpoint."
+    )
+
+
+def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from specops.config import TrainConfig, load_config
+    from specops.train.state_io import StateFormatError
+    from specops.train.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(TrainConfig, args.config, overrides)
+    try:
+        result = train(cfg)
+    except (ValueError, KeyError, StateFormatError) as exc:
+        print(f"specops train: error: {exc}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        report = {
+            "step": result.step,
+            "interrupted": result.interrupted,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "final": str(result.final) if result.final else None,
+            "best": str(result.best) if result.best else None,
+            "best_val_loss": result.best_val_loss,
+        }
+        print(json.dumps(report), flush=True)
+    return EXIT_INTERRUPTED if result.interrupted else 0

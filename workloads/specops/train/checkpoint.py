@@ -1,0 +1,187 @@
+"""Checkpoints: a speculators-format model directory plus the training state needed to resume.
+
+    <output_dir>/checkpoints/step-00000100/
+        config.json, model.safetensors        the draft, loadable by vLLM as is
+        state/trainer.json                    step, epoch, schedule, best validation, world size
+        state/optimizer.{safetensors,json}    full AdamW state keyed by parameter name
+        state/rank-00000.{safetensors,json}   per-rank RNG states and data position
+    <output_dir>/best/, <output_dir>/final/   model-only directories to serve
+
+Every directory is built under a `.tmp-` name and renamed when complete, so a process killed at
+any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from specops.models.base import SpeculatorModel
+from specops.train.distributed import DistEnv, Strategy, barrier
+from specops.train.state_io import StateFormatError, load_tree, read_json, save_tree, write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE = "state"
+TRAINER_FILE = "trainer.json"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Committed checkpoint directories, oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / STATE / TRAINER_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Delete `.tmp-*` leftovers of a process killed while writing (call on rank 0 before training)."""
+    for parent in (output_dir, output_dir / CHECKPOINTS):
+        if parent.is_dir():
+            for leftover in parent.glob(".tmp-*"):
+                log.info("removing incomplete %s", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch CPU and CUDA, Python)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model(draft: SpeculatorModel, env: DistEnv, strategy: Strategy, directory: Path) -> None:
+    """Write the speculators-format model (collective under FSDP; only rank 0 writes)."""
+    if strategy == "fsdp" and env.distributed:
+        full = get_model_state_dict(draft, options=_FULL)
+        if env.is_main:
+            plain = type(draft)(draft.config)
+            plain.load_state_dict(full, strict=True)
+            plain.save_pretrained(directory)
+    elif env.is_main:
+        draft.save_pretrained(directory)
+
+
+def _swap_into(tmp: Path, final: Path) -> None:
+    """Replace directory `final` by `tmp` (rename; the old one is removed afterwards)."""
+    old = final.with_name(f".tmp-old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """Writes and reads checkpoints for one run; every rank calls every method (they synchronize)."""
+
+    def __init__(self, output_dir: Path, env: DistEnv, strategy: Strategy, keep: int) -> None:
+        self.output_dir = output_dir
+        self.env = env
+        self.strategy = strategy
+        self.keep = keep
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        draft: SpeculatorModel,
+        optimizer: torch.optim.Optimizer,
+        trainer: dict[str, Any],
+        rank: dict[str, Any],
+    ) -> Path:
+        """Commit `checkpoints/step-N` holding model, optimizer, trainer and this rank's state."""
+        env = self.env
+        final = self.output_dir / CHECKPOINTS / step_dir_name(step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE).mkdir(parents=True)
+        barrier(env)
+        save_tree(tmp / STATE, f"rank-{env.rank:05d}", {**rank, "rng": rng_state()})
+        save_model(draft, env, self.strategy, tmp)
+        if self.strategy == "fsdp" or env.is_main:
+            optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+            if env.is_main:
+                save_tree(tmp / STATE, "optimizer", optim_state)
+        barrier(env)
+        if env.is_main:
+            write_json(tmp / STATE / TRAINER_FILE, {**trainer, "step": step, "world_size": env.world_size})
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.output_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(env)
+        return final
+
+    def publish(self, name: str, draft: SpeculatorModel) -> Path:
+        """Write the model alone to `<output_dir>/<name>` (e.g. best, final)."""
+        final = self.output_dir / name
+        tmp = self.output_dir / f".tmp-{name}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_model(draft, self.env, self.strategy, tmp)
+        if self.env.is_main:
+            _swap_into(tmp, final)
+        barrier(self.env)
+        return final
+
+    def read_trainer(self, path: Path) -> dict[str, Any]:
+        """trainer.json of a checkpoint, checked against this world."""
+        data = read_json(path / STATE / TRAINER_FILE)
+        if not isinstance(data, dict):
+            raise StateFormatError(f"{path / STATE / TRAINER_FILE}: expected a JSON object")
+        saved_world = data.get("world_size")
+        if saved_world != self.env.world_size:
+            raise StateFormatError(
+                f"{path}: written by a world of {saved_world} processes, this run has {self.env.world_size}; "
+                "resume with the same number of processes or start a new output_dir"
+            )
+        return data
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load optimizer state (model weights are loaded before wrapping) and this rank's state."""
+        optim_state = load_tree(path / STATE, "optimizer")
+        set_optimizer_state_dict(
+            model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+        )
+        rank = load_tree(path / STATE, f"rank-{self.env.rank:05d}")
+        if not isinstance(rank, dict) or "rng" not in rank:
+            raise StateFormatError(f"{path / STATE}: rank-{self.env.rank:05d} state lacks its RNG section")
+        set_rng_state(rank.pop("rng"))
+        return rank

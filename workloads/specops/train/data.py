@@ -1,0 +1,249 @@
+"""The trainer's data input: train/validation example iterables over any source.
+
+A partitioned `DataSource` (DiskStore shards, upstream speculators files) is replayable: each
+epoch reshuffles it through `GeneratedDataset`, the validation split holds out whole partitions
+(`split_partitions`), and resume fast-forwards by counting examples. A `StreamSource` (queue,
+broker) is read once: examples whose id hashes under `validation_fraction` are diverted into a
+bounded in-memory validation set, and with `cache` the first pass is teed into a DiskStore that
+later epochs replay. Everything downstream sees only iterables of ExampleDict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
+
+from specops.config import ConfigError, TrainConfig, TrainDataConfig
+from specops.dataset import GeneratedDataset, split_partitions
+from specops.example import ExampleDict
+from specops.stores.base import DataSink, DataSource, StoreMeta, StreamSource
+from specops.train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+StreamFactory = Callable[[], StreamSource]
+
+
+@runtime_checkable
+class CountingSource(Protocol):
+    """A source that knows how often each token id occurs at trained positions (DiskStore does)."""
+
+    def token_counts(self) -> dict[int, int]: ...
+
+
+def is_validation(example_id: str, fraction: float) -> bool:
+    """Stable held-out membership: the id's sha256 mapped to [0, 1) falls under `fraction`."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.sha256(example_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / float(1 << 64) < fraction
+
+
+def count_tokens(examples: Iterable[ExampleDict]) -> dict[int, int]:
+    """Token id -> occurrences at loss-masked positions."""
+    counts: Counter[int] = Counter()
+    for ex in examples:
+        ids = ex["token_ids"][ex["loss_mask"].bool()]
+        counts.update(ids.tolist())
+    return dict(counts)
+
+
+def open_source(
+    data: TrainDataConfig, allowed_roots: Sequence[str]
+) -> DataSource | StreamSource | StreamFactory:
+    """The source `data.kind` names (streams: a factory, so a reconnect gets a fresh client)."""
+    if data.kind == "disk":
+        from specops.stores.disk import DiskStore
+
+        assert data.path is not None
+        return DiskStore.open(data.path, allowed_roots, field="data.path")
+    if data.kind == "speculators":
+        from specops.stores.speculators_layout import SpeculatorsSource
+
+        assert data.path is not None
+        return SpeculatorsSource(data.path, allowed_roots, field="data.path")
+    raise ConfigError(
+        f"data.kind: {data.kind!r} streams exist only inside a running pipeline; start training with "
+        "`specops run` or pass the stream to specops.train.train(source=...)"
+    )
+
+
+def vocab_counts(
+    cfg: TrainConfig, data: TrainData, vocab_size: int, allowed_roots: Sequence[str]
+) -> dict[int, int]:
+    """Token counts that pick the draft vocabulary: data.vocab_from, else the training data's own."""
+    if cfg.data.vocab_from:
+        from specops.stores.disk import DiskStore
+
+        return DiskStore.open(cfg.data.vocab_from, allowed_roots, field="data.vocab_from").token_counts()
+    counts = data.token_counts()
+    if counts is not None:
+        return counts
+    if cfg.draft.draft_vocab_size >= vocab_size:
+        return {}  # the draft covers the whole verifier vocabulary: nothing to choose
+    raise ConfigError(
+        f"data.vocab_from: streamed data carries no token counts to choose {cfg.draft.draft_vocab_size} of "
+        f"{vocab_size} tokens; point it at a DiskStore of similar data or raise draft.draft_vocab_size"
+    )
+
+
+class TrainData:
+    """Train and validation examples for this rank."""
+
+    def __init__(
+        self,
+        source: DataSource | StreamSource | StreamFactory,
+        env: DistEnv,
+        *,
+        validation_fraction: float,
+        seed: int,
+        shuffle: bool = True,
+        max_validation_examples: int = 256,
+        cache: DataSink | None = None,
+        reopen_cache: Callable[[], DataSource] | None = None,
+    ) -> None:
+        """`cache`/`reopen_cache`: streams only — tee the first pass into `cache`, replay it later."""
+        self.env = env
+        self.source = source
+        self.seed = seed
+        self.shuffle = shuffle
+        self.validation_fraction = validation_fraction
+        self.max_validation_examples = max_validation_examples
+        self._cache = cache
+        self._reopen_cache = reopen_cache
+        self._held_out: list[ExampleDict] = []
+        self._train: GeneratedDataset | None = None
+        self._val: GeneratedDataset | None = None
+        if isinstance(source, DataSource):
+            self._split(source)
+        elif cache is not None and reopen_cache is None:
+            raise ValueError("a stream cache needs reopen_cache to replay it in later epochs")
+
+    @property
+    def replayable(self) -> bool:
+        """Whether every epoch can be read again (partitioned sources and cached streams)."""
+        return isinstance(self.source, DataSource) or self._reopen_cache is not None
+
+    def _split(self, source: DataSource) -> None:
+        train, val = split_partitions(source.partitions(), self.validation_fraction, self.seed)
+        if not train:
+            raise ValueError("data: the source holds no partitions to train on")
+        if self.validation_fraction > 0 and not val:
+            log.warning("data: only %d partition(s); no validation split is possible", len(train))
+        common = {"seed": self.seed, "rank": self.env.rank, "world_size": self.env.world_size}
+        self._train = GeneratedDataset(source, partitions=train, shuffle=self.shuffle, **common)
+        self._val = GeneratedDataset(source, partitions=val, shuffle=False, **common) if val else None
+
+    def meta(self) -> StoreMeta | None:
+        """The producer description, when the source carries one."""
+        meta = getattr(self.source, "meta", None)
+        return meta if isinstance(meta, StoreMeta) else None
+
+    def token_counts(self) -> dict[int, int] | None:
+        """Loss-masked token counts: the source's own, else one counting pass; None for streams."""
+        if isinstance(self.source, CountingSource):
+            return self.source.token_counts()
+        if isinstance(self.source, DataSource):
+            log.info("data: counting tokens for the draft vocabulary (one pass over the data)")
+            return count_tokens(ex for p in self.source.partitions() for ex in self.source.read(p))
+        return None
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[ExampleDict]:
+        """This rank's training examples of `epoch`, the first `skip` of them left out (resume)."""
+        if self._train is None and epoch > 0 and self._reopen_cache is not None:
+            self._close_cache()
+            self.source = self._reopen_cache()
+            assert isinstance(self.source, DataSource)
+            self._split(self.source)
+        if self._train is not None:
+            self._train.set_epoch(epoch)
+            return itertools.islice(iter(self._train), skip, None)
+        if epoch > 0:
+            raise ValueError("data: a stream without data.cache_path cannot be read for a second epoch")
+        return itertools.islice(self._stream(), skip, None)
+
+    def _stream(self) -> Iterator[ExampleDict]:
+        stream = (
+            self.source()
+            if callable(self.source) and not isinstance(self.source, StreamSource)
+            else self.source
+        )
+        assert isinstance(stream, StreamSource)
+        try:
+            for ex in stream:
+                if self._cache is not None:
+                    self._cache.write([ex])
+                if is_validation(ex["id"], self.validation_fraction):
+                    if len(self._held_out) < self.max_validation_examples:
+                        self._held_out.append(ex)
+                    continue
+                yield ex
+        finally:
+            stream.close()
+        self._close_cache()
+
+    def _close_cache(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def validation(self) -> Iterable[ExampleDict]:
+        """This rank's validation examples (re-iterable)."""
+        if self._val is not None:
+            return self._val
+        return list(self._held_out)
+
+
+class Prefetcher(Iterator[T]):
+    """Runs an iterator in a background thread, `depth` items ahead (reading and packing overlap
+    the optimizer step). One producer thread, so the order is the iterator's own."""
+
+    _DONE = object()
+
+    def __init__(self, source: Iterator[T], depth: int) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), daemon=True, name="specops-prefetch"
+        )
+        self._thread.start()
+
+    def _run(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # re-raised in the consumer thread
+            self._error = exc
+        self._queue.put(self._DONE)
+
+    def __next__(self) -> T:
+        item = self._queue.get()
+        if item is self._DONE:
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the producer (it finishes its current item) and drain the queue."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        self._thread.join()

@@ -1,0 +1,97 @@
+"""Where training metrics go: stdout lines under a progress bar, metrics.jsonl, TensorBoard if asked.
+
+Only rank 0 reports. `metrics.jsonl` (one JSON object per logged step or evaluation, appended
+across resumes) is the machine-readable record: tests and plots read the loss curve from it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+LogHook = Callable[[dict[str, Any]], None]
+
+
+class Monitor:
+    """Progress bar + log lines + metrics.jsonl (+ TensorBoard) on rank 0; silent elsewhere."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool,
+        hook: LogHook | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.hook = hook
+        self._file = (output_dir / METRICS_FILE).open("a") if enabled else None
+        self._bar: Any = None
+        self._tb: Any = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        # disable=None: a bar on a terminal, plain lines in pod logs.
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=None, dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.write("tensorboard: the `tensorboard` package is not installed; logging to stdout only")
+            else:
+                self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(line)
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """Log one train or eval record everywhere it goes."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **values}
+        assert self._file is not None
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+        shown = " ".join(
+            f"{k}={_fmt(v)}" for k, v in values.items() if k in _SHOWN or k.startswith("full_acc_")
+        )
+        self.write(f"[{kind} step {step}] {shown}")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self.hook is not None:
+            self.hook(record)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+
+
+_SHOWN = ("epoch", "loss", "accept_proxy", "lr", "grad_norm", "tokens_per_s")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
