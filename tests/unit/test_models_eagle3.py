@@ -211,3 +211,16 @@ def test_bad_inputs_name_the_problem(verifier: LlamaForCausalLM, verifier_dir: P
             verifier_name_or_path=str(verifier_dir),
             draft_vocab_size=12,
         )
+
+
+def test_chunked_attention_matches_unchunked(
+    verifier: LlamaForCausalLM, verifier_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    batch = packed_batch(verifier, _docs(20, 25, seed=9), row_len=48)
+    with torch.no_grad():
+        whole = draft.forward_ttt(batch, 3)
+        monkeypatch.setattr("specops.models.eagle3._ATTENTION_BUDGET", 1)  # 16-row query chunks
+        chunked = draft.forward_ttt(batch, 3)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -60,8 +60,8 @@ _NOISE_KEYS = (
     "_name_or_path",
 )
 """transformers-internal keys left out of `transformer_layer_config` (they describe no layer)."""
-_ATTENTION_BUDGET = 1 << 24
-"""Max query x key scores materialized per attention chunk (bounds memory for long packed rows)."""
+_ATTENTION_BUDGET = 1 << 26
+"""Max attention scores (batch x heads x queries x keys) per chunk: bounds memory on long packed rows."""
 
 
 @SpeculatorModelConfig.register("eagle3")
@@ -170,7 +170,7 @@ def ttt_attention(
     n_diag = len(kv.diagonal)
     gqa = heads != ctx_k.shape[1]
     chunk = tq
-    while chunk > 16 and chunk * (tk + n_diag * chunk) > _ATTENTION_BUDGET:
+    while chunk > 16 and b * heads * chunk * (tk + n_diag * chunk) > _ATTENTION_BUDGET:
         chunk //= 2
     outs = []
     for r0 in range(0, tq, chunk):
