@@ -51,7 +51,9 @@ def capture(verifier: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([*(out.hidden_states[k][0] for k in LAYER_IDS[:-1]), seen[0][0]], dim=1)
 
 
-def make_examples(verifier: LlamaForCausalLM, count: int, *, seed: int = 1, lengths: Sequence[int] = ()) -> list[ExampleDict]:
+def make_examples(
+    verifier: LlamaForCausalLM, count: int, *, seed: int = 1, lengths: Sequence[int] = ()
+) -> list[ExampleDict]:
     """Token sequences from a sparse random Markov chain (learnable structure), verifier states attached."""
     g = torch.Generator().manual_seed(seed)
     successors = torch.randint(0, VOCAB, (VOCAB, 3), generator=g)
@@ -65,7 +67,12 @@ def make_examples(verifier: LlamaForCausalLM, count: int, *, seed: int = 1, leng
         mask = torch.ones(n, dtype=torch.uint8)
         mask[: n // 4] = 0  # a "prompt" that is not trained on
         out.append(
-            {"id": f"syn/{i}/0", "token_ids": token_ids, "loss_mask": mask, "hidden_states": capture(verifier, token_ids)}
+            {
+                "id": f"syn/{i}/0",
+                "token_ids": token_ids,
+                "loss_mask": mask,
+                "hidden_states": capture(verifier, token_ids),
+            }
         )
     return out
 
@@ -84,7 +91,9 @@ def write_store(path: Path, verifier_dir: Path, examples: Sequence[ExampleDict],
     return path
 
 
-def train_config(root: Path, verifier_dir: Path, data_dir: Path, output: str = "out", **overrides: Any) -> TrainConfig:
+def train_config(
+    root: Path, verifier_dir: Path, data_dir: Path, output: str = "out", **overrides: Any
+) -> TrainConfig:
     """A seconds-long CPU config; dotted `overrides` (e.g. `draft.algorithm="hass"`) on top."""
     base: dict[str, Any] = {
         "verifier": {"name_or_path": str(verifier_dir)},

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +80,16 @@ def test_interrupted_then_resumed_run_reproduces_the_loss_curve_exactly(world: d
     assert straight.step == len(expected) > 12
 
     cut = world["root"] / "cut"
-    stops = iter([4, 13])
 
-    def sigterm_at(record: dict[str, Any], at: list[int]) -> None:
-        if at and record["kind"] == "train" and record["step"] == at[0]:
-            at.pop()
-            os.kill(os.getpid(), signal.SIGTERM)
+    def sigterm_at(step: int) -> Callable[[dict[str, Any]], None]:
+        def hook(record: dict[str, Any]) -> None:
+            if record["kind"] == "train" and record["step"] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
 
-    for stop in stops:
-        pending = [stop]
-        result = train(config(world, cut.name, epochs=2, data__prefetch=2), on_log=lambda r: sigterm_at(r, pending))
+        return hook
+
+    for stop in (4, 13):
+        result = train(config(world, cut.name, epochs=2, data__prefetch=2), on_log=sigterm_at(stop))
         assert result.interrupted and result.step == stop and result.final is None
         assert (cut / "checkpoints" / f"step-{stop:08d}" / "state" / "trainer.json").is_file()
     finished = train(config(world, cut.name, epochs=2, data__prefetch=2))
@@ -157,7 +157,9 @@ def test_resume_refusals_and_partial_checkpoints(world: dict[str, Any]) -> None:
 
 
 def test_data_from_another_verifier_or_missing_is_rejected(world: dict[str, Any], tmp_path: Path) -> None:
-    other = StoreMeta(verifier="x", layer_ids=(1, 2, 3, 4), num_layers=4, hidden_size=16, vocab_size=VOCAB, dtype="float32")
+    other = StoreMeta(
+        verifier="x", layer_ids=(1, 2, 3, 4), num_layers=4, hidden_size=16, vocab_size=VOCAB, dtype="float32"
+    )
     ex = {**world["examples"][0], "hidden_states": torch.zeros(10, 4, 16)}
     ex["token_ids"], ex["loss_mask"] = ex["token_ids"][:10], ex["loss_mask"][:10]
     with DiskStore(world["root"] / "other-data", meta=other, allowed_roots=[world["root"]]) as store:
@@ -166,7 +168,7 @@ def test_data_from_another_verifier_or_missing_is_rejected(world: dict[str, Any]
     with pytest.raises(ValueError, match="hidden size 16 != verifier 32"):
         train(bad)
     missing = train_config(world["root"], world["verifier"], world["root"] / "nope", "bad2", max_steps=1)
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(FileNotFoundError, match=r"data\.path"):
         train(missing)
 
 
@@ -200,7 +202,14 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
     cfg = config(world, out.name, max_steps=50, eval_every=3, data__validation_fraction=0.25)
     with pytest.raises(ConfigError, match=r"data\.vocab_from: streamed data carries no token counts"):
         train(cfg, source=ListStream(examples))
-    cfg = config(world, out.name, max_steps=50, eval_every=3, data__validation_fraction=0.25, data__vocab_from=str(world["data"]))
+    cfg = config(
+        world,
+        out.name,
+        max_steps=50,
+        eval_every=3,
+        data__validation_fraction=0.25,
+        data__vocab_from=str(world["data"]),
+    )
     result = train(cfg, source=ListStream(examples))
     assert 0 < result.step < 50 and not result.interrupted  # the stream ended first
     assert losses(out, "eval")

@@ -17,11 +17,15 @@ def example(i: int, length: int, *, masked: bool = False, slots: int = 3) -> Exa
     return {
         "id": f"p/{i}/0",
         "token_ids": ids,
-        "loss_mask": torch.zeros(length, dtype=torch.uint8) if masked else torch.ones(length, dtype=torch.uint8),
+        "loss_mask": torch.zeros(length, dtype=torch.uint8)
+        if masked
+        else torch.ones(length, dtype=torch.uint8),
         # hidden value encodes (example, position, slot) so misplaced copies are visible
         "hidden_states": (
             1000.0 * i + torch.arange(length)[:, None, None] + 0.1 * torch.arange(slots)[None, :, None]
-        ).expand(length, slots, H).clone(),
+        )
+        .expand(length, slots, H)
+        .clone(),
     }
 
 

@@ -81,7 +81,9 @@ def draft_loss(
         loss, correct = token_losses(logits, target_logp, spec)
         valid = valid.to(device)
         step_sum = torch.where(valid, loss, 0.0).sum()
-        total = total + (spec.step_decay**i) * step_sum / denominators[i].to(device, torch.float32).clamp(min=1e-12)
+        total = total + (spec.step_decay**i) * step_sum / denominators[i].to(device, torch.float32).clamp(
+            min=1e-12
+        )
         prev_ok = chain_ok if chain_ok is not None else torch.ones_like(correct)
         chain_valid = valid if chain_valid is None else chain_valid & valid
         chain_ok = prev_ok & correct & valid
