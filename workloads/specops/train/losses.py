@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 METRICS: tuple[str, ...] = ("loss", "tokens", "full_correct", "chain_tokens", "cond_correct", "cond_tokens")
 """Rows of the metric-sum tensor: loss sum and its token count; tokens where this step and all
@@ -46,14 +47,12 @@ def token_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position loss [B, T] (with grad) and whether the draft's argmax equals the verifier's."""
     draft_logp = torch.log_softmax(draft_logits.float(), dim=-1)
-    target_p = target_logp.exp()
-    # KL = sum p log p - sum p log q; the entropy term holds no gradient but keeps the value a true KL.
-    entropy_term = torch.special.xlogy(target_p, target_p).sum(-1)
-    loss = entropy_term - (target_p * draft_logp).sum(-1)
+    # KL(p || q) = sum p (log p - log q): one fused kernel; target log-probs must be finite (log_softmax).
+    loss = F.kl_div(draft_logp, target_logp, log_target=True, reduction="none").sum(-1)
     if spec.algorithm == "hass":
         k = min(spec.topk, target_logp.shape[-1])
-        top_p, top_idx = target_p.topk(k, dim=-1)
-        loss = loss - spec.topk_weight * (top_p * draft_logp.gather(-1, top_idx)).sum(-1)
+        top_logp, top_idx = target_logp.topk(k, dim=-1)
+        loss = loss - spec.topk_weight * (top_logp.exp() * draft_logp.gather(-1, top_idx)).sum(-1)
     correct = draft_logits.argmax(-1) == target_logp.argmax(-1)
     return loss, correct
 
