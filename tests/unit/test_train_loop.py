@@ -175,8 +175,9 @@ def test_data_from_another_verifier_or_missing_is_rejected(world: dict[str, Any]
 class ListStream:
     """A StreamSource over a list, like a queue that delivers each example once."""
 
-    def __init__(self, examples: list[ExampleDict]) -> None:
+    def __init__(self, examples: list[ExampleDict], meta: StoreMeta | None = None) -> None:
         self.examples = examples
+        self.meta = meta
         self.closed = False
 
     def __iter__(self) -> Iterator[ExampleDict]:
@@ -213,3 +214,27 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
     result = train(cfg, source=ListStream(examples))
     assert 0 < result.step < 50 and not result.interrupted  # the stream ended first
     assert losses(out, "eval")
+
+
+def test_stream_then_cache_replays_the_first_pass(world: dict[str, Any]) -> None:
+    root = world["root"]
+    meta = DiskStore.open(world["data"], [root]).meta
+    fields = {"data__validation_fraction": 0.25, "data__vocab_from": str(world["data"])}
+    first = train(
+        config(world, "cached", max_steps=12, data__cache_path=str(root / "cache"), **fields),
+        source=ListStream(world["examples"], meta),
+    )
+    assert first.step == 12  # more than one pass over the stream: later epochs replay the cache
+    assert len(DiskStore.open(root / "cache", [root])) == len(world["examples"])
+    # Resumed in a replay epoch: the in-memory held-out set is gone and is recovered from the cache.
+    stream = ListStream(world["examples"], meta)
+    result = train(
+        config(world, "cached", max_steps=25, data__cache_path=str(root / "cache"), **fields), source=stream
+    )
+    assert result.step == 25 and not stream.closed  # the live stream was not needed again
+    records = [json.loads(line) for line in (root / "cached" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in records if r["kind"] == "train"} >= {0, 1, 2}
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [12, 25]
+    no_meta = config(world, "cached2", max_steps=5, data__cache_path=str(root / "cache2"), **fields)
+    with pytest.raises(ConfigError, match=r"data\.cache_path"):
+        train(no_meta, source=ListStream(world["examples"]))

@@ -18,7 +18,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig YAML file")
     parser.epilog = (
         "Any config field can be overridden as --section.field VALUE, e.g. --optim.lr 3e-4 "
-        "--max_steps 1000 --draft.algorithm hass. Run under `torchrun --nproc-per-node N` for "
+        "--draft.algorithm hass. Run under `torchrun --nproc-per-node N` for "
         "data parallelism. Rerunning with the same output_dir resumes from its newest checkpoint. "
         "Rank 0 prints one JSON result line on stdout; exit 143 = stopped by SIGTERM after a checkpoint."
     )

@@ -23,7 +23,7 @@ from specops.config import ConfigError, TrainConfig, TrainDataConfig
 from specops.dataset import GeneratedDataset, split_partitions
 from specops.example import ExampleDict
 from specops.stores.base import DataSink, DataSource, StoreMeta, StreamSource
-from specops.train.distributed import DistEnv
+from specops.train.distributed import DistEnv, barrier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +74,34 @@ def open_source(
     )
 
 
+def stream_cache(
+    data: TrainDataConfig,
+    source: DataSource | StreamSource | StreamFactory,
+    env: DistEnv,
+    allowed_roots: Sequence[str],
+) -> tuple[DataSink | None, Callable[[], DataSource] | None]:
+    """Stream-then-cache: this rank's DiskStore writer under data.cache_path and a reopener for replay."""
+    if not data.cache_path or isinstance(source, DataSource):
+        return None, None
+    from specops.stores.disk import DiskStore
+
+    meta = getattr(source, "meta", None)
+    if not isinstance(meta, StoreMeta):
+        raise ConfigError(
+            "data.cache_path: this stream does not describe its producer (StoreMeta); cannot cache it"
+        )
+    path = data.cache_path
+    sink = DiskStore(
+        path,
+        meta=meta,
+        writer_index=env.rank,
+        num_writers=env.world_size,
+        allowed_roots=allowed_roots,
+        field="data.cache_path",
+    )
+    return sink, lambda: DiskStore.open(path, allowed_roots, field="data.cache_path")
+
+
 def vocab_counts(
     cfg: TrainConfig, data: TrainData, vocab_size: int, allowed_roots: Sequence[str]
 ) -> dict[int, int]:
@@ -94,7 +122,12 @@ def vocab_counts(
 
 
 class TrainData:
-    """Train and validation examples for this rank."""
+    """Train and validation examples for this rank.
+
+    Partitioned sources split off whole validation partitions. Streams hold out by id hash; with a
+    cache (`cache` sink + `reopen_cache`) later epochs replay the cached first pass, keeping the
+    same id-hash split so no example changes sides.
+    """
 
     def __init__(
         self,
@@ -108,7 +141,8 @@ class TrainData:
         cache: DataSink | None = None,
         reopen_cache: Callable[[], DataSource] | None = None,
     ) -> None:
-        """`cache`/`reopen_cache`: streams only — tee the first pass into `cache`, replay it later."""
+        if (cache is None) != (reopen_cache is None):
+            raise ValueError("a stream cache needs both the sink and reopen_cache")
         self.env = env
         self.source = source
         self.seed = seed
@@ -117,18 +151,22 @@ class TrainData:
         self.max_validation_examples = max_validation_examples
         self._cache = cache
         self._reopen_cache = reopen_cache
+        self._replay: GeneratedDataset | None = None
         self._held_out: list[ExampleDict] = []
         self._train: GeneratedDataset | None = None
         self._val: GeneratedDataset | None = None
         if isinstance(source, DataSource):
             self._split(source)
-        elif cache is not None and reopen_cache is None:
-            raise ValueError("a stream cache needs reopen_cache to replay it in later epochs")
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the source is a partitioned DataSource (its length is known before training)."""
+        return self._train is not None
 
     @property
     def replayable(self) -> bool:
-        """Whether every epoch can be read again (partitioned sources and cached streams)."""
-        return isinstance(self.source, DataSource) or self._reopen_cache is not None
+        """Whether epochs after the first can be read (partitioned sources and cached streams)."""
+        return self._train is not None or self._reopen_cache is not None
 
     def _split(self, source: DataSource) -> None:
         train, val = split_partitions(source.partitions(), self.validation_fraction, self.seed)
@@ -136,9 +174,18 @@ class TrainData:
             raise ValueError("data: the source holds no partitions to train on")
         if self.validation_fraction > 0 and not val:
             log.warning("data: only %d partition(s); no validation split is possible", len(train))
-        common = {"seed": self.seed, "rank": self.env.rank, "world_size": self.env.world_size}
-        self._train = GeneratedDataset(source, partitions=train, shuffle=self.shuffle, **common)
-        self._val = GeneratedDataset(source, partitions=val, shuffle=False, **common) if val else None
+        self._train = self._dataset(source, train, self.shuffle)
+        self._val = self._dataset(source, val, False) if val else None
+
+    def _dataset(self, source: DataSource, partitions: list[str], shuffle: bool) -> GeneratedDataset:
+        return GeneratedDataset(
+            source,
+            partitions=partitions,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
 
     def meta(self) -> StoreMeta | None:
         """The producer description, when the source carries one."""
@@ -155,18 +202,32 @@ class TrainData:
         return None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[ExampleDict]:
-        """This rank's training examples of `epoch`, the first `skip` of them left out (resume)."""
-        if self._train is None and epoch > 0 and self._reopen_cache is not None:
-            self._close_cache()
-            self.source = self._reopen_cache()
-            assert isinstance(self.source, DataSource)
-            self._split(self.source)
+        """This rank's training examples of `epoch`; `skip` leaves out the first ones (resume).
+
+        A live stream cannot be replayed, so it ignores `skip` and continues where it is.
+        """
         if self._train is not None:
             self._train.set_epoch(epoch)
             return itertools.islice(iter(self._train), skip, None)
-        if epoch > 0:
-            raise ValueError("data: a stream without data.cache_path cannot be read for a second epoch")
-        return itertools.islice(self._stream(), skip, None)
+        if epoch == 0:
+            if skip:
+                log.info("data: resuming a live stream; it continues where the producer is")
+            return self._stream()
+        replay = self._cached()
+        replay.set_epoch(epoch)
+        kept = (ex for ex in replay if not is_validation(ex["id"], self.validation_fraction))
+        return itertools.islice(kept, skip, None)
+
+    def _cached(self) -> GeneratedDataset:
+        """The cache of the first pass (every rank's), opened once every rank has closed its part."""
+        if self._replay is None:
+            if self._reopen_cache is None:
+                raise ValueError("data: a stream without data.cache_path cannot be read for a second epoch")
+            self._close_cache()
+            barrier(self.env)
+            cache = self._reopen_cache()
+            self._replay = self._dataset(cache, list(cache.partitions()), self.shuffle)
+        return self._replay
 
     def _stream(self) -> Iterator[ExampleDict]:
         stream = (
@@ -186,7 +247,6 @@ class TrainData:
                 yield ex
         finally:
             stream.close()
-        self._close_cache()
 
     def _close_cache(self) -> None:
         if self._cache is not None:
@@ -197,6 +257,10 @@ class TrainData:
         """This rank's validation examples (re-iterable)."""
         if self._val is not None:
             return self._val
+        if not self._held_out and self._reopen_cache is not None and self.validation_fraction > 0:
+            # Resumed after the first pass: recover the held-out examples from the cache.
+            held = (ex for ex in self._cached() if is_validation(ex["id"], self.validation_fraction))
+            self._held_out = list(itertools.islice(held, self.max_validation_examples))
         return list(self._held_out)
 
 

@@ -34,7 +34,7 @@ from specops.models.vocab import build_vocab_mapping
 from specops.paths import resolve_allowed
 from specops.stores.base import DataSource, StoreMeta, StreamSource
 from specops.train.checkpoint import Checkpointer, latest_checkpoint, remove_partial
-from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, vocab_counts
+from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
 from specops.train.distributed import DistEnv, all_reduce, barrier, init_distributed, shutdown, wrap
 from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_counts, summarize
 from specops.train.monitor import LogHook, Monitor
@@ -123,13 +123,17 @@ class Trainer:
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
 
         # Data and the verifier it came from.
+        source = source if source is not None else open_source(cfg.data, roots)
+        cache, reopen_cache = stream_cache(cfg.data, source, env, roots)
         self.data = TrainData(
-            source if source is not None else open_source(cfg.data, roots),
+            source,
             env,
             validation_fraction=cfg.data.validation_fraction,
             seed=cfg.seed,
             shuffle=cfg.data.shuffle,
             max_validation_examples=cfg.data.max_validation_examples,
+            cache=cache,
+            reopen_cache=reopen_cache,
         )
         verifier_path = resolve_verifier(cfg.verifier, roots)
         verifier_config = load_verifier_config(cfg.verifier, roots)
@@ -218,8 +222,7 @@ class Trainer:
         self.best_val_loss = trainer.get("best_val_loss")
         self.best_step = trainer.get("best_step")
         self.epoch = int(rank["epoch"])
-        # A stream cannot be replayed: it simply continues where the broker is.
-        self.consumed = int(rank["consumed"]) if self.data.replayable else 0
+        self.consumed = int(rank["consumed"])
 
     def _plan_key(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -230,7 +233,7 @@ class Trainer:
         """max_steps, else epochs x the batches of epoch 0 (the fewest over ranks: they stop together)."""
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps
-        if not self.data.replayable:
+        if not self.data.partitioned:
             raise ValueError("max_steps is required for streamed data (a stream has no known length)")
         per_rank = count_batches(
             self.data.epoch(0), self.cfg.batching, self.cfg.tokens_per_step, self.cfg.max_seq_len
