@@ -45,7 +45,9 @@ class LossSpec:
 def token_losses(
     draft_logits: torch.Tensor, target_logp: torch.Tensor, spec: LossSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position loss [B, T] (with grad) and whether the draft's argmax equals the verifier's."""
+    """Per-position loss [...] (with grad) and whether the draft's argmax equals the verifier's.
+
+    Both inputs are [..., V] over the draft vocabulary (any leading shape)."""
     draft_logp = torch.log_softmax(draft_logits.float(), dim=-1)
     # KL(p || q) = sum p (log p - log q): one fused kernel; target log-probs must be finite (log_softmax).
     loss = F.kl_div(draft_logp, target_logp, log_target=True, reduction="none").sum(-1)
@@ -77,9 +79,12 @@ def draft_loss(
     chain_ok: torch.Tensor | None = None
     chain_valid: torch.Tensor | None = None
     for i, (logits, (target_logp, valid)) in enumerate(zip(draft_logits, targets, strict=True)):
-        loss, correct = token_losses(logits, target_logp, spec)
         valid = valid.to(device)
-        step_sum = torch.where(valid, loss, 0.0).sum()
+        # Only valid positions pay for the vocabulary-wide softmax, KL and argmax.
+        loss, correct_valid = token_losses(logits[valid], target_logp.to(device)[valid], spec)
+        correct = torch.zeros_like(valid)
+        correct[valid] = correct_valid
+        step_sum = loss.sum()
         total = total + (spec.step_decay**i) * step_sum / denominators[i].to(device, torch.float32).clamp(
             min=1e-12
         )

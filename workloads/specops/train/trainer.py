@@ -32,6 +32,7 @@ from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
 from specops.models.vocab import build_vocab_mapping
 from specops.paths import resolve_allowed
+from specops.serving import vllm_serve_command
 from specops.stores.base import DataSource, StoreMeta, StreamSource
 from specops.train.checkpoint import Checkpointer, latest_checkpoint, remove_partial
 from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
@@ -135,7 +136,7 @@ class Trainer:
             cache=cache,
             reopen_cache=reopen_cache,
         )
-        verifier_path = resolve_verifier(cfg.verifier, roots)
+        self.verifier_path = verifier_path = resolve_verifier(cfg.verifier, roots)
         verifier_config = load_verifier_config(cfg.verifier, roots)
         aux_layer_ids = _aux_layer_ids(self.data.meta(), verifier_config, cfg.verifier.name_or_path)
 
@@ -415,6 +416,9 @@ class Trainer:
                 self._validate()
             final = self.checkpointer.publish("final", self.draft)
             self.monitor.write(f"done: {self.step} steps; model in {final}")
+            served = self.output_dir / "best" if self.best_step is not None else final
+            k = self.cfg.draft.speculative_tokens
+            self.monitor.write("serve it: " + vllm_serve_command(self.verifier_path, str(served), k))
         if self.best_step is not None and (self.output_dir / "best").is_dir():
             best = self.output_dir / "best"
         return TrainResult(self.step, interrupted, latest, final, best, self.best_val_loss)
