@@ -154,6 +154,21 @@ def test_saved_speculator_has_exactly_the_fields_vllm_reads(
     assert expected - mapped == {f"model.layers.{i}.hidden_norm.weight" for i in range(1, num_layers)}
 
 
+def test_full_vocabulary_drafts_save_no_vocab_maps(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM creates no draft_id_to_target_id for a full-vocabulary draft and rejects a d2t tensor."""
+    draft = new_draft(verifier, verifier_dir, draft_vocab=96)
+    draft.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        names = set(handle.keys())
+    assert not names & {"d2t", "t2d"}
+    assert {vllm_param_name(n) for n in names} == vllm_params(1) - {"draft_id_to_target_id"}
+    loaded = SpeculatorModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, Eagle3DraftModel)
+    assert loaded.t2d.all() and not loaded.d2t.any()
+
+
 def test_save_load_gives_identical_logits(
     verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
 ) -> None:

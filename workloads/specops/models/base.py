@@ -73,6 +73,7 @@ class SpeculatorModel(nn.Module):
             raise FileNotFoundError(f"{file}: missing speculator weights") from None
         except SafetensorError as exc:
             raise SpeculatorFormatError(f"{file}: not a readable safetensors file: {exc}") from None
+        state = self.complete_loaded(state)
         expected = self.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -88,11 +89,19 @@ class SpeculatorModel(nn.Module):
         # Keep each tensor's stored dtype class (int64 d2t, bool t2d); float weights follow the module.
         self.load_state_dict(state, strict=True)
 
+    def tensors_for_save(self) -> dict[str, torch.Tensor]:
+        """What model.safetensors holds; subclasses leave out tensors the format implies."""
+        return self.state_dict()
+
+    def complete_loaded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add back what `tensors_for_save` left out (inverse hook for loading)."""
+        return state
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write model.safetensors then config.json, each atomically (temp file + rename)."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors_for_save().items()}
         tmp = directory / f".{WEIGHTS_NAME}.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_NAME)

@@ -398,6 +398,24 @@ class Eagle3DraftModel(SpeculatorModel):
             self.norm.weight.copy_(tensors[norm])
             self.lm_head.weight.copy_(tensors[head][self.t2d.to(tensors[head].device)])
 
+    @property
+    def full_vocab(self) -> bool:
+        """The draft predicts over the whole verifier vocabulary (d2t/t2d are the identity)."""
+        return self.d2t.numel() == self.t2d.numel()
+
+    def tensors_for_save(self) -> dict[str, torch.Tensor]:
+        """Full-vocabulary drafts save no d2t/t2d: vLLM has no slot for them then and refuses the file."""
+        state = super().tensors_for_save()
+        if self.full_vocab:
+            state = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
+        return state
+
+    def complete_loaded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Identity d2t/t2d for full-vocabulary drafts saved without them."""
+        if self.full_vocab and "d2t" not in state and "t2d" not in state:
+            return {**state, "d2t": torch.zeros_like(self.d2t), "t2d": torch.ones_like(self.t2d)}
+        return state
+
     # ------------------------------------------------------------------ forward passes
 
     def _rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

