@@ -15,6 +15,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
@@ -302,12 +303,15 @@ class Prefetcher(Iterator[T]):
             raise StopIteration
         return item  # type: ignore[return-value]
 
-    def close(self) -> None:
-        """Stop the producer (it finishes its current item) and drain the queue."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the producer once its current item is done; a producer blocked inside its source
+        (a stream waiting for data) is left behind as a daemon thread after `timeout_s`."""
         self._stop.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-        self._thread.join()
+        if self._thread.is_alive():
+            log.warning("data: the reader thread is still blocked in its source; leaving it behind")

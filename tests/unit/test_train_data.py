@@ -1,0 +1,78 @@
+"""Trainer data inputs: the upstream speculators layout, stable id-hash holds, prefetch thread, config errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _train_support import build_verifier, make_examples, train_config, write_store
+
+from specops.config import ConfigError, TrainDataConfig
+from specops.stores.disk import DiskStore
+from specops.stores.speculators_layout import export_speculators
+from specops.train.data import Prefetcher, count_tokens, is_validation, open_source
+from specops.train.trainer import train
+
+
+def test_trains_from_the_upstream_speculators_layout(tmp_path: Path) -> None:
+    verifier = build_verifier(tmp_path / "verifier")
+    examples = make_examples(verifier, 12)
+    write_store(tmp_path / "data", tmp_path / "verifier", examples)
+    export_speculators(
+        DiskStore.open(tmp_path / "data", [tmp_path]), tmp_path / "upstream", allowed_roots=[tmp_path]
+    )
+    cfg = train_config(
+        tmp_path, tmp_path / "verifier", tmp_path / "upstream", max_steps=3, data__kind="speculators"
+    )
+    result = train(cfg)
+    assert result.step == 3 and result.final is not None
+    # The upstream files carry no token-count cache: the trainer counted them itself, identically.
+    assert count_tokens(examples) == DiskStore.open(tmp_path / "data", [tmp_path]).token_counts()
+
+
+def test_validation_membership_is_stable_and_proportional() -> None:
+    ids = [f"sharegpt/{i}/0" for i in range(4000)]
+    held = [i for i in ids if is_validation(i, 0.1)]
+    assert 300 < len(held) < 500
+    assert held == [i for i in ids if is_validation(i, 0.1)]
+    assert set(held) <= {i for i in ids if is_validation(i, 0.2)}  # growing the fraction only adds
+    assert not any(is_validation(i, 0.0) for i in ids)
+
+
+def test_prefetcher_keeps_order_and_reraises() -> None:
+    assert list(Prefetcher(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken() -> Iterator[int]:
+        yield 1
+        raise OSError("shard vanished")
+
+    fetched = Prefetcher(broken(), depth=2)
+    assert next(fetched) == 1
+    with pytest.raises(OSError, match="shard vanished"):
+        next(fetched)
+
+
+def test_prefetcher_close_returns_when_the_source_blocks() -> None:
+    release = threading.Event()
+
+    def stuck() -> Iterator[int]:
+        yield 0
+        release.wait(30)  # a stream waiting for its producer
+        yield 1
+
+    fetched = Prefetcher(stuck(), depth=1)
+    assert next(fetched) == 0
+    started = time.monotonic()
+    fetched.close(timeout_s=0.3)
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+def test_streams_cannot_be_opened_from_config_alone(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.kind: 'mpqueue'"):
+        open_source(TrainDataConfig(kind="mpqueue"), [str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"data\.path"):
+        open_source(TrainDataConfig(kind="speculators", path=str(tmp_path / "missing")), [str(tmp_path)])
