@@ -1,0 +1,711 @@
+"""The custom resources `SpeculatorDataGen` and `SpeculatorTraining` as pydantic models.
+
+One source of truth: these models generate the CRD schemas (`crdgen`), validate CRs in the
+operator and in `specops run --local`, and their workload parts are the `specops.config`
+contracts the pods parse. Workload fields are *derived* from `DataGenConfig` / `TrainConfig`
+(minus what the operator decides: paths, URLs, slices), so a field added there appears in the
+CRD without a copy here. Pure: imports pydantic and `specops.config` only.
+
+Cross-field rules are declared once as `Rule`s: the API server enforces them as CEL
+`x-kubernetes-validations`, pydantic enforces the same rule (for servers without CEL and for
+local runs); tests check both agree on every bad example.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
+
+from specops.config import (
+    ConfigError,
+    Contract,
+    DataGenConfig,
+    DraftConfig,
+    EngineConfig,
+    StatesConfig,
+    SyncConfig,
+    TrainConfig,
+    TrainDataConfig,
+    VerifierConfig,
+    format_validation_error,
+)
+
+DATAGEN_KIND = "SpeculatorDataGen"
+TRAINING_KIND = "SpeculatorTraining"
+MAX_NAME_LENGTH = 40
+"""Children append suffixes (`-data-broker-0` is the longest chain) and Kubernetes caps names
+used as label values at 63 characters."""
+
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+Quantity = Annotated[
+    Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+"""A Kubernetes resource quantity: an integer or a string such as `16Gi` or `500m`."""
+
+DNSName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
+LabelValue = Annotated[str, Field(max_length=63)]
+
+FreeForm = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: `cel` for the API server, `holds` for pydantic, one shared message."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def immutable_message(field: str) -> str:
+    """The one message for a changed immutable field (CEL and the operator's own check)."""
+    return f"{field} is immutable once created (a running Job cannot change); create a new resource instead"
+
+
+def _transition_rules(cls: type[BaseModel]) -> list[dict[str, str]]:
+    """CEL `self == oldSelf` rules for every spec field not listed in the model's MUTABLE."""
+    mutable: frozenset[str] | None = getattr(cls, "MUTABLE", None)
+    if mutable is None:
+        return []
+    rules = []
+    for name, info in cls.model_fields.items():
+        if name in mutable:
+            continue
+        f = info.alias or name
+        # Required and defaulted fields are always present after API-server defaulting.
+        present = info.is_required() or info.default is not None
+        rule = (
+            f"self.{f} == oldSelf.{f}"
+            if present
+            else (f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})")
+        )
+        rules.append({"rule": rule, "message": immutable_message(f)})
+    return rules
+
+
+def _schema_extras(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """Put a model's rules into its JSON schema as `x-kubernetes-validations`."""
+    rules: Iterable[Rule] = getattr(cls, "cel_rules", ())
+    validations = [{"rule": r.cel, "message": r.message} for r in rules] + _transition_rules(cls)
+    if validations:
+        schema["x-kubernetes-validations"] = validations
+
+
+class Checked(Contract):
+    """A Contract with cross-field `Rule`s enforced by pydantic and emitted as CEL."""
+
+    model_config = ConfigDict(json_schema_extra=_schema_extras)
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        broken = [rule.message for rule in type(self).cel_rules if not rule.holds(self)]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+
+def derive(config: type[BaseModel], name: str, drop: set[str], base: type[Contract], doc: str) -> type[Any]:
+    """`config` minus the fields in `drop` (which the operator sets), as a new model on `base`.
+
+    Field constraints, defaults and docstring descriptions carry over; model validators of
+    `config` do not (the operator validates the full rendered config with `config` itself).
+    """
+    unknown = drop - set(config.model_fields)
+    if unknown:
+        raise TypeError(f"{config.__name__} has no fields {sorted(unknown)}")
+    fields: dict[str, Any] = {
+        field: (info.annotation, copy.copy(info))
+        for field, info in config.model_fields.items()
+        if field not in drop
+    }
+    return create_model(name, __base__=base, __doc__=doc, __module__=__name__, **fields)
+
+
+# --------------------------------------------------------------------------- pod knobs
+
+
+class LocalObjectReference(Contract):
+    """A reference to an object in the same namespace."""
+
+    name: DNSName
+    """Name of the referenced object."""
+
+
+class KeySelector(Contract):
+    """One key of a Secret or ConfigMap."""
+
+    name: DNSName
+    """Name of the Secret or ConfigMap."""
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+    """Key inside it."""
+    optional: bool = False
+    """Start the pod even when the object or key is missing."""
+
+
+class EnvVarSource(Checked):
+    """Where an environment variable's value comes from."""
+
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret (e.g. HF_TOKEN for gated verifiers)."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+
+    cel_rules = (
+        Rule(
+            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            "valueFrom needs exactly one of secretKeyRef or configMapKeyRef",
+            lambda s: (s.secret_key_ref is None) != (s.config_map_key_ref is None),
+        ),
+    )
+
+
+class EnvVar(Checked):
+    """An extra environment variable for the workload container."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+    """Variable name."""
+    value: Annotated[str, Field(max_length=32768)] | None = None
+    """Literal value."""
+    value_from: EnvVarSource | None = None
+    """Value taken from a Secret or ConfigMap key."""
+
+    cel_rules = (
+        Rule(
+            "!(has(self.value) && has(self.valueFrom))",
+            "env: set value or valueFrom, not both",
+            lambda s: not (s.value is not None and s.value_from is not None),
+        ),
+    )
+
+
+class Toleration(Contract):
+    """A pod toleration, as in the Kubernetes pod spec."""
+
+    key: Annotated[str, Field(max_length=317)] | None = None
+    """Taint key; empty with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists matches any value; Equal matches `value`."""
+    value: LabelValue | None = None
+    """Taint value matched by operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty = all effects."""
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """How long a NoExecute taint is tolerated before eviction."""
+
+
+class Resources(Contract):
+    """Container resource requests and limits; GPUs go under `limits` as `nvidia.com/gpu`."""
+
+    requests: dict[Annotated[str, Field(max_length=253)], Quantity] = Field(
+        default_factory=dict, max_length=16
+    )
+    """Minimum resources, e.g. {cpu: 8, memory: 64Gi}."""
+    limits: dict[Annotated[str, Field(max_length=253)], Quantity] = Field(default_factory=dict, max_length=16)
+    """Maximum resources, e.g. {nvidia.com/gpu: 1, memory: 80Gi}."""
+
+    def gpus(self) -> int:
+        """Whole GPUs asked for (limits first, as Kubernetes requires them there)."""
+        raw = self.limits.get("nvidia.com/gpu", self.requests.get("nvidia.com/gpu", 0))
+        try:
+            return int(raw)
+        except ValueError:
+            return 0
+
+
+class PodSettings(Contract):
+    """How workload pods are scheduled and started."""
+
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """Workload image; default: the operator's configured workload image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image."""
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=8)
+    """Secrets with registry credentials."""
+    resources: Resources = Field(default_factory=Resources)
+    """Resources of the workload container (GPUs: limits[nvidia.com/gpu])."""
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    """Node labels the pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the pods tolerate (GPU nodes are often tainted)."""
+    affinity: FreeForm | None = None
+    """Pod affinity/anti-affinity, exactly as in the Kubernetes pod spec."""
+    priority_class_name: Annotated[str, Field(max_length=253)] | None = None
+    """PriorityClass of the pods."""
+    service_account_name: DNSName | None = None
+    """ServiceAccount of the pods; its token is mounted only when this is set (pods need no API access)."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=32)
+    """Extra environment variables (HF_TOKEN from a Secret, NCCL settings, ...)."""
+    annotations: dict[LabelKey, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    """Extra pod annotations."""
+    shm_size: Quantity = "8Gi"
+    """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64Mi default)."""
+    cache_size: Quantity = "100Gi"
+    """Size limit of the scratch volume holding the Hugging Face cache (verifier weights)."""
+
+
+class StorageSpec(Checked):
+    """A PersistentVolumeClaim the operator creates, or an existing one it uses."""
+
+    size: Quantity | None = None
+    """Capacity of a new claim, e.g. 500Gi."""
+    storage_class_name: Annotated[str, Field(max_length=253)] | None = None
+    """StorageClass of a new claim; default: the cluster default."""
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
+        default=["ReadWriteMany"], min_length=1, max_length=4
+    )
+    """Access modes of a new claim; ReadWriteMany lets pods on several nodes share it."""
+    existing_claim: DNSName | None = None
+    """Use this existing claim instead of creating one (never deleted by the operator)."""
+    retain: bool = True
+    """Keep a created claim when the resource is deleted (data and checkpoints are expensive)."""
+
+    cel_rules = (
+        Rule(
+            "has(self.size) != has(self.existingClaim)",
+            "storage needs exactly one of size (a new claim) or existingClaim",
+            lambda s: (s.size is None) != (s.existing_claim is None),
+        ),
+    )
+
+
+class VerifierArchitecture(Contract):
+    """Verifier dimensions, checked against the spec before any GPU is requested."""
+
+    num_layers: Annotated[int, Field(ge=1, le=1024)]
+    """Decoder layers (num_hidden_layers)."""
+    hidden_size: Annotated[int, Field(ge=1, le=1_048_576)]
+    """Hidden size."""
+    vocab_size: Annotated[int, Field(ge=1, le=16_777_216)]
+    """Vocabulary size."""
+
+
+class BrokerSpec(Contract):
+    """The ZeroMQ broker between online generators and trainers (one StatefulSet pod)."""
+
+    port: Annotated[int, Field(ge=1024, le=65535)] = 5555
+    """Port producers and consumers connect to."""
+    metrics_port: Annotated[int, Field(ge=1024, le=65535)] = 9100
+    """Prometheus metrics port."""
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
+    )
+    """Broker container resources; memory must exceed sync.maxBrokerBytes."""
+
+
+# --------------------------------------------------------------------------- workload parts
+
+if TYPE_CHECKING:  # what mypy sees of the derived models: the fields the operator reads
+
+    class DataGenWorkload(Checked):
+        verifier: VerifierConfig
+        states: StatesConfig
+        engine: EngineConfig
+
+    class TrainWorkload(Checked):
+        draft: DraftConfig
+        max_steps: int | None
+
+    class SyncParams(Contract):
+        max_broker_bytes: int = 0
+
+    TrainDataParams = Contract
+else:
+    DataGenWorkload = derive(
+        DataGenConfig,
+        "DataGenWorkload",
+        {"sync", "run"},
+        Checked,
+        "DataGenConfig minus sync and run, which the operator sets per pod.",
+    )
+    TrainWorkload = derive(
+        TrainConfig,
+        "TrainWorkload",
+        {"verifier", "data", "output_dir", "allowed_roots", "device", "resume"},
+        Checked,
+        "TrainConfig minus the fields the operator sets (data location, output, device, resume).",
+    )
+    SyncParams = derive(
+        SyncConfig,
+        "SyncParams",
+        {"kind", "path", "url", "curve_key_dir"},
+        Contract,
+        "Sink settings; the operator picks disk (offline) or zmq (online) and the paths and URLs.",
+    )
+    TrainDataParams = derive(
+        TrainDataConfig,
+        "TrainDataParams",
+        {"kind", "path", "url", "cache_path", "vocab_from"},
+        Contract,
+        "How the trainer reads data; where it reads from follows dataGenRef or dataGen.",
+    )
+
+
+class SpeculatorDataGenSpec(DataGenWorkload):
+    """Run the verifier over datasets and keep the hidden states a draft trains on."""
+
+    mode: Literal["offline", "online"] = "offline"
+    """offline = shards on a PVC (an Indexed Job); online = stream through a broker to a trainer."""
+    shards: Annotated[int, Field(ge=1, le=10000)] = 1
+    """Disjoint input slices = Job completions; each pod generates one (run.shard_index)."""
+    workers: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Generator pods running at once (Job parallelism; `kubectl scale` changes it)."""
+    sync: SyncParams = Field(default_factory=SyncParams)
+    """Shard size, compression and broker budgets."""
+    storage: StorageSpec | None = None
+    """Where offline shards go (required for mode offline)."""
+    broker: BrokerSpec = Field(default_factory=BrokerSpec)
+    """The broker of mode online."""
+    pod: PodSettings = Field(default_factory=PodSettings)
+    """Image, resources and scheduling of the generator pods."""
+    verifier_architecture: VerifierArchitecture | None = None
+    """Verifier dimensions for validation; default: known for common verifiers, else unchecked."""
+    backoff_limit_per_index: Annotated[int, Field(ge=0, le=100)] = 2
+    """Retries of one shard before it counts as failed (config errors are never retried)."""
+    suspend: bool = False
+    """Create and keep the generator Job suspended (Kueue admits Jobs by resuming them)."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the generator Job after this many seconds."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the finished generator Job (not the data) after this many seconds."""
+
+    MUTABLE: ClassVar[frozenset[str]] = frozenset(
+        {"suspend", "workers", "active_deadline_seconds", "ttl_seconds_after_finished"}
+    )
+    """Everything else is fixed once pods run: a Job cannot change its pod template."""
+
+    cel_rules = (
+        Rule(
+            "self.mode != 'offline' || has(self.storage)",
+            "spec.storage is required for mode offline (the shards need a volume)",
+            lambda s: s.mode != "offline" or s.storage is not None,
+        ),
+        Rule(
+            "self.workers <= self.shards",
+            "spec.workers must be <= spec.shards (a worker generates whole shards)",
+            lambda s: s.workers <= s.shards,
+        ),
+    )
+
+
+class EvaluationSpec(Contract):
+    """Acceptance-length evaluation of the trained speculator against its verifier."""
+
+    enabled: bool = True
+    """Run `specops evaluate` after training; off = export without evaluating."""
+    max_prompts: Annotated[int, Field(ge=1, le=10000)] = 32
+    """Prompts evaluated."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    """Tokens generated per prompt."""
+    resources: Resources | None = None
+    """Evaluation pod resources; default: the training pod's, with one GPU when it has GPUs."""
+
+
+class SpeculatorTrainingSpec(TrainWorkload):
+    """Train an EAGLE-3 or HASS speculator on generated data and export it for vLLM."""
+
+    verifier: VerifierConfig | None = None
+    """The verifier; default: the data generator's (they must be the same model)."""
+    data: TrainDataParams = Field(default_factory=TrainDataParams)
+    """Validation split, prefetch and shuffling of the training data."""
+    data_gen_ref: LocalObjectReference | None = None
+    """A SpeculatorDataGen in this namespace whose data to train on."""
+    data_gen: SpeculatorDataGenSpec | None = None
+    """An inline data generation run (created as the child SpeculatorDataGen `<name>-data`)."""
+    nodes: Annotated[int, Field(ge=1, le=128)] = 1
+    """Trainer pods (torchrun nodes; Indexed Job completions)."""
+    procs_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Ranks per pod; default: the pod's nvidia.com/gpu limit, or 1 without GPUs."""
+    storage: StorageSpec
+    """Where checkpoints and the exported speculator go."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Evaluation after training."""
+    pod: PodSettings = Field(default_factory=PodSettings)
+    """Image, resources and scheduling of the trainer pods."""
+    verifier_architecture: VerifierArchitecture | None = None
+    """Verifier dimensions for validation; default: known for common verifiers, else unchecked."""
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Trainer restarts before the run fails (each resumes from its newest checkpoint)."""
+    suspend: bool = False
+    """Create and keep the trainer Job suspended."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the trainer Job after this many seconds."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete finished Jobs (not the checkpoints) after this many seconds."""
+
+    MUTABLE: ClassVar[frozenset[str]] = frozenset(
+        {"suspend", "active_deadline_seconds", "ttl_seconds_after_finished"}
+    )
+    """Everything else is fixed once pods run: a Job cannot change its pod template."""
+
+    cel_rules = (
+        Rule(
+            "has(self.dataGenRef) != has(self.dataGen)",
+            "spec needs exactly one of dataGenRef or dataGen",
+            lambda s: (s.data_gen_ref is None) != (s.data_gen is None),
+        ),
+        Rule(
+            "!has(self.dataGen) || self.dataGen.mode != 'online' || has(self.maxSteps)",
+            "spec.maxSteps is required when spec.dataGen.mode is online (a stream has no known length)",
+            lambda s: s.data_gen is None or s.data_gen.mode != "online" or s.max_steps is not None,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(Contract):
+    """A metav1.Condition."""
+
+    type: Annotated[
+        str, Field(min_length=1, max_length=316, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    ]
+    """Condition type, e.g. Ready, Complete, ShardsComplete."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Annotated[
+        str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    ]
+    """CamelCase reason for the last transition."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable details."""
+    last_transition_time: Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
+    """When the status last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] = 0
+    """metadata.generation the condition was computed from."""
+
+
+Conditions = Annotated[
+    list[Condition],
+    Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    ),
+]
+
+
+class DataGenProgress(Contract):
+    """Generation progress, from the Job and the finished pods' reports."""
+
+    shards: Annotated[str, Field(max_length=32)] = ""
+    """done/total, for `kubectl get`."""
+    shards_done: Annotated[int, Field(ge=0)] = 0
+    """Shards (completion indexes) finished."""
+    shards_total: Annotated[int, Field(ge=0)] = 0
+    """Shards in the run."""
+    shards_failed: Annotated[int, Field(ge=0)] = 0
+    """Shards that exhausted their retries."""
+    examples: Annotated[int, Field(ge=0)] = 0
+    """Examples stored by finished shards (written + already present)."""
+    tokens: Annotated[int, Field(ge=0)] = 0
+    """Tokens written by finished shards."""
+    generator_seconds: Annotated[float, Field(ge=0.0)] = 0.0
+    """Pod-seconds the finished shards took."""
+    tokens_per_second: Annotated[float, Field(ge=0.0)] = 0.0
+    """Mean tokens/s of one generator pod over finished shards."""
+    counted_indexes: Annotated[str, Field(max_length=65536)] = ""
+    """Completion indexes whose reports are summed above (ranges such as 0-3,7)."""
+
+
+class DataGenStatus(Contract):
+    """Observed state of a SpeculatorDataGen."""
+
+    observed_generation: Annotated[int, Field(ge=0)] = 0
+    """metadata.generation this status describes."""
+    conditions: Conditions
+    """Ready/Reconciling/Stalled, Suspended/Running/Complete/Failed, VerifierCompatible, ShardsComplete, StreamConnected."""
+    progress: DataGenProgress = Field(default_factory=DataGenProgress)
+    """Shards, examples and throughput."""
+    workers: Annotated[int, Field(ge=0)] = 0
+    """Generator pods running now (the scale subresource's replicas)."""
+    selector: Annotated[str, Field(max_length=1024)] = ""
+    """Label selector of the generator pods (for the scale subresource)."""
+    claim_name: Annotated[str, Field(max_length=253)] = ""
+    """PersistentVolumeClaim holding the shards."""
+    data_path: Annotated[str, Field(max_length=1024)] = ""
+    """Directory of the shards inside that claim's mount."""
+    broker_url: Annotated[str, Field(max_length=512)] = ""
+    """ZeroMQ address of the broker (mode online)."""
+
+
+class TrainingProgress(Contract):
+    """Training progress, from the trainer Job and rank 0's report."""
+
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps done (known when the trainer pod ends)."""
+    best_val_loss: float | None = None
+    """Best validation loss."""
+    nodes_active: Annotated[int, Field(ge=0)] = 0
+    """Trainer pods running now."""
+
+
+class EvaluationResult(Contract):
+    """What `specops evaluate` measured."""
+
+    acceptance_length: Annotated[float, Field(ge=0.0)] = 0.0
+    """Mean tokens produced per verifier step (1 + accepted drafts)."""
+    per_position: list[float] = Field(default_factory=list, max_length=64)
+    """Acceptance rate of draft position 1..k."""
+    lossless: bool = True
+    """Speculative output equals greedy decoding of the verifier."""
+    prompts: Annotated[int, Field(ge=0)] = 0
+    """Prompts evaluated."""
+
+
+class Artifact(Contract):
+    """The exported speculator and how to serve it."""
+
+    claim_name: Annotated[str, Field(max_length=253)]
+    """PersistentVolumeClaim holding it."""
+    path: Annotated[str, Field(max_length=1024)]
+    """Directory (config.json + model.safetensors) where the trainer mounts the claim."""
+    verifier: Annotated[str, Field(max_length=512)]
+    """The verifier it drafts for."""
+    algorithm: Literal["eagle3", "hass"]
+    """Training algorithm."""
+    speculative_tokens: Annotated[int, Field(ge=1)]
+    """Draft tokens per step it was trained for."""
+    vllm_serve_command: Annotated[str, Field(max_length=4096)]
+    """Serve it: mount the claim at the same path and run this."""
+
+
+class TrainingStatus(Contract):
+    """Observed state of a SpeculatorTraining."""
+
+    observed_generation: Annotated[int, Field(ge=0)] = 0
+    """metadata.generation this status describes."""
+    conditions: Conditions
+    """Ready/Reconciling/Stalled, Suspended/Running/Complete/Failed, VerifierCompatible, Evaluated, Exported."""
+    progress: TrainingProgress = Field(default_factory=TrainingProgress)
+    """Steps and loss."""
+    data_gen: Annotated[str, Field(max_length=253)] = ""
+    """The SpeculatorDataGen providing the data."""
+    verifier: Annotated[str, Field(max_length=512)] = ""
+    """The verifier in use."""
+    evaluation: EvaluationResult | None = None
+    """Acceptance measured after training."""
+    artifact: Artifact | None = None
+    """The exported speculator."""
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metav1.ObjectMeta SpecOps reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    generation: int | None = None
+
+
+_NAME_RULE = Rule(
+    f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children append suffixes)",
+    lambda r: len(r.metadata.name) <= MAX_NAME_LENGTH,
+)
+
+
+class SpeculatorDataGen(Checked):
+    """A data generation run (kind SpeculatorDataGen)."""
+
+    api_version: Literal["specops.dev/v1alpha1"] = "specops.dev/v1alpha1"
+    kind: Literal["SpeculatorDataGen"] = "SpeculatorDataGen"
+    metadata: ObjectMeta
+    spec: SpeculatorDataGenSpec
+    status: DataGenStatus | None = None
+
+    cel_rules = (_NAME_RULE,)
+
+
+class SpeculatorTraining(Checked):
+    """A training run (kind SpeculatorTraining)."""
+
+    api_version: Literal["specops.dev/v1alpha1"] = "specops.dev/v1alpha1"
+    kind: Literal["SpeculatorTraining"] = "SpeculatorTraining"
+    metadata: ObjectMeta
+    spec: SpeculatorTrainingSpec
+    status: TrainingStatus | None = None
+
+    cel_rules = (_NAME_RULE,)
+
+
+Resource = SpeculatorDataGen | SpeculatorTraining
+KINDS: dict[str, type[SpeculatorDataGen] | type[SpeculatorTraining]] = {
+    DATAGEN_KIND: SpeculatorDataGen,
+    TRAINING_KIND: SpeculatorTraining,
+}
+
+
+def parse_resource(obj: Any, source: str = "<object>") -> Resource:
+    """Validate one CR mapping; errors name the field (`spec.dataGen.shards: ...`)."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{source}: a resource must be a mapping, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    model = KINDS.get(str(kind))
+    if model is None:
+        raise ConfigError(f"{source}: kind: expected one of {sorted(KINDS)}, got {kind!r}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{source} ({kind})")) from None
+
+
+def load_resources(text: str, source: str = "<yaml>") -> list[Resource]:
+    """Every SpecOps resource in a (multi-document) YAML text; other kinds are errors."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return [parse_resource(doc, f"{source}[{i}]") for i, doc in enumerate(docs)]
+
+
+def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any], kind: str) -> list[str]:
+    """One message per spec field that changed but may not (what the CEL transition rules reject)."""
+    spec_model = KINDS[kind].model_fields["spec"].annotation
+    assert isinstance(spec_model, type) and issubclass(spec_model, Checked)
+    old = spec_model.model_validate(old_spec).model_dump(mode="json", by_alias=True)
+    new = spec_model.model_validate(new_spec).model_dump(mode="json", by_alias=True)
+    mutable: frozenset[str] = getattr(spec_model, "MUTABLE", frozenset())
+    return [
+        immutable_message(info.alias or name)
+        for name, info in spec_model.model_fields.items()
+        if name not in mutable and old.get(info.alias or name) != new.get(info.alias or name)
+    ]

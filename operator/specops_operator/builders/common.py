@@ -1,0 +1,320 @@
+"""Names, labels, owner references and the hardened workload pod every child shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from specops_operator import PREFIX
+from specops_operator.api import PodSettings, Resources, SpeculatorDataGen, SpeculatorTraining, StorageSpec
+
+Manifest = dict[str, Any]
+
+DEFAULT_IMAGE = "ghcr.io/specops/workload:0.1.0"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KIND_LABEL = f"{PREFIX}/kind"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+CONTAINER = "workload"
+"""Name of the one workload container in every pod (status reads its termination message)."""
+
+CONFIG_DIR = "/etc/specops"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+DATA_ROOT = "/data"
+SHARDS_DIR = f"{DATA_ROOT}/shards"
+OUTPUT_ROOT = "/output"
+CACHE_ROOT = "/cache"
+ALLOWED_ROOTS = [DATA_ROOT, OUTPUT_ROOT, CACHE_ROOT]
+"""Local paths a workload may touch: its volumes; everything else is rejected by the CLI."""
+
+REPORT_WRAPPER = ["python", "-m", "specops_operator.report", "--"]
+"""Runs the CLI as a child and copies its JSON report line into the termination message."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-wide settings the CRs do not carry (from the operator's environment / Helm values)."""
+
+    image: str = DEFAULT_IMAGE
+    """Workload image used when a CR names none."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource children belong to."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    labels: dict[str, str]
+
+    @classmethod
+    def of(cls, cr: SpeculatorDataGen | SpeculatorTraining) -> Owner:
+        meta = cr.metadata
+        if not meta.namespace or not meta.uid:
+            raise ValueError(f"{cr.kind} {meta.name!r}: metadata.namespace and metadata.uid are required")
+        return cls(cr.api_version, cr.kind, meta.name, meta.namespace, meta.uid, dict(meta.labels))
+
+    @property
+    def queue(self) -> str | None:
+        """Kueue LocalQueue named on the CR; Jobs then start suspended and Kueue admits them."""
+        return self.labels.get(KUEUE_QUEUE_LABEL)
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def selector_labels(owner: Owner, component: str) -> dict[str, str]:
+    """Labels that select one component's objects and pods (stable: part of Service selectors)."""
+    return {INSTANCE_LABEL: owner.name, COMPONENT_LABEL: component, KIND_LABEL: owner.kind}
+
+
+def labels(owner: Owner, component: str, *, queue: bool = False) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "specops",
+        "app.kubernetes.io/part-of": "specops",
+        "app.kubernetes.io/managed-by": "specops-operator",
+        **selector_labels(owner, component),
+    }
+    if queue and owner.queue:
+        out[KUEUE_QUEUE_LABEL] = owner.queue
+    return out
+
+
+def metadata(owner: Owner, name: str, component: str, *, owned: bool = True, queue: bool = False) -> Manifest:
+    """Child metadata; `owned=False` leaves out the ownerReference (retained PVCs outlive the CR)."""
+    meta: Manifest = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component, queue=queue),
+    }
+    if owned:
+        meta["ownerReferences"] = [owner.reference()]
+    return meta
+
+
+def quantity(value: int | str) -> str:
+    return str(value)
+
+
+def resources(spec: Resources) -> Manifest:
+    out: Manifest = {}
+    if spec.requests:
+        out["requests"] = {k: quantity(v) for k, v in sorted(spec.requests.items())}
+    if spec.limits:
+        out["limits"] = {k: quantity(v) for k, v in sorted(spec.limits.items())}
+    return out
+
+
+def index_env(name: str) -> Manifest:
+    """An env var holding the Job completion index (the downward API; also set by Kubernetes >= 1.22)."""
+    return {
+        "name": name,
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}},
+    }
+
+
+def _user_env(pod: PodSettings) -> list[Manifest]:
+    return [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in pod.env]
+
+
+BASE_ENV: list[Manifest] = [
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "XDG_CACHE_HOME", "value": CACHE_ROOT},
+    {"name": "HF_HOME", "value": f"{CACHE_ROOT}/huggingface"},
+    {"name": "SPECOPS_CACHE", "value": f"{CACHE_ROOT}/specops"},
+    {"name": "PYTHONUNBUFFERED", "value": "1"},
+]
+
+CONTAINER_SECURITY: Manifest = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY: Manifest = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def scratch_volumes(pod: PodSettings) -> tuple[list[Manifest], list[Manifest]]:
+    """Writable places under a read-only root: /tmp, the model cache, a memory-backed /dev/shm."""
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": quantity(pod.cache_size)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": quantity(pod.shm_size)}},
+    ]
+    mounts = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_ROOT},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes, mounts
+
+
+def config_volume(config_map: str) -> tuple[Manifest, Manifest]:
+    return (
+        {"name": "config", "configMap": {"name": config_map}},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+    )
+
+
+def claim_volume(name: str, claim: str, path: str, *, read_only: bool = False) -> tuple[Manifest, Manifest]:
+    volume = {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+    mount: Manifest = {"name": name, "mountPath": path}
+    if read_only:
+        mount["readOnly"] = True
+    return volume, mount
+
+
+@dataclass(frozen=True)
+class PodParts:
+    """What differs between workload pods; the rest is `pod_template`'s hardened default."""
+
+    component: str
+    args: list[str]
+    env: list[Manifest]
+    volumes: list[Manifest]
+    mounts: list[Manifest]
+    resources: Resources
+    report: bool = True
+    ports: tuple[Manifest, ...] = ()
+    subdomain: str | None = None
+    restart_policy: str = "Never"
+    readiness: Manifest | None = None
+
+
+def pod_template(owner: Owner, pod: PodSettings, defaults: Defaults, parts: PodParts) -> Manifest:
+    """A non-root, read-only-root, no-API-token pod running one workload container."""
+    scratch, scratch_mounts = scratch_volumes(pod)
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": pod.image or defaults.image,
+        "imagePullPolicy": pod.image_pull_policy,
+        "command": [*REPORT_WRAPPER, *parts.args] if parts.report else list(parts.args),
+        "env": [*parts.env, *BASE_ENV, *_user_env(pod)],
+        "resources": resources(parts.resources),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [*parts.mounts, *scratch_mounts],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if parts.ports:
+        container["ports"] = list(parts.ports)
+    if parts.readiness:
+        container["readinessProbe"] = parts.readiness
+    spec: Manifest = {
+        "restartPolicy": parts.restart_policy,
+        "automountServiceAccountToken": pod.service_account_name is not None,
+        "enableServiceLinks": False,
+        "securityContext": POD_SECURITY,
+        "containers": [container],
+        "volumes": [*parts.volumes, *scratch],
+    }
+    if parts.subdomain:
+        spec["subdomain"] = parts.subdomain
+    optional: dict[str, Any] = {
+        "serviceAccountName": pod.service_account_name,
+        "priorityClassName": pod.priority_class_name,
+        "nodeSelector": dict(pod.node_selector) or None,
+        "tolerations": [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in pod.tolerations]
+        or None,
+        "affinity": pod.affinity,
+        "imagePullSecrets": [{"name": s.name} for s in pod.image_pull_secrets] or None,
+    }
+    spec.update({k: v for k, v in optional.items() if v})
+    template_meta: Manifest = {"labels": labels(owner, parts.component)}
+    if pod.annotations:
+        template_meta["annotations"] = dict(pod.annotations)
+    return {"metadata": template_meta, "spec": spec}
+
+
+def config_map(owner: Owner, name: str, text: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, name, "config"),
+        "data": {"config.yaml": text},
+    }
+
+
+def claim(owner: Owner, name: str, component: str, size: int | str, storage: StorageSpec) -> Manifest:
+    """A PVC; retained claims carry no ownerReference, so deleting the CR keeps the data."""
+    spec: Manifest = {
+        "accessModes": list(storage.access_modes),
+        "resources": {"requests": {"storage": quantity(size)}},
+    }
+    if storage.storage_class_name:
+        spec["storageClassName"] = storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(owner, name, component, owned=not storage.retain),
+        "spec": spec,
+    }
+
+
+def failure_policy(*fatal_exit_codes: int) -> Manifest:
+    """Config errors (and other deterministic failures) fail the Job at once; evictions never count."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": list(fatal_exit_codes),
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def job(
+    owner: Owner,
+    name: str,
+    component: str,
+    template: Manifest,
+    *,
+    completions: int,
+    parallelism: int,
+    suspend: bool,
+    backoff: Manifest,
+    deadline: int | None,
+    ttl: int | None,
+    fatal_exit_codes: tuple[int, ...] = (2,),
+) -> Manifest:
+    """An Indexed Job; with a Kueue queue it always starts suspended (Kueue resumes it on admission)."""
+    spec: Manifest = {
+        "completionMode": "Indexed",
+        "completions": completions,
+        "parallelism": parallelism,
+        **backoff,
+        "podFailurePolicy": failure_policy(*fatal_exit_codes),
+        "suspend": suspend or owner.queue is not None,
+        "template": template,
+    }
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
+    if ttl is not None:
+        spec["ttlSecondsAfterFinished"] = ttl
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(owner, name, component, queue=True),
+        "spec": spec,
+    }

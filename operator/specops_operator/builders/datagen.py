@@ -1,0 +1,193 @@
+"""SpeculatorDataGen -> children.
+
+offline: ConfigMap (rendered DataGenConfig) + PVC (shards) + Indexed Job (one completion per shard).
+online:  ConfigMap + broker StatefulSet + Service + generator Indexed Job producing into the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from specops.config import DataGenConfig, dump_config, load_config
+from specops_operator.api import PodSettings, SpeculatorDataGen, SpeculatorDataGenSpec
+from specops_operator.builders import common
+from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
+
+GENERATOR = "generator"
+BROKER = "broker"
+
+
+@dataclass(frozen=True)
+class DataGenNames:
+    """Child names of one SpeculatorDataGen (also used by trainings that read its data)."""
+
+    name: str
+    namespace: str
+
+    @property
+    def config(self) -> str:
+        return f"{self.name}-gen"
+
+    @property
+    def job(self) -> str:
+        return f"{self.name}-gen"
+
+    @property
+    def claim(self) -> str:
+        return f"{self.name}-data"
+
+    @property
+    def broker(self) -> str:
+        return f"{self.name}-broker"
+
+    def claim_for(self, spec: SpeculatorDataGenSpec) -> str:
+        return spec.storage.existing_claim if spec.storage and spec.storage.existing_claim else self.claim
+
+    def broker_url(self, spec: SpeculatorDataGenSpec) -> str:
+        return f"tcp://{self.broker}.{self.namespace}.svc:{spec.broker.port}"
+
+
+def workload_fields(spec: SpeculatorDataGenSpec) -> dict[str, Any]:
+    """The DataGenConfig parts of the spec, as wire data."""
+    fields = set(DataGenConfig.model_fields) & set(type(spec).model_fields)
+    return spec.model_dump(mode="json", include=fields, exclude_none=True)
+
+
+def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenConfig:
+    """The DataGenConfig every generator pod reads; raises ConfigError naming the field."""
+    sync: dict[str, Any] = spec.sync.model_dump(mode="json")
+    if spec.mode == "offline":
+        sync.update(kind="disk", path=common.SHARDS_DIR)
+    else:
+        sync.update(kind="zmq", url=names.broker_url(spec))
+    data = {
+        **workload_fields(spec),
+        "sync": sync,
+        "run": {"num_workers": 1, "num_shards": spec.shards, "allowed_roots": common.ALLOWED_ROOTS},
+    }
+    return load_config(DataGenConfig, data)
+
+
+def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults) -> Manifest:
+    spec = cr.spec
+    config_volume, config_mount = common.config_volume(names.config)
+    volumes, mounts = [config_volume], [config_mount]
+    if spec.mode == "offline":
+        data_volume, data_mount = common.claim_volume("data", names.claim_for(spec), common.DATA_ROOT)
+        volumes.append(data_volume)
+        mounts.append(data_mount)
+    parts = PodParts(
+        component=GENERATOR,
+        args=[
+            "specops",
+            "generate-data",
+            "--config",
+            common.CONFIG_FILE,
+            "--run.shard_index",
+            "$(JOB_COMPLETION_INDEX)",
+        ],
+        env=[common.index_env("JOB_COMPLETION_INDEX")],
+        volumes=volumes,
+        mounts=mounts,
+        resources=spec.pod.resources,
+    )
+    return common.job(
+        owner,
+        names.job,
+        GENERATOR,
+        common.pod_template(owner, spec.pod, defaults, parts),
+        completions=spec.shards,
+        parallelism=spec.workers,
+        suspend=spec.suspend,
+        backoff={"backoffLimitPerIndex": spec.backoff_limit_per_index},
+        deadline=spec.active_deadline_seconds,
+        ttl=spec.ttl_seconds_after_finished,
+    )
+
+
+def _broker_pod(spec: SpeculatorDataGenSpec) -> PodSettings:
+    """The generators' image and pull settings, but none of their (GPU) scheduling."""
+    return PodSettings(
+        image=spec.pod.image,
+        image_pull_policy=spec.pod.image_pull_policy,
+        image_pull_secrets=spec.pod.image_pull_secrets,
+        service_account_name=spec.pod.service_account_name,
+        priority_class_name=spec.pod.priority_class_name,
+    )
+
+
+def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults) -> list[Manifest]:
+    spec = cr.spec
+    ports = (
+        {"name": "zmq", "containerPort": spec.broker.port, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": spec.broker.metrics_port, "protocol": "TCP"},
+    )
+    parts = PodParts(
+        component=BROKER,
+        args=[
+            "specops",
+            "broker",
+            "--bind",
+            f"tcp://0.0.0.0:{spec.broker.port}",
+            "--max-bytes",
+            str(spec.sync.max_broker_bytes),
+            "--metrics-port",
+            str(spec.broker.metrics_port),
+        ],
+        env=[],
+        volumes=[],
+        mounts=[],
+        resources=spec.broker.resources,
+        report=False,
+        ports=ports,
+        restart_policy="Always",
+        readiness={"tcpSocket": {"port": "zmq"}, "periodSeconds": 5},
+    )
+    selector = common.selector_labels(owner, BROKER)
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": common.metadata(owner, names.broker, BROKER),
+        "spec": {
+            # Suspended = no pods at all; producers keep unacked work and regenerate it on resume.
+            "replicas": 0 if spec.suspend else 1,
+            "serviceName": names.broker,
+            "selector": {"matchLabels": selector},
+            "template": common.pod_template(owner, _broker_pod(spec), defaults, parts),
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": common.metadata(owner, names.broker, BROKER),
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {"name": "zmq", "port": spec.broker.port, "targetPort": "zmq", "protocol": "TCP"},
+                {
+                    "name": "metrics",
+                    "port": spec.broker.metrics_port,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+    return [statefulset, service]
+
+
+def build_datagen(cr: SpeculatorDataGen, defaults: Defaults) -> list[Manifest]:
+    """Every child of a SpeculatorDataGen, in creation order (config and storage before pods)."""
+    owner = Owner.of(cr)
+    names = DataGenNames(owner.name, owner.namespace)
+    spec = cr.spec
+    children = [common.config_map(owner, names.config, dump_config(render_config(spec, names)))]
+    if spec.mode == "offline":
+        assert spec.storage is not None  # the model requires storage for mode offline
+        if spec.storage.size is not None:
+            children.append(common.claim(owner, names.claim, "data", spec.storage.size, spec.storage))
+    else:
+        children.extend(_broker(cr, owner, names, defaults))
+    children.append(_generator_job(cr, owner, names, defaults))
+    return children

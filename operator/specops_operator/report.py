@@ -1,0 +1,97 @@
+"""`python -m specops_operator.report -- COMMAND ...`: run a workload command and keep its report.
+
+Workload pods hold no API credentials. Their results reach the operator through Kubernetes
+itself: when a container ends, the kubelet copies its termination-message file into the pod
+status, where the operator (which may read pods) finds it. The `specops` commands print one JSON
+report line on stdout; this wrapper runs the command as a child, passes stdout/stderr through
+unchanged, forwards SIGTERM/SIGINT (so a preempted trainer still checkpoints), writes the last
+JSON object line into the termination file (trimmed to the kubelet's 4 KiB) and exits with the
+child's code. Standard library only: it runs in the workload image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+MAX_BYTES = 4096
+"""The kubelet keeps at most this much of a termination message."""
+DEFAULT_PATH = "/dev/termination-log"
+
+
+def parse_report(line: bytes | str) -> dict[str, Any] | None:
+    """A JSON object line, or None."""
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def fit(report: dict[str, Any], limit: int = MAX_BYTES) -> str:
+    """The report as JSON within `limit` bytes: long lists go first, then everything but numbers."""
+    text = json.dumps(report, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    slim = {k: v for k, v in report.items() if not isinstance(v, list | dict)} | {"truncated": True}
+    text = json.dumps(slim, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    numbers = {k: v for k, v in slim.items() if isinstance(v, int | float | bool)}
+    return json.dumps(numbers, separators=(",", ":"))[:limit]
+
+
+def run(command: Sequence[str], termination_path: str, out: Any = None) -> int:
+    """Run `command`, echo its stdout to `out`, save its last report; returns the exit code."""
+    out = out if out is not None else sys.stdout.buffer
+    try:
+        child = subprocess.Popen(list(command), stdout=subprocess.PIPE)
+    except OSError as exc:
+        print(f"specops_operator.report: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    report = None
+    assert child.stdout is not None
+    for line in child.stdout:
+        out.write(line)
+        out.flush()
+        report = parse_report(line) or report
+    code = child.wait()
+    if report is not None:
+        try:
+            with open(termination_path, "w") as handle:
+                handle.write(fit(report))
+        except OSError as exc:
+            print(
+                f"specops_operator.report: cannot write {termination_path}: {exc.strerror}", file=sys.stderr
+            )
+    return code if code >= 0 else 128 - code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m specops_operator.report -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    return run(args, os.environ.get("SPECOPS_TERMINATION_LOG", DEFAULT_PATH))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Checks that need no cluster and no GPU, run before any child exists (`VerifierCompatible`).
+
+A failed check leaves the resource Stalled with a reason and a message that names the field;
+nothing is created, so no GPU is ever requested for a run that cannot work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specops.config import VerifierConfig
+from specops.engines.base import default_layer_ids
+from specops_operator.api import SpeculatorDataGenSpec, SpeculatorTrainingSpec, VerifierArchitecture
+from specops_operator.builders.training import DataSource, procs_per_node
+
+KNOWN_VERIFIERS: dict[str, VerifierArchitecture] = {
+    name.lower(): VerifierArchitecture(num_layers=layers, hidden_size=hidden, vocab_size=vocab)
+    for name, layers, hidden, vocab in (
+        ("meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 128256),
+        ("meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 128256),
+        ("meta-llama/Llama-3.3-70B-Instruct", 80, 8192, 128256),
+        ("meta-llama/Llama-3.2-1B-Instruct", 16, 2048, 128256),
+        ("meta-llama/Llama-3.2-3B-Instruct", 28, 3072, 128256),
+        ("Qwen/Qwen3-8B", 36, 4096, 151936),
+        ("Qwen/Qwen3-14B", 40, 5120, 151936),
+        ("Qwen/Qwen3-32B", 64, 5120, 151936),
+        ("Qwen/Qwen2.5-7B-Instruct", 28, 3584, 152064),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 49152),
+    )
+}
+"""Dimensions of common verifiers (from their config.json), so typical specs are checked with no
+extra input; anything else is checked when the spec gives `verifierArchitecture`."""
+
+
+FINDING_REASONS = frozenset(
+    {
+        "LayerOutOfRange",
+        "NotEnoughGPUs",
+        "StorageNotFound",
+        "VerifierMismatch",
+        "HiddenSizeMismatch",
+        "DraftVocabTooLarge",
+    }
+)
+"""Every reason a Finding may carry."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason the spec cannot run."""
+
+    reason: str
+    message: str
+
+    def __post_init__(self) -> None:
+        assert self.reason in FINDING_REASONS, self.reason
+
+
+def architecture(verifier: VerifierConfig, given: VerifierArchitecture | None) -> VerifierArchitecture | None:
+    """The spec's own dimensions, else a known verifier's (matched by id or by directory/file name)."""
+    if given is not None:
+        return given
+    name = verifier.name_or_path.lower().rstrip("/")
+    if name in KNOWN_VERIFIERS:
+        return KNOWN_VERIFIERS[name]
+    leaf = (verifier.gguf_file or name).lower().rsplit("/", 1)[-1]
+    for known, arch in KNOWN_VERIFIERS.items():
+        short = known.rsplit("/", 1)[-1]
+        if leaf == short or leaf.startswith(short + "."):
+            return arch
+    return None
+
+
+def _storage(claim: str | None, claim_found: bool | None, field: str) -> list[Finding]:
+    if claim and claim_found is False:
+        return [Finding("StorageNotFound", f"{field}: PersistentVolumeClaim {claim!r} does not exist")]
+    return []
+
+
+def check_datagen(
+    spec: SpeculatorDataGenSpec, claim_found: bool | None = None, field: str = "spec"
+) -> tuple[list[Finding], VerifierArchitecture | None]:
+    """Findings for a data generation spec, and the architecture they were checked against."""
+    findings: list[Finding] = []
+    arch = architecture(spec.verifier, spec.verifier_architecture)
+    layers = spec.states.hidden_states.layers
+    if arch is not None:
+        wanted = layers or default_layer_ids(arch.num_layers)
+        bad = [k for k in wanted if k > arch.num_layers]
+        if bad:
+            findings.append(
+                Finding(
+                    "LayerOutOfRange",
+                    f"{field}.states.hiddenStates.layers: {bad} exceed the verifier's {arch.num_layers} layers "
+                    f"(allowed 0..{arch.num_layers})",
+                )
+            )
+    gpus = spec.pod.resources.gpus()
+    engine = spec.engine
+    needed = engine.tensor_parallel_size * (engine.data_parallel_size if engine.kind == "vllm" else 1)
+    if needed > 1 and gpus < needed:
+        findings.append(
+            Finding(
+                "NotEnoughGPUs",
+                f"{field}.engine: tensorParallelSize x dataParallelSize = {needed} GPUs per worker, but "
+                f"{field}.pod.resources.limits['nvidia.com/gpu'] is {gpus}",
+            )
+        )
+    if spec.storage is not None:
+        findings += _storage(spec.storage.existing_claim, claim_found, f"{field}.storage.existingClaim")
+    return findings, arch
+
+
+def check_training(
+    spec: SpeculatorTrainingSpec, data: DataSource, claim_found: bool | None = None
+) -> tuple[list[Finding], VerifierArchitecture | None]:
+    """Findings for a training spec against the data it reads."""
+    findings: list[Finding] = []
+    verifier = spec.verifier or data.spec.verifier
+    if verifier.name_or_path != data.spec.verifier.name_or_path:
+        findings.append(
+            Finding(
+                "VerifierMismatch",
+                f"spec.verifier.nameOrPath {verifier.name_or_path!r} differs from the verifier "
+                f"{data.spec.verifier.name_or_path!r} that generated {data.names.name!r}",
+            )
+        )
+    arch = architecture(verifier, spec.verifier_architecture)
+    data_arch = architecture(data.spec.verifier, data.spec.verifier_architecture)
+    if arch is not None and data_arch is not None and arch.hidden_size != data_arch.hidden_size:
+        findings.append(
+            Finding(
+                "HiddenSizeMismatch",
+                f"the training verifier's hidden size {arch.hidden_size} differs from the data's {data_arch.hidden_size}",
+            )
+        )
+    if arch is not None and spec.draft.draft_vocab_size > arch.vocab_size:
+        findings.append(
+            Finding(
+                "DraftVocabTooLarge",
+                f"spec.draft.draftVocabSize {spec.draft.draft_vocab_size} exceeds the verifier vocabulary "
+                f"({arch.vocab_size})",
+            )
+        )
+    gpus = spec.pod.resources.gpus()
+    if gpus and procs_per_node(spec) > gpus:
+        findings.append(
+            Finding(
+                "NotEnoughGPUs",
+                f"spec.procsPerNode {procs_per_node(spec)} exceeds spec.pod.resources.limits['nvidia.com/gpu'] ({gpus})",
+            )
+        )
+    if spec.data_gen is not None:
+        inline, _ = check_datagen(spec.data_gen, field="spec.dataGen")
+        findings += inline
+    findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
+    return findings, arch

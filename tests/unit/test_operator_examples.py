@@ -1,0 +1,224 @@
+"""The example CRs against the generated CRDs (schema + CEL) and the api models, plus a table of
+bad CRs that both the API server's rules and the pydantic models must reject with one message."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _operator_support import ROOT, server_errors
+
+from specops.config import ConfigError
+from specops_operator.api import immutable_changes, immutable_message, load_resources, parse_resource
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples" / "local").glob("*.yaml"))
+Doc = dict[str, Any]
+
+
+def _docs(path: Path) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _example(name: str, index: int = 0) -> Doc:
+    return copy.deepcopy(_docs(ROOT / "examples" / name)[index])
+
+
+def test_the_required_examples_exist() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {"eagle3-train.yaml", "datagen-offline.yaml", "datagen-online.yaml", "hass-train.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_example_passes_the_server_and_the_models(path: Path) -> None:
+    for doc in _docs(path):
+        assert server_errors(doc) == [], doc["metadata"]["name"]
+    resources = load_resources(path.read_text(), str(path))
+    assert resources
+
+
+def test_eagle3_example_is_the_documented_run() -> None:
+    cr = parse_resource(_example("eagle3-train.yaml"))
+    spec = cr.spec
+    assert (
+        spec.data_gen is not None
+        and spec.data_gen.verifier.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    )
+    assert "ultrachat" in spec.data_gen.datasets[0].path
+    assert spec.data_gen.workers == 4 and spec.data_gen.pod.resources.gpus() == 1
+    assert spec.nodes * spec.pod.resources.gpus() == 8
+
+
+def _set(path: str, value: Any) -> Callable[[Doc], None]:
+    def apply(doc: Doc) -> None:
+        node = doc
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if value is _DELETE:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+
+    return apply
+
+
+_DELETE = object()
+
+# (example, doc index, change, message both the CEL rule and the pydantic rule give)
+CROSS_FIELD = [
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.dataGen", _example("datagen-offline.yaml")["spec"]),
+        "exactly one of dataGenRef or dataGen",
+    ),
+    ("hass-train.yaml", 0, _set("spec.dataGenRef", _DELETE), "exactly one of dataGenRef or dataGen"),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.dataGen.mode", "online"),
+        "spec.maxSteps is required when spec.dataGen.mode is online",
+    ),
+    ("datagen-offline.yaml", 0, _set("spec.storage", _DELETE), "spec.storage is required for mode offline"),
+    ("datagen-offline.yaml", 0, _set("spec.workers", 9), "spec.workers must be <= spec.shards"),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.storage.existingClaim", "shared"),
+        "exactly one of size (a new claim) or existingClaim",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.storage.size", _DELETE),
+        "exactly one of size (a new claim) or existingClaim",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set(
+            "spec.pod.env",
+            [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+        ),
+        "set value or valueFrom, not both",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.pod.env", [{"name": "A", "valueFrom": {}}]),
+        "valueFrom needs exactly one of secretKeyRef or configMapKeyRef",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("metadata.name", "x" * 41),
+        "metadata.name must be at most 40 characters",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("example", "index", "change", "message"), CROSS_FIELD, ids=[c[3][:40] for c in CROSS_FIELD]
+)
+def test_cross_field_rules_agree(
+    example: str, index: int, change: Callable[[Doc], None], message: str
+) -> None:
+    doc = _example(example, index)
+    change(doc)
+    assert any(message in err for err in server_errors(doc)), server_errors(doc)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_resource(doc)
+
+
+# (example, change, a fragment of the schema error, a fragment of the pydantic error)
+SCHEMA = [
+    (
+        "datagen-offline.yaml",
+        _set("spec.shards", 0),
+        "less than the minimum",
+        "spec.shards: Input should be greater than or equal to 1",
+    ),
+    (
+        "datagen-offline.yaml",
+        _set("spec.engine.kind", "tgi"),
+        "is not one of",
+        "spec.engine.kind: Input should be 'transformers' or 'vllm'",
+    ),
+    (
+        "datagen-offline.yaml",
+        _set("spec.gpus", 4),
+        "unknown field .spec.gpus",
+        "spec.gpus: Extra inputs are not permitted",
+    ),
+    (
+        "datagen-offline.yaml",
+        _set("spec.pod.resources.limits.memory", "lots"),
+        "does not match",
+        "spec.pod.resources.limits.memory",
+    ),
+    ("hass-train.yaml", _set("spec.draft.algorithm", "medusa"), "is not one of", "spec.draft.algorithm"),
+    (
+        "hass-train.yaml",
+        _set("spec.storage", _DELETE),
+        "'storage' is a required property",
+        "spec.storage: Field required",
+    ),
+    ("hass-train.yaml", _set("spec.dataGenRef.name", "Not_A_Name"), "does not match", "spec.dataGenRef.name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("example", "change", "schema_message", "model_message"), SCHEMA, ids=[c[3][:40] for c in SCHEMA]
+)
+def test_schema_rules_agree(
+    example: str, change: Callable[[Doc], None], schema_message: str, model_message: str
+) -> None:
+    doc = _example(example)
+    change(doc)
+    assert any(schema_message in err for err in server_errors(doc)), server_errors(doc)
+    with pytest.raises(ConfigError, match=model_message):
+        parse_resource(doc)
+
+
+IMMUTABLE = [
+    ("datagen-offline.yaml", _set("spec.verifier.nameOrPath", "Qwen/Qwen3-14B"), "verifier"),
+    ("datagen-offline.yaml", _set("spec.shards", 16), "shards"),
+    ("datagen-offline.yaml", _set("spec.chatTemplate", "{{ messages }}"), "chatTemplate"),
+    ("hass-train.yaml", _set("spec.draft.speculativeTokens", 5), "draft"),
+    ("hass-train.yaml", _set("spec.nodes", 4), "nodes"),
+    ("eagle3-train.yaml", _set("spec.dataGen.workers", 2), "dataGen"),
+]
+
+
+@pytest.mark.parametrize(("example", "change", "field"), IMMUTABLE, ids=[c[2] for c in IMMUTABLE])
+def test_immutable_fields_are_rejected_by_both(
+    example: str, change: Callable[[Doc], None], field: str
+) -> None:
+    old = _example(example)
+    new = copy.deepcopy(old)
+    change(new)
+    message = immutable_message(field)
+    assert message in server_errors(new, old)
+    assert message in immutable_changes(old["spec"], new["spec"], old["kind"])
+
+
+MUTABLE = [
+    ("datagen-offline.yaml", _set("spec.workers", 8)),
+    ("datagen-offline.yaml", _set("spec.suspend", True)),
+    ("datagen-offline.yaml", _set("spec.ttlSecondsAfterFinished", 600)),
+    ("hass-train.yaml", _set("spec.suspend", True)),
+    ("hass-train.yaml", _set("spec.activeDeadlineSeconds", 86400)),
+]
+
+
+@pytest.mark.parametrize(("example", "change"), MUTABLE)
+def test_mutable_fields_may_change(example: str, change: Callable[[Doc], None]) -> None:
+    old = _example(example)
+    new = copy.deepcopy(old)
+    change(new)
+    assert server_errors(new, old) == []
+    assert immutable_changes(old["spec"], new["spec"], old["kind"]) == []
