@@ -33,6 +33,7 @@ from specops.config import (
     ConfigError,
     Contract,
     DataGenConfig,
+    DatasetSource,
     DraftConfig,
     EngineConfig,
     StatesConfig,
@@ -329,6 +330,7 @@ if TYPE_CHECKING:  # what mypy sees of the derived models: the fields the operat
 
     class DataGenWorkload(Checked):
         verifier: VerifierConfig
+        datasets: list[DatasetSource]
         states: StatesConfig
         engine: EngineConfig
 

@@ -76,6 +76,8 @@ class Context:
     defaults: Defaults = field(default_factory=Defaults)
     interval: float = 10.0
     """Seconds between level-based status refreshes of each resource."""
+    backoff: float = 10.0
+    """Seconds before a handler that hit an API error is retried."""
     make_kube: Callable[[], Kube] = Kube.from_environment
     reconciles: int = 0
 
@@ -318,12 +320,22 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
             meta = body["metadata"]
             log.info("%s %s/%s: deleted %d children", body["kind"], meta["namespace"], meta["name"], deleted)
 
-        kopf.on.create(*resource, registry=registry, id="reconcile")(on_change)
-        kopf.on.resume(*resource, registry=registry, id="reconcile")(on_change)
-        kopf.on.update(*resource, registry=registry, id="reconcile")(on_update)
-        kopf.on.field(*resource, field="spec.suspend", registry=registry, id="suspend")(on_suspend)
-        kopf.on.timer(*resource, interval=ctx.interval, registry=registry, id="refresh")(on_timer)
-        kopf.on.delete(*resource, registry=registry, id="cleanup")(on_delete)
+        backoff = ctx.backoff
+        kopf.on.create(*resource, id="reconcile", backoff=backoff, registry=registry)(on_change)
+        kopf.on.resume(*resource, id="reconcile", backoff=backoff, registry=registry)(on_change)
+        kopf.on.update(*resource, id="reconcile", backoff=backoff, registry=registry)(on_update)
+        kopf.on.field(*resource, field="spec.suspend", id="suspend", backoff=backoff, registry=registry)(
+            on_suspend
+        )
+        kopf.on.timer(
+            *resource,
+            interval=ctx.interval,
+            initial_delay=ctx.interval,
+            id="refresh",
+            backoff=backoff,
+            registry=registry,
+        )(on_timer)
+        kopf.on.delete(*resource, id="cleanup", backoff=backoff, registry=registry)(on_delete)
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def reconciles(**_: Any) -> int:

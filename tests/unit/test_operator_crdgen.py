@@ -81,7 +81,9 @@ def test_schema_is_structural_and_bounded(kind: str) -> None:
             assert "maxProperties" in node, f"{path}: unbounded map"
         for name, sub in (node.get("properties") or {}).items():
             if (path, name) != ("", "metadata"):  # the server owns metadata's schema
-                assert sub.get("description"), f"{path}.{name}: no description (kubectl explain shows nothing)"
+                assert sub.get("description"), (
+                    f"{path}.{name}: no description (kubectl explain shows nothing)"
+                )
 
 
 @pytest.mark.parametrize("kind", ["SpeculatorDataGen", "SpeculatorTraining"])
@@ -148,7 +150,7 @@ def test_unions_and_undescribed_fields_are_refused() -> None:
         value: Annotated[int, Field(ge=0)] = 1
 
     schema = Union.model_json_schema(by_alias=True)
-    with pytest.raises(crdgen.CRDGenError, match="spec.value: a union of 2 types"):
+    with pytest.raises(crdgen.CRDGenError, match=r"spec\.value: a union of 2 types"):
         crdgen.structural(schema, {})
     schema = Undescribed.model_json_schema(by_alias=True)
     with pytest.raises(crdgen.CRDGenError, match=r"spec.value: field has no description"):

@@ -13,7 +13,13 @@ import yaml
 from _operator_support import ROOT, server_errors
 
 from specops.config import ConfigError
-from specops_operator.api import immutable_changes, immutable_message, load_resources, parse_resource
+from specops_operator.api import (
+    SpeculatorTraining,
+    immutable_changes,
+    immutable_message,
+    load_resources,
+    parse_resource,
+)
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples" / "local").glob("*.yaml"))
 Doc = dict[str, Any]
@@ -42,6 +48,7 @@ def test_example_passes_the_server_and_the_models(path: Path) -> None:
 
 def test_eagle3_example_is_the_documented_run() -> None:
     cr = parse_resource(_example("eagle3-train.yaml"))
+    assert isinstance(cr, SpeculatorTraining)
     spec = cr.spec
     assert (
         spec.data_gen is not None
