@@ -53,7 +53,8 @@ class Finding:
     message: str
 
     def __post_init__(self) -> None:
-        assert self.reason in FINDING_REASONS, self.reason
+        if self.reason not in FINDING_REASONS:
+            raise ValueError(f"undeclared finding reason {self.reason!r} (add it to FINDING_REASONS)")
 
 
 def architecture(verifier: VerifierConfig, given: VerifierArchitecture | None) -> VerifierArchitecture | None:

@@ -282,12 +282,15 @@ def child_datagen(cr: SpeculatorTraining, names: TrainingNames) -> Manifest:
     """The SpeculatorDataGen of an inline `dataGen`; suspending the training suspends it too."""
     owner = Owner.of(cr)
     assert cr.spec.data_gen is not None
-    spec = cr.spec.data_gen.model_copy(update={"suspend": cr.spec.data_gen.suspend or cr.spec.suspend})
+    inline = cr.spec.data_gen
+    # What the user wrote (the API server fills the defaults from the same CRD), plus suspend.
+    spec = inline.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    spec["suspend"] = inline.suspend or cr.spec.suspend
     return {
         "apiVersion": API_VERSION,
         "kind": DATAGEN_KIND,
         "metadata": common.metadata(owner, names.datagen, "data", queue=True),
-        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "spec": spec,
     }
 
 

