@@ -1,0 +1,48 @@
+"""`specops run FILE --local`: execute a SpeculatorTraining YAML with local processes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_NOT_BETTER = 3
+"""The trained draft did not beat the untrained one (or decoding was not lossless)."""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="YAML with a SpeculatorTraining (and its SpeculatorDataGen)")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        required=True,
+        help="run here as local processes (the only mode so far)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: runs/<metadata.name>)"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="training ranks (default: spec.procsPerNode or 1)"
+    )
+    parser.epilog = (
+        "Stages: generate -> train -> evaluate -> report. Ctrl-C stops cleanly; rerunning resumes. "
+        f"Exit {EXIT_NOT_BETTER} when the trained draft is not better than an untrained one."
+    )
+
+
+def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from specops.local_run import plan_local, run_local, summary
+
+    if overrides:
+        print("specops run: overrides are not supported; edit the YAML", file=sys.stderr)
+        return 2
+    plan = plan_local(args.file, args.out, args.nproc)
+    report = run_local(plan)
+    print(summary(report))
+    if plan.evaluate and not (report["better_than_baseline"] and report["lossless"]):
+        print(
+            "specops run: the trained speculator is not better than the untrained baseline", file=sys.stderr
+        )
+        return EXIT_NOT_BETTER
+    return 0

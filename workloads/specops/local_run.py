@@ -1,0 +1,357 @@
+"""`specops run FILE --local`: the SpeculatorTraining a cluster would run, as local processes.
+
+The YAML is validated with the operator's own CR models and rendered into the same DataGenConfig and
+TrainConfig the pods would read (`specops_operator.builders` render functions); only the paths change
+to an output directory here. Stages: generate (DiskStore under `data/`) -> train (in process, or
+torchrun for several ranks) -> evaluate the trained draft and an untrained one on held-out prompts ->
+report (`report.json`, `report.png`, the `vllm serve` command). Every stage resumes: a rerun skips
+stored examples and continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from specops.config import ConfigError, DataGenConfig, TrainConfig, dump_config
+from specops.serving import vllm_serve_command, vllm_serve_short
+
+if TYPE_CHECKING:
+    from specops.evaluate import EvalReport
+    from specops.models.eagle3 import Eagle3DraftModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """Everything a local run needs, derived from one SpeculatorTraining (+ its data generation)."""
+
+    name: str
+    out_dir: Path
+    datagen: DataGenConfig
+    train: TrainConfig
+    nproc: int
+    evaluate: bool
+    max_prompts: int
+    max_new_tokens: int
+    online: bool
+
+
+def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None) -> LocalPlan:
+    """Validate `path` like the operator does and render local configs; errors name the field."""
+    from specops_operator.api import SpeculatorDataGen, SpeculatorTraining, load_resources
+    from specops_operator.builders.datagen import DataGenNames
+    from specops_operator.builders.datagen import render_config as render_datagen
+    from specops_operator.builders.training import DataSource
+    from specops_operator.builders.training import render_config as render_train
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    resources = load_resources(text, str(path))
+    trainings = [r for r in resources if isinstance(r, SpeculatorTraining)]
+    if len(trainings) != 1:
+        raise ConfigError(f"{path}: expected exactly one SpeculatorTraining, found {len(trainings)}")
+    training = trainings[0]
+    spec = training.spec
+    if spec.data_gen is not None:
+        datagen_spec, datagen_name = spec.data_gen, f"{training.metadata.name}-data"
+    else:
+        assert spec.data_gen_ref is not None  # the CR rules require one of the two
+        refs = [
+            r
+            for r in resources
+            if isinstance(r, SpeculatorDataGen) and r.metadata.name == spec.data_gen_ref.name
+        ]
+        if not refs:
+            raise ConfigError(
+                f"{path}: spec.dataGenRef.name: no SpeculatorDataGen {spec.data_gen_ref.name!r} in this file "
+                "(a local run needs it in the same file, or use an inline spec.dataGen)"
+            )
+        datagen_spec, datagen_name = refs[0].spec, refs[0].metadata.name
+
+    out = (out_dir or Path("runs") / training.metadata.name).resolve()
+    roots = [str(out), *map(str, _default_roots())]
+    names = DataGenNames(datagen_name, "local")
+    pod_datagen = render_datagen(datagen_spec, names)
+    datagen = pod_datagen.model_copy(
+        update={
+            "sync": pod_datagen.sync.model_copy(update={"kind": "disk", "path": str(out / "data")}),
+            "run": pod_datagen.run.model_copy(
+                update={
+                    "num_workers": datagen_spec.workers,
+                    "num_shards": 1,
+                    "shard_index": 0,
+                    "allowed_roots": roots,
+                }
+            ),
+        }
+    )
+    # A local run always stores the data, then trains on it (the online mode streams on clusters).
+    offline_source = DataSource(names, datagen_spec.model_copy(update={"mode": "offline"}))
+    pod_train = render_train(spec, offline_source)
+    train = pod_train.model_copy(
+        update={
+            "data": pod_train.data.model_copy(update={"kind": "disk", "path": str(out / "data")}),
+            "output_dir": str(out / "train"),
+            "allowed_roots": roots,
+            "device": "auto",
+        }
+    )
+    return LocalPlan(
+        name=training.metadata.name,
+        out_dir=out,
+        datagen=datagen,
+        train=train,
+        nproc=nproc or spec.procs_per_node or 1,
+        evaluate=spec.evaluation.enabled,
+        max_prompts=spec.evaluation.max_prompts,
+        max_new_tokens=spec.evaluation.max_new_tokens,
+        online=datagen_spec.mode == "online",
+    )
+
+
+def _default_roots() -> list[Path]:
+    from specops.paths import default_roots
+
+    return default_roots()
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_local(plan: LocalPlan) -> dict[str, Any]:
+    """Run every stage, write the report, return it. Raises on a failed stage."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(plan.out_dir / "logs" / "run.log")
+    (plan.out_dir / "datagen.yaml").write_text(dump_config(plan.datagen))
+    (plan.out_dir / "train.yaml").write_text(dump_config(plan.train))
+    if plan.online:
+        log.info("dataGen.mode is online: a local run stores the data first, then trains on it")
+
+    started = time.perf_counter()
+    _banner(f"[1/3] generating data into {plan.out_dir / 'data'}")
+    generation = _generate(plan)
+    _banner(f"[2/3] training {plan.train.draft.algorithm} draft into {plan.out_dir / 'train'}")
+    training = _train(plan)
+    speculator = training["best"] or training["final"]
+    if not speculator:
+        raise RuntimeError(f"training produced no speculator (see {plan.out_dir / 'logs'})")
+    evaluation: dict[str, Any] = {}
+    if plan.evaluate:
+        _banner("[3/3] evaluating trained vs untrained draft on held-out prompts")
+        evaluation = _evaluate(plan, Path(speculator))
+    report = _report(plan, generation, training, evaluation, Path(speculator), time.perf_counter() - started)
+    _write_report(plan.out_dir, report)
+    return report
+
+
+def _banner(text: str) -> None:
+    print(f"\n== {text}", file=sys.stderr, flush=True)
+
+
+def _log_to_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _generate(plan: LocalPlan) -> dict[str, Any]:
+    from specops.generate import generate_data
+
+    report = generate_data(plan.datagen)
+    if not report.ok:
+        raise RuntimeError(f"data generation failed: {report.to_json()} (see {plan.out_dir / 'logs'})")
+    return report.to_json()
+
+
+def _train(plan: LocalPlan) -> dict[str, Any]:
+    if plan.nproc > 1:
+        return _train_torchrun(plan)
+    from specops.train.trainer import train
+
+    result = train(plan.train)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return {
+        "step": result.step,
+        "final": str(result.final) if result.final else None,
+        "best": str(result.best) if result.best else None,
+        "best_val_loss": result.best_val_loss,
+    }
+
+
+def _train_torchrun(plan: LocalPlan) -> dict[str, Any]:
+    """Several local ranks (gloo on CPU): the same `specops train` a trainer pod runs."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.nproc}",
+        "-m", "specops.cli", "train", "--config", str(plan.out_dir / "train.yaml"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"training failed with exit code {done.returncode} (see {plan.out_dir / 'logs'})")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
+    """Acceptance of the trained draft and of an untrained twin on the same held-out prompts."""
+    import torch
+
+    from specops.evaluate import evaluate, prompts_from_examples
+    from specops.models.eagle3 import Eagle3DraftModel
+    from specops.stores.disk import DiskStore
+    from specops.train.data import is_validation
+    from specops.verifier import load_model, resolve_device
+
+    roots = plan.train.allowed_roots
+    store = DiskStore.open(plan.datagen.sync.path or "", roots)
+    fraction = plan.train.data.validation_fraction
+    held_out: list[list[int]] = []
+    for partition in sorted(store.partitions()):
+        for example in store.read(partition):
+            if fraction == 0.0 or is_validation(example["id"], fraction):
+                held_out += prompts_from_examples(
+                    [example["token_ids"].tolist()], [example["loss_mask"].tolist()]
+                )
+    prompts = held_out[: plan.max_prompts]
+    if not prompts:
+        raise RuntimeError(
+            "evaluation: no held-out prompts (raise data.validationFraction or the dataset size)"
+        )
+    device = resolve_device("auto")
+    verifier = load_model(plan.train.verifier, dtype=torch.float32, device=device, allowed_roots=roots)
+    trained = Eagle3DraftModel.from_pretrained(speculator, device=device)
+    untrained = untrained_twin(trained).to(device)
+    reports: dict[str, EvalReport] = {}
+    for label, draft in (("trained", trained), ("untrained", untrained)):
+        reports[label] = evaluate(verifier, draft, prompts, max_new_tokens=plan.max_new_tokens)
+        log.info("%s draft: acceptance length %.3f", label, reports[label].acceptance_length)
+    return {label: r.to_dict() for label, r in reports.items()}
+
+
+def untrained_twin(trained: Eagle3DraftModel) -> Eagle3DraftModel:
+    """Same config, same frozen verifier parts and vocab mapping; trainable weights freshly initialized."""
+    import torch
+
+    torch.manual_seed(0)
+    twin = type(trained)(trained.config)
+    trainable = {name for name, p in twin.named_parameters() if p.requires_grad}
+    kept = {k: v for k, v in trained.state_dict().items() if k not in trainable}
+    twin.load_state_dict({**twin.state_dict(), **kept})
+    return twin.eval()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(
+    plan: LocalPlan,
+    generation: dict[str, Any],
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+    speculator: Path,
+    seconds: float,
+) -> dict[str, Any]:
+    metrics = _read_metrics(plan.out_dir / "train" / "metrics.jsonl")
+    train_records = [m for m in metrics if m.get("kind") == "train"]
+    k = plan.train.draft.speculative_tokens
+    report: dict[str, Any] = {
+        "name": plan.name,
+        "output_dir": str(plan.out_dir),
+        "speculator": str(speculator),
+        "seconds": round(seconds, 1),
+        "data": generation,
+        "training": {
+            **training,
+            "tokens_per_s": _mean([m["tokens_per_s"] for m in train_records if "tokens_per_s" in m]),
+            "final_loss": train_records[-1].get("loss") if train_records else None,
+        },
+        "evaluation": evaluation,
+        "serve": {
+            "short": vllm_serve_short(str(speculator)),
+            "long": vllm_serve_command(plan.train.verifier.name_or_path, str(speculator), k),
+        },
+    }
+    if evaluation:
+        trained, untrained = evaluation["trained"], evaluation["untrained"]
+        report["acceptance_length"] = trained["acceptance_length"]
+        report["baseline_acceptance_length"] = untrained["acceptance_length"]
+        report["better_than_baseline"] = trained["acceptance_length"] > untrained["acceptance_length"]
+        report["lossless"] = trained["lossless"] and untrained["lossless"]
+    return report
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        _plot(out_dir, report)
+    except ImportError:
+        log.warning("matplotlib is not installed: no report.png")
+
+
+def _plot(out_dir: Path, report: dict[str, Any]) -> None:
+    """Loss curve and per-position acceptance, trained vs untrained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in _read_metrics(out_dir / "train" / "metrics.jsonl") if "loss" in m]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in ("train", "eval"):
+        points = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == kind]
+        if points:
+            left.plot(*zip(*points, strict=True), label=kind, marker="." if kind == "eval" else None)
+    left.set(title="draft loss", xlabel="step", ylabel="loss")
+    left.legend()
+    for label, result in report.get("evaluation", {}).items():
+        per_position = result["per_position"]
+        right.plot(range(1, len(per_position) + 1), per_position, marker="o",
+                   label=f"{label} (AL {result['acceptance_length']:.2f})")  # fmt: skip
+    right.set(title="acceptance by draft position", xlabel="position", ylabel="accepted share", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "report.png", dpi=80)
+    plt.close(fig)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The lines printed at the end of a run."""
+    lines = [f"output:      {report['output_dir']}", f"speculator:  {report['speculator']}"]
+    data = report["data"]
+    lines.append(
+        f"data:        {data['written']} examples generated ({data['tokens_per_s']:.0f} tokens/s), "
+        f"{data['skipped']} already stored"
+    )
+    if "acceptance_length" in report:
+        lines.append(
+            f"acceptance:  {report['acceptance_length']:.3f} trained vs {report['baseline_acceptance_length']:.3f} "
+            f"untrained (lossless: {report['lossless']})"
+        )
+    lines += [f"serve:       {report['serve']['long']}", f"time:        {report['seconds']:.0f} s"]
+    return "\n".join(lines)
