@@ -18,10 +18,13 @@ from specops.generate import (
     generate_examples,
     in_slice,
     resolve_config,
+    tokenized_slice,
     worker_config,
 )
 from specops.stores import factory
 from specops.stores.base import StoreMeta
+from specops.testing.synthetic import make_conversations, write_jsonl
+from specops.verifier import load_tokenizer
 
 
 def base_config(tmp_path: Path, **run: Any) -> DataGenConfig:
@@ -180,3 +183,48 @@ def test_disk_sink_is_opened_for_this_slice(tmp_path: Path) -> None:
     sink.close()
     assert sink.done_ids() == {"d/0/0"}
     assert sorted(p.name for p in (tmp_path / "out").glob("manifest-w*.json")) == ["manifest-w00001.json"]
+
+
+def _source_config(tmp_path: Path, verifier: Path, rows: int, **extra: Any) -> DataGenConfig:
+    data = write_jsonl(tmp_path / "syn.jsonl", make_conversations(rows, seed=2))
+    return DataGenConfig.model_validate(
+        {
+            "verifier": {"name_or_path": str(verifier)},
+            "datasets": [{"path": str(data), "name": "syn"}],
+            "sync": {"path": str(tmp_path / "out")},
+            "run": {"allowed_roots": [str(tmp_path), str(verifier)], "shard_index": 1, "num_shards": 2},
+            **extra,
+        }
+    )
+
+
+def test_tokenized_slice_takes_its_slice_and_skips_done_ids(tmp_path: Path, tiny_verifier_dir: Path) -> None:
+    config = _source_config(tmp_path, tiny_verifier_dir, 40)
+    mine = [f"syn/{i}/0" for i in range(40) if in_slice(f"syn/{i}/0", 1, 2)]
+    done = {mine[0], mine[1], "syn/not-mine/0"}
+    report = GenerateReport()
+    tokenizer = load_tokenizer(config.verifier, config.run.allowed_roots)
+    out = list(tokenized_slice(config, tokenizer, done, report))
+    assert [e.id for e in out] == mine[2:]
+    assert (report.skipped, report.dropped) == (2, 0)
+    assert all(sum(e.loss_mask) > 0 for e in out)
+
+
+def test_tokenized_slice_cuts_to_the_engine_length_and_counts_drops(
+    tmp_path: Path, tiny_verifier_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _source_config(tmp_path, tiny_verifier_dir, 10, engine={"max_seq_len": 40})
+    tokenizer = load_tokenizer(config.verifier, config.run.allowed_roots)
+    out = list(tokenized_slice(config, tokenizer, set(), GenerateReport()))
+    assert out and max(len(e.token_ids) for e in out) == 40
+
+    picky = _source_config(tmp_path, tiny_verifier_dir, 10, processor={"min_loss_tokens": 10_000})
+    report = GenerateReport()
+    assert list(tokenized_slice(picky, tokenizer, set(), report)) == []
+    assert report.dropped == sum(in_slice(f"syn/{i}/0", 1, 2) for i in range(10))
+
+    broken = _source_config(tmp_path, tiny_verifier_dir, 10, chat_template="{{ raise_exception('nope') }}")
+    report = GenerateReport()
+    assert list(tokenized_slice(broken, tokenizer, set(), report)) == []
+    assert report.dropped == sum(in_slice(f"syn/{i}/0", 1, 2) for i in range(10))
+    assert "dropped: chat_template: cannot render" in caplog.text

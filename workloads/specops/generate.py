@@ -204,22 +204,33 @@ def store_meta(
 def tokenized_slice(
     config: DataGenConfig, tokenizer: PreTrainedTokenizerBase, done: set[str], report: GenerateReport
 ) -> Iterator[TokenizedExample]:
-    """This slice's examples not yet in the sink, tokenized with their loss masks."""
-    from specops.data.chat import tokenize_conversation
+    """This slice's examples not yet in the sink, tokenized with their loss masks.
+
+    Sequences are cut to `min(processor.max_length, engine.max_seq_len)`. A conversation the chat
+    template cannot render (or that keeps too few trainable tokens) is counted as dropped.
+    """
+    from specops.data.chat import ChatTemplateError, tokenize_conversation
     from specops.data.sources import iter_conversations
 
     run = config.run
-    for conversation in iter_conversations(config.datasets, run.allowed_roots):
-        if not in_slice(conversation.id, run.shard_index, run.num_shards):
-            continue
-        if conversation.id in done:
-            report.skipped += 1
-            continue
-        example = tokenize_conversation(conversation, tokenizer, config)
-        if example is None:
-            report.dropped += 1
-            continue
-        yield example
+    max_length = min(config.processor.max_length, config.engine.max_seq_len)
+    processor = config.processor.model_copy(update={"max_length": max_length})
+    for position, source in enumerate(config.datasets):
+        for conversation in iter_conversations(source, position, run.allowed_roots):
+            if not in_slice(conversation.id, run.shard_index, run.num_shards):
+                continue
+            if conversation.id in done:
+                report.skipped += 1
+                continue
+            try:
+                example = tokenize_conversation(tokenizer, conversation, processor, config.chat_template)
+            except ChatTemplateError as exc:
+                log.warning("%s: dropped: %s", conversation.id, exc)
+                example = None
+            if example is None:
+                report.dropped += 1
+                continue
+            yield example
 
 
 def _windows(examples: Iterable[TokenizedExample], size: int) -> Iterator[list[TokenizedExample]]:
