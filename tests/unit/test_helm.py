@@ -1,0 +1,261 @@
+"""The Helm chart, rendered by the real `helm` for the value combinations that matter.
+
+Checks what a reviewer of the chart would: lint, strict schema validation against Kubernetes
+1.29-1.34, RBAC verbs enumerated and matching what the operator creates, the Deployment's
+hardening, namespaced vs cluster-wide modes, Kueue and ServiceMonitor switches, CRD drift.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "specops"
+KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33", "1.34"]
+Obj = dict[str, Any]
+
+CASES: dict[str, Obj] = {
+    "defaults": {},
+    "namespaced": {"watchNamespaces": ["ml", "research"]},
+    "kueue": {"watchNamespaces": ["ml"], "kueue": {"enabled": True, "localQueue": {"clusterQueue": "a100"}}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "scheduling": {
+        "imagePullSecrets": ["regcred"],
+        "workload": {"image": "registry.example/specops/workload:1.2", "imagePullSecrets": ["wlcred"]},
+        "nodeSelector": {"node-role/ops": "true"},
+        "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
+        "image": {"repository": "registry.example/specops/operator", "tag": "1.2"},
+    },
+    "no-metrics": {"metrics": {"enabled": False}, "workload": {"serviceAccount": {"create": False}}},
+}
+
+
+@cache
+def helm() -> str:
+    found = subprocess.run([ROOT / "hack" / "tools.sh", "--cached"], capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.skip("helm is not installed: run hack/tools.sh (`make setup` does)")
+    return str(Path(found.stdout.strip()) / "helm")
+
+
+def run_helm(*args: str, values: Obj | None = None) -> subprocess.CompletedProcess[str]:
+    command = [helm(), *args]
+    if values is not None:
+        command += ["--values", "-"]
+    return subprocess.run(command, input=yaml.safe_dump(values or {}), capture_output=True, text=True)
+
+
+@cache
+def _render(case: str) -> tuple[Obj, ...]:
+    result = run_helm("template", "rel", str(CHART), "--namespace", "ops", values=CASES[case])
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render(case: str) -> list[Obj]:
+    return list(_render(case))
+
+
+def by_kind(docs: list[Obj], kind: str) -> list[Obj]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[Obj], kind: str) -> Obj:
+    (found,) = by_kind(docs, kind)
+    return found
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lint_strict(case: str) -> None:
+    result = run_helm("lint", "--strict", str(CHART), values=CASES[case])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kubernetes_accepts_every_object(case: str, version: str) -> None:
+    checked = 0
+    for doc in render(case):
+        if doc["apiVersion"].split("/")[0] in ("kueue.x-k8s.io", "monitoring.coreos.com"):
+            continue  # third-party kinds: kubernetes-validate has no schema for them
+        kubernetes_validate.validate(doc, version, strict=True)
+        checked += 1
+    assert checked >= 4  # at least ServiceAccount, (Cluster)Role, binding, Deployment
+
+
+def test_crds_match_the_generated_ones() -> None:
+    """helm installs crds/ verbatim: they must be the files `specops crds` generates."""
+    generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    packaged = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert packaged == generated
+    for name in generated:
+        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), (
+            f"helm/specops/crds/{name} drifted: cp crds/*.yaml helm/specops/crds/"
+        )
+
+
+def test_operator_deployment_is_hardened() -> None:
+    deployment = one(render("defaults"), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["image"] == "ghcr.io/specops/operator:0.1.0"  # appVersion by default
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert pod["serviceAccountName"] == one(render("defaults"), "ClusterRoleBinding")["subjects"][0]["name"]
+
+
+def _args(docs: list[Obj]) -> list[str]:
+    return list(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_cluster_wide_by_default() -> None:
+    docs = render("defaults")
+    assert "--all-namespaces" in _args(docs)
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == one(docs, "ClusterRole")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-specops", "namespace": "ops"}]
+
+
+def test_watched_namespaces_get_roles_and_nothing_cluster_wide() -> None:
+    docs = render("namespaced")
+    args = _args(docs)
+    assert "--namespace=ml" in args and "--namespace=research" in args
+    assert "--all-namespaces" not in args
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in by_kind(docs, "Role")) == ["ml", "research"]
+    for binding in by_kind(docs, "RoleBinding"):
+        assert binding["subjects"][0]["namespace"] == "ops"  # the operator's own namespace
+    workload_sas = [
+        sa for sa in by_kind(docs, "ServiceAccount") if sa["metadata"]["name"] == "specops-workload"
+    ]
+    assert sorted(sa["metadata"]["namespace"] for sa in workload_sas) == ["ml", "research"]
+
+
+def _rules(docs: list[Obj]) -> list[Obj]:
+    roles = by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+    return [rule for role in roles for rule in role["rules"]]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rbac_verbs_are_enumerated(case: str) -> None:
+    rules = _rules(render(case))
+    assert rules
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], f"wildcard in {key}: {rule}"
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+        assert rule["resources"] != ["secrets"], "the operator never reads Secrets"
+
+
+def granted(rules: list[Obj]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_covers_every_child_kind_the_operator_creates() -> None:
+    from specops_operator.handlers import CHILD_KINDS
+    from specops_operator.kube import PLURALS
+
+    grants = granted(_rules(render("defaults")))
+    for api_version, kind in CHILD_KINDS:
+        group = api_version.rpartition("/")[0]
+        for verb in ("create", "get", "list", "patch", "delete"):
+            assert (group, PLURALS[kind], verb) in grants, f"{verb} {kind}"
+    for plural in ("speculatordatagens", "speculatortrainings"):
+        for verb in ("get", "list", "watch", "patch"):
+            assert ("specops.dev", plural, verb) in grants
+        assert ("specops.dev", f"{plural}/status", "patch") in grants
+    assert ("", "pods", "list") in grants and ("", "events", "create") in grants
+    assert not {g for g in grants if g[1] == "pods" and g[2] != "list"}, "pods are only read"
+
+
+def test_workload_service_account_has_no_rights_and_no_token() -> None:
+    docs = render("scheduling")
+    (workload,) = [
+        sa for sa in by_kind(docs, "ServiceAccount") if sa["metadata"]["name"] == "specops-workload"
+    ]
+    assert workload["automountServiceAccountToken"] is False
+    assert workload["imagePullSecrets"] == [{"name": "wlcred"}]
+    bound = [
+        s["name"]
+        for b in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
+        for s in b["subjects"]
+    ]
+    assert "specops-workload" not in bound
+
+
+def test_images_pull_secrets_and_scheduling_values_reach_the_pod() -> None:
+    docs = render("scheduling")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/specops/operator:1.2"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"node-role/ops": "true"}
+    assert pod["tolerations"] == [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {"name": "SPECOPS_WORKLOAD_IMAGE", "value": "registry.example/specops/workload:1.2"} in container[
+        "env"
+    ]
+
+
+def test_kueue_local_queue_per_watched_namespace() -> None:
+    docs = render("kueue")
+    (queue,) = by_kind(docs, "LocalQueue")
+    assert queue["metadata"] == {**queue["metadata"], "name": "specops", "namespace": "ml"}
+    assert queue["spec"] == {"clusterQueue": "a100"}
+    assert not by_kind(render("defaults"), "LocalQueue")
+
+
+def test_metrics_service_and_service_monitor() -> None:
+    docs = render("monitoring")
+    service = one(docs, "Service")
+    selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["ports"][0]["targetPort"] == "health"
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(
+        service["metadata"]["labels"].items()
+    )
+    assert not by_kind(render("defaults"), "ServiceMonitor")
+    bare = render("no-metrics")
+    assert not by_kind(bare, "Service")
+    assert [sa["metadata"]["name"] for sa in by_kind(bare, "ServiceAccount")] == ["rel-specops"]
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"operator": {"refreshSeconds": 0}}, "refreshSeconds"),
+        ({"replicas": 2}, "replicas"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(values: Obj, field: str) -> None:
+    result = run_helm("template", "rel", str(CHART), values=values)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
