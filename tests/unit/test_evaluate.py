@@ -53,7 +53,9 @@ def _oracle(
 ) -> None:
     """Make the draft propose the verifier's own greedy continuation (optionally wrong at one position)."""
 
-    def propose(input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def propose(
+        input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_tokens: int, context: object = None
+    ) -> torch.Tensor:
         assert aux_hidden.shape[1] == input_ids.shape[1] - 1
         truth = greedy_decode(verifier, input_ids[0].tolist(), num_tokens, eos=set())
         if corrupt_at is not None:

@@ -224,3 +224,17 @@ def test_chunked_attention_matches_unchunked(
         chunked = draft.forward_ttt(batch, 3)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_context_matches_fresh_proposals(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
+    """Reusing the draft's step-0 context across inference steps gives the same chains as recomputing."""
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    tokens = _docs(16, seed=10)[0]
+    full = packed_batch(verifier, [tokens])
+    context = draft.new_context()
+    for n in (4, 5, 9, 10, 15):  # prefixes with verifier features for the first n tokens
+        ids, aux = full.input_ids[:, : n + 1], full.aux_hidden[:, :n]
+        assert torch.equal(draft.propose(ids, aux, 3, context), draft.propose(ids, aux, 3))
+        assert context.length == n
+    with pytest.raises(ValueError, match="already in the context"):
+        draft.propose(full.input_ids[:, :16], full.aux_hidden[:, :15], 3, context)

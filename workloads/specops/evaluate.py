@@ -74,12 +74,19 @@ class CachedVerifier:
         return int(self.cache.get_seq_length())
 
     @torch.inference_mode()
-    def extend(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `tokens` after the cached prefix: (logits [n, V], aux [n, A, H]) of the new positions."""
+    def extend(
+        self, tokens: Sequence[int], last_logits_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens` after the cached prefix: (logits [n or 1, V], aux [n, A, H]) of the new positions."""
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         with LayerCapture(self.layers, self.aux_layer_ids) as capture:
-            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
-        return logits[0].float(), capture.stacked()[0]
+            out = self.model(
+                input_ids=ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1 if last_logits_only else 0,
+            )
+        return out.logits[0].float(), capture.stacked()[0]
 
     def truncate(self, length: int) -> None:
         """Forget cached positions from `length` on (rejected draft tokens)."""
@@ -113,14 +120,14 @@ def greedy_decode(
 ) -> list[int]:
     """The verifier's own greedy continuation (KV-cached, one token per forward)."""
     runner = CachedVerifier(model, [0])
-    logits, _ = runner.extend(prompt)
+    logits, _ = runner.extend(prompt, last_logits_only=True)
     out: list[int] = []
     while True:
         out.append(int(logits[-1].argmax()))
         out, done = _finish(out, max_new_tokens, eos)
         if done:
             return out
-        logits, _ = runner.extend(out[-1:])
+        logits, _ = runner.extend(out[-1:], last_logits_only=True)
 
 
 @torch.inference_mode()
@@ -138,15 +145,16 @@ def speculative_decode(
         raise ValueError("the speculator's config has no eagle_aux_hidden_state_layer_ids")
     runner = CachedVerifier(model, aux_ids)
     draft_device = next(draft.parameters()).device
-    logits, aux = runner.extend(prompt)
+    logits, aux = runner.extend(prompt, last_logits_only=True)
     tokens = [*prompt, int(logits[-1].argmax())]
     aux_states = [aux]
+    context = draft.new_context()
     accepted: list[int] = []
     generated, done = _finish(tokens[len(prompt) :], max_new_tokens, eos)
     while not done:
         features = torch.cat(aux_states).to(draft_device)
         ids = torch.tensor([tokens], dtype=torch.long, device=draft_device)
-        proposal = draft.propose(ids, features[None], k)[0].tolist()
+        proposal = draft.propose(ids, features[None], k, context)[0].tolist()
         start = runner.length  # == len(tokens) - 1: the last token is not in the cache yet
         logits, aux = runner.extend([tokens[-1], *proposal])
         choices = logits.argmax(-1).tolist()

@@ -143,11 +143,34 @@ class StepKV:
     """One layer's keys/values across TTT steps.
 
     `context` holds step 0 for every position (built from verifier features); `diagonal[j]` holds
-    step j+1 for the current query positions only (the draft's own features).
+    step j+1 for the current query positions only (the draft's own features). New keys go to the
+    context while `extending` (step 0, also incrementally across inference steps), else to the diagonal.
     """
 
     context: tuple[torch.Tensor, torch.Tensor] | None = None
     diagonal: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    extending: bool = True
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the keys/values of the current queries."""
+        if not self.extending:
+            self.diagonal.append((k, v))
+        elif self.context is None:
+            self.context = (k, v)
+        else:
+            self.context = (torch.cat([self.context[0], k], dim=2), torch.cat([self.context[1], v], dim=2))
+
+
+@dataclass
+class DraftContext:
+    """The draft's step-0 keys/values of an accepted prefix, kept across inference steps.
+
+    Positions with verifier features are always accepted tokens, so this never needs a rollback;
+    each `propose` call adds the positions that gained verifier features since the last one.
+    """
+
+    layers: list[StepKV]
+    length: int = 0
 
 
 def ttt_attention(
@@ -226,10 +249,7 @@ class DraftAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rope)
-        if kv.context is None:
-            kv.context = (k, v)
-        else:
-            kv.diagonal.append((k, v))
+        kv.add(k, v)
         out = ttt_attention(q, kv, context_allowed, 1.0 / math.sqrt(self.head_dim), aligned)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -469,41 +489,64 @@ class Eagle3DraftModel(SpeculatorModel):
             tokens = step_tokens(batch.input_ids, step)
             hidden = self._step(hidden, tokens, batch.position_ids + step, caches, allowed, aligned=True)
             out.append(self.logits(hidden))
+            for cache in caches:
+                cache.extending = False
         return out
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary ids -> verifier ids."""
         return draft_ids + self.d2t[draft_ids]
 
+    def new_context(self) -> DraftContext:
+        """An empty inference context for one sequence (see `propose`)."""
+        return DraftContext([StepKV() for _ in self.layers])
+
     @torch.no_grad()
-    def propose(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def propose(
+        self,
+        input_ids: torch.Tensor,
+        aux_hidden: torch.Tensor,
+        num_tokens: int,
+        context: DraftContext | None = None,
+    ) -> torch.Tensor:
         """Greedy chain of `num_tokens` verifier-vocabulary ids continuing one unpacked sequence.
 
         `input_ids` [B, n+1] are the tokens so far (the last one produced by the verifier and not
         yet run through it); `aux_hidden` [B, n, A, H] the verifier's aux states for the first n.
+        With a `context` from earlier calls on the same (growing) sequence, only positions added
+        since then are run through the draft's step 0.
         """
         b, n_plus_1 = input_ids.shape
         n = n_plus_1 - 1
-        if n < 1 or aux_hidden.shape[:2] != (b, n):
+        ctx = context if context is not None else self.new_context()
+        if n < 1 or aux_hidden.shape[:2] != (b, n) or not ctx.length < n:
             raise ValueError(
-                f"propose needs input_ids [B, n+1] and aux_hidden [B, n, A, H]; got {tuple(input_ids.shape)} "
-                f"and {tuple(aux_hidden.shape)}"
+                f"propose needs input_ids [B, n+1] and aux_hidden [B, n, A, H] with n > {ctx.length} "
+                f"(positions already in the context); got {tuple(input_ids.shape)} and {tuple(aux_hidden.shape)}"
             )
         device = input_ids.device
-        positions = torch.arange(n, device=device).expand(b, n)
-        caches = [StepKV() for _ in self.layers]
-        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n)
-        hidden = self._step(self.fuse(aux_hidden), input_ids[:, 1:], positions, caches, allowed, aligned=True)
+        start = ctx.length
+        new_positions = torch.arange(start, n, device=device)
+        allowed = (torch.arange(n, device=device)[None, :] <= new_positions[:, None]).expand(b, -1, -1)
+        hidden = self._step(
+            self.fuse(aux_hidden[:, start:]),
+            input_ids[:, start + 1 :],
+            new_positions.expand(b, -1),
+            ctx.layers,
+            allowed,
+            aligned=False,
+        )
+        ctx.length = n
         hidden = hidden[:, -1:]
+        chain = [StepKV(context=layer.context, extending=False) for layer in ctx.layers]
         last_allowed = allowed[:, -1:]
         proposed = []
         for step in range(num_tokens):
             token = self.to_target_ids(self.logits(hidden).argmax(-1))
             proposed.append(token)
             if step + 1 < num_tokens:
-                hidden = self._step(
-                    hidden, token, positions[:, -1:] + step + 1, caches, last_allowed, aligned=False
-                )
+                positions = torch.full((b, 1), n - 1 + step + 1, device=device)
+                hidden = self._step(hidden, token, positions, chain, last_allowed, aligned=False)
         return torch.cat(proposed, dim=1)
 
 
