@@ -247,7 +247,7 @@ def smollm2_setup(
     tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
     held = DatasetSource(path=SHAREGPT, name="sharegpt", max_samples=train_rows + 20 * eval_prompts)
     prompts: list[list[int]] = []
-    for conversation in iter_conversations([held], [str(root)]):
+    for conversation in iter_conversations(held, 0, roots(root)):
         if int(conversation.id.split("/")[1]) < train_rows:
             continue  # rows the training read
         messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
