@@ -25,6 +25,7 @@ from specops.engines.base import default_layer_ids
 from specops.models.config import SpeculatorFormatError, SpeculatorsConfig, SpeculatorVerifierConfig
 from specops.models.eagle3 import ARCHITECTURE, Eagle3DraftModel, Eagle3SpeculatorConfig
 from specops.models.safetensors_io import read_tensors, weight_locations
+from specops.models.verifier_head import verifier_tensor_names
 from specops.models.vocab import check_vocab_mapping
 
 _LAYER = re.compile(r"^(?:model\.)?(?:midlayer|layers\.(\d+))\.(.+)$")
@@ -122,7 +123,7 @@ def convert_research_checkpoint(
     hidden = int(research.get("hidden_size", verifier_config.hidden_size))
     target_hidden = research.get("target_hidden_size")
     if "embed_tokens.weight" not in tensors:
-        embed_name = next(n for n in weight_locations(verifier) if n.endswith("embed_tokens.weight"))
+        embed_name = verifier_tensor_names(verifier).embed
         tensors["embed_tokens.weight"] = read_tensors(verifier, [embed_name])[embed_name]
     eagle_config = research.get("eagle_config") or {}
     layer_ids = list(

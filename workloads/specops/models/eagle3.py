@@ -38,8 +38,9 @@ from specops.models.config import (
     SpeculatorVerifierConfig,
     layer_config_from_dict,
 )
-from specops.models.safetensors_io import read_tensors, weight_locations
+from specops.models.safetensors_io import read_tensors
 from specops.models.ttt import context_mask, step_tokens
+from specops.models.verifier_head import verifier_tensor_names
 from specops.models.vocab import check_vocab_mapping
 
 ARCHITECTURE = "Eagle3DraftModel"
@@ -401,12 +402,8 @@ class Eagle3DraftModel(SpeculatorModel):
 
     def copy_verifier_weights(self, verifier: str | Path) -> None:
         """Copy the verifier's input embedding, final norm and lm_head rows (selected by t2d)."""
-        names = set(weight_locations(verifier))
-        embed = _pick(
-            names, ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"), verifier
-        )
-        norm = _pick(names, ("model.norm.weight", "model.language_model.norm.weight"), verifier)
-        head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in names), embed)
+        names = verifier_tensor_names(verifier)
+        embed, norm, head = names.embed, names.norm, names.lm_head
         tensors = read_tensors(verifier, sorted({embed, norm, head}))
         if tuple(tensors[embed].shape) != tuple(self.embed_tokens.weight.shape):
             raise ValueError(
@@ -438,10 +435,6 @@ class Eagle3DraftModel(SpeculatorModel):
 
     # ------------------------------------------------------------------ forward passes
 
-    def _rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary_emb(like, positions)
-        return cos, sin
-
     def _step(
         self,
         hidden: torch.Tensor,
@@ -453,7 +446,7 @@ class Eagle3DraftModel(SpeculatorModel):
     ) -> torch.Tensor:
         """One draft pass over all layers; returns the last layer's pre-norm hidden state."""
         embeds = self.embed_tokens(tokens).to(hidden.dtype)
-        rope = self._rope(hidden, positions)
+        rope: tuple[torch.Tensor, torch.Tensor] = self.rotary_emb(hidden, positions)
         for index, layer in enumerate(self.layers):
             hidden = layer(
                 hidden, embeds if index == 0 else None, rope, caches[index], context_allowed, aligned
@@ -548,10 +541,3 @@ class Eagle3DraftModel(SpeculatorModel):
                 positions = torch.full((b, 1), n - 1 + step + 1, device=device)
                 hidden = self._step(hidden, token, positions, chain, last_allowed, aligned=False)
         return torch.cat(proposed, dim=1)
-
-
-def _pick(names: set[str], candidates: Sequence[str], source: str | Path) -> str:
-    for candidate in candidates:
-        if candidate in names:
-            return candidate
-    raise KeyError(f"{source}: none of {list(candidates)} in its safetensors checkpoint")

@@ -75,7 +75,3 @@ def read_tensors(name_or_path: str | Path, names: Iterable[str]) -> dict[str, to
                 out[name] = handle.get_tensor(name)
     return out
 
-
-def has_tensor(name_or_path: str | Path, name: str) -> bool:
-    """Whether the checkpoint stores `name`."""
-    return name in weight_locations(name_or_path)

@@ -6,6 +6,7 @@ embedding matrix), so building training targets never loads the whole verifier.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,9 @@ class VerifierHead(nn.Module):
                 f"{name_or_path}: {model_type} norms (1 + weight) are not supported as a verifier head"
             )
         eps = text.get("rms_norm_eps", text.get("layer_norm_epsilon", 1e-6))
-        tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-        names = set(weight_locations(name_or_path))
-        norm_name = _first_present(names, [f"{p}norm.weight" for p in _PREFIXES], name_or_path, "final norm")
-        head_candidates = ["lm_head.weight", "language_model.lm_head.weight"]
-        if tied or not any(n in names for n in head_candidates):
-            head_candidates += [f"{p}embed_tokens.weight" for p in _PREFIXES]
-        head_name = _first_present(names, head_candidates, name_or_path, "lm_head")
-        tensors = read_tensors(name_or_path, [norm_name, head_name])
-        head = cls(tensors[norm_name], tensors[head_name], float(eps))
+        names = verifier_tensor_names(name_or_path)
+        tensors = read_tensors(name_or_path, sorted({names.norm, names.lm_head}))
+        head = cls(tensors[names.norm], tensors[names.lm_head], float(eps))
         return head.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else head
 
     def normed(self, last_hidden: torch.Tensor) -> torch.Tensor:
@@ -110,6 +105,27 @@ class VerifierHead(nn.Module):
         rows = self.weight[key]
         self._draft_key, self._draft_weight = key.clone(), rows
         return rows
+
+
+@dataclass(frozen=True)
+class VerifierTensorNames:
+    """Where a verifier checkpoint keeps the tensors a draft copies or targets need."""
+
+    embed: str
+    norm: str
+    lm_head: str
+    """The lm_head, or the input embedding when the verifier ties them and stores only that."""
+
+
+def verifier_tensor_names(name_or_path: str | Path) -> VerifierTensorNames:
+    """Locate the input embedding, final norm and lm_head in a safetensors verifier."""
+    names = set(weight_locations(name_or_path))
+    embed = _first_present(
+        names, [f"{p}embed_tokens.weight" for p in _PREFIXES], name_or_path, "input embedding"
+    )
+    norm = _first_present(names, [f"{p}norm.weight" for p in _PREFIXES], name_or_path, "final norm")
+    head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in names), embed)
+    return VerifierTensorNames(embed=embed, norm=norm, lm_head=head)
 
 
 def _first_present(names: set[str], candidates: list[str], source: str | Path, what: str) -> str:
