@@ -74,4 +74,3 @@ def read_tensors(name_or_path: str | Path, names: Iterable[str]) -> dict[str, to
             for name in file_names:
                 out[name] = handle.get_tensor(name)
     return out
-
