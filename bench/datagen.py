@@ -127,6 +127,10 @@ def run_baseline(
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = bench_config(Path(args.work), args.batch_size, args.max_length, args.samples)
     inputs = json.loads(Path(args.inputs).read_text())
     if args.side == "ours":
@@ -142,6 +146,7 @@ def side(name: str, args: argparse.Namespace, work: Path, inputs: Path, verifier
         sys.executable, __file__, "--side", name, "--work", str(work), "--inputs", str(inputs),
         "--verifier-dir", verifier_dir, "--samples", str(args.samples),
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+        "--threads", str(args.threads),
     ]  # fmt: skip
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -153,9 +158,15 @@ def side(name: str, args: argparse.Namespace, work: Path, inputs: Path, verifier
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=48, help="ShareGPT rows to read")
+    parser.add_argument("--samples", type=int, default=24, help="ShareGPT rows to read")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads on both sides (0 = torch's default; 1 on a busy machine)",
+    )
     parser.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -181,6 +192,7 @@ def main() -> None:
         "data": "ShareGPT",
         **info,
         "batch_size": args.batch_size,
+        "threads": args.threads or "default",
         "layers": LAYERS,
         "ours": ours,
         "baseline": baseline,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specops.config import ConfigError, DataGenConfig, load_config
-from specops.paths import PathNotAllowedError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -300,7 +299,14 @@ def _forward_or_isolate(
 
 
 def run_workers(config: DataGenConfig) -> GenerateReport:
-    """Spawn `run.num_workers` processes, wait for all, and merge their reports."""
+    """Spawn `run.num_workers` processes, wait for all, and merge their reports.
+
+    The verifier is resolved here first: a bad path fails once, before any worker starts, and a
+    GGUF verifier is converted once instead of by every worker at the same time.
+    """
+    from specops.verifier import resolve_verifier
+
+    resolve_verifier(config.verifier, config.run.allowed_roots)
     started = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     report = GenerateReport()
@@ -344,7 +350,8 @@ def worker_main(config_json: str, worker: int, num_workers: int, report_path: st
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {worker} %(levelname)s %(message)s")
     try:
         report = run_slice(config)
-    except (ConfigError, PathNotAllowedError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # Bad input (config, paths, unreadable sources, another producer's store): one line, no traceback.
         print(f"specops generate-data worker {worker}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     Path(report_path).write_text(json.dumps(report.to_json()))
