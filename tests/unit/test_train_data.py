@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from _train_support import build_verifier, make_examples, train_config, write_store
 
-from specops.config import ConfigError, TrainDataConfig
+from specops.config import TrainDataConfig
 from specops.stores.disk import DiskStore
+from specops.stores.mpqueue import MPQueueStore
 from specops.stores.speculators_layout import export_speculators
 from specops.train.data import Prefetcher, count_tokens, is_validation, open_source
 from specops.train.trainer import train
@@ -71,8 +72,34 @@ def test_prefetcher_close_returns_when_the_source_blocks() -> None:
     release.set()
 
 
-def test_streams_cannot_be_opened_from_config_alone(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"data\.kind: 'mpqueue'"):
+def test_bad_data_configs_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.path is required"):
         open_source(TrainDataConfig(kind="mpqueue"), [str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         open_source(TrainDataConfig(kind="speculators", path=str(tmp_path / "missing")), [str(tmp_path)])
+
+
+def test_trains_from_a_local_queue(tmp_path: Path) -> None:
+    verifier = build_verifier(tmp_path / "verifier")
+    examples = make_examples(verifier, 16)
+    write_store(tmp_path / "data", tmp_path / "verifier", examples)  # its token counts pick the vocabulary
+    meta = DiskStore.open(tmp_path / "data", [tmp_path]).meta
+
+    def produce() -> None:
+        sink = MPQueueStore(tmp_path / "q", meta, allowed_roots=[tmp_path])
+        sink.write(examples)
+        sink.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    cfg = train_config(
+        tmp_path,
+        tmp_path / "verifier",
+        tmp_path / "q",
+        max_steps=50,
+        data__kind="mpqueue",
+        data__vocab_from=str(tmp_path / "data"),
+    )
+    result = train(cfg)
+    producer.join(timeout=60)
+    assert 0 < result.step < 50 and not result.interrupted  # trained until the producers finished

@@ -69,9 +69,13 @@ def open_source(
 
         assert data.path is not None
         return SpeculatorsSource(data.path, allowed_roots, field="data.path")
+    if data.kind == "mpqueue":
+        from specops.stores.mpqueue import MPQueueSource
+
+        return MPQueueSource.from_config(data, allowed_roots)
     raise ConfigError(
-        f"data.kind: {data.kind!r} streams exist only inside a running pipeline; start training with "
-        "`specops run` or pass the stream to specops.train.train(source=...)"
+        f"data.kind: {data.kind!r} has no stream client in this build; pass the stream to "
+        "specops.train.train(source=...)"
     )
 
 
