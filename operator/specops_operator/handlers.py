@@ -10,6 +10,7 @@ bookkeeping happens, even after a TTL deleted its Jobs.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ from specops_operator.validation import check_datagen, check_training
 log = logging.getLogger(__name__)
 
 PLURALS = {DATAGEN_KIND: "speculatordatagens", TRAINING_KIND: "speculatortrainings"}
+APPLIED = f"{PREFIX}/applied-spec"
+"""Annotation holding the spec the children were first built from (immutable fields are checked
+against it). kopf leaves annotations under its own prefix out of its diffs."""
 CHILD_KINDS = (
     ("batch/v1", "Job"),
     ("apps/v1", "StatefulSet"),
@@ -223,36 +227,71 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
     return training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
 
 
-def reconcile(body: Manifest, ctx: Context, old_spec: Manifest | None = None) -> Manifest:
-    """Bring children in line with the CR; returns the status to write (never raises for bad specs)."""
+@dataclass(frozen=True)
+class Outcome:
+    """What a reconcile decided: the status, and the spec to record once children exist."""
+
+    status: Manifest
+    applied: str | None = None
+
+
+def _applied_spec(body: Manifest) -> Manifest | None:
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(APPLIED)
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def reconcile(body: Manifest, ctx: Context) -> Outcome:
+    """Bring children in line with the CR; returns the status to write (never raises for bad specs).
+
+    Order matters: a finished run stays finished (its Jobs may be gone after their TTL); then the
+    spec is checked against the one the children were built from, because servers without CEL
+    accept any update and a refresh must never act on an illegal one.
+    """
     prior = dict(body.get("status") or {})
     generation = int((body.get("metadata") or {}).get("generation") or 0)
     now = now_rfc3339()
     ctx.reconciles += 1
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return Outcome(prior)  # being deleted: the cleanup handler owns the children now
     try:
-        if old_spec is not None:
-            changed = immutable_changes(old_spec, body.get("spec") or {}, body["kind"])
+        if is_terminal(prior):
+            return Outcome(settled_status(generation, prior))
+        applied = _applied_spec(body)
+        spec = body.get("spec") or {}
+        if applied is not None:
+            try:
+                changed = immutable_changes(applied, spec, body["kind"])
+            except ValueError:
+                changed = []  # an unreadable record: the current spec is validated below
             if changed:
                 raise Stall("ImmutableFieldChanged", "; ".join(changed))
-        if is_terminal(prior):
-            return settled_status(generation, prior)
         cr = parse_resource(body, f"{body['kind']} {body['metadata'].get('name')}")
         if isinstance(cr, SpeculatorDataGen):
-            return reconcile_datagen(cr, prior, ctx, now)
-        return reconcile_training(cr, prior, ctx, now)
+            status = reconcile_datagen(cr, prior, ctx, now)
+        else:
+            status = reconcile_training(cr, prior, ctx, now)
+        record = None if applied is not None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        return Outcome(status, record)
     except ConfigError as exc:
-        return stalled_status(generation, prior, "InvalidSpec", str(exc), now, None)
+        return Outcome(stalled_status(generation, prior, "InvalidSpec", str(exc), now, None))
     except Stall as stall:
-        return stalled_status(generation, prior, stall.reason, stall.message, now, stall.domain)
+        return Outcome(stalled_status(generation, prior, stall.reason, stall.message, now, stall.domain))
     except Waiting as waiting:
-        return waiting_status(generation, prior, str(waiting), now)
+        return Outcome(waiting_status(generation, prior, str(waiting), now))
 
 
 # --------------------------------------------------------------------------- kopf glue
 
 
-def _write(body: Any, patch: kopf.Patch, status: Manifest) -> None:
-    """Patch status when it changed, and post one Event per condition transition."""
+def _write(body: Any, patch: kopf.Patch, outcome: Outcome) -> None:
+    """Record the applied spec once, patch status when it changed, one Event per transition."""
+    if outcome.applied is not None:
+        patch.metadata.annotations[APPLIED] = outcome.applied
+    status = outcome.status
     prior = dict(body.get("status") or {})
     if status == {k: prior.get(k) for k in status}:
         return
@@ -287,6 +326,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # A deletion waits for a refresh that is mid-flight; re-check each second, not each minute.
+    settings.background.cancellation_polling = 1.0
 
 
 def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
@@ -296,10 +337,6 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
 
         def on_change(body: Any, patch: kopf.Patch, **_: Any) -> None:
             _write(body, patch, reconcile(dict(body), ctx))
-
-        def on_update(body: Any, old: Any, patch: kopf.Patch, **_: Any) -> None:
-            old_spec = dict((old or {}).get("spec") or {})
-            _write(body, patch, reconcile(dict(body), ctx, old_spec=old_spec))
 
         def on_suspend(body: Any, old: Any, new: Any, **_: Any) -> None:
             if bool(old) != bool(new):
@@ -323,7 +360,7 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         backoff = ctx.backoff
         kopf.on.create(*resource, id="reconcile", backoff=backoff, registry=registry)(on_change)
         kopf.on.resume(*resource, id="reconcile", backoff=backoff, registry=registry)(on_change)
-        kopf.on.update(*resource, id="reconcile", backoff=backoff, registry=registry)(on_update)
+        kopf.on.update(*resource, id="reconcile", backoff=backoff, registry=registry)(on_change)
         kopf.on.field(*resource, field="spec.suspend", id="suspend", backoff=backoff, registry=registry)(
             on_suspend
         )

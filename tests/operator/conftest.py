@@ -6,74 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import itertools
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import kmock
 import kopf
 import pytest
 import yaml
 
 from specops_operator.builders.common import Defaults
+from specops_operator.emulator import StampingEmulator, timestamp
 from specops_operator.handlers import Context, configure, register
 from specops_operator.kube import PLURALS, Kube, collection_path, object_path
 
 ROOT = Path(__file__).resolve().parents[2]
-CR_RESOURCES = {
-    "specops.dev/v1alpha1/speculatordatagens": ("SpeculatorDataGen", {"status", "scale"}),
-    "specops.dev/v1alpha1/speculatortrainings": ("SpeculatorTraining", {"status"}),
-}
 Obj = dict[str, Any]
-
-
-class StampingEmulator(kmock.KubernetesEmulator):
-    """kmock plus what a real API server does to every write: uid, resourceVersion, namespace,
-    generation (bumped by spec changes only) and creationTimestamp."""
-
-    _versions = itertools.count(1)
-
-    async def _handle(self, request: kmock.Request) -> Any:
-        data = request.data if isinstance(request.data, dict) else None
-        if request.resource is not None and data is not None and request.action is not None:
-            version = str(next(self._versions))
-            meta = data.setdefault("metadata", {})
-            if request.action == kmock.action.CREATE:
-                if "name" not in meta and "generateName" in meta:
-                    meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
-                meta.setdefault("namespace", request.namespace)
-                meta.update(
-                    uid=str(uuid.uuid4()),
-                    resourceVersion=version,
-                    generation=1,
-                    creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                )
-            elif request.action == kmock.action.UPDATE and request.name is not None:
-                meta["resourceVersion"] = version
-                key = (request.resource, request.namespace, request.name)
-                if "spec" in data and request.subresource is None and key in self.objects:
-                    current = self.objects[key]
-                    if current.get("spec") != _merged(current.get("spec") or {}, data["spec"]):
-                        meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
-        return await super()._handle(request)
-
-
-def _merged(base: Obj, patch: Obj) -> Obj:
-    out = copy.deepcopy(dict(base))
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 @pytest.fixture
@@ -143,7 +94,7 @@ class Api:
                 out.append(copy.deepcopy(dict(obj.raw)))
         return out
 
-    async def until(self, check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    async def until(self, check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             result = check()
@@ -155,15 +106,8 @@ class Api:
 
 
 @pytest.fixture
-async def api(kmock: Any) -> Api:
-    kmock.resources.load_bundled()
-    for key, (kind, subresources) in CR_RESOURCES.items():
-        kmock.resources[key] = kmock.ResourceInfo(
-            kind=kind,
-            namespaced=True,
-            subresources=subresources,
-            verbs={"get", "list", "watch", "create", "patch", "delete"},
-        )
+async def api(kmock: StampingEmulator) -> Api:
+    kmock.declare_resources()
     return Api(kmock)
 
 
@@ -286,7 +230,7 @@ def fake_pod(instance: str, kind: str, component: str, index: int, *, exit_code:
                         "terminated": {
                             "exitCode": exit_code,
                             "message": message,
-                            "finishedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            "finishedAt": timestamp(),
                         }
                     },
                 }
@@ -297,7 +241,7 @@ def fake_pod(instance: str, kind: str, component: str, index: int, *, exit_code:
 
 def job_done(succeeded: int, **extra: Any) -> Obj:
     """Job status of a finished Indexed Job."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = timestamp()
     return {
         "status": {
             "succeeded": succeeded,
@@ -310,7 +254,7 @@ def job_done(succeeded: int, **extra: Any) -> Obj:
 
 
 def job_failed(reason: str, message: str) -> Obj:
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = timestamp()
     return {
         "status": {
             "active": 0,
