@@ -232,3 +232,28 @@ def test_cli_evaluate(
     broken = ["evaluate", "--speculator", str(tmp_path / "broken"), "--data", str(tmp_path / "prompts.jsonl")]
     assert cli_main([*broken, *roots]) == 2
     assert "speculators_model_type is missing" in capsys.readouterr().err
+
+
+def test_cli_with_text_prompts_on_the_tiny_verifier(
+    tiny_verifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Chat-templated text prompts through the verifier's own tokenizer, EOS from its config."""
+    from transformers import AutoConfig
+
+    from specops.models.vocab import build_vocab_mapping
+
+    config = AutoConfig.from_pretrained(tiny_verifier_dir)
+    t2d, d2t = build_vocab_mapping({}, config.vocab_size, 256)
+    Eagle3DraftModel.from_training_args(
+        config, t2d, d2t, verifier_name_or_path=str(tiny_verifier_dir)
+    ).save_pretrained(tmp_path / "spec")
+    rows = [
+        {"prompt": "What is the capital of France?"},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]},
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["evaluate", "--speculator", str(tmp_path / "spec"), "--data", str(tmp_path / "prompts.jsonl")]
+    roots = ["--allowed-root", str(tmp_path), "--allowed-root", str(tiny_verifier_dir)]
+    assert cli_main([*argv, "--max-new-tokens", "16", *roots]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["lossless"] and report["prompts"] == 2 and report["generated_tokens"] > 0
