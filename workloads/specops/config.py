@@ -82,7 +82,7 @@ class DatasetSource(Contract):
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     """Column overrides for unusual layouts."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
-    """Read at most this many rows (after the split)."""
+    """Take at most this many usable conversations (after the split; skipped rows do not count)."""
 
 
 class ProcessorConfig(Contract):
