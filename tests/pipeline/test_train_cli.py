@@ -15,10 +15,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from _train_support import build_verifier, make_examples, write_store
+from _train_support import build_verifier, make_examples, train_cli, write_store
 
 STEPS = 120
-CLI = ["/tmp/tt/runner.py"]  # TEMP until every command module exists: ["-m", "specops.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def command(root: Path, name: str) -> list[str]:
         "allowedRoots": [str(root)],
     }
     (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    return [sys.executable, *CLI, "train", "--config", str(root / f"{name}.yaml")]
+    return [sys.executable, *train_cli(root), "--config", str(root / f"{name}.yaml")]
 
 
 def env() -> dict[str, str]:

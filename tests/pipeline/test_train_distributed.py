@@ -19,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from _train_support import build_verifier, make_examples, write_store
+from _train_support import build_verifier, make_examples, train_cli, write_store
 
 from specops.models.base import SpeculatorModel
 
@@ -47,9 +47,6 @@ def write_config(root: Path, name: str, **fields: Any) -> Path:
     return path
 
 
-CLI = ["/tmp/tt/runner.py"]  # TEMP until every command module exists: ["-m", "specops.cli"]
-
-
 def run(cmd: list[str], root: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
@@ -67,7 +64,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "data", root / "verifier", make_examples(verifier, 2 * STEPS, lengths=[ROW]), shard_size=1
     )
     single = write_config(root, "single", tokensPerStep=2 * ROW)
-    done = run([sys.executable, *CLI, "train", "--config", str(single)], root)
+    done = run([sys.executable, *train_cli(root), "--config", str(single)], root)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 
@@ -76,7 +73,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_world_of_two_matches_one_process(root: Path, strategy: str) -> None:
     config = write_config(root, strategy, tokensPerStep=ROW, distributed=strategy)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = run([*torchrun, *CLI, "train", "--config", str(config)], root)
+    done = run([*torchrun, *train_cli(root), "--config", str(config)], root)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and reports[0]["step"] == STEPS  # rank 0 reports once

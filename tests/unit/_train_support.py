@@ -111,3 +111,21 @@ def train_config(
         "allowed_roots": [str(root)],
     }
     return load_config(TrainConfig, base, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+TRAIN_MAIN = """import argparse, sys
+from specops.cli import split_overrides
+from specops.commands import train
+parser = argparse.ArgumentParser(prog="specops train")
+train.register(parser)
+args, rest = parser.parse_known_args(sys.argv[1:])
+sys.exit(train.main(args, split_overrides(rest)))
+"""
+
+
+def train_cli(root: Path) -> list[str]:
+    """argv (after the interpreter) that runs `specops train` through its command module, so a test
+    depends on this command only, not on every module the dispatcher lists."""
+    script = root / "specops_train.py"
+    script.write_text(TRAIN_MAIN)
+    return [str(script)]
