@@ -17,13 +17,15 @@ def tiny_verifier_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_rows() -> list[dict]:
+    """48 synthetic conversations (seed 7), OpenAI shape."""
     from specops.testing.synthetic import make_conversations
 
     return make_conversations(48, seed=7)
 
 
-@pytest.fixture()
-def synthetic_jsonl(tmp_path: Path, synthetic_rows: list[dict]) -> Path:
+@pytest.fixture(scope="session")
+def synthetic_jsonl(tmp_path_factory: pytest.TempPathFactory, synthetic_rows: list[dict]) -> Path:
+    """48 synthetic OpenAI-shape conversations as jsonl (shared: treat as read-only)."""
     from specops.testing.synthetic import write_jsonl
 
-    return write_jsonl(tmp_path / "conversations.jsonl", synthetic_rows)
+    return write_jsonl(tmp_path_factory.mktemp("synthetic") / "conversations.jsonl", synthetic_rows)

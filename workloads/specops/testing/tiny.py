@@ -12,7 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from specops.paths import cache_dir
 from specops.testing.synthetic import corpus, make_conversations
@@ -89,11 +92,35 @@ def build_tiny_verifier(
     template: str = "llama3",
 ) -> Path:
     """Tokenizer + a LlamaForCausalLM trained `train_steps` steps on synthetic conversations."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     build_tiny_tokenizer(out_dir, template=template, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    with _one_thread():
+        _build_model(tokenizer, out_dir, num_layers, hidden_size, seed, train_steps)
+    return out_dir
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Matrices this small gain nothing from threads, which only thrash a busy machine; one thread
+    also keeps the reduction order, hence the weights, independent of the core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_model(
+    tokenizer: Any, out_dir: Path, num_layers: int, hidden_size: int, seed: int, train_steps: int
+) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -112,20 +139,19 @@ def build_tiny_verifier(
     if train_steps:
         _train(model, tokenizer, train_steps, seed)
     model.save_pretrained(out_dir)
-    return out_dir
 
 
-def _train(model: object, tokenizer: object, steps: int, seed: int) -> None:
+def _train(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
     """Next-token training on rendered conversations; enough for stable, structured greedy output."""
     import torch
 
     rows = make_conversations(512, seed=seed + 1)
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]  # type: ignore[attr-defined]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:128] for t in texts]  # type: ignore[operator]
-    pad = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:128] for t in texts]
+    pad = int(tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # type: ignore[attr-defined]
-    model.train()  # type: ignore[attr-defined]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
     for _ in range(steps):
         picks = torch.randint(len(ids), (8,), generator=generator).tolist()
         width = max(len(ids[i]) for i in picks)
@@ -133,17 +159,17 @@ def _train(model: object, tokenizer: object, steps: int, seed: int) -> None:
         for row, i in enumerate(picks):
             batch[row, : len(ids[i])] = torch.tensor(ids[i])
         labels = batch.masked_fill(batch == pad, -100)
-        loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=labels).loss  # type: ignore[operator]
+        loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()  # type: ignore[attr-defined]
+    model.eval()
 
 
 def tiny_verifier(template: str = "llama3", **kwargs: int) -> Path:
     """The tiny verifier from the SpecOps cache, built once per settings (safe under concurrency)."""
     key = hashlib.sha256(
-        json.dumps({"template": template, "v": 1, **kwargs}, sort_keys=True).encode()
+        json.dumps({"template": template, "v": 2, **kwargs}, sort_keys=True).encode()
     ).hexdigest()[:12]
     target = cache_dir() / "testing" / f"tiny-verifier-{template}-{key}"
     if (target / "model.safetensors").is_file():
