@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from specops.config import ConfigError, DataGenConfig, TrainConfig, dump_config
 from specops.serving import vllm_serve_command, vllm_serve_short
+from specops.verifier import resolve_verifier
 
 if TYPE_CHECKING:
     from specops.evaluate import EvalReport
@@ -284,7 +285,9 @@ def _report(
         "evaluation": evaluation,
         "serve": {
             "short": vllm_serve_short(str(speculator)),
-            "long": vllm_serve_command(plan.train.verifier.name_or_path, str(speculator), k),
+            "long": vllm_serve_command(
+                resolve_verifier(plan.train.verifier, plan.train.allowed_roots), str(speculator), k
+            ),
         },
     }
     if evaluation:

@@ -1,0 +1,91 @@
+"""`specops run --local` end to end on the tiny verifier: report fields, artifacts, resume."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specops.config import ConfigError
+from specops.local_run import plan_local, run_local, summary
+
+
+def _training_yaml(tmp_path: Path, verifier: Path, data: Path, **spec: object) -> Path:
+    doc = {
+        "apiVersion": "specops.dev/v1alpha1",
+        "kind": "SpeculatorTraining",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "dataGen": {
+                "verifier": {"nameOrPath": str(verifier)},
+                "datasets": [{"path": str(data), "name": "syn"}],
+                "processor": {"maxLength": 192},
+                "mode": "offline",
+                "storage": {"size": "1Gi"},
+                "sync": {"shardSize": 16},
+            },
+            "draft": {"draftVocabSize": 256, "speculativeTokens": 3},
+            "optim": {"lr": 3e-3},
+            "data": {"validationFraction": 0.2},
+            "epochs": 2,
+            "logEvery": 2,
+            "tokensPerStep": 1024,
+            "maxSeqLen": 192,
+            "storage": {"size": "1Gi"},
+            "evaluation": {"maxPrompts": 4, "maxNewTokens": 12},
+            **spec,
+        },
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_local_run_reports_and_resumes(
+    tmp_path: Path, tiny_verifier_dir: Path, synthetic_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECOPS_ALLOWED_ROOTS", f"{tiny_verifier_dir}:{synthetic_jsonl.parent}")
+    plan = plan_local(_training_yaml(tmp_path, tiny_verifier_dir, synthetic_jsonl), tmp_path / "out")
+    report = run_local(plan)
+
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert (tmp_path / "out" / "report.png").stat().st_size > 0
+    assert (tmp_path / "out" / "logs" / "run.log").is_file()
+    assert report["data"]["written"] > 0 and report["data"]["ok"]
+    assert report["training"]["step"] > 0 and report["training"]["final_loss"] is not None
+    assert Path(report["speculator"], "config.json").is_file()
+    assert report["lossless"] is True
+    assert report["acceptance_length"] >= 1.0 and report["baseline_acceptance_length"] >= 1.0
+    assert report["better_than_baseline"] == (
+        report["acceptance_length"] > report["baseline_acceptance_length"]
+    )
+    argv = shlex.split(report["serve"]["long"])
+    assert argv[:2] == ["vllm", "serve"] and json.loads(argv[4])["model"] == report["speculator"]
+    assert "acceptance:" in summary(report)
+
+    again = run_local(plan)  # a rerun resumes: nothing regenerated, no extra training steps
+    assert again["data"]["written"] == 0 and again["data"]["skipped"] == report["data"]["written"]
+    assert again["training"]["step"] == report["training"]["step"]
+
+
+def test_missing_data_gen_ref_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    doc = {
+        "apiVersion": "specops.dev/v1alpha1",
+        "kind": "SpeculatorTraining",
+        "metadata": {"name": "t"},
+        "spec": {"dataGenRef": {"name": "elsewhere"}, "storage": {"size": "1Gi"}},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"spec\.dataGenRef\.name: no SpeculatorDataGen 'elsewhere'"):
+        plan_local(path)
+
+
+def test_file_without_training_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="expected exactly one SpeculatorTraining, found 0"):
+        plan_local(path)
