@@ -82,3 +82,12 @@ def test_world_of_two_matches_one_process(root: Path, strategy: str) -> None:
     single = SpeculatorModel.from_pretrained(root / "single" / "final").state_dict()
     for name, value in single.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # The world of 2 resumes its own checkpoint (per-rank data positions, sharded optimizer state).
+    longer = write_config(root, strategy, tokensPerStep=ROW, distributed=strategy, maxSteps=STEPS + 2)
+    more = run([*torchrun, *train_cli(root), "--config", str(longer)], root)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resumed from {root / strategy / 'checkpoints' / f'step-{STEPS:08d}'}" in more.stdout
+    steps = [
+        json.loads(line)["step"] for line in (root / strategy / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, STEPS + 3))
