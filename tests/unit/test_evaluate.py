@@ -16,6 +16,7 @@ from specops.evaluate import (
     CachedVerifier,
     evaluate,
     greedy_decode,
+    greedy_references,
     load_prompts,
     prompts_from_examples,
     speculative_decode,
@@ -257,3 +258,18 @@ def test_cli_with_text_prompts_on_the_tiny_verifier(
     assert cli_main([*argv, "--max-new-tokens", "16", *roots]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["lossless"] and report["prompts"] == 2 and report["generated_tokens"] > 0
+
+
+def test_shared_references_match_recomputed_ones(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
+    references = greedy_references(verifier, PROMPTS, 12)
+    shared = evaluate(verifier, draft, PROMPTS, max_new_tokens=12, references=references)
+    assert (
+        shared.lossless
+        and shared.accepted_tokens == evaluate(verifier, draft, PROMPTS, max_new_tokens=12).accepted_tokens
+    )
+    wrong = [[*r[:-1], r[-1] + 1] for r in references]
+    assert evaluate(verifier, draft, PROMPTS, max_new_tokens=12, references=wrong).mismatched_prompts == list(
+        range(len(PROMPTS))
+    )
+    with pytest.raises(ValueError, match="1 references for"):
+        evaluate(verifier, draft, PROMPTS, references=references[:1])

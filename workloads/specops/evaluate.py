@@ -177,8 +177,15 @@ def evaluate(
     max_new_tokens: int = 64,
     k: int | None = None,
     check_lossless: bool = True,
+    references: Sequence[Sequence[int]] | None = None,
 ) -> EvalReport:
-    """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`."""
+    """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`.
+
+    `references` are the verifier's greedy outputs for the prompts (see `greedy_references`); pass
+    them when evaluating several drafts on the same prompts so the verifier decodes them once.
+    """
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"evaluate: {len(references)} references for {len(prompts)} prompts")
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
@@ -197,8 +204,14 @@ def evaluate(
         for n_ok in out.accepted:
             for j in range(n_ok):
                 per_position[j] += 1
-        if check_lossless and out.tokens != greedy_decode(model, prompt, max_new_tokens, eos):
-            mismatched.append(index)
+        if check_lossless:
+            reference = (
+                references[index]
+                if references is not None
+                else greedy_decode(model, prompt, max_new_tokens, eos)
+            )
+            if out.tokens != list(reference):
+                mismatched.append(index)
     return EvalReport(
         prompts=len(prompts),
         speculative_tokens=steps,
@@ -211,6 +224,14 @@ def evaluate(
         mismatched_prompts=mismatched,
         seconds=round(time.perf_counter() - began, 3),
     )
+
+
+def greedy_references(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """The verifier's own greedy continuation of every prompt (the lossless check's reference)."""
+    eos = eos_ids(model)
+    return [greedy_decode(model, prompt, max_new_tokens, eos) for prompt in prompts]
 
 
 def prompts_from_examples(

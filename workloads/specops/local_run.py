@@ -213,7 +213,7 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
     """Acceptance of the trained draft and of an untrained twin on the same held-out prompts."""
     import torch
 
-    from specops.evaluate import evaluate, prompts_from_examples
+    from specops.evaluate import evaluate, greedy_references, prompts_from_examples
     from specops.models.eagle3 import Eagle3DraftModel
     from specops.stores.disk import DiskStore
     from specops.train.data import is_validation
@@ -238,9 +238,12 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
     verifier = load_model(plan.train.verifier, dtype=torch.float32, device=device, allowed_roots=roots)
     trained = Eagle3DraftModel.from_pretrained(speculator, device=device)
     untrained = untrained_twin(trained).to(device)
+    references = greedy_references(verifier, prompts, plan.max_new_tokens)
     reports: dict[str, EvalReport] = {}
     for label, draft in (("trained", trained), ("untrained", untrained)):
-        reports[label] = evaluate(verifier, draft, prompts, max_new_tokens=plan.max_new_tokens)
+        reports[label] = evaluate(
+            verifier, draft, prompts, max_new_tokens=plan.max_new_tokens, references=references
+        )
         log.info("%s draft: acceptance length %.3f", label, reports[label].acceptance_length)
     return {label: r.to_dict() for label, r in reports.items()}
 
