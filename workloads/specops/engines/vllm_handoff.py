@@ -1,0 +1,255 @@
+"""Hand-off of captured hidden states from vLLM's worker to the VllmPipeline that asked for them.
+
+Our KV connector (`engines.vllm_connector`) runs inside vLLM's worker process (tensor-parallel rank
+0) and hands each finished request's `[S, L, H]` hidden states and its token ids over one of two
+channels, chosen per request:
+
+- `memory`: a ZeroMQ PUSH socket to the pipeline's PULL socket on a local `ipc://` address. Frame 0
+  is a msgpack header (key, token ids, dtype, shape), frame 1 the raw tensor bytes, sent without a
+  copy. Nothing touches a disk, and it works whether the worker is our own process or a child.
+- `file`: one safetensors file per request in a directory of the pipeline's, written under a temp
+  name and renamed, so a reader never sees half a file.
+
+Nothing is pickled on either channel. This module does not import vLLM: the pipeline and the tests
+use it without it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    import zmq
+
+Handoff = Literal["memory", "file"]
+
+KEY_PARAM = "specops_key"
+"""Request `kv_transfer_params` entry naming the request for the hand-off (set by the pipeline)."""
+HANDOFF_PARAM = "specops_handoff"
+"""Request `kv_transfer_params` entry choosing the channel: `memory` or `file`."""
+ADDRESS_PARAM = "address"
+"""Connector extra-config entry: the pipeline's PULL address (memory hand-off)."""
+DIRECTORY_PARAM = "directory"
+"""Connector extra-config entry: the directory of hand-off files (file hand-off)."""
+
+IPC_PATH_MAX = 107
+"""Unix socket paths longer than this cannot be bound (sun_path)."""
+
+_KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class HandoffError(RuntimeError):
+    """Hidden states of some requests did not arrive, or arrived malformed."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One request's captured states as the worker saw them."""
+
+    key: str
+    token_ids: list[int]
+    hidden_states: torch.Tensor
+    """[S, L, H], slots in vLLM's (ascending, de-duplicated) layer order."""
+
+
+def check_key(key: str) -> str:
+    """Keys become file names and header fields: keep them plain."""
+    if not _KEY.match(key):
+        raise ValueError(f"hand-off key {key!r} must match {_KEY.pattern}")
+    return key
+
+
+# --------------------------------------------------------------------------- memory (ZeroMQ)
+
+
+def encode(delivery: Delivery) -> list[Any]:
+    """Frames for one delivery: msgpack header, then the tensor's bytes (no copy)."""
+    import msgpack
+    import torch
+
+    states = delivery.hidden_states.detach().contiguous()
+    header = {
+        "key": check_key(delivery.key),
+        "token_ids": [int(t) for t in delivery.token_ids],
+        "dtype": str(states.dtype).removeprefix("torch."),
+        "shape": list(states.shape),
+    }
+    return [msgpack.packb(header), states.view(-1).view(torch.uint8).numpy()]
+
+
+def decode(frames: list[Any]) -> Delivery:
+    """Inverse of `encode`; checks the byte count against the header."""
+    import msgpack
+    import torch
+
+    if len(frames) != 2:
+        raise HandoffError(f"hand-off message has {len(frames)} frames, expected 2")
+    header = msgpack.unpackb(_bytes(frames[0]))
+    dtype = getattr(torch, str(header.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise HandoffError(
+            f"hand-off message for {header.get('key')!r}: unknown dtype {header.get('dtype')!r}"
+        )
+    shape = [int(d) for d in header["shape"]]
+    buffer = frames[1].buffer if hasattr(frames[1], "buffer") else memoryview(frames[1])
+    expected = _numel(shape) * dtype.itemsize
+    if buffer.nbytes != expected:
+        raise HandoffError(
+            f"hand-off message for {header['key']!r}: {buffer.nbytes} bytes, expected {expected} for {shape}"
+        )
+    if expected == 0:
+        states = torch.empty(shape, dtype=dtype)
+    else:
+        states = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+    return Delivery(key=str(header["key"]), token_ids=list(header["token_ids"]), hidden_states=states)
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class MemorySender:
+    """Worker side: PUSH deliveries to the pipeline. Created lazily in the process that sends."""
+
+    def __init__(self, address: str) -> None:
+        import zmq
+
+        self.address = address
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the pipeline bounds the batch
+        self._socket.setsockopt(zmq.LINGER, 10_000)
+        self._socket.connect(address)
+
+    def send(self, delivery: Delivery) -> None:
+        self._socket.send_multipart(encode(delivery), copy=False)
+
+    def close(self) -> None:
+        self._socket.close()
+        self._context.term()
+
+
+class MemoryReceiver:
+    """Pipeline side: a PULL socket on a private `ipc://` address inside `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        import zmq
+
+        self.path = directory / "handoff.sock"
+        if len(str(self.path).encode()) > IPC_PATH_MAX:
+            raise ValueError(f"hand-off socket path {self.path} is longer than {IPC_PATH_MAX} bytes")
+        self.address = f"ipc://{self.path}"
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[Any] = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.bind(self.address)
+
+    def collect(self, keys: Collection[str], timeout_s: float) -> dict[str, Delivery]:
+        """Wait until every key arrived; deliveries for other keys are an error (a stale run)."""
+        import zmq
+
+        wanted = set(keys)
+        got: dict[str, Delivery] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(wanted):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self._socket.poll(left_ms, zmq.POLLIN):
+                raise HandoffError(_missing(wanted, got, timeout_s, "memory"))
+            delivery = decode(self._socket.recv_multipart(copy=False))
+            if delivery.key not in wanted:
+                raise HandoffError(f"hand-off delivered unexpected key {delivery.key!r}")
+            got[delivery.key] = delivery
+        return got
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
+        self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- file
+
+
+def file_path(directory: str | Path, key: str) -> Path:
+    return Path(directory) / f"{check_key(key)}.safetensors"
+
+
+def write_file(directory: str | Path, delivery: Delivery) -> Path:
+    """Worker side: one safetensors file, written under a temp name and renamed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from specops.stores.atomic import temp_path
+
+    final = file_path(directory, delivery.key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final, ".handoff-")
+    tensors = {
+        "hidden_states": delivery.hidden_states.detach().contiguous(),
+        "token_ids": torch.tensor(delivery.token_ids, dtype=torch.int64),
+    }
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+class FileReceiver:
+    """Pipeline side: wait for each key's file, load it and delete it."""
+
+    POLL_S = 0.005
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def collect(self, keys: Collection[str], timeout_s: float) -> dict[str, Delivery]:
+        from safetensors.torch import load_file
+
+        wanted = set(keys)
+        got: dict[str, Delivery] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(wanted):
+            for key in wanted - got.keys():
+                path = file_path(self.directory, key)
+                if not path.is_file():
+                    continue
+                tensors = load_file(str(path))
+                path.unlink()
+                try:
+                    got[key] = Delivery(key, tensors["token_ids"].tolist(), tensors["hidden_states"])
+                except KeyError as exc:
+                    raise HandoffError(f"hand-off file {path} lacks tensor {exc}") from None
+            if len(got) < len(wanted):
+                if time.monotonic() > deadline:
+                    raise HandoffError(_missing(wanted, got, timeout_s, "file"))
+                time.sleep(self.POLL_S)
+        return got
+
+    def close(self) -> None:
+        """Files of an interrupted batch are left for the temp directory's owner to remove."""
+
+
+def _missing(wanted: set[str], got: dict[str, Delivery], timeout_s: float, handoff: str) -> str:
+    missing = sorted(wanted - got.keys())
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return (
+        f"{handoff} hand-off: no hidden states for {len(missing)} request(s) after {timeout_s:.0f} s ({shown}); "
+        "did vLLM's worker load specops.engines.vllm_connector?"
+    )
