@@ -158,7 +158,7 @@ def side(name: str, args: argparse.Namespace, work: Path, inputs: Path, verifier
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24, help="ShareGPT rows to read")
+    parser.add_argument("--samples", type=int, default=12, help="ShareGPT rows to read")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument(

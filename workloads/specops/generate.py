@@ -169,7 +169,7 @@ def load_engine(config: DataGenConfig) -> InferencePipeline:
 
         return TransformersPipeline.from_config(config)
     try:
-        from specops.engines.vllm import VllmPipeline  # type: ignore[import-not-found,unused-ignore]
+        from specops.engines.vllm import VllmPipeline
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"engine.kind: {config.engine.kind!r} is not available ({exc.name} is missing)"

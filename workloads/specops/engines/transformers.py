@@ -9,9 +9,8 @@ length (see `engines.batching`), so its bytes do not depend on the batch it shar
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Any, Literal, Self
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, Self
 
 import torch
 
@@ -19,15 +18,11 @@ from specops.config import ConfigError, DataGenConfig
 from specops.data.records import TokenizedExample
 from specops.engines.base import resolve_layer_ids
 from specops.engines.batching import plan_batches
+from specops.engines.capture import LayerCapture
 from specops.example import ExampleDict
 
 if TYPE_CHECKING:
-    from torch.utils.hooks import RemovableHandle
     from transformers import PreTrainedModel
-
-
-class _StopForward(Exception):
-    """Raised by the deepest capture hook: nothing after it is needed."""
 
 
 def compute_dtype_name(config: DataGenConfig) -> str:
@@ -65,7 +60,6 @@ class TransformersPipeline:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_seq_len = max_seq_len
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
-        self._captured: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: DataGenConfig) -> Self:
@@ -103,48 +97,6 @@ class TransformersPipeline:
     def needs_lm_head(self) -> bool:
         return self.want_logits or self.want_output_tokens
 
-    # ------------------------------------------------------------------ hooks
-
-    @contextmanager
-    def _hooks(self) -> Iterator[None]:
-        """Capture hooks live only during our own forward; the model stays usable by others."""
-        handles = self._install_hooks()
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _install_hooks(self) -> list[RemovableHandle]:
-        layers: Sequence[torch.nn.Module] = self.body.layers  # type: ignore[assignment]
-        wanted = sorted(set(self.layer_ids))
-        deepest = wanted[-1]
-        handles = []
-        for k in wanted:
-            if k < self.num_layers:
-                handles.append(
-                    layers[k].register_forward_pre_hook(self._pre_hook(k, k == deepest), with_kwargs=True)
-                )
-            else:
-                handles.append(layers[k - 1].register_forward_hook(self._post_hook(k)))
-        return handles
-
-    def _pre_hook(self, slot: int, deepest: bool) -> Any:
-        def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._captured[slot] = args[0] if args else kwargs["hidden_states"]
-            if deepest and not self.needs_lm_head:
-                raise _StopForward
-
-        return hook
-
-    def _post_hook(self, slot: int) -> Any:
-        def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            self._captured[slot] = output[0] if isinstance(output, tuple) else output
-            if not self.needs_lm_head:
-                raise _StopForward
-
-        return hook
-
     # ------------------------------------------------------------------ forward
 
     def forward(self, batch: Sequence[TokenizedExample]) -> list[ExampleDict]:
@@ -174,14 +126,14 @@ class TransformersPipeline:
         for row, example in enumerate(group):
             input_ids[row, : len(example.token_ids)] = torch.tensor(example.token_ids, dtype=torch.long)
         input_ids = input_ids.to(self.device)
-        self._captured = {}
         logits: torch.Tensor | None = None
-        with self._hooks(), suppress(_StopForward):
+        layers: Sequence[torch.nn.Module] = self.body.layers  # type: ignore[assignment]
+        with LayerCapture(layers, self.layer_ids, stop_after_deepest=not self.needs_lm_head) as capture:
             if self.needs_lm_head:
                 logits = self.model(input_ids=input_ids, use_cache=False).logits
             else:
                 self.body(input_ids=input_ids, use_cache=False)
-        captured, self._captured = self._captured, {}
+        captured = capture.captured
         return [self._example(row, example, captured, logits) for row, example in enumerate(group)]
 
     def _example(
