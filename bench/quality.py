@@ -239,16 +239,17 @@ def smollm2_setup(
         verifier=verifier,
         datasets=[{"path": SHAREGPT, "name": "sharegpt", "max_samples": train_rows}],
         layers=[2, 15, 27, 30],
-        max_length=1024,
+        max_length=512,
         train={
             "draft": {"draft_vocab_size": 8192},
-            "optim": {"lr": 5e-4, "warmup_steps": 20},
-            "epochs": 2,
-            "tokens_per_step": 4096,
-            "max_seq_len": 1024,
-            "eval_every": 40,
-            "log_every": 10,
-            "checkpoint_every": 40,
+            # The CPU budget, not the epoch count, ends training: a constant rate after warmup.
+            "optim": {"lr": 8e-4, "warmup_steps": 10, "schedule": "constant"},
+            "epochs": 50,
+            "tokens_per_step": 2048,
+            "max_seq_len": 512,
+            "eval_every": 25,
+            "log_every": 5,
+            "checkpoint_every": 25,
         },
         train_cpu_seconds=train_minutes * 60,
         max_new_tokens=64,
@@ -296,8 +297,8 @@ def main() -> None:
     parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
     parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
     parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
-    parser.add_argument("--smollm2-train", type=int, default=1500, help="ShareGPT conversations to train on")
-    parser.add_argument("--smollm2-eval", type=int, default=24, help="held-out ShareGPT prompts")
+    parser.add_argument("--smollm2-train", type=int, default=300, help="ShareGPT conversations to train on")
+    parser.add_argument("--smollm2-eval", type=int, default=16, help="held-out ShareGPT prompts")
     parser.add_argument(
         "--train-minutes",
         type=float,

@@ -91,12 +91,6 @@ def wrap(model: nn.Module, env: DistEnv, strategy: Strategy) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user module inside a DDP wrapper (FSDP2 shards in place, so it is the module itself)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def all_reduce(tensor: torch.Tensor, env: DistEnv, op: Literal["sum", "min"] = "sum") -> torch.Tensor:
     """Reduce `tensor` over ranks in place (a no-op for one process); returns it for chaining."""
     if env.distributed:
