@@ -146,7 +146,8 @@ class SyncConfig(Contract):
 
     kind: Literal["disk", "mpqueue", "zmq"] = "disk"
     path: Annotated[str, Field(max_length=1024)] | None = None
-    """Directory for disk shards (kind=disk, and the cache of stream-then-cache)."""
+    """Directory for disk shards (kind=disk) or the queue directory (kind=mpqueue; best on tmpfs
+    such as /dev/shm)."""
     shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     """Examples per shard file."""
     compression: Literal["none", "zstd"] = "none"
@@ -161,8 +162,8 @@ class SyncConfig(Contract):
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Self:
-        if self.kind == "disk" and not self.path:
-            raise ValueError("sync.path is required when sync.kind is 'disk'")
+        if self.kind in ("disk", "mpqueue") and not self.path:
+            raise ValueError(f"sync.path is required when sync.kind is '{self.kind}'")
         if self.kind == "zmq" and not self.url:
             raise ValueError("sync.url is required when sync.kind is 'zmq'")
         return self
@@ -234,6 +235,8 @@ class TrainDataConfig(Contract):
     """disk = SpecOps shards; speculators = upstream hs_{i}.safetensors; zmq = broker stream."""
     path: Annotated[str, Field(max_length=1024)] | None = None
     url: Annotated[str, Field(max_length=512)] | None = None
+    curve_key_dir: Annotated[str, Field(max_length=1024)] | None = None
+    """zmq: directory with CURVE keys (`client.key_secret`, `broker.key`); unset = no encryption."""
     cache_path: Annotated[str, Field(max_length=1024)] | None = None
     """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05

@@ -1,0 +1,698 @@
+"""The ZeroMQ broker between N generators (producers) and M trainer ranks (consumers).
+
+One ROUTER socket serves both sides. Guarantees (see docs/streaming.md for the protocol):
+
+- Bounded memory: a producer offers each example (id, size) and sends it only after a `go`; the
+  broker grants `go`s while the bytes it holds plus the bytes it promised stay under
+  `max_bytes`. Consumers grant credits; the broker pushes at most that many unacked examples to each.
+- No loss: an example stays with the broker until a consumer acks it, and with its producer until
+  the broker acks it back (after the consumer did). A vanished consumer's unacked examples are
+  delivered again; a restarted broker gets every unacked example again from its producers.
+- No duplicates: delivered ids are journaled (in `state_dir`, when given, before any ack goes
+  out); an offer of a delivered id is acked without its data, an offer of an id already held
+  waits for that copy. Consumers re-send acks the broker had not confirmed when they reconnect,
+  and a broker restarted on a journal holds dispatch for one timeout so they can.
+- Work assignment: the input is split into hash ranges; producers claim ranges and report each
+  complete once all its examples are delivered. A producer that vanishes releases its unfinished
+  ranges to the next claimer. The stream ends (`eos` to consumers) when every range is complete.
+
+The broker never imports torch: it moves frames it does not look into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import msgpack
+import zmq
+
+from specops.stores.atomic import write_json_atomic
+from specops.stores.base import StoreMeta
+from specops.stores.streaming import MetricsServer, StreamStats, serve_metrics
+from specops.stores.wire import CurveKeys, ProtocolError, Timing, pack, range_pair, secure_server, unpack
+
+log = logging.getLogger(__name__)
+STREAM_FILE = "stream.json"
+JOURNAL_FILE = "journal.msgpack"
+MAX_BATCH = 256
+"""Messages handled per poll before housekeeping runs."""
+
+
+def meta_differences(stored: StoreMeta, offered: StoreMeta) -> str:
+    have, want = asdict(stored), asdict(offered)
+    return "; ".join(
+        f"{k}: stream {have[k]!r}, this generator {want[k]!r}" for k in have if have[k] != want[k]
+    )
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """What must survive a broker restart: the stream's StoreMeta and range count, the complete
+    ranges and every delivered id (with its range). Kept in memory; with a directory, also
+    appended to `journal.msgpack` before the broker acks anything (kill -9 safe: one write()
+    per record batch; an fsync every `fsync_every_s` covers power loss)."""
+
+    def __init__(self, directory: Path | None, fsync_every_s: float = 1.0) -> None:
+        self.directory = directory
+        self.meta: StoreMeta | None = None
+        self.ranges: int | None = None
+        self.complete: set[int] = set()
+        self.delivered: dict[str, int] = {}
+        self._fd: int | None = None
+        self._fsync_every_s = fsync_every_s
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._load(directory)
+            self._fd = os.open(directory / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this journal continues an earlier broker's stream."""
+        return self.meta is not None or bool(self.delivered)
+
+    def _load(self, directory: Path) -> None:
+        stream = directory / STREAM_FILE
+        if stream.is_file():
+            data = json.loads(stream.read_text())
+            self.meta = StoreMeta.from_json(data["meta"]) if data.get("meta") else None
+            self.ranges = data.get("ranges")
+        path = directory / JOURNAL_FILE
+        if not path.is_file():
+            return
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(path.read_bytes())
+        good = 0
+        try:
+            for record in unpacker:
+                if record[0] == "d":
+                    self.delivered[record[1]] = int(record[2])
+                elif record[0] == "c":
+                    self.complete.add(int(record[1]))
+                good = unpacker.tell()
+        except (ValueError, IndexError, TypeError, msgpack.UnpackException) as exc:
+            log.warning("%s: journal damaged after byte %d (%s); keeping what precedes", path, good, exc)
+        if good < path.stat().st_size:
+            os.truncate(path, good)  # a torn tail record from a crash mid-write
+        log.info(
+            "journal %s: %d delivered ids, %d/%s ranges complete",
+            directory,
+            len(self.delivered),
+            len(self.complete),
+            self.ranges,
+        )
+
+    def set_stream(self, meta: StoreMeta | None = None, ranges: int | None = None) -> None:
+        self.meta = meta or self.meta
+        self.ranges = ranges or self.ranges
+        if self.directory is not None:
+            write_json_atomic(
+                self.directory / STREAM_FILE,
+                {"meta": self.meta.to_json() if self.meta else None, "ranges": self.ranges},
+            )
+
+    def deliver(self, items: list[tuple[str, int]]) -> None:
+        fresh = [(ex_id, rng) for ex_id, rng in items if ex_id not in self.delivered]
+        if not fresh:
+            return
+        self._append(b"".join(msgpack.packb(["d", ex_id, rng]) for ex_id, rng in fresh))
+        self.delivered.update(fresh)
+
+    def mark_complete(self, index: int) -> None:
+        if index not in self.complete:
+            self._append(msgpack.packb(["c", index]))
+            self.complete.add(index)
+
+    def ids_in(self, index: int) -> list[str]:
+        return [ex_id for ex_id, rng in self.delivered.items() if rng == index]
+
+    def _append(self, data: bytes) -> None:
+        if self._fd is None:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._dirty = True
+
+    def sync(self, force: bool = False) -> None:
+        """fsync the journal at most every `fsync_every_s` (always when `force`)."""
+        if self._fd is None or not self._dirty:
+            return
+        if force or time.monotonic() - self._last_fsync >= self._fsync_every_s:
+            os.fsync(self._fd)
+            self._dirty = False
+            self._last_fsync = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync(force=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Entry:
+    """One example the broker holds until a consumer acks it."""
+
+    id: str
+    range: int
+    frames: list[zmq.Frame]
+    nbytes: int
+    waiters: list[tuple[str, int]] = field(default_factory=list)
+    """(producer sid, seq) to ack once delivered: the sender and anyone who offered it again."""
+    lease: str | None = None
+    """The consumer sid it was pushed to, unacked."""
+
+
+@dataclass
+class Offer:
+    sid: str
+    seq: int
+    id: str
+    nbytes: int
+    range: int
+
+
+@dataclass
+class Session:
+    sid: str
+    role: str
+    rid: bytes
+    last_seen: float
+    claims: set[int] = field(default_factory=set)
+    credit: int = 0
+    leases: set[str] = field(default_factory=set)
+    reported: dict[str, float] = field(default_factory=dict)
+    """The client's own stats from its last heartbeat (idle fraction, unacked bytes...)."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    bind: str = "tcp://0.0.0.0:5555"
+    max_bytes: int = 2 << 30
+    """Bytes of example frames held plus promised to producers, at most."""
+    state_dir: Path | None = None
+    """Journal directory; without one a broker restart starts a new stream."""
+    ranges: int | None = None
+    """Input ranges for claims; default: what the first claiming producer asks for."""
+    timing: Timing = field(default_factory=Timing)
+    curve: CurveKeys | None = None
+    metrics_port: int | None = None
+    exit_after_eos: bool = False
+    """Exit once the stream has ended and every client has left (local runs and tests)."""
+
+
+class Broker:
+    """The broker loop; `run()` serves until `stop()` (or SIGTERM via `serve`)."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        if config.max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self.config = config
+        self.instance = uuid.uuid4().hex
+        self.journal = Journal(config.state_dir)
+        self.timing = config.timing
+        self.entries: dict[str, Entry] = {}
+        self.queue: deque[str] = deque()
+        """Ids waiting for a consumer; redeliveries go to the front."""
+        self.offers: deque[Offer] = deque()
+        self.reserved: dict[tuple[str, int], Offer] = {}
+        self.sessions: dict[str, Session] = {}
+        self.delivered_to: dict[str, str] = {}
+        """Example id -> the consumer session it went to (this broker's lifetime)."""
+        self.held_bytes = 0
+        self.reserved_bytes = 0
+        self.eos_sent = False
+        self.grace_until = time.monotonic() + (self.timing.timeout_s if self.journal.resumed else 0.0)
+        self.stats = StreamStats("broker")
+        self._stopping = False
+        self._rr: deque[str] = deque()
+        """Consumer sids in round-robin order for dispatch."""
+        self._ctx = zmq.Context(io_threads=2)
+        self._auth: Any = None
+        self.socket = self._ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if config.curve is not None:
+            self._start_auth(config.curve)
+        secure_server(self.socket, config.curve)
+        self.socket.bind(config.bind)
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._metrics: MetricsServer | None = serve_metrics(config.metrics_port, [self.stats])
+        log.info(
+            "broker %s on %s: max %d MiB held, state %s",
+            self.instance[:8],
+            self.endpoint,
+            config.max_bytes >> 20,
+            config.state_dir or "in memory only (a restart starts a new stream)",
+        )
+
+    def _start_auth(self, keys: CurveKeys) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(keys.directory))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        tick = self.timing.heartbeat_s / 2
+        next_tick = time.monotonic()
+        try:
+            while not self._stopping:
+                wait_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                if poller.poll(math.ceil(wait_ms)):
+                    for _ in range(MAX_BATCH):
+                        try:
+                            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                    self._dispatch()
+                if time.monotonic() >= next_tick:
+                    self._housekeeping()
+                    next_tick = time.monotonic() + tick
+                    if self.config.exit_after_eos and self.eos_sent and not self.sessions:
+                        log.info("stream complete and every client gone: exiting")
+                        return
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        self.journal.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self.stats.maybe_log(force=True)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.last_seen > self.timing.timeout_s:
+                log.warning(
+                    "%s %s: silent for %.1f s, expiring",
+                    session.role,
+                    session.sid[:8],
+                    now - session.last_seen,
+                )
+                self._end_session(session)
+        self._dispatch()
+        self._check_eos()
+        self.journal.sync()
+        self._update_gauges()
+        self.stats.maybe_log()
+
+    def _update_gauges(self) -> None:
+        consumers = [s for s in self.sessions.values() if s.role == "consumer"]
+        producers = [s for s in self.sessions.values() if s.role == "producer"]
+        idle = [s.reported.get("idle_fraction", 0.0) for s in consumers]
+        self.stats.set("queue_depth", len(self.queue))
+        self.stats.set("leased", sum(len(s.leases) for s in consumers))
+        self.stats.set("held_bytes", self.held_bytes)
+        self.stats.set("reserved_bytes", self.reserved_bytes)
+        self.stats.set("waiting_offers", len(self.offers))
+        self.stats.set("producers", len(producers))
+        self.stats.set("consumers", len(consumers))
+        self.stats.set("producer_unacked_bytes", sum(s.reported.get("unacked_bytes", 0.0) for s in producers))
+        self.stats.set("consumer_idle_fraction", sum(idle) / len(idle) if idle else 0.0)
+        self.stats.set("ranges_complete", len(self.journal.complete))
+        self.stats.set("ranges_total", self.journal.ranges or 0)
+
+    # ------------------------------------------------------------------ messages
+
+    def _send(self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame] | None = None) -> bool:
+        """Send to one client; False (and the session ended) when it is no longer connected."""
+        try:
+            self.socket.send_multipart([rid, pack(ctl), *(payload or [])], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            sid = next((s.sid for s in self.sessions.values() if s.rid == rid), None)
+            if sid is not None:
+                log.warning("client %s is unreachable; ending its session", sid[:8])
+                self._end_session(self.sessions[sid])
+            return False
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return
+        rid = frames[0].bytes
+        try:
+            ctl = unpack(frames[1].buffer)
+            self._route(rid, ctl, frames[2:])
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.warning("dropping a bad message from client %r: %s", rid.hex()[:8], exc)
+
+    def _route(self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        kind, sid = ctl["t"], str(ctl.get("sid", ""))
+        if kind == "hello":
+            self._hello(rid, sid, ctl)
+            return
+        session = self.sessions.get(sid)
+        if session is None or session.rid != rid:
+            if session is None and kind != "bye":
+                self._send(rid, {"t": "reset"})  # e.g. this broker restarted: say hello again
+            return
+        session.last_seen = time.monotonic()
+        handler = {
+            "hb": self._heartbeat,
+            "bye": self._bye,
+            "offer": self._offer,
+            "data": self._data,
+            "claim": self._claim,
+            "complete": self._complete,
+            "ids": self._ids,
+            "ack": self._ack,
+        }.get(kind)
+        if handler is None:
+            raise ProtocolError(f"unknown message type {kind!r}")
+        handler(session, ctl, payload)
+
+    def _hello(self, rid: bytes, sid: str, ctl: dict[str, Any]) -> None:
+        role = ctl.get("role")
+        if not sid or role not in ("producer", "consumer"):
+            raise ProtocolError("hello needs a sid and a role")
+        old = self.sessions.get(sid)
+        if old is not None:
+            self._end_session(old)
+        if role == "producer":
+            meta = StoreMeta.from_json(ctl["meta"])
+            if self.journal.meta is None:
+                self.journal.set_stream(meta=meta)
+                for consumer in self._consumers():
+                    self._send(consumer.rid, {"t": "meta", "meta": meta.to_json()})
+            elif meta != self.journal.meta:
+                text = (
+                    f"the broker's stream comes from a different producer ({meta_differences(self.journal.meta, meta)}); "
+                    "use the original verifier and layers, or a new broker state directory"
+                )
+                self._send(rid, {"t": "error", "kind": "meta", "error": text})
+                return
+        session = Session(sid=sid, role=str(role), rid=rid, last_seen=time.monotonic())
+        self.sessions[sid] = session
+        welcome = {
+            "t": "welcome",
+            "broker": self.instance,
+            "heartbeat_s": self.timing.heartbeat_s,
+            "timeout_s": self.timing.timeout_s,
+            "meta": self.journal.meta.to_json() if self.journal.meta else None,
+        }
+        if role == "producer":
+            for pair in ctl.get("claims", []):
+                index, count = range_pair(pair)
+                if self.journal.ranges in (None, count):
+                    session.claims.add(index)
+            for pair in ctl.get("completed", []):
+                self._mark_complete(range_pair(pair))
+            self._send(rid, welcome)
+        else:
+            ok, lost = self._take(session, ctl.get("taken", []))
+            session.credit = max(0, int(ctl.get("credit", 1)))
+            self._rr.append(sid)
+            self._send(rid, {**welcome, "ok": ok, "lost": lost})
+            if self.eos_sent:
+                self._send(rid, {"t": "eos"})
+        log.info("%s %s connected (%d sessions)", role, sid[:8], len(self.sessions))
+
+    def _consumers(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s.role == "consumer"]
+
+    def _heartbeat(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        stats = ctl.get("stats")
+        if isinstance(stats, dict):
+            session.reported = {str(k): float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        self._send(session.rid, {"t": "hb"})
+
+    def _bye(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        log.info("%s %s left", session.role, session.sid[:8])
+        self._end_session(session)
+
+    def _end_session(self, session: Session) -> None:
+        """Forget a client: a producer's claims and pending offers go, a consumer's unacked
+        examples go back to the front of the queue."""
+        if self.sessions.get(session.sid) is not session:
+            return
+        del self.sessions[session.sid]
+        if session.role == "producer":
+            session.claims.clear()
+            self.offers = deque(o for o in self.offers if o.sid != session.sid)
+            for key in [k for k in self.reserved if k[0] == session.sid]:
+                self.reserved_bytes -= self.reserved.pop(key).nbytes
+            self._grant()
+            return
+        with contextlib.suppress(ValueError):
+            self._rr.remove(session.sid)
+        for ex_id in sorted(session.leases, reverse=True):
+            entry = self.entries.get(ex_id)
+            if entry is not None and entry.lease == session.sid:
+                entry.lease = None
+                self.queue.appendleft(ex_id)
+                self.stats.inc("redelivered_examples")
+        session.leases.clear()
+
+    # ------------------------------------------------------------------ producers
+
+    def _offer(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        acks: list[int] = []
+        for seq, ex_id, nbytes, rng in ctl["offers"]:
+            offer = Offer(session.sid, int(seq), str(ex_id), int(nbytes), int(rng))
+            if offer.id in self.journal.delivered:
+                acks.append(offer.seq)
+                self.stats.inc("duplicate_examples")
+            elif offer.id in self.entries:
+                self.entries[offer.id].waiters.append((offer.sid, offer.seq))
+                self.stats.inc("duplicate_examples")
+            elif offer.nbytes > self.config.max_bytes:
+                text = (
+                    f"example {offer.id} is {offer.nbytes} bytes, more than the broker may hold "
+                    f"({self.config.max_bytes}); raise sync.max_broker_bytes / --max-bytes"
+                )
+                self._send(session.rid, {"t": "error", "kind": "size", "error": text})
+                return
+            else:
+                self.offers.append(offer)
+        if acks:
+            self._send(session.rid, {"t": "ack", "seqs": acks})
+        self._grant()
+
+    def _grant(self) -> None:
+        """`go` for waiting offers, in arrival order, while held + promised bytes fit the budget."""
+        grants: dict[str, list[int]] = {}
+        while self.offers:
+            offer = self.offers[0]
+            used = self.held_bytes + self.reserved_bytes
+            if used and used + offer.nbytes > self.config.max_bytes:
+                break
+            self.offers.popleft()
+            self.reserved[(offer.sid, offer.seq)] = offer
+            self.reserved_bytes += offer.nbytes
+            grants.setdefault(offer.sid, []).append(offer.seq)
+        for sid, seqs in grants.items():
+            session = self.sessions.get(sid)
+            if session is not None:
+                self._send(session.rid, {"t": "go", "seqs": seqs})
+
+    def _data(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        seq, ex_id = int(ctl["seq"]), str(ctl["id"])
+        offer = self.reserved.pop((session.sid, seq), None)
+        if offer is None or offer.id != ex_id:
+            log.warning(
+                "producer %s sent %s (seq %d) without a go; asking it to start over",
+                session.sid[:8],
+                ex_id,
+                seq,
+            )
+            self._send(session.rid, {"t": "reset"})
+            self._end_session(session)
+            return
+        self.reserved_bytes -= offer.nbytes
+        nbytes = sum(len(f) for f in payload)
+        self.stats.count("in", nbytes)
+        if ex_id in self.journal.delivered:
+            self._send(session.rid, {"t": "ack", "seqs": [seq]})
+            self.stats.inc("duplicate_examples")
+        elif ex_id in self.entries:
+            self.entries[ex_id].waiters.append((session.sid, seq))
+            self.stats.inc("duplicate_examples")
+        else:
+            self.entries[ex_id] = Entry(ex_id, offer.range, payload, nbytes, waiters=[(session.sid, seq)])
+            self.held_bytes += nbytes
+            self.queue.append(ex_id)
+        self._grant()
+
+    def _claim(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        req = ctl.get("req")
+        want = ctl.get("want")
+        count = range_pair(want)[1] if want is not None else int(ctl["count"])
+        reply: dict[str, Any] = {"t": "claim", "req": req}
+        if self.journal.ranges is None:
+            self.journal.set_stream(ranges=self.config.ranges or count)
+        ranges = self.journal.ranges
+        assert ranges is not None
+        if count != ranges:
+            reply["error"] = (
+                f"this stream splits the input into {ranges} ranges, this generator into {count}; "
+                "every generator must use the same run.num_shards x run.num_workers (or claim ranges)"
+            )
+        elif want is not None:
+            index = range_pair(want)[0]
+            session.claims.add(index)
+            reply.update(range=[index, ranges], complete=index in self.journal.complete)
+        elif len(self.journal.complete) == ranges:
+            reply["done"] = True
+        else:
+            taken = {i for s in self.sessions.values() for i in s.claims} | self.journal.complete
+            free = [i for i in range(ranges) if i not in taken]
+            if free and time.monotonic() >= self.grace_until:
+                session.claims.add(free[0])
+                reply["range"] = [free[0], ranges]
+            else:
+                reply["wait"] = True
+        self._send(session.rid, reply)
+
+    def _complete(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        pair = range_pair(ctl["range"])
+        self._mark_complete(pair)
+        session.claims.discard(pair[0])
+        self._send(session.rid, {"t": "completed", "range": list(pair)})
+
+    def _mark_complete(self, pair: tuple[int, int]) -> None:
+        if self.journal.ranges is None:
+            self.journal.set_stream(ranges=pair[1])
+        if pair[1] != self.journal.ranges:
+            raise ProtocolError(f"range {pair} does not match the stream's {self.journal.ranges} ranges")
+        self.journal.mark_complete(pair[0])
+        self._check_eos()
+
+    def _ids(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        index = range_pair(ctl["range"])[0]
+        self._send(session.rid, {"t": "ids", "req": ctl.get("req"), "ids": self.journal.ids_in(index)})
+
+    # ------------------------------------------------------------------ consumers
+
+    def _ack(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        ok, lost = self._take(session, ctl["taken"])
+        self._send(session.rid, {"t": "acked", "ok": ok, "lost": lost})
+
+    def _take(self, session: Session, taken: list[Any]) -> tuple[list[str], list[str]]:
+        """A consumer asks to hand these (id, range) examples to its trainer. Each goes to the
+        first consumer that asks: those are journaled as delivered before their producers (and
+        the consumer) hear of it; a later ask for the same id is answered `lost`."""
+        ok: list[str] = []
+        lost: list[str] = []
+        done: list[tuple[str, int]] = []
+        for item in taken:
+            ex_id, rng = str(item[0]), int(item[1])
+            entry = self.entries.get(ex_id)
+            if entry is not None:
+                if entry.lease not in (None, session.sid):
+                    log.warning(
+                        "%s: taken by %s while pushed to %s", ex_id, session.sid[:8], str(entry.lease)[:8]
+                    )
+                done.append((ex_id, entry.range))
+            elif ex_id in self.journal.delivered:
+                if self.delivered_to.get(ex_id, session.sid) != session.sid:
+                    lost.append(ex_id)
+                    continue
+            else:  # this consumer holds it; its producer offers it again after a broker restart
+                done.append((ex_id, rng))
+            ok.append(ex_id)
+        self.journal.deliver(done)  # durable before anyone hears of it
+        producer_acks: dict[str, list[int]] = {}
+        for ex_id, _ in done:
+            self.delivered_to[ex_id] = session.sid
+            self.stats.inc("delivered_examples")
+            entry = self.entries.pop(ex_id, None)
+            if entry is None:
+                continue
+            self.held_bytes -= entry.nbytes
+            if entry.lease is None:
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(ex_id)
+            else:
+                owner = self.sessions.get(entry.lease)
+                if owner is not None and ex_id in owner.leases:
+                    owner.leases.discard(ex_id)
+                    owner.credit += 1  # credit comes back with the lease, whoever took it
+            for sid, seq in entry.waiters:
+                producer_acks.setdefault(sid, []).append(seq)
+        for sid, seqs in producer_acks.items():
+            producer = self.sessions.get(sid)
+            if producer is not None:
+                self._send(producer.rid, {"t": "ack", "seqs": seqs})
+        self._grant()
+        return ok, lost
+
+    def _dispatch(self) -> None:
+        """Push queued examples to consumers with credit, round-robin."""
+        if time.monotonic() < self.grace_until:
+            return
+        idle_rounds = 0
+        while self.queue and self._rr and idle_rounds < len(self._rr):
+            sid = self._rr[0]
+            self._rr.rotate(-1)
+            session = self.sessions.get(sid)
+            if session is None or session.credit <= 0:
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            ex_id = self.queue.popleft()
+            entry = self.entries[ex_id]
+            entry.lease = sid
+            session.leases.add(ex_id)
+            session.credit -= 1
+            if self._send(session.rid, {"t": "data", "id": ex_id, "range": entry.range}, entry.frames):
+                self.stats.count("out", entry.nbytes)
+
+    def _check_eos(self) -> None:
+        ranges = self.journal.ranges
+        if self.eos_sent or ranges is None or len(self.journal.complete) < ranges or self.entries:
+            return
+        self.eos_sent = True
+        self.journal.sync(force=True)
+        log.info("stream complete: %d examples delivered over %d ranges", len(self.journal.delivered), ranges)
+        for consumer in self._consumers():
+            self._send(consumer.rid, {"t": "eos"})
+
+
+def serve(config: BrokerConfig) -> int:
+    """Run a broker in the foreground until SIGTERM/SIGINT (or the end of the stream with exit_after_eos)."""
+    broker = Broker(config)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    broker.run()
+    return 0
