@@ -36,12 +36,12 @@ def test_bad_enum_lists_allowed_values() -> None:
 
 
 def test_disk_sync_needs_path() -> None:
-    with pytest.raises(ConfigError, match="sync.path is required"):
+    with pytest.raises(ConfigError, match=r"sync\.path is required"):
         load_config(DataGenConfig, {**BASE, "sync": {"kind": "disk"}})
 
 
 def test_shard_index_must_be_below_num_shards() -> None:
-    with pytest.raises(ConfigError, match="run.shard_index=2 must be < run.num_shards=2"):
+    with pytest.raises(ConfigError, match=r"run\.shard_index=2 must be < run\.num_shards=2"):
         load_config(DataGenConfig, BASE, {"run.shard_index": 2, "run.num_shards": 2})
 
 
@@ -54,7 +54,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config"):
         load_config(DataGenConfig, tmp_path / "nope.yaml")
 
 
