@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace",
         action="append",
         default=[],
-        help="watch only this namespace (repeatable; globs allowed)",
+        help="watch only this namespace (repeatable)",
     )
     run.add_argument(
         "--liveness",
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--refresh-interval",
         type=float,
-        default=float(os.environ.get("SPECOPS_REFRESH_SECONDS", "10")),
+        default=float(os.environ.get("SPECOPS_REFRESH_SECONDS", "30")),
         help="seconds between status refreshes of each resource",
     )
     run.add_argument("--verbose", action="store_true", help="debug logging")

@@ -40,11 +40,18 @@ def merge_patch(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 class StampingEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator with a real server's metadata bookkeeping on every write."""
+    """kmock's emulator with a real server's metadata bookkeeping on every write.
+
+    `history`: keep only this many past requests (None = all, for assertions). kmock matches
+    every request against its whole history, so long benches need a bound.
+    """
 
     _versions = itertools.count(1)
+    history: int | None = None
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if self.history is not None and len(self._requests) > self.history:
+            del self._requests[: -self.history]
         if isinstance(request.data, list) and request.action == kmock.action.UPDATE:
             self._check_json_patch_tests(request)
         data = request.data if isinstance(request.data, dict) else None

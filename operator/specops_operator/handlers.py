@@ -78,7 +78,7 @@ class Context:
 
     kube: Kube | None = None
     defaults: Defaults = field(default_factory=Defaults)
-    interval: float = 10.0
+    interval: float = 30.0
     """Seconds between level-based status refreshes of each resource."""
     backoff: float = 10.0
     """Seconds before a handler that hit an API error is retried."""
@@ -105,11 +105,15 @@ class Stall(Exception):
 # --------------------------------------------------------------------------- children
 
 
-def ensure(kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool) -> Manifest:
-    """Create the child, or check and converge the one that exists. AlreadyExists is success."""
+def ensure(kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool, fresh: bool) -> Manifest:
+    """Create the child, or check and converge the one that exists. AlreadyExists is success.
+
+    `fresh` (the CR has no status yet): try creating first, one request per child in the common
+    case; otherwise read first, as the child almost always exists already.
+    """
     meta = desired["metadata"]
     key = (desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
-    existing = kube.get(*key)
+    existing = None if fresh else kube.get(*key)
     if existing is None:
         try:
             return kube.create(desired)
@@ -133,9 +137,12 @@ def ensure(kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool) -> M
 
 
 def ensure_all(
-    kube: Kube, children: list[Manifest], owner_uid: str, suspend: bool
+    kube: Kube, children: list[Manifest], owner_uid: str, suspend: bool, fresh: bool
 ) -> dict[tuple[str, str], Manifest]:
-    return {(c["kind"], c["metadata"]["name"]): ensure(kube, c, owner_uid, suspend=suspend) for c in children}
+    return {
+        (c["kind"], c["metadata"]["name"]): ensure(kube, c, owner_uid, suspend=suspend, fresh=fresh)
+        for c in children
+    }
 
 
 def pods_of(kube: Kube, namespace: str, instance: str, kind: str, component: str) -> tuple[Manifest, ...]:
@@ -170,7 +177,7 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         children = build_datagen(cr, ctx.defaults)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend)
+    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, fresh=not prior)
     job = existing[("Job", names.job)]
     view = JobView.of(job)
     counted = parse_ranges(str((prior.get("progress") or {}).get("countedIndexes") or ""))
@@ -212,7 +219,7 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         children = build_training(cr, ctx.defaults, data, trained=trained)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend)
+    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, fresh=not prior)
     job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
@@ -326,6 +333,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # Our two resources are known at start: no CRD/namespace watching (less RBAC; exact
+    # namespace names only, no globs).
+    settings.scanning.disabled = True
     # A deletion waits for a refresh that is mid-flight; re-check each second, not each minute.
     settings.background.cancellation_polling = 1.0
 

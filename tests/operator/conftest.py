@@ -120,7 +120,6 @@ def settings() -> kopf.OperatorSettings:
     out.queueing.idle_timeout = 0.5
     out.queueing.batch_window = 0.01
     out.queueing.exit_timeout = 0.5
-    out.scanning.disabled = True
     out.posting.enabled = True
     return out
 
