@@ -367,7 +367,7 @@ else:
     TrainDataParams = derive(
         TrainDataConfig,
         "TrainDataParams",
-        {"kind", "path", "url", "cache_path", "vocab_from"},
+        {"kind", "path", "url", "cache_path", "vocab_from", "curve_key_dir"},
         Contract,
         "How the trainer reads data; where it reads from follows dataGenRef or dataGen.",
     )

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from specops_operator.builders.common import label_selector
+
 PLURALS: dict[str, str] = {
     "ConfigMap": "configmaps",
     "Service": "services",
@@ -47,10 +49,6 @@ def object_path(
 ) -> str:
     path = f"{collection_path(api_version, kind, namespace)}/{name}"
     return f"{path}/{subresource}" if subresource else path
-
-
-def selector(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 class Kube:
@@ -130,7 +128,9 @@ class Kube:
     ) -> list[dict[str, Any]]:
         """Objects carrying all `labels` (also filtered here: not every server honours selectors)."""
         data = self._call(
-            "GET", collection_path(api_version, kind, namespace), query=[("labelSelector", selector(labels))]
+            "GET",
+            collection_path(api_version, kind, namespace),
+            query=[("labelSelector", label_selector(labels))],
         )
         items = data.get("items") or []
         return [

@@ -15,7 +15,7 @@ from typing import Any
 
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
-from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.datagen import GENERATOR, DataGenNames
 from specops_operator.builders.training import FINAL_DIR, DataSource, TrainingNames, verifier_of
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
 from specops_operator.report import parse_report
@@ -242,9 +242,7 @@ def datagen_status(
     if compatible is not None:
         desired.append(compatible)
     generation = meta.generation or 0
-    selector = ",".join(
-        f"{k}={v}" for k, v in sorted(common.selector_labels(common.Owner.of(cr), "generator").items())
-    )
+    selector = common.label_selector(common.selector_labels(common.Owner.of(cr), GENERATOR))
     return {
         "observedGeneration": generation,
         "conditions": merge(prior.get("conditions") or [], desired, generation, now),

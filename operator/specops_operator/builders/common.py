@@ -79,6 +79,11 @@ def selector_labels(owner: Owner, component: str) -> dict[str, str]:
     return {INSTANCE_LABEL: owner.name, COMPONENT_LABEL: component, KIND_LABEL: owner.kind}
 
 
+def label_selector(labels: dict[str, str]) -> str:
+    """`{a: 1, b: 2}` -> `a=1,b=2` (the labelSelector query and scale-subresource form)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 def labels(owner: Owner, component: str, *, queue: bool = False) -> dict[str, str]:
     out = {
         "app.kubernetes.io/name": "specops",

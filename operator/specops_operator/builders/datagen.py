@@ -16,6 +16,7 @@ from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 
 GENERATOR = "generator"
 BROKER = "broker"
+BROKER_STATE = "/state"
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,15 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
             str(spec.sync.max_broker_bytes),
             "--metrics-port",
             str(spec.broker.metrics_port),
+            "--state-dir",
+            BROKER_STATE,
+            "--allowed-root",
+            BROKER_STATE,
         ],
         env=[],
-        volumes=[],
-        mounts=[],
+        # The journal outlives container restarts, so a restarted broker continues the stream.
+        volumes=[{"name": "state", "emptyDir": {"sizeLimit": "1Gi"}}],
+        mounts=[{"name": "state", "mountPath": BROKER_STATE}],
         resources=spec.broker.resources,
         report=False,
         ports=ports,
