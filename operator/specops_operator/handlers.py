@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,7 @@ from specops_operator.builders.training import (
     inline_source,
 )
 from specops_operator.conditions import is_true, now_rfc3339, transitions
-from specops_operator.kube import ApiError, Kube
+from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.status import (
     JobView,
     Observed,
@@ -57,7 +56,6 @@ from specops_operator.validation import check_datagen, check_training
 
 log = logging.getLogger(__name__)
 
-PLURALS = {DATAGEN_KIND: "speculatordatagens", TRAINING_KIND: "speculatortrainings"}
 APPLIED = f"{PREFIX}/applied-spec"
 """Annotation holding the spec the children were first built from (immutable fields are checked
 against it). kopf leaves annotations under its own prefix out of its diffs."""
@@ -82,13 +80,14 @@ class Context:
     """Seconds between level-based status refreshes of each resource."""
     backoff: float = 10.0
     """Seconds before a handler that hit an API error is retried."""
-    make_kube: Callable[[], Kube] = Kube.from_environment
     reconciles: int = 0
+    """Reconciles since start (shown by the liveness probe)."""
 
     @property
     def api(self) -> Kube:
+        """The client; created on first use from the in-cluster account or kubeconfig."""
         if self.kube is None:
-            self.kube = self.make_kube()
+            self.kube = Kube.from_environment()
         return self.kube
 
 
@@ -342,8 +341,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
     """Attach every handler for both kinds to `registry` (tests use a registry of their own)."""
-    for plural in PLURALS.values():
-        resource = (GROUP, VERSION, plural)
+    for kind in (DATAGEN_KIND, TRAINING_KIND):
+        resource = (GROUP, VERSION, PLURALS[kind])
 
         def on_change(body: Any, patch: kopf.Patch, **_: Any) -> None:
             _write(body, patch, reconcile(dict(body), ctx))
