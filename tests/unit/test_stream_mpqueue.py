@@ -123,7 +123,7 @@ def test_a_vanished_consumer_fails_the_producer_instead_of_hanging(qdir: Path) -
     sink = _beside(source, lambda: MPQueueStore(qdir, META, allowed_roots=[qdir.parent]))
     _beside(source, lambda: sink.write([make_example(0)]))
     source.close()
-    with pytest.raises(StreamError, match="closed the queue before end-of-stream|is gone"):
+    with pytest.raises(StreamError, match=r"closed the queue before end-of-stream|is gone"):
         sink.write([make_example(1), make_example(2)])
 
 

@@ -197,6 +197,8 @@ class Session:
     role: str
     rid: bytes
     last_seen: float
+    data_rid: bytes | None = None
+    """Consumers: the connection examples go out on (control replies use `rid`)."""
     claims: set[int] = field(default_factory=set)
     credit: int = 0
     leases: set[str] = field(default_factory=set)
@@ -357,7 +359,7 @@ class Broker:
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
-            sid = next((s.sid for s in self.sessions.values() if s.rid == rid), None)
+            sid = next((s.sid for s in self.sessions.values() if rid in (s.rid, s.data_rid)), None)
             if sid is not None:
                 log.warning("client %s is unreachable; ending its session", sid[:8])
                 self._end_session(self.sessions[sid])
@@ -379,6 +381,11 @@ class Broker:
             self._hello(rid, sid, ctl)
             return
         session = self.sessions.get(sid)
+        if kind == "attach":  # a consumer's data connection: examples go there from now on
+            if session is not None and session.role == "consumer":
+                session.data_rid = rid
+                session.credit = max(0, int(ctl["credit"]))
+            return
         if session is None or session.rid != rid:
             if session is None and kind != "bye":
                 self._send(rid, {"t": "reset"})  # e.g. this broker restarted: say hello again
@@ -437,7 +444,6 @@ class Broker:
             self._send(rid, welcome)
         else:
             ok, lost = self._take(session, ctl.get("taken", []))
-            session.credit = max(0, int(ctl.get("credit", 1)))
             self._rr.append(sid)
             self._send(rid, {**welcome, "ok": ok, "lost": lost})
             if self.eos_sent:
@@ -662,7 +668,7 @@ class Broker:
             sid = self._rr[0]
             self._rr.rotate(-1)
             session = self.sessions.get(sid)
-            if session is None or session.credit <= 0:
+            if session is None or session.credit <= 0 or session.data_rid is None:
                 idle_rounds += 1
                 continue
             idle_rounds = 0
@@ -671,7 +677,7 @@ class Broker:
             entry.lease = sid
             session.leases.add(ex_id)
             session.credit -= 1
-            if self._send(session.rid, {"t": "data", "id": ex_id, "range": entry.range}, entry.frames):
+            if self._send(session.data_rid, {"t": "data", "id": ex_id, "range": entry.range}, entry.frames):
                 self.stats.count("out", entry.nbytes)
 
     def _check_eos(self) -> None:

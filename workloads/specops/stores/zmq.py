@@ -55,6 +55,9 @@ class _Link:
     """One DEALER connection to the broker, run by an I/O thread; subclasses handle their messages."""
 
     role = "client"
+    data_channel = False
+    """Open a second connection that only carries examples to this client, so control replies
+    never queue behind a large example on the wire."""
 
     def __init__(self, url: str, keys: CurveKeys | None) -> None:
         self.url = url
@@ -64,6 +67,7 @@ class _Link:
         self._keys = keys
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
+        self._data: zmq.Socket[Any] | None = None
         self._poller = zmq.Poller()
         self._cond = threading.Condition()
         self._calls: deque[Callable[[], None]] = deque()
@@ -139,8 +143,9 @@ class _Link:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 self._run_calls()
-                if self._sock is not None and self._sock in events:
-                    self._drain()
+                for sock in (self._sock, self._data):
+                    if sock is not None and sock in events:
+                        self._drain(sock)
                 self._keepalive()
         except BaseException as exc:  # surfaced to the application thread
             with self._cond:
@@ -149,6 +154,8 @@ class _Link:
                 )
                 self._cond.notify_all()
         finally:
+            if self._data is not None:
+                self._data.close(linger=0)
             if self._sock is not None:
                 self._sock.close(linger=500)  # lets a final bye out
 
@@ -160,10 +167,8 @@ class _Link:
                 fn = self._calls.popleft()
             fn()
 
-    def _drain(self) -> None:
-        assert self._sock is not None
-        sock = self._sock
-        while self._sock is sock:
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        while sock is self._sock or sock is self._data:  # a message may have reconnected us
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -191,11 +196,20 @@ class _Link:
             self.stats.maybe_log()
 
     def _connect(self) -> None:
-        """A fresh socket and a hello: whatever the old socket still queued is dropped, and the
+        """Fresh sockets and a hello: whatever the old sockets still queued is dropped, and the
         broker (restarted or not) learns this session's state from the hello."""
-        if self._sock is not None:
-            self._poller.unregister(self._sock)
-            self._sock.close(linger=0)
+        for old in (self._sock, self._data):
+            if old is not None:
+                self._poller.unregister(old)
+                old.close(linger=0)
+        self._sock = self._open()
+        self._data = self._open() if self.data_channel else None
+        self._welcomed = False
+        self._last_heard = time.monotonic()
+        self._on_connect()
+        self._send(self._hello())
+
+    def _open(self) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.DEALER)
         for option, value in (
             (zmq.LINGER, 0),
@@ -207,16 +221,18 @@ class _Link:
             sock.setsockopt(option, value)
         secure_client(sock, self._keys)
         sock.connect(self.url)
-        self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
-        self._welcomed = False
-        self._last_heard = time.monotonic()
-        self._on_connect()
-        self._send(self._hello())
+        return sock
 
     def _send(self, ctl: dict[str, Any], payload: Sequence[Buffer] = ()) -> None:
+        """Queue a message, never blocking: with no connection to queue on (a refused handshake)
+        it is dropped, and the reconnect after `timeout_s` replays the session state anyway."""
         assert self._sock is not None
-        self._sock.send_multipart([pack({**ctl, "sid": self.sid}), *payload], copy=False)
+        try:
+            self._sock.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("%s: no connection to %s; dropped a %s message", self.role, self.url, ctl["t"])
+            return
         self._last_sent = time.monotonic()
 
     def _on_message(self, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
@@ -541,6 +557,7 @@ class ZmqSource(_Link):
     """
 
     role = "consumer"
+    data_channel = True
 
     def __init__(
         self,
@@ -596,8 +613,10 @@ class ZmqSource(_Link):
                 self._to_ask.append([ex_id, rng])
             self._call(self._send_asks)
             with self._cond:
+                asked = time.monotonic()
                 self._wait(lambda: ex_id in self._verdicts)  # noqa: B023 (called right here)
                 mine = self._verdicts.pop(ex_id)
+                self.stats.inc("ack_wait_seconds", time.monotonic() - asked)
             if not mine:
                 log.warning("%s: %s went to another consumer meanwhile; dropping this copy", self.url, ex_id)
                 self.stats.inc("lost_examples")
@@ -621,7 +640,7 @@ class ZmqSource(_Link):
         with self._cond:
             self._to_ask.clear()  # the hello carries them
             taken = [[ex_id, rng] for ex_id, rng in self._asked.items()]
-        return {"t": "hello", "role": "consumer", "credit": self.credits, "taken": taken}
+        return {"t": "hello", "role": "consumer", "taken": taken}
 
     def _on_connect(self) -> None:
         with self._cond:
@@ -629,6 +648,11 @@ class ZmqSource(_Link):
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
         self._verdict(ctl)
+        assert self._data is not None
+        with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
+            self._data.send_multipart(
+                [pack({"t": "attach", "sid": self.sid, "credit": self.credits})], zmq.NOBLOCK
+            )
 
     def _verdict(self, ctl: dict[str, Any]) -> None:
         with self._cond:

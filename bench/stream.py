@@ -1,0 +1,267 @@
+"""Throughput through the broker (generators -> broker -> consumer, acks on) vs raw ZeroMQ PUSH/PULL.
+
+Both paths carry the same frames (codec header + raw bf16 tensor buffers, `copy=False`) over TCP
+loopback from the same number of generator processes into one consumer in this process. Payloads:
+large (S=2048, L=4, H=4096 bf16, 64 MiB per example) and small (S=256, L=4, H=1024, 2 MiB). Also
+measured: the broker's peak RSS against its byte budget, and the consumer's idle fraction when the
+generators are faster than it (a consumer that "trains" for a fixed time per example).
+
+Prints one JSON line; `ratio` is broker / raw examples per second for the large payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from specops.stores.base import StoreMeta
+from specops.stores.codec import decode, encode
+from specops.stores.zmq import ZmqSource, ZmqStore
+
+FORK = multiprocessing.get_context("fork")  # children skip the torch import; no zmq context exists yet
+LAYERS = (2, 16, 29, 32)
+
+
+def payload(seq: int, hidden: int) -> dict[str, Any]:
+    """One example's tensors (random bits, so nothing compresses by accident)."""
+    bits = torch.randint(-(2**15), 2**15 - 1, (seq * len(LAYERS) * hidden,), dtype=torch.int16)
+    return {
+        "token_ids": torch.arange(seq, dtype=torch.int32),
+        "loss_mask": torch.ones(seq, dtype=torch.uint8),
+        "hidden_states": bits.view(torch.bfloat16).reshape(seq, len(LAYERS), hidden),
+    }
+
+
+def meta_for(hidden: int) -> StoreMeta:
+    return StoreMeta(
+        verifier="bench",
+        layer_ids=LAYERS,
+        num_layers=32,
+        hidden_size=hidden,
+        vocab_size=32000,
+        dtype="bfloat16",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def my_ids(count: int, index: int, generators: int) -> list[int]:
+    return list(range(index, count, generators))
+
+
+# --------------------------------------------------------------------------- raw PUSH/PULL
+
+
+def raw_producer(url: str, ids: list[int], seq: int, hidden: int, hwm: int, start: Any) -> None:
+    torch.set_num_threads(1)
+    base = payload(seq, hidden)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, hwm)
+    push.connect(url)
+    start.wait()
+    for i in ids:
+        header, buffers = encode({**base, "id": f"bench/{i}/0"}, LAYERS)  # type: ignore[typeddict-item]
+        push.send_multipart([header, *buffers], copy=False)
+    push.send(b"")  # this producer is done
+    push.close(linger=-1)
+    ctx.term()
+
+
+def run_raw(count: int, generators: int, seq: int, hidden: int, hwm: int) -> dict[str, float]:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    start = FORK.Barrier(generators + 1)
+    procs = [
+        FORK.Process(target=raw_producer, args=(url, my_ids(count, g, generators), seq, hidden, hwm, start))
+        for g in range(generators)
+    ]
+    for p in procs:
+        p.start()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, hwm)
+    pull.bind(url)
+    start.wait()
+    arrivals: list[float] = [time.perf_counter()]
+    nbytes = 0
+    finished = 0
+    while finished < generators:
+        frames = pull.recv_multipart(copy=False)
+        if len(frames) == 1:
+            finished += 1
+            continue
+        ex = decode(frames[0].buffer, [f.buffer for f in frames[1:]])
+        nbytes += sum(len(f) for f in frames[1:])
+        arrivals.append(time.perf_counter())
+        del ex
+    pull.close()
+    ctx.term()
+    for p in procs:
+        p.join()
+    return rates(arrivals, nbytes)
+
+
+def rates(times: list[float], nbytes: int) -> dict[str, float]:
+    """`times` = [start, arrival 1, ..., arrival n]: everything from the start signal to the last
+    example, pipeline fill included, the same way for both paths."""
+    n = len(times) - 1
+    span = max(times[-1] - times[0], 1e-9)
+    return {"examples": n, "examples_per_s": round(n / span, 2), "gb_per_s": round(nbytes / span / 1e9, 3)}
+
+
+# --------------------------------------------------------------------------- through the broker
+
+
+def broker_producer(
+    url: str, index: int, generators: int, ids: list[int], seq: int, hidden: int, window: int, start: Any
+) -> None:
+    torch.set_num_threads(1)
+    base = payload(seq, hidden)
+    sink = ZmqStore(url, meta_for(hidden), window=window, slice_claim=(index, generators))
+    start.wait()
+    for i in ids:
+        sink.write([{**base, "id": f"bench/{i}/0"}])  # type: ignore[list-item]
+    sink.finalize()
+
+
+def start_broker(url: str, max_bytes: int, log_path: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "specops.cli", "broker", "--bind", url, "--max-bytes", str(max_bytes),
+        "--exit-after-eos", "--timeout-s", "30",
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=log)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the highest resident set size the process has had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_broker(
+    count: int,
+    generators: int,
+    seq: int,
+    hidden: int,
+    *,
+    window: int,
+    credits: int,
+    max_bytes: int,
+    work_s: float,
+    log_path: Path,
+) -> dict[str, float]:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    start = FORK.Barrier(generators + 1)
+    procs = [
+        FORK.Process(
+            target=broker_producer,
+            args=(url, g, generators, my_ids(count, g, generators), seq, hidden, window, start),
+        )
+        for g in range(generators)
+    ]
+    for p in procs:
+        p.start()
+    broker = start_broker(url, max_bytes, log_path)
+    source = ZmqSource(url, credits=credits, timeout_s=300)
+    assert source.meta is not None  # connected, and a producer too
+    start.wait()
+    arrivals: list[float] = [time.perf_counter()]
+    nbytes = 0
+    idle_at_first = 0.0
+    started_first = 0.0
+    for ex in source:
+        arrivals.append(time.perf_counter())
+        nbytes += sum(t.numel() * t.element_size() for k, t in ex.items() if k != "id")  # type: ignore[union-attr]
+        if len(arrivals) == 2:
+            idle_at_first = source.stats.counters.get("idle_seconds", 0.0)
+            started_first = time.monotonic()
+        if work_s:
+            time.sleep(work_s)  # a trainer step
+    steady = time.monotonic() - started_first
+    idle = (source.stats.counters.get("idle_seconds", 0.0) - idle_at_first) / max(steady, 1e-9)
+    rss = peak_rss_mib(broker.pid)
+    source.close()
+    broker.wait(60)
+    for p in procs:
+        p.join()
+    return {
+        **rates(arrivals, nbytes),
+        "consumer_idle_fraction": round(idle, 3),
+        "broker_peak_rss_mib": round(rss, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generators", type=int, default=2)
+    parser.add_argument("--large-examples", type=int, default=16)
+    parser.add_argument("--small-examples", type=int, default=200)
+    parser.add_argument("--large-budget-mib", type=int, default=512)
+    parser.add_argument("--small-budget-mib", type=int, default=64)
+    parser.add_argument("--log", type=Path, default=Path("/tmp/specops-bench-stream-broker.log"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    g = args.generators
+    cases = {
+        "large": (args.large_examples, 2048, 4096, 2, 2, args.large_budget_mib),
+        "small": (args.small_examples, 256, 1024, 8, 8, args.small_budget_mib),
+    }
+    result: dict[str, Any] = {
+        "bench": "stream",
+        "cpus": os.cpu_count(),
+        "load1": round(os.getloadavg()[0], 1),
+    }
+    for name, (count, seq, hidden, window, credits, budget) in cases.items():
+        raw = run_raw(count, g, seq, hidden, hwm=window)
+        brokered = run_broker(
+            count,
+            g,
+            seq,
+            hidden,
+            window=window,
+            credits=credits,
+            max_bytes=budget << 20,
+            work_s=0.0,
+            log_path=args.log,
+        )
+        result[name] = {
+            "mib_per_example": round(seq * len(LAYERS) * hidden * 2 / 2**20, 1),
+            "raw": raw,
+            "broker": brokered,
+            "budget_mib": budget,
+            "rss_within_budget": brokered["broker_peak_rss_mib"] <= budget + 100,
+            "ratio": round(brokered["examples_per_s"] / raw["examples_per_s"], 3),
+        }
+    # A consumer slower than the generators (each example "trains" for twice its transfer time).
+    small_count, small_seq, small_hidden = cases["small"][:3]
+    transfer_s = 1 / max(result["small"]["broker"]["examples_per_s"], 1e-9)
+    slow = run_broker(
+        min(small_count, 60), g, small_seq, small_hidden, window=8, credits=8,
+        max_bytes=args.small_budget_mib << 20, work_s=2 * transfer_s, log_path=args.log,
+    )  # fmt: skip
+    result["slow_consumer"] = {"work_s": round(2 * transfer_s, 4), **slow}
+    result["ratio"] = result["large"]["ratio"]
+    result["meets_ratio_0_7"] = result["ratio"] >= 0.7
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
