@@ -257,3 +257,10 @@ def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
     assert isinstance(sink, DataSink) and sink.window == 2
     assert sink._static is not None and (sink._static.index, sink._static.count) == (1, 3)
     sink.close()
+    claiming = ZmqStore.from_config(
+        SyncConfig(kind="zmq", url=running.url, claim_ranges=3), RunConfig(shard_index=1, num_shards=3), META
+    )
+    assert claiming._static is None and claiming.done_ids() == set()
+    claiming.close()
+    with pytest.raises(ValueError, match="sync.claim_ranges needs sync.kind 'zmq'"):
+        SyncConfig(kind="disk", path="x", claim_ranges=3)

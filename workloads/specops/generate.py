@@ -147,9 +147,12 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
     engine = load_engine(config)
     sink = open_sink(config, store_meta(config, engine, tokenizer))
     try:
-        done = sink.done_ids()
-        examples = tokenized_slice(config, tokenizer, done, report)
-        generate_examples(engine, sink, examples, config, report, started)
+        if config.sync.claim_ranges:
+            generate_claimed(engine, sink, config, tokenizer, report, started)
+        else:
+            done = sink.done_ids()
+            examples = tokenized_slice(config, tokenizer, done, report)
+            generate_examples(engine, sink, examples, config, report, started)
     except BaseException:
         sink.close()
         raise
@@ -160,6 +163,33 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
     report.seconds = time.monotonic() - started
     log.info("slice %d/%d: %s", config.run.shard_index, config.run.num_shards, json.dumps(report.to_json()))
     return report
+
+
+def generate_claimed(
+    engine: InferencePipeline,
+    sink: DataSink,
+    config: DataGenConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    report: GenerateReport,
+    started: float,
+) -> None:
+    """Online with `sync.claim_ranges`: generate ranges claimed from the broker until none is left.
+
+    A generator that dies releases its unfinished range to the next claimer, which skips the ids
+    the stream already delivered and regenerates the rest (the broker drops duplicates). A range
+    is reported complete only when all of it went through; after a failure the loop stops.
+    """
+    from specops.stores.zmq import ZmqStore
+
+    if not isinstance(sink, ZmqStore) or config.sync.claim_ranges is None:
+        raise ConfigError("sync.claim_ranges: ranges are claimed from a broker (sync.kind 'zmq')")
+    while report.ok and (claim := sink.claim(config.sync.claim_ranges)) is not None:
+        run = config.run.model_copy(update={"shard_index": claim.index, "num_shards": claim.count})
+        part = config.model_copy(update={"run": run})
+        examples = tokenized_slice(part, tokenizer, sink.range_done_ids(claim), report)
+        generate_examples(engine, sink, examples, part, report, started)
+        if report.ok:
+            sink.complete(claim)
 
 
 def load_engine(config: DataGenConfig) -> InferencePipeline:

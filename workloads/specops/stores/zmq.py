@@ -354,7 +354,8 @@ class ZmqStore(_Link):
 
     @classmethod
     def from_config(cls, sync: SyncConfig, run: RunConfig, meta: StoreMeta) -> ZmqStore:
-        """The generator of run slice `run.shard_index` of `run.num_shards`."""
+        """The generator of run slice `run.shard_index` of `run.num_shards`, or, with
+        `sync.claim_ranges`, a generator that claims ranges (`generate.generate_claimed`)."""
         if not sync.url:
             raise ValueError("sync.url is required for kind zmq")
         return cls(
@@ -363,7 +364,7 @@ class ZmqStore(_Link):
             window=sync.queue_size,
             compress=sync.compression == "zstd",
             keys=load_client_keys(sync.curve_key_dir, run.allowed_roots, "sync.curve_key_dir"),
-            slice_claim=(run.shard_index, run.num_shards),
+            slice_claim=None if sync.claim_ranges else (run.shard_index, run.num_shards),
         )
 
     # ------------------------------------------------------------------ application side
