@@ -57,7 +57,9 @@ class StreamStats:
     def summary(self) -> dict[str, float]:
         """Totals, gauges and lifetime rates, for reports and tests."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        out = {**self.counters, **self.gauges, "idle_fraction": self.idle_fraction()}
+        out = {**self.counters, **self.gauges}
+        if "idle_seconds" in self.counters:
+            out["idle_fraction"] = self.idle_fraction()
         for name, value in self.counters.items():
             if name.endswith(("_examples", "_bytes")):
                 out[f"{name}_per_s"] = value / elapsed
@@ -77,7 +79,8 @@ class StreamStats:
             elif name.endswith("_examples"):
                 parts.append(f"{name}={delta / max(interval, 1e-9):.1f}/s")
         parts += [f"{name}={value:g}" for name, value in sorted(self.gauges.items())]
-        parts.append(f"idle={self.idle_fraction():.2f}")
+        if "idle_seconds" in self.counters:
+            parts.append(f"idle={self.idle_fraction():.2f}")
         log.info("%s: %s", self.role, " ".join(parts))
         self._last_log = now
         self._last_counters = dict(self.counters)
@@ -101,7 +104,8 @@ class _Collector:
                 )
                 counters[name] = family
                 family.add_metric([stats.role], value)
-            for name, value in [*stats.gauges.items(), ("idle_fraction", stats.idle_fraction())]:
+            idle = [("idle_fraction", stats.idle_fraction())] if "idle_seconds" in stats.counters else []
+            for name, value in [*stats.gauges.items(), *idle]:
                 family = gauges.get(name) or GaugeMetricFamily(
                     PREFIX + name, f"stream {name.replace('_', ' ')}", labels=["role"]
                 )
