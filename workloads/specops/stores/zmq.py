@@ -1,14 +1,15 @@
 """ZeroMQ broker clients: ZmqStore (a generator's DataSink) and ZmqSource (a trainer rank's StreamSource).
 
-Each client owns one DEALER socket driven by a background I/O thread, so heartbeats, acks and
+Each client's DEALER sockets are driven by a background I/O thread, so heartbeats, acks and
 reconnects go on while the generator runs a forward pass or the trainer a step. The application
 thread talks to the I/O thread through a lock-guarded state and a wake-up pipe.
 
 ZmqStore keeps every example it wrote until the broker acks it (that is, until a consumer took
 it), at most `window` at a time, so `write()` blocks when the stream is full and a broker restart
-loses nothing: on reconnect every unacked example is offered again. ZmqSource acks an example as it
-hands it to the trainer, and re-sends acks the broker had not confirmed when it reconnects.
-See broker.py for the broker's side and docs/streaming.md for the protocol.
+loses nothing: on reconnect every unacked example is offered again. ZmqSource hands an example out
+only after the broker recorded it as taken by this source, and asks again after a reconnect for
+what the broker never answered. See broker.py for the broker's side and docs/streaming.md for the
+protocol.
 """
 
 from __future__ import annotations
@@ -349,7 +350,11 @@ class ZmqStore(_Link):
         self._static: Claim | None = None
         self._thread.start()
         if slice_claim is not None:
-            self._static = self._claimed(self._request({"t": "claim", "want": list(slice_claim)}))
+            try:
+                self._static = self._claimed(self._request({"t": "claim", "want": list(slice_claim)}))
+            except BaseException:
+                self._shutdown(bye=False)
+                raise
             self._range = self._static.index
 
     @classmethod
@@ -437,12 +442,20 @@ class ZmqStore(_Link):
         self._call(self._send_completions)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until the broker acked every example and confirmed every completed range."""
+        """Wait until the broker acked every example and confirmed every completed range (which
+        takes consumers taking them); logs every 30 s while it waits."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            return self._wait(
-                lambda: not self._unacked and not self._completing and not self._completed_unconfirmed,
-                timeout_s,
-            )
+            while True:
+                left = 30.0 if deadline is None else min(30.0, deadline - time.monotonic())
+                if self._wait(self._flushed, max(left, 0.0)):
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                log.info("producer: %d example(s) not yet taken by a trainer; waiting", len(self._unacked))
+
+    def _flushed(self) -> bool:
+        return not self._unacked and not self._completing and not self._completed_unconfirmed
 
     def finalize(self) -> bool:
         """Static use: report this slice complete, wait for the broker to confirm, and close."""
