@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import zmq
 
+from specops.example import ExampleDict
 from specops.stores.base import StoreMeta
 from specops.stores.codec import decode, encode
 from specops.stores.zmq import ZmqSource, ZmqStore
@@ -33,14 +34,24 @@ FORK = multiprocessing.get_context("fork")  # children skip the torch import; no
 LAYERS = (2, 16, 29, 32)
 
 
-def payload(seq: int, hidden: int) -> dict[str, Any]:
+def payload(seq: int, hidden: int) -> ExampleDict:
     """One example's tensors (random bits, so nothing compresses by accident)."""
     bits = torch.randint(-(2**15), 2**15 - 1, (seq * len(LAYERS) * hidden,), dtype=torch.int16)
     return {
+        "id": "",
         "token_ids": torch.arange(seq, dtype=torch.int32),
         "loss_mask": torch.ones(seq, dtype=torch.uint8),
         "hidden_states": bits.view(torch.bfloat16).reshape(seq, len(LAYERS), hidden),
     }
+
+
+def numbered(base: ExampleDict, i: int) -> ExampleDict:
+    """The same tensors under example id `bench/<i>/0` (nothing is copied)."""
+    return {**base, "id": f"bench/{i}/0"}
+
+
+def tensor_bytes(ex: ExampleDict) -> int:
+    return sum(ex[k].numel() * ex[k].element_size() for k in ("token_ids", "loss_mask", "hidden_states"))
 
 
 def meta_for(hidden: int) -> StoreMeta:
@@ -76,7 +87,7 @@ def raw_producer(url: str, ids: list[int], seq: int, hidden: int, hwm: int, star
     push.connect(url)
     start.wait()
     for i in ids:
-        header, buffers = encode({**base, "id": f"bench/{i}/0"}, LAYERS)  # type: ignore[typeddict-item]
+        header, buffers = encode(numbered(base, i), LAYERS)
         push.send_multipart([header, *buffers], copy=False)
     push.send(b"")  # this producer is done
     push.close(linger=-1)
@@ -135,7 +146,7 @@ def broker_producer(
     sink = ZmqStore(url, meta_for(hidden), window=window, slice_claim=(index, generators))
     start.wait()
     for i in ids:
-        sink.write([{**base, "id": f"bench/{i}/0"}])  # type: ignore[list-item]
+        sink.write([numbered(base, i)])
     sink.finalize()
 
 
@@ -189,7 +200,7 @@ def run_broker(
     started_first = 0.0
     for ex in source:
         arrivals.append(time.perf_counter())
-        nbytes += sum(t.numel() * t.element_size() for k, t in ex.items() if k != "id")  # type: ignore[union-attr]
+        nbytes += tensor_bytes(ex)
         if len(arrivals) == 2:
             idle_at_first = source.stats.counters.get("idle_seconds", 0.0)
             started_first = time.monotonic()

@@ -48,7 +48,7 @@ def _write_range(sink: ZmqStore, claim: Claim, done: set[str], job: dict[str, An
 def producer(job: dict[str, Any]) -> None:
     """Dynamic: claim ranges until none is left. Static (`slice` given): produce that slice."""
     static = tuple(job["slice"]) if job.get("slice") else None
-    sink = ZmqStore(job["url"], META, window=job.get("window", 4), slice_claim=static)  # type: ignore[arg-type]
+    sink = ZmqStore(job["url"], META, window=job.get("window", 4), slice_claim=static)
     if static is not None:
         assert sink._static is not None
         _append(job["out"], f"claim {sink._static.index}")
@@ -68,7 +68,7 @@ def consumer(job: dict[str, Any]) -> None:
     source = ZmqSource(job["url"], credits=job.get("credits", 2), timeout_s=60)
     for ex in source:
         want = make_example(int(ex["id"].split("/")[1]))
-        same = all(torch.equal(ex[k], want[k]) for k in ("token_ids", "loss_mask", "hidden_states"))  # type: ignore[literal-required]
+        same = all(torch.equal(ex[k], want[k]) for k in ("token_ids", "loss_mask", "hidden_states"))
         _append(job["out"], ex["id"] if same else f"BAD {ex['id']}")
         time.sleep(job.get("pause_s", 0.0))
     _append(job["out"], "EOS")

@@ -13,6 +13,7 @@ import pytest
 from _stores_fixtures import META, assert_same_example, make_example
 
 from specops.dataset import GeneratedDataset
+from specops.example import ExampleDict
 from specops.stores.base import DataSink, StoreMeta, StreamSource
 from specops.stores.broker import JOURNAL_FILE, Broker, BrokerConfig, Entry, Journal, Session
 from specops.stores.manifest import StoreMetaMismatchError
@@ -46,7 +47,7 @@ def running() -> Iterator[Running]:
     r.stop()
 
 
-def _examples(ids: range) -> list:  # type: ignore[type-arg]
+def _examples(ids: range) -> list[ExampleDict]:
     return [make_example(i, seq=8) for i in ids]
 
 
@@ -262,5 +263,5 @@ def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
     )
     assert claiming._static is None and claiming.done_ids() == set()
     claiming.close()
-    with pytest.raises(ValueError, match="sync.claim_ranges needs sync.kind 'zmq'"):
+    with pytest.raises(ValueError, match=r"sync\.claim_ranges needs sync\.kind 'zmq'"):
         SyncConfig(kind="disk", path="x", claim_ranges=3)
