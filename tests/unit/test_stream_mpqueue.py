@@ -60,9 +60,7 @@ def _beside(source: MPQueueSource, producer_side: Callable[[], Any], timeout_s: 
 def test_every_example_of_every_producer_process_arrives_once_and_intact(qdir: Path) -> None:
     source = _source(qdir, queue_size=3)
     assert isinstance(source, StreamSource)
-    procs = [
-        FORK.Process(target=_produce, args=(str(qdir), list(range(k, 20, 2)), k, 2)) for k in range(2)
-    ]
+    procs = [FORK.Process(target=_produce, args=(str(qdir), list(range(k, 20, 2)), k, 2)) for k in range(2)]
     for p in procs:
         p.start()
     try:
@@ -108,7 +106,9 @@ def test_a_killed_producer_is_reported_not_waited_for(qdir: Path) -> None:
     proc = FORK.Process(target=_produce, args=(str(qdir), list(range(1000)), 0, 1, 0.01))
     proc.start()
     seen = 0
-    with pytest.raises(StreamError, match=rf"producer pid {proc.pid} \(slice 0/1\) vanished before end-of-stream"):
+    with pytest.raises(
+        StreamError, match=rf"producer pid {proc.pid} \(slice 0/1\) vanished before end-of-stream"
+    ):
         for _ in source:
             seen += 1
             if seen == 3:
@@ -131,7 +131,9 @@ def test_wrong_producers_are_refused_with_the_reason(qdir: Path) -> None:
     source = _source(qdir)
 
     def attempt(meta: StoreMeta, index: int, count: int) -> Callable[[], Any]:
-        return lambda: MPQueueStore(qdir, meta, slice_index=index, num_slices=count, allowed_roots=[qdir.parent])
+        return lambda: MPQueueStore(
+            qdir, meta, slice_index=index, num_slices=count, allowed_roots=[qdir.parent]
+        )
 
     first = _beside(source, attempt(META, 0, 2))
     other = StoreMeta(**{**META.to_json(), "layer_ids": (0, 1), "hidden_size": 8})
@@ -147,7 +149,9 @@ def test_wrong_producers_are_refused_with_the_reason(qdir: Path) -> None:
 
 def test_no_consumer_is_a_clear_error(qdir: Path) -> None:
     qdir.mkdir()
-    with pytest.raises(StreamError, match=r"sync\.path: no queue consumer is listening .* start the trainer first"):
+    with pytest.raises(
+        StreamError, match=r"sync\.path: no queue consumer is listening .* start the trainer first"
+    ):
         MPQueueStore(qdir, META, allowed_roots=[qdir.parent], connect_timeout_s=0.2)
 
 
@@ -168,7 +172,9 @@ def test_the_stream_ends_only_when_every_slice_has_ended(qdir: Path) -> None:
     items = iter(source)
     assert next(items)["id"] == "d/0/0"
     thread.join(10)
-    with pytest.raises(StreamError, match=r"no data for 0\.5 s \(0 producer\(s\) connected, 1/2 slices finished\)"):
+    with pytest.raises(
+        StreamError, match=r"no data for 0\.5 s \(0 producer\(s\) connected, 1/2 slices finished\)"
+    ):
         next(items)
     source.close()
 
