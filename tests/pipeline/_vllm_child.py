@@ -3,6 +3,10 @@
 `python _vllm_child.py parity OUT N MAX_LEN`: tokenizes N real ShareGPT conversations for SmolLM2,
 runs both engines at batch size N and 1 (vLLM also with the file hand-off) and saves every
 example to `OUT/<engine>-<run>.safetensors` plus `OUT/summary.json` (ids, timings).
+
+`python _vllm_child.py serve OUT N STEPS`: the whole loop on SmolLM2 — `generate_data` with the
+vLLM engine over N ShareGPT conversations into a DiskStore, a short SpecOps training run on it, then
+`specops evaluate --engine vllm` on held-out prompts of that data; writes `OUT/eval.json`.
 """
 
 from __future__ import annotations
@@ -120,9 +124,64 @@ def parity(out: Path, n: int, max_len: int) -> None:
     (out / "summary.json").write_text(json.dumps(summary))
 
 
+def serve(out: Path, n: int, steps: int) -> None:
+    import argparse
+
+    from specops.commands import evaluate
+    from specops.config import TrainConfig
+    from specops.generate import generate_data
+    from specops.paths import cache_dir
+    from specops.train.trainer import train
+
+    roots = [str(out), str(cache_dir())]
+    config = datagen_config(out, 8, 192, "vllm").model_dump(mode="json")
+    config["datasets"][0]["max_samples"] = n
+    config["states"]["output_tokens"] = False
+    config["sync"]["path"] = str(out / "data")
+    config["run"]["allowed_roots"] = roots
+    report = generate_data(config_model(config))
+    trained = train(
+        TrainConfig.model_validate(
+            {
+                "verifier": SMOLLM2,
+                "data": {"kind": "disk", "path": str(out / "data"), "validation_fraction": 0.0},
+                "draft": {"draft_vocab_size": 4096, "speculative_tokens": 3},
+                "optim": {"lr": 3e-3, "warmup_steps": 5},
+                "output_dir": str(out / "draft"),
+                "ttt_steps": 3,
+                "tokens_per_step": 1024,
+                "max_seq_len": 192,
+                "max_steps": steps,
+                "checkpoint_every": 1000,
+                "log_every": 10,
+                "device": "cpu",
+                "allowed_roots": roots,
+            }
+        )
+    )
+    parser = argparse.ArgumentParser()
+    evaluate.register(parser)
+    args = parser.parse_args(
+        ["--engine", "vllm", "--speculator", str(trained.final), "--gguf-file", SMOLLM2["gguf_file"],
+         "--verifier", SMOLLM2["name_or_path"], "--data", str(out / "data"), "--max-prompts", "4",
+         "--max-new-tokens", "24", "--output", str(out / "eval.json"),
+         *[x for root in roots for x in ("--allowed-root", root)]]
+    )  # fmt: skip
+    code = evaluate.main(args, {})
+    (out / "generate.json").write_text(json.dumps({**report.to_json(), "evaluate_exit": code}))
+
+
+def config_model(data: dict[str, Any]) -> Any:
+    from specops.config import DataGenConfig
+
+    return DataGenConfig.model_validate(data)
+
+
 if __name__ == "__main__":
     command, target, *rest = sys.argv[1:]
     if command == "parity":
         parity(Path(target), int(rest[0]), int(rest[1]))
+    elif command == "serve":
+        serve(Path(target), int(rest[0]), int(rest[1]))
     else:
         raise SystemExit(f"unknown command {command!r}")

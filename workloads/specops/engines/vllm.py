@@ -52,8 +52,8 @@ CONNECTOR_MODULE = "specops.engines.vllm_connector"
 CONNECTOR_CLASS = "SpecOpsHiddenStatesConnector"
 HANDOFF_TIMEOUT_S = 300.0
 """How long to wait for a finished request's states; they normally follow within one engine step."""
-CPU_KV_BYTES_PER_TOKEN_MARGIN = 2
-"""CPU KV cache = margin x what one full batch of max-length sequences needs."""
+CPU_KV_MARGIN = 2
+"""CPU builds size the KV cache at this many times what the planned work needs."""
 
 
 def vllm_available() -> bool:
@@ -64,6 +64,25 @@ def require_vllm(field: str = "engine.kind") -> None:
     """A clear ConfigError instead of an ImportError deep inside the engine."""
     if not vllm_available():
         raise ConfigError(f"{field}: 'vllm' needs vLLM, which is not installed ({INSTALL_HINT})")
+
+
+def kv_bytes_per_token(text_config: Any, dtype: torch.dtype, extra_layers: int = 0) -> int:
+    """Bytes of K and V per token over the verifier's layers (plus `extra_layers` of the same shape)."""
+    heads = int(getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads)
+    head_dim = int(
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+    layers = int(text_config.num_hidden_layers) + extra_layers
+    return 2 * layers * heads * head_dim * dtype.itemsize
+
+
+def memory_kwargs(cpu_kv_bytes: int | None, gpu_memory_utilization: float) -> dict[str, Any]:
+    """How vLLM may use memory. On CPU builds `gpu_memory_utilization` would reserve that share of
+    host RAM, shared with everything else on the machine; a KV budget sized for the work replaces it."""
+    if cpu_kv_bytes is None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    # torch.compile warm-up costs minutes on a few CPU cores and gains little there.
+    return {"kv_cache_memory_bytes": CPU_KV_MARGIN * cpu_kv_bytes, "enforce_eager": True}
 
 
 def vllm_layer_order(layer_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -124,7 +143,7 @@ class VllmPipeline:
         self.want_output_tokens = output_tokens
         self.max_seq_len = max_seq_len
         self.handoff: Handoff = handoff
-        self._order = vllm_layer_order(layer_ids)[1]
+        self._emitted, self._order = vllm_layer_order(layer_ids)
         self._memory = receiver
         self._files = FileReceiver(workdir / "files")
         self._calls = itertools.count()
@@ -206,7 +225,11 @@ class VllmPipeline:
                 f"{example.id}: vLLM's prompt token ids differ from ours (was it re-tokenized?)"
             )
         states = delivery.hidden_states
-        expected = (len(ours), len(set(self.layer_ids)), self.hidden_size)
+        expected = (len(ours), len(self._emitted), self.hidden_size)
+        if list(delivery.layer_ids) != self._emitted:
+            raise HandoffError(
+                f"{example.id}: vLLM captured layers {list(delivery.layer_ids)}, expected {self._emitted}"
+            )
         if tuple(states.shape) != expected or states.dtype != self.dtype:
             raise HandoffError(
                 f"{example.id}: hidden states {tuple(states.shape)} {states.dtype}, expected {expected} {self.dtype}"
@@ -319,19 +342,15 @@ class EnginePlan:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(names[i] for i in self.gpu_indices)
 
     def cpu_kv_cache_bytes(self) -> int:
-        """On CPU builds `gpu_memory_utilization` would reserve that share of host RAM; size the KV
-        cache for one full batch instead (verifier KV + the captured states), with a margin."""
+        """KV for one full batch of max-length sequences plus the captured states (CPU builds)."""
         from specops.verifier import load_verifier_config
 
         text = load_verifier_config(self.config.verifier, self.config.run.allowed_roots).get_text_config()
-        heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-        head_dim = int(getattr(text, "head_dim", None) or self.hidden_size // int(text.num_attention_heads))
-        per_token = (2 * self.num_layers * heads * head_dim + len(set(self.layer_ids)) * self.hidden_size) * (
+        per_token = kv_bytes_per_token(text, self.dtype) + len(set(self.layer_ids)) * self.hidden_size * (
             self.dtype.itemsize
         )
         engine = self.config.engine
-        tokens = max(engine.batch_size * engine.max_seq_len, engine.max_tokens_per_batch)
-        return CPU_KV_BYTES_PER_TOKEN_MARGIN * per_token * tokens
+        return per_token * max(engine.batch_size * engine.max_seq_len, engine.max_tokens_per_batch)
 
     def llm_kwargs(self, *, address: str, directory: str) -> dict[str, Any]:
         """Arguments for `vllm.LLM`."""
@@ -367,10 +386,5 @@ class EnginePlan:
                 "kv_connector_extra_config": {ADDRESS_PARAM: address, DIRECTORY_PARAM: directory},
             },
         }
-        if self.cpu_build:
-            kwargs["kv_cache_memory_bytes"] = self.cpu_kv_cache_bytes()
-            # torch.compile warm-up costs minutes on a few CPU cores and gains little there.
-            kwargs["enforce_eager"] = True
-        else:
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        return kwargs
+        cpu_kv = self.cpu_kv_cache_bytes() if self.cpu_build else None
+        return {**kwargs, **memory_kwargs(cpu_kv, engine.gpu_memory_utilization)}

@@ -74,6 +74,19 @@ class SpecOpsHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
         self._address: str | None = extra.get(ADDRESS_PARAM)
         self._directory: str | None = extra.get(DIRECTORY_PARAM)
         self._group = _hidden_state_group(kv_cache_config)
+        spec = vllm_config.speculative_config
+        aux = (
+            getattr(spec.draft_model_config.hf_config, "eagle_aux_hidden_state_layer_ids", None)
+            if spec
+            else None
+        )
+        if not aux:
+            raise ValueError(
+                "specops connector: needs speculative_config method 'extract_hidden_states' with "
+                "eagle_aux_hidden_state_layer_ids"
+            )
+        # the verifier emits aux layers sorted and de-duplicated, whatever order the config lists
+        self._layer_ids = tuple(sorted({int(k) for k in aux}))
         # scheduler side
         self._finished: list[PendingHandoff] = []
         # worker side
@@ -174,7 +187,7 @@ class SpecOpsHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _deliver(self, item: PendingHandoff) -> None:
         states = self._read_rows(item.block_ids, len(item.token_ids))
-        delivery = Delivery(key=item.key, token_ids=item.token_ids, hidden_states=states)
+        delivery = Delivery(item.key, item.token_ids, states, self._layer_ids)
         if item.handoff == "file":
             if not self._directory:
                 raise ValueError(f"specops connector: kv_connector_extra_config.{DIRECTORY_PARAM} is not set")

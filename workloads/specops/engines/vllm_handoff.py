@@ -4,9 +4,9 @@ Our KV connector (`engines.vllm_connector`) runs inside vLLM's worker process (t
 0) and hands each finished request's `[S, L, H]` hidden states and its token ids over one of two
 channels, chosen per request:
 
-- `memory`: a ZeroMQ PUSH socket to the pipeline's PULL socket on a local `ipc://` address. Frame 0
-  is a msgpack header (key, token ids, dtype, shape), frame 1 the raw tensor bytes, sent without a
-  copy. Nothing touches a disk, and it works whether the worker is our own process or a child.
+- `memory`: a ZeroMQ PUSH socket to the pipeline's PULL socket on a local `ipc://` address. Frames
+  are the stream codec's (`stores.codec`: msgpack header, then raw tensor buffers sent without a
+  copy). Nothing touches a disk, and it works whether the worker is our own process or a child.
 - `file`: one safetensors file per request in a directory of the pipeline's, written under a temp
   name and renamed, so a reader never sees half a file.
 
@@ -16,6 +16,7 @@ use it without it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
     import zmq
+
+    from specops.example import ExampleDict
 
 Handoff = Literal["memory", "file"]
 
@@ -57,6 +60,8 @@ class Delivery:
     token_ids: list[int]
     hidden_states: torch.Tensor
     """[S, L, H], slots in vLLM's (ascending, de-duplicated) layer order."""
+    layer_ids: tuple[int, ...]
+    """The layer of each slot, as the worker was configured."""
 
 
 def check_key(key: str) -> str:
@@ -70,56 +75,44 @@ def check_key(key: str) -> str:
 
 
 def encode(delivery: Delivery) -> list[Any]:
-    """Frames for one delivery: msgpack header, then the tensor's bytes (no copy)."""
-    import msgpack
+    """Frames for one delivery in the stream codec's format (header, then raw buffers, no copy).
+
+    The codec carries ExampleDicts; the worker knows no loss mask, so an all-zero one rides along.
+    """
     import torch
 
+    from specops.stores.codec import encode as encode_example
+
     states = delivery.hidden_states.detach().contiguous()
-    header = {
-        "key": check_key(delivery.key),
-        "token_ids": [int(t) for t in delivery.token_ids],
-        "dtype": str(states.dtype).removeprefix("torch."),
-        "shape": list(states.shape),
+    example: ExampleDict = {
+        "id": check_key(delivery.key),
+        "token_ids": torch.tensor(delivery.token_ids, dtype=torch.int32),
+        "loss_mask": torch.zeros(len(delivery.token_ids), dtype=torch.uint8),
+        "hidden_states": states,
     }
-    return [msgpack.packb(header), states.view(-1).view(torch.uint8).numpy()]
+    header, buffers = encode_example(example, delivery.layer_ids)
+    return [header, *buffers]
 
 
 def decode(frames: list[Any]) -> Delivery:
-    """Inverse of `encode`; checks the byte count against the header."""
-    import msgpack
-    import torch
+    """Inverse of `encode`; malformed messages raise HandoffError naming what is wrong."""
+    from specops.stores.codec import CodecError, Header
+    from specops.stores.codec import decode as decode_example
 
-    if len(frames) != 2:
-        raise HandoffError(f"hand-off message has {len(frames)} frames, expected 2")
-    header = msgpack.unpackb(_bytes(frames[0]))
-    dtype = getattr(torch, str(header.get("dtype")), None)
-    if not isinstance(dtype, torch.dtype):
-        raise HandoffError(
-            f"hand-off message for {header.get('key')!r}: unknown dtype {header.get('dtype')!r}"
-        )
-    shape = [int(d) for d in header["shape"]]
-    buffer = frames[1].buffer if hasattr(frames[1], "buffer") else memoryview(frames[1])
-    expected = _numel(shape) * dtype.itemsize
-    if buffer.nbytes != expected:
-        raise HandoffError(
-            f"hand-off message for {header['key']!r}: {buffer.nbytes} bytes, expected {expected} for {shape}"
-        )
-    if expected == 0:
-        states = torch.empty(shape, dtype=dtype)
-    else:
-        states = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-    return Delivery(key=str(header["key"]), token_ids=list(header["token_ids"]), hidden_states=states)
-
-
-def _bytes(frame: Any) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    if not frames:
+        raise HandoffError("hand-off message has no frames")
+    buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    try:
+        header = Header.from_bytes(buffers[0])
+        example = decode_example(header, buffers[1:])
+    except CodecError as exc:
+        raise HandoffError(f"hand-off message: {exc}") from None
+    return Delivery(
+        key=example["id"],
+        token_ids=example["token_ids"].tolist(),
+        hidden_states=example["hidden_states"],
+        layer_ids=header.layer_ids,
+    )
 
 
 class MemorySender:
@@ -203,7 +196,7 @@ def write_file(directory: str | Path, delivery: Delivery) -> Path:
         "token_ids": torch.tensor(delivery.token_ids, dtype=torch.int64),
     }
     try:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"layer_ids": json.dumps(list(delivery.layer_ids))})
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -220,8 +213,6 @@ class FileReceiver:
         directory.mkdir(parents=True, exist_ok=True)
 
     def collect(self, keys: Collection[str], timeout_s: float) -> dict[str, Delivery]:
-        from safetensors.torch import load_file
-
         wanted = set(keys)
         got: dict[str, Delivery] = {}
         deadline = time.monotonic() + timeout_s
@@ -230,20 +221,29 @@ class FileReceiver:
                 path = file_path(self.directory, key)
                 if not path.is_file():
                     continue
-                tensors = load_file(str(path))
+                got[key] = _read_file(path, key)
                 path.unlink()
-                try:
-                    got[key] = Delivery(key, tensors["token_ids"].tolist(), tensors["hidden_states"])
-                except KeyError as exc:
-                    raise HandoffError(f"hand-off file {path} lacks tensor {exc}") from None
             if len(got) < len(wanted):
                 if time.monotonic() > deadline:
                     raise HandoffError(_missing(wanted, got, timeout_s, "file"))
                 time.sleep(self.POLL_S)
         return got
 
-    def close(self) -> None:
-        """Files of an interrupted batch are left for the temp directory's owner to remove."""
+
+def _read_file(path: Path, key: str) -> Delivery:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        missing = sorted({"hidden_states", "token_ids"} - names)
+        if missing:
+            raise HandoffError(f"hand-off file {path} lacks tensor(s) {missing}")
+        layer_ids = json.loads((f.metadata() or {}).get("layer_ids", "null"))
+        if not isinstance(layer_ids, list):
+            raise HandoffError(f"hand-off file {path} lacks its layer_ids metadata")
+        return Delivery(
+            key, f.get_tensor("token_ids").tolist(), f.get_tensor("hidden_states"), tuple(layer_ids)
+        )
 
 
 def _missing(wanted: set[str], got: dict[str, Delivery], timeout_s: float, handoff: str) -> str:
