@@ -1,0 +1,58 @@
+"""Session fixture: one real control plane (built on first use), our CRDs applied, stopped at the end."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _controlplane import ROOT, ControlPlane, FakeKubelet, OperatorProcess, build_binaries, tools_dir
+
+
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    """kube-apiserver/controller-manager built (once, cached) and the helm/kubectl directory."""
+    build_binaries()
+    return tools_dir()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory, tools: Path) -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver (RBAC) + kube-controller-manager, with crds/ applied and established."""
+    state = tmp_path_factory.mktemp("control-plane")
+    plane = ControlPlane.start(state, tools, owner=os.getpid())
+    try:
+        # --validate=false: kubectl checks a CRD against the server's own CRD schema, and v1.20's
+        # does not know x-kubernetes-validations (the server then drops those CEL rules).
+        plane.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds"))
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(ROOT / "crds"))
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def ns(control_plane: ControlPlane) -> str:
+    """A fresh namespace per test (its default ServiceAccount already created)."""
+    return control_plane.namespace()
+
+
+@pytest.fixture
+def kubelet(control_plane: ControlPlane) -> FakeKubelet:
+    return FakeKubelet(control_plane.kube())
+
+
+@pytest.fixture
+def operator_log(tmp_path: Path) -> Path:
+    return tmp_path / "operator.log"
+
+
+@pytest.fixture
+def operator(control_plane: ControlPlane, operator_log: Path) -> Iterator[OperatorProcess]:
+    """The operator as a child process with admin credentials, watching every namespace."""
+    running = OperatorProcess(control_plane.kubeconfig, operator_log).start()
+    try:
+        yield running
+    finally:
+        running.stop()
