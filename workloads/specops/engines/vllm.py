@@ -16,7 +16,9 @@ import importlib.util
 import itertools
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,9 +60,39 @@ def vllm_available() -> bool:
 
 
 def require_vllm(field: str = "engine.kind") -> None:
-    """A clear ConfigError instead of an ImportError deep inside the engine."""
+    """A clear ConfigError instead of an ImportError deep inside the engine; then import vLLM."""
     if not vllm_available():
         raise ConfigError(f"{field}: 'vllm' needs vLLM, which is not installed ({INSTALL_HINT})")
+    import_vllm()
+
+
+VLLM_MODULES = ("vllm", "vllm.platforms", "vllm.inputs", "vllm.sampling_params", "vllm.entrypoints.llm")
+
+
+def import_vllm() -> None:
+    """Import vLLM's modules on a short-lived thread of their own.
+
+    Some vLLM modules keep an import-time traceback (optional media back-ends), which pins every
+    frame of the importing stack with its locals. Imported from a caller's stack, that pins e.g. the
+    driver's frame holding the engine, whose vLLM processes then outlive it; a fresh thread's stack
+    holds nothing of ours.
+    """
+    if all(name in sys.modules for name in VLLM_MODULES):
+        return
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for name in VLLM_MODULES:
+                importlib.import_module(name)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="specops-import-vllm")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def kv_bytes_per_token(text_config: Any, dtype: torch.dtype, extra_layers: int = 0) -> int:
@@ -180,9 +212,6 @@ class VllmPipeline:
 
     def forward(self, batch: Sequence[TokenizedExample]) -> list[ExampleDict]:
         """One ExampleDict per input, in input order."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         for example in batch:
             if not 1 <= len(example.token_ids) <= self.max_seq_len:
                 raise ValueError(
@@ -192,17 +221,7 @@ class VllmPipeline:
             return []
         call = next(self._calls)
         keys = [f"{call}-{i}" for i in range(len(batch))]
-        prompts = [TokensPrompt(prompt_token_ids=list(e.token_ids)) for e in batch]
-        params = [
-            SamplingParams(
-                max_tokens=1,
-                temperature=0.0,
-                detokenize=False,
-                prompt_logprobs=1 if self.want_output_tokens else None,
-                extra_args={"kv_transfer_params": {KEY_PARAM: key, HANDOFF_PARAM: self.handoff}},
-            )
-            for key in keys
-        ]
+        prompts, params = prefill_requests(batch, keys, self.handoff, self.want_output_tokens)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if len(outputs) != len(batch):
             raise HandoffError(f"vLLM returned {len(outputs)} outputs for {len(batch)} prompts")
@@ -252,6 +271,30 @@ class VllmPipeline:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def prefill_requests(
+    batch: Sequence[TokenizedExample], keys: Sequence[str], handoff: Handoff, output_tokens: bool
+) -> tuple[list[Any], list[Any]]:
+    """One prefill-only request per example: our token ids, one greedy token, our hand-off key.
+
+    vLLM is already imported (`import_vllm`), so these imports pin no frame.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=list(e.token_ids)) for e in batch]
+    params = [
+        SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            detokenize=False,
+            prompt_logprobs=1 if output_tokens else None,
+            extra_args={"kv_transfer_params": {KEY_PARAM: key, HANDOFF_PARAM: handoff}},
+        )
+        for key in keys
+    ]
+    return prompts, params
 
 
 def _cleanup(receiver: MemoryReceiver, llm: Any, workdir: Path) -> None:
