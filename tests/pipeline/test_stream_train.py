@@ -21,7 +21,6 @@ import yaml
 
 from specops.config import TrainConfig, load_config
 from specops.stores.disk import DiskStore
-from specops.stores.zmq import ZmqSource
 from specops.testing.synthetic import make_conversations, write_jsonl
 from specops.train.trainer import train
 
@@ -103,9 +102,9 @@ def test_online_training_from_two_generators_matches_offline(
             tmp_path,
             tiny_verifier_dir,
             "online",
-            {"kind": "zmq", "url": url, "cache_path": str(tmp_path / "cache")},
+            {"kind": "zmq", "url": url, "cache_path": str(tmp_path / "cache"), "stall_timeout_s": 180},
         )
-        online = train(online_cfg, source=ZmqSource(url, timeout_s=180))
+        online = train(online_cfg)  # the stream client comes from the config alone, as in a pod
         out, _ = generators.communicate(timeout=120)
         assert generators.returncode == 0, (tmp_path / "procs.log").read_text()[-3000:]
         report = json.loads(out.strip().splitlines()[-1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from specops.config import TrainDataConfig
 from specops.stores.disk import DiskStore
 from specops.stores.mpqueue import MPQueueStore
 from specops.stores.speculators_layout import export_speculators
+from specops.stores.streaming import StreamError
+from specops.stores.zmq import ZmqSource
 from specops.train.data import Prefetcher, count_tokens, is_validation, open_source
 from specops.train.trainer import train
 
@@ -77,6 +81,22 @@ def test_bad_data_configs_name_the_field(tmp_path: Path) -> None:
         open_source(TrainDataConfig(kind="mpqueue"), [str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         open_source(TrainDataConfig(kind="speculators", path=str(tmp_path / "missing")), [str(tmp_path)])
+
+
+def test_a_broker_stream_opens_from_config_alone_and_a_stall_fails_naming_the_url() -> None:
+    """What a training pod does: `data.kind: zmq` + `data.url`; no producer ever comes here."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    source = open_source(TrainDataConfig(kind="zmq", url=url, stall_timeout_s=0.5), [])
+    assert isinstance(source, ZmqSource)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StreamError, match=re.escape(url)):
+            next(iter(source))
+        assert time.monotonic() - started < 10
+    finally:
+        source.close()
 
 
 def test_trains_from_a_local_queue(tmp_path: Path) -> None:

@@ -243,6 +243,9 @@ class TrainDataConfig(Contract):
     url: Annotated[str, Field(max_length=512)] | None = None
     curve_key_dir: Annotated[str, Field(max_length=1024)] | None = None
     """zmq: directory with CURVE keys (`client.key_secret`, `broker.key`); unset = no encryption."""
+    stall_timeout_s: Annotated[float, Field(gt=0.0)] | None = 1800.0
+    """Streams: fail (instead of waiting forever) when no example arrives for this long while
+    the stream has not ended; null = wait for producers indefinitely."""
     cache_path: Annotated[str, Field(max_length=1024)] | None = None
     """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05

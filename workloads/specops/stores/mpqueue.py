@@ -301,7 +301,7 @@ class MPQueueSource:
     def from_config(cls, data: TrainDataConfig, allowed_roots: Sequence[str | Path]) -> MPQueueSource:
         if not data.path:
             raise ValueError("data.path is required for kind mpqueue (the queue directory)")
-        return cls(data.path, allowed_roots=allowed_roots)
+        return cls(data.path, allowed_roots=allowed_roots, timeout_s=data.stall_timeout_s)
 
     def _claim_address(self, field: str) -> None:
         """Remove a socket left by a killed consumer; refuse if a live one still listens."""

@@ -601,7 +601,8 @@ class ZmqSource(_Link):
     def from_config(cls, data: TrainDataConfig, allowed_roots: Sequence[str | Path]) -> ZmqSource:
         if not data.url:
             raise ValueError("data.url is required for kind zmq")
-        return cls(data.url, keys=load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir"))
+        keys = load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir")
+        return cls(data.url, keys=keys, timeout_s=data.stall_timeout_s)
 
     @property
     def meta(self) -> StoreMeta:
