@@ -20,11 +20,19 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 DRAFTS = "vllm:spec_decode_num_drafts"
 ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+VLLM_DTYPES: dict[str, Literal["float32", "bfloat16", "float16"]] = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+}
+"""Verifier dtypes vLLM serves, by torch name."""
 
 
 @dataclass
@@ -116,7 +124,7 @@ def serve(
         cpu_kv = per_token * max_len * len(prompts)
     llm = LLM(
         model=verifier_dir,
-        dtype=dtype_name,
+        dtype=VLLM_DTYPES[dtype_name],
         max_model_len=max_len,
         max_num_seqs=max(1, len(prompts)),
         skip_tokenizer_init=True,
