@@ -54,7 +54,11 @@ def test_local_run_reports_and_resumes(
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
     assert (tmp_path / "out" / "logs" / "run.log").is_file()
-    assert report["data"]["written"] > 0 and report["data"]["ok"]
+    assert (
+        report["data"]["written"] > 0
+        and report["data"]["ok"]
+        and report["data"]["engine"] == plan.datagen.engine.kind
+    )
     assert report["training"]["step"] > 0 and report["training"]["final_loss"] is not None
     assert Path(report["speculator"], "config.json").is_file()
     assert report["lossless"] is True
@@ -89,3 +93,27 @@ def test_file_without_training_is_rejected(tmp_path: Path) -> None:
     path.write_text("")
     with pytest.raises(ConfigError, match="expected exactly one SpeculatorTraining, found 0"):
         plan_local(path)
+
+
+def test_the_yaml_s_engine_is_kept_else_vllm_only_where_a_gpu_runs_it(
+    tmp_path: Path, tiny_verifier_dir: Path, synthetic_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from specops.engines import vllm as vllm_engine
+
+    monkeypatch.setenv("SPECOPS_ALLOWED_ROOTS", f"{tiny_verifier_dir}:{synthetic_jsonl.parent}")
+    unnamed = _training_yaml(tmp_path, tiny_verifier_dir, synthetic_jsonl)
+    named = tmp_path / "named.yaml"
+    doc = yaml.safe_load(unnamed.read_text())
+    doc["spec"]["dataGen"]["engine"] = {"kind": "transformers"}
+    named.write_text(yaml.safe_dump(doc))
+
+    here = "vllm" if vllm_engine.vllm_available() and torch.cuda.is_available() else "transformers"
+    assert plan_local(unnamed).datagen.engine.kind == here
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan_local(unnamed).datagen.engine.kind == "vllm"
+    assert plan_local(named).datagen.engine.kind == "transformers"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_local(unnamed).datagen.engine.kind == "transformers"

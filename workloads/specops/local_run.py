@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specops.config import ConfigError, DataGenConfig, TrainConfig, dump_config
+from specops.config import ConfigError, DataGenConfig, EngineConfig, TrainConfig, dump_config
 from specops.serving import vllm_serve_command, vllm_serve_short
 from specops.verifier import resolve_verifier
 
@@ -87,6 +87,7 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
     pod_datagen = render_datagen(datagen_spec, names)
     datagen = pod_datagen.model_copy(
         update={
+            "engine": local_engine(pod_datagen.engine, "kind" in datagen_spec.engine.model_fields_set),
             "sync": pod_datagen.sync.model_copy(update={"kind": "disk", "path": str(out / "data")}),
             "run": pod_datagen.run.model_copy(
                 update={
@@ -120,6 +121,21 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
         max_new_tokens=spec.evaluation.max_new_tokens,
         online=datagen_spec.mode == "online",
     )
+
+
+def local_engine(engine: EngineConfig, kind_given: bool) -> EngineConfig:
+    """The YAML's engine when it names one; otherwise vLLM where it is installed and a GPU is
+    present, else Transformers. On CPU a Transformers forward wins a small job: vLLM's CPU start
+    alone takes about 30 s, longer than the demo's whole generation stage."""
+    if kind_given:
+        return engine
+    import torch
+
+    from specops.engines.vllm import vllm_available
+
+    if vllm_available() and torch.cuda.is_available():
+        return engine.model_copy(update={"kind": "vllm"})
+    return engine.model_copy(update={"kind": "transformers"})
 
 
 def _default_roots() -> list[Path]:
@@ -279,7 +295,7 @@ def _report(
         "output_dir": str(plan.out_dir),
         "speculator": str(speculator),
         "seconds": round(seconds, 1),
-        "data": generation,
+        "data": {"engine": plan.datagen.engine.kind, **generation},
         "training": {
             **training,
             "tokens_per_s": _mean([m["tokens_per_s"] for m in train_records if "tokens_per_s" in m]),
