@@ -160,36 +160,24 @@ def serve(
 
 def main(args: argparse.Namespace) -> int:
     """The `--engine vllm` branch of `specops evaluate` (arguments already range-checked)."""
-    from specops.config import VerifierConfig
+    from specops.commands.evaluate import load_inputs
     from specops.engines.vllm import require_vllm
-    from specops.evaluate import eos_ids, evaluate, greedy_references, load_prompts
+    from specops.evaluate import eos_ids, evaluate, greedy_references
     from specops.models.config import SpeculatorFormatError
-    from specops.models.eagle3 import Eagle3DraftModel
-    from specops.paths import resolve_allowed
     from specops.stores.atomic import write_json_atomic
-    from specops.verifier import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_verifier
+    from specops.verifier import resolve_verifier
 
-    roots = args.allowed_root
     try:
         require_vllm("--engine")
-        speculator_dir = resolve_allowed(args.speculator, roots, "--speculator")
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        draft = Eagle3DraftModel.from_pretrained(speculator_dir, device=device)
-        verifier_name = args.verifier or draft.config.spec.verifier.name_or_path
-        if not verifier_name:
-            raise ValueError("--verifier: the speculator records no verifier; pass one")
-        verifier = VerifierConfig(name_or_path=verifier_name, gguf_file=args.gguf_file)
-        prompts = load_prompts(
-            args.data,
-            get_tokenizer=lambda: load_tokenizer(verifier, roots),
-            allowed_roots=roots,
-            limit=args.max_prompts,
+        inputs = load_inputs(args)
+        model, draft, prompts = inputs.model, inputs.draft, inputs.prompts
+        verifier, speculator_dir, device, dtype = (
+            inputs.verifier,
+            inputs.speculator_dir,
+            inputs.device,
+            inputs.dtype,
         )
-        if not prompts:
-            raise ValueError(f"--data: {args.data} holds no prompts")
         k = args.k or draft.config.spec.speculative_tokens
-        model = load_model(verifier, dtype=dtype, device=device, allowed_roots=roots)
         references = greedy_references(model, prompts, args.max_new_tokens)
         ours = evaluate(
             model,
@@ -201,10 +189,10 @@ def main(args: argparse.Namespace) -> int:
             references=references,
         )
         eos = eos_ids(model)
-        del model, draft  # vLLM needs the memory
+        del model, draft, inputs  # vLLM needs the memory
         gc.collect()
         served = serve(
-            resolve_verifier(verifier, roots),
+            resolve_verifier(verifier, args.allowed_root),
             speculator_dir,
             prompts,
             references,

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from specops.config import VerifierConfig
+    from specops.models.eagle3 import Eagle3DraftModel
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -62,42 +70,20 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
         return evaluate_with_vllm(args)
 
-    from specops.config import VerifierConfig
-    from specops.evaluate import evaluate, load_prompts, write_report
+    from specops.evaluate import evaluate, write_report
     from specops.models.config import SpeculatorFormatError
-    from specops.models.eagle3 import Eagle3DraftModel
-    from specops.paths import resolve_allowed
-    from specops.verifier import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    roots = args.allowed_root
     try:
-        speculator_dir = resolve_allowed(args.speculator, roots, "--speculator")
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        draft = Eagle3DraftModel.from_pretrained(speculator_dir, device=device)
-        recorded = draft.config.spec.verifier.name_or_path
-        verifier_name = args.verifier or recorded
-        if not verifier_name:
-            raise ValueError("--verifier: the speculator records no verifier; pass one")
-        verifier = VerifierConfig(name_or_path=verifier_name, gguf_file=args.gguf_file)
-        prompts = load_prompts(
-            args.data,
-            get_tokenizer=lambda: load_tokenizer(verifier, roots),
-            allowed_roots=roots,
-            limit=args.max_prompts,
-        )
-        if not prompts:
-            raise ValueError(f"--data: {args.data} holds no prompts")
-        model = load_model(verifier, dtype=dtype, device=device, allowed_roots=roots)
+        inputs = load_inputs(args)
         report = evaluate(
-            model,
-            draft,
-            prompts,
+            inputs.model,
+            inputs.draft,
+            inputs.prompts,
             max_new_tokens=args.max_new_tokens,
             k=args.k,
             check_lossless=not args.no_lossless_check,
         )
-    except (SpeculatorFormatError, ValueError, KeyError) as exc:
+    except (SpeculatorFormatError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"specops evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict()))
@@ -111,3 +97,48 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         )
         return 1
     return 0
+
+
+@dataclass
+class EvalInputs:
+    """What evaluation starts from with either engine, resolved and checked from the arguments."""
+
+    speculator_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    draft: Eagle3DraftModel
+    verifier: VerifierConfig
+    prompts: list[list[int]]
+    model: PreTrainedModel
+
+
+def load_inputs(args: argparse.Namespace) -> EvalInputs:
+    """Speculator, verifier (the one the speculator records unless --verifier) and prompts.
+
+    Raises ValueError/KeyError/SpeculatorFormatError with a message naming the argument at fault.
+    """
+    from specops.config import VerifierConfig
+    from specops.evaluate import load_prompts
+    from specops.models.eagle3 import Eagle3DraftModel
+    from specops.paths import resolve_allowed
+    from specops.verifier import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    roots = args.allowed_root
+    speculator_dir = resolve_allowed(args.speculator, roots, "--speculator")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    draft = Eagle3DraftModel.from_pretrained(speculator_dir, device=device)
+    verifier_name = args.verifier or draft.config.spec.verifier.name_or_path
+    if not verifier_name:
+        raise ValueError("--verifier: the speculator records no verifier; pass one")
+    verifier = VerifierConfig(name_or_path=verifier_name, gguf_file=args.gguf_file)
+    prompts = load_prompts(
+        args.data,
+        get_tokenizer=lambda: load_tokenizer(verifier, roots),
+        allowed_roots=roots,
+        limit=args.max_prompts,
+    )
+    if not prompts:
+        raise ValueError(f"--data: {args.data} holds no prompts")
+    model = load_model(verifier, dtype=dtype, device=device, allowed_roots=roots)
+    return EvalInputs(speculator_dir, device, dtype, draft, verifier, prompts, model)
