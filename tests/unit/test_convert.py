@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models_support import VOCAB, build_verifier, new_draft, packed_batch
+from _models_support import VOCAB, new_draft, packed_batch
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
@@ -17,18 +17,6 @@ from specops.models.base import SpeculatorModel
 from specops.models.config import SpeculatorFormatError
 from specops.models.convert import convert_research_checkpoint, rename_research_weights
 from specops.models.eagle3 import Eagle3DraftModel
-
-
-@pytest.fixture(scope="module")
-def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("verifier")
-    build_verifier(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def verifier(verifier_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
 
 
 @pytest.fixture(scope="module")

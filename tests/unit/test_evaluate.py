@@ -37,11 +37,6 @@ def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def verifier(verifier_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
-
-
-@pytest.fixture(scope="module")
 def draft(verifier: LlamaForCausalLM, verifier_dir: Path) -> Eagle3DraftModel:
     return new_draft(verifier, verifier_dir).eval()
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _models_support import build_verifier, new_draft, packed_batch
+from _models_support import new_draft, packed_batch
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
@@ -33,18 +33,6 @@ VLLM_TOP_LEVEL = {
     "eagle_aux_hidden_state_layer_ids",
 }
 """Every key SpecOps writes; each one is read by vLLM's speculators loader or the reference library."""
-
-
-@pytest.fixture(scope="module")
-def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("verifier")
-    build_verifier(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def verifier(verifier_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
 
 
 def vllm_view(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

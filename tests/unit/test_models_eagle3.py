@@ -15,18 +15,6 @@ from specops.models.ttt import step_targets, step_valid
 from specops.models.verifier_head import VerifierHead
 
 
-@pytest.fixture(scope="module")
-def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("verifier")
-    build_verifier(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def verifier(verifier_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
-
-
 def _docs(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]

@@ -17,18 +17,6 @@ from specops.models.verifier_head import VerifierHead
 from specops.models.vocab import build_vocab_mapping
 
 
-@pytest.fixture(scope="module")
-def verifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("verifier")
-    build_verifier(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def verifier(verifier_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(verifier_dir).eval()
-
-
 def _t2d() -> torch.Tensor:
     t2d, _ = build_vocab_mapping({i: (i * 7) % 13 + 1 for i in range(VOCAB)}, VOCAB, 40)
     return t2d

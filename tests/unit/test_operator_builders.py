@@ -142,6 +142,20 @@ def test_pods_are_hardened() -> None:
         assert {"/dev/shm", "/tmp", "/cache"} <= mounts
 
 
+def test_claim_volumes_say_read_only_only_when_it_is_true() -> None:
+    """The API server drops `readOnly: false` (seen in e2e): a child must read back as built."""
+    claims = [
+        (name, volume["persistentVolumeClaim"])
+        for name, pod in _pods()
+        for volume in pod["volumes"]
+        if "persistentVolumeClaim" in volume
+    ]
+    assert any("readOnly" in claim for _, claim in claims), "some pod mounts its data read-only"
+    assert any("readOnly" not in claim for _, claim in claims), "some pod writes to its claim"
+    for name, claim in claims:
+        assert claim.get("readOnly", True) is True, f"{name}: {claim}"
+
+
 def _job(case: str, suffix: str) -> Manifest:
     return next(m for m in CASES[case] if m["kind"] == "Job" and m["metadata"]["name"].endswith(suffix))
 
