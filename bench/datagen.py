@@ -78,9 +78,7 @@ def run_ours(config: Any, inputs: list[dict[str, Any]]) -> dict[str, Any]:
 
     examples = [TokenizedExample(**row) for row in inputs]
     engine = TransformersPipeline.from_config(config)
-    sink = open_sink(
-        config, store_meta(config, engine, load_tokenizer(config.verifier, config.run.allowed_roots))
-    )
+    sink = open_sink(config, store_meta(config, load_tokenizer(config.verifier, config.run.allowed_roots)))
     report = GenerateReport()
     started = time.perf_counter()
     generate_examples(engine, sink, examples, config, report, started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from specops import generate
 from specops.commands import generate_data as command
 from specops.config import ConfigError
 from specops.generate import generate_data
@@ -50,6 +52,39 @@ def test_generates_and_prints_one_json_report(
     assert (report["written"], report["ok"]) == (6, True) and report["tokens"] > 0
     code, out, _ = run(write_config(tmp_path, tiny_verifier_dir), capsys)
     assert code == 0 and json.loads(out)["skipped"] == 6 and json.loads(out)["written"] == 0
+
+
+def test_a_rerun_with_nothing_left_never_loads_the_model(
+    tmp_path: Path,
+    tiny_verifier_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = write_config(tmp_path, tiny_verifier_dir)
+    assert run(config, capsys)[0] == 0
+
+    def no_model(*args: Any) -> None:
+        raise AssertionError("the engine was loaded for a slice with nothing left")
+
+    monkeypatch.setattr(generate, "load_engine", no_model)
+    code, out, _ = run(config, capsys)
+    assert code == 0 and (json.loads(out)["skipped"], json.loads(out)["written"]) == (6, 0)
+
+
+def test_an_engine_that_disagrees_with_the_verifier_config_is_refused(
+    tmp_path: Path, tiny_verifier_dir: Path
+) -> None:
+    from specops.config import DataGenConfig, load_config
+    from specops.verifier import load_tokenizer
+
+    cfg = load_config(DataGenConfig, write_config(tmp_path, tiny_verifier_dir), {})
+    meta = generate.store_meta(cfg, load_tokenizer(cfg.verifier, cfg.run.allowed_roots))
+    assert (meta.layer_ids, meta.num_layers) == ((1, 4), 4)
+    generate.load_engine(cfg, meta)  # agrees
+    with pytest.raises(
+        RuntimeError, match=r"produces .* \(\(1, 4\), 4, \d+\), the verifier config says \(\(2, 4\), 4,"
+    ):
+        generate.load_engine(cfg, dataclasses.replace(meta, layer_ids=(2, 4)))
 
 
 def test_another_producers_directory_is_refused(

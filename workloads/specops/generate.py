@@ -10,6 +10,7 @@ the sources yield rows in, and a rerun skips every id the sink already committed
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -144,15 +145,17 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
     started = time.monotonic()
     report = GenerateReport()
     tokenizer = load_tokenizer(config.verifier, config.run.allowed_roots)
-    engine = load_engine(config)
-    sink = open_sink(config, store_meta(config, engine, tokenizer))
+    meta = store_meta(config, tokenizer)
+    sink = open_sink(config, meta)
     try:
         if config.sync.claim_ranges:
-            generate_claimed(engine, sink, config, tokenizer, report, started)
+            generate_claimed(load_engine(config, meta), sink, config, tokenizer, report, started)
         else:
-            done = sink.done_ids()
-            examples = tokenized_slice(config, tokenizer, done, report)
-            generate_examples(engine, sink, examples, config, report, started)
+            examples = tokenized_slice(config, tokenizer, sink.done_ids(), report)
+            first = next(examples, None)  # the engine (seconds to minutes) loads only for work left
+            if first is not None:
+                engine = load_engine(config, meta)
+                generate_examples(engine, sink, itertools.chain([first], examples), config, report, started)
     except BaseException:
         sink.close()
         raise
@@ -192,39 +195,52 @@ def generate_claimed(
             sink.complete(claim)
 
 
-def load_engine(config: DataGenConfig) -> InferencePipeline:
-    """The engine `engine.kind` names."""
+def load_engine(config: DataGenConfig, meta: StoreMeta | None = None) -> InferencePipeline:
+    """The engine `engine.kind` names; with `meta`, checked to produce what the sink records."""
+    engine: InferencePipeline
     if config.engine.kind == "transformers":
         from specops.engines.transformers import TransformersPipeline
 
-        return TransformersPipeline.from_config(config)
-    try:
-        from specops.engines.vllm import VllmPipeline
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"engine.kind: {config.engine.kind!r} is not available ({exc.name} is missing)"
-        ) from None
-    engine: InferencePipeline = VllmPipeline.from_config(config)
+        engine = TransformersPipeline.from_config(config)
+    else:
+        try:
+            from specops.engines.vllm import VllmPipeline
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"engine.kind: {config.engine.kind!r} is not available ({exc.name} is missing)"
+            ) from None
+        engine = VllmPipeline.from_config(config)
+    if meta is not None:
+        produced = (tuple(engine.layer_ids), engine.num_layers, engine.hidden_size)
+        if produced != (meta.layer_ids, meta.num_layers, meta.hidden_size):
+            raise RuntimeError(
+                f"engine {config.engine.kind!r} produces (layer ids, layers, hidden size) {produced}, "
+                f"the verifier config says {(meta.layer_ids, meta.num_layers, meta.hidden_size)}"
+            )
     return engine
 
 
-def store_meta(
-    config: DataGenConfig, engine: InferencePipeline, tokenizer: PreTrainedTokenizerBase
-) -> StoreMeta:
-    """The producer identity the sink records and checks before mixing examples."""
+def store_meta(config: DataGenConfig, tokenizer: PreTrainedTokenizerBase) -> StoreMeta:
+    """The producer identity the sink records and checks before mixing examples.
+
+    Read from the verifier's config alone (no weights), so a rerun with nothing left to generate
+    never loads the model.
+    """
+    from specops.engines.base import resolve_layer_ids
     from specops.engines.transformers import compute_dtype_name
     from specops.stores.base import StoreMeta
     from specops.verifier import load_verifier_config, resolve_device, resolve_dtype, verifier_identity
 
     dtype = resolve_dtype(compute_dtype_name(config), resolve_device(config.engine.device))
     template = config.chat_template or tokenizer.chat_template or ""
-    vocab = load_verifier_config(config.verifier, config.run.allowed_roots).get_text_config().vocab_size
+    text = load_verifier_config(config.verifier, config.run.allowed_roots).get_text_config()
+    num_layers = int(text.num_hidden_layers)
     return StoreMeta(
         verifier=verifier_identity(config.verifier),
-        layer_ids=tuple(engine.layer_ids),
-        num_layers=engine.num_layers,
-        hidden_size=engine.hidden_size,
-        vocab_size=int(vocab),
+        layer_ids=tuple(resolve_layer_ids(config.states.hidden_states.layers, num_layers)),
+        num_layers=num_layers,
+        hidden_size=int(text.hidden_size),
+        vocab_size=int(text.vocab_size),
         dtype=str(dtype).removeprefix("torch."),
         chat_template_sha256=hashlib.sha256(str(template).encode()).hexdigest() if template else "",
     )
