@@ -179,11 +179,12 @@ def config_volume(config_map: str) -> tuple[Manifest, Manifest]:
 
 
 def claim_volume(name: str, claim: str, path: str, *, read_only: bool = False) -> tuple[Manifest, Manifest]:
-    volume = {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+    """`readOnly` only when true: the API server drops a false one, so the stored child would differ."""
+    source: Manifest = {"claimName": claim}
     mount: Manifest = {"name": name, "mountPath": path}
     if read_only:
-        mount["readOnly"] = True
-    return volume, mount
+        source["readOnly"] = mount["readOnly"] = True
+    return {"name": name, "persistentVolumeClaim": source}, mount
 
 
 @dataclass(frozen=True)
