@@ -7,7 +7,7 @@
 # authenticated request is allowed; with it the apiserver authorizes by RBAC (admin is in
 # system:masters). Waits until the apiserver is ready and the controller-manager works (the
 # `default` ServiceAccount exists); on failure stops what it started and prints the logs' tails.
-# With --owner, a watchdog runs down.sh once process PID is gone (a test run killed with -9
+# With --owner, watchdog.sh runs down.sh once process PID is gone (a test run killed with -9
 # leaves nothing behind).
 set -euo pipefail
 
@@ -22,6 +22,8 @@ while [[ "${1:-}" == --* ]]; do
 done
 STATE="${1:?usage: up.sh [--rbac] [--owner PID] STATE_DIR}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 K8S_VERSION="v1.20.2"
 BIN="${SPECOPS_K8S_BIN:-${SPECOPS_CACHE:-$HOME/.cache/specops}/k8s-$K8S_VERSION/bin}"
 ETCD="${SPECOPS_ETCD:-$(command -v etcd || echo /usr/bin/etcd)}"
@@ -123,7 +125,7 @@ curl_api() { curl -ksf --max-time 2 -H "Authorization: Bearer $ADMIN_TOKEN" "$SE
 deadline=$((SECONDS + TIMEOUT))
 until [[ "$(curl_api /readyz 2>/dev/null)" == ok ]]; do
   ((SECONDS < deadline)) || fail "apiserver not ready after ${TIMEOUT}s"
-  kill -0 "$(sed -n 2p "$STATE/pids")" 2>/dev/null || fail "apiserver exited"
+  alive "$(sed -n 2p "$STATE/pids")" || fail "apiserver exited"
   sleep 0.3
 done
 
@@ -137,15 +139,12 @@ start controller-manager "$BIN/kube-controller-manager" --kubeconfig "$STATE/con
 
 until curl_api /api/v1/namespaces/default/serviceaccounts/default >/dev/null 2>&1; do
   ((SECONDS < deadline)) || fail "controller-manager did not create the default ServiceAccount in ${TIMEOUT}s"
-  kill -0 "$(sed -n 3p "$STATE/pids")" 2>/dev/null || fail "controller-manager exited"
+  alive "$(sed -n 3p "$STATE/pids")" || fail "controller-manager exited"
   sleep 0.3
 done
 
 if [[ -n "$OWNER" ]]; then
-  # Exits by itself once down.sh removed the pid file.
-  setsid bash -c 'while kill -0 "$1" 2>/dev/null && [[ -f "$2/pids" ]]; do sleep 1; done
-    [[ -f "$2/pids" ]] && "$3" "$2"' watchdog "$OWNER" "$STATE" "$HERE/down.sh" \
-    >/dev/null 2>&1 </dev/null &
+  setsid "$HERE/watchdog.sh" "$OWNER" "$STATE" >>"$STATE/watchdog.log" 2>&1 </dev/null &
 fi
 
 cat >"$STATE/env" <<ENV
