@@ -185,9 +185,13 @@ def test_rbac_covers_every_child_kind_the_operator_creates() -> None:
         for verb in ("create", "get", "list", "patch", "delete"):
             assert (group, PLURALS[kind], verb) in grants, f"{verb} {kind}"
     for plural in ("speculatordatagens", "speculatortrainings"):
-        for verb in ("get", "list", "watch", "patch"):
+        for verb in ("list", "watch", "patch"):
             assert ("specops.dev", plural, verb) in grants
         assert ("specops.dev", f"{plural}/status", "patch") in grants
+    # A dataGenRef is read and an inline dataGen created; nothing reads a training by name.
+    for verb in ("get", "create", "delete"):
+        assert ("specops.dev", "speculatordatagens", verb) in grants
+    assert ("specops.dev", "speculatortrainings", "get") not in grants
     assert ("", "pods", "list") in grants and ("", "events", "create") in grants
     assert not {g for g in grants if g[1] == "pods" and g[2] != "list"}, "pods are only read"
 

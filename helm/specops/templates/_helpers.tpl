@@ -54,10 +54,10 @@ pods it reads for workload reports, Events it posts.
 {{- define "specops.operatorRules" -}}
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens", "speculatortrainings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens"]
-  verbs: ["create", "delete"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens/status", "speculatortrainings/status"]
   verbs: ["patch"]
