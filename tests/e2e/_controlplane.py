@@ -55,9 +55,26 @@ def tools_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def build_binaries() -> None:
-    """kube-apiserver + kube-controller-manager; a no-op when cached, ~10+ min when not."""
-    subprocess.run([HACK / "control-plane" / "build.sh"], check=True, stdout=sys.stderr)
+class BuildError(RuntimeError):
+    """hack/control-plane/build.sh failed or ran past its time."""
+
+
+def build_binaries(timeout: float = float(os.environ.get("SPECOPS_BUILD_TIMEOUT", "3600"))) -> None:
+    """kube-apiserver + kube-controller-manager; a no-op when cached, ~10 min on 2 cores when not.
+
+    Its output goes straight to the terminal (a cold build must not look like a hang). On timeout
+    its whole process group (make, go) is killed, not only the script.
+    """
+    script = HACK / "control-plane" / "build.sh"
+    process = subprocess.Popen([script], stdout=sys.stderr, start_new_session=True)
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise BuildError(f"{script} did not finish in {timeout:.0f}s (SPECOPS_BUILD_TIMEOUT)") from None
+    if code != 0:
+        raise BuildError(f"{script} failed (exit {code}); its ERROR line above names the step")
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import yaml
 from _controlplane import ROOT, ControlPlane
 
 from specops_operator import API_VERSION
-from specops_operator.builders.common import INSTANCE_LABEL
+from specops_operator.builders.common import INSTANCE_LABEL, KIND_LABEL
 from specops_operator.handlers import CHILD_KINDS
 from specops_operator.kube import Kube
 
@@ -49,14 +49,19 @@ def shard_report(index: int) -> Obj:
     return {"written": 10 + index, "skipped": 0, "tokens": 1000, "seconds": 2.0}
 
 
-def children(kube: Kube, ns: str, instance: str) -> dict[tuple[str, str], str]:
-    """(kind, name) -> uid of every object labelled as a child of `instance`."""
+def children(kube: Kube, ns: str, instance: str, owner_kind: str) -> dict[tuple[str, str], str]:
+    """(kind, name) -> uid of every object labelled as a child of the `owner_kind` named `instance`.
+
+    Both labels: a SpeculatorDataGen and a SpeculatorTraining may share a name
+    (examples/datagen-online.yaml does), and their children the instance label.
+    """
+    labels = {INSTANCE_LABEL: instance, KIND_LABEL: owner_kind}
     out = {}
     for api_version, kind in CHILD_KINDS:
-        for obj in kube.list(api_version, kind, ns, {INSTANCE_LABEL: instance}):
+        for obj in kube.list(api_version, kind, ns, labels):
             out[(kind, obj["metadata"]["name"])] = obj["metadata"]["uid"]
     return out
 
 
-def pods_of(kube: Kube, ns: str, instance: str) -> list[Obj]:
-    return kube.list("v1", "Pod", ns, {INSTANCE_LABEL: instance})
+def pods_of(kube: Kube, ns: str, instance: str, owner_kind: str) -> list[Obj]:
+    return kube.list("v1", "Pod", ns, {INSTANCE_LABEL: instance, KIND_LABEL: owner_kind})

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _controlplane import ROOT, ControlPlane, FakeKubelet, OperatorProcess, build_binaries, tools_dir
+from _controlplane import (
+    ROOT,
+    BuildError,
+    ControlPlane,
+    FakeKubelet,
+    OperatorProcess,
+    build_binaries,
+    tools_dir,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The control plane serves a self-signed certificate on loopback; clients skip verification.
+    config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the control plane (once, cached) when e2e tests were selected.
+
+    Here rather than in a fixture: a cold build (~10 min) must not count against pytest-timeout's
+    per-test limit, and a failed one stops the run with one clear line.
+    """
+    if not any(item.get_closest_marker("e2e") for item in session.items):
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        try:
+            build_binaries()
+        except BuildError as exc:
+            pytest.exit(f"e2e: {exc}", returncode=pytest.ExitCode.INTERNAL_ERROR)
 
 
 @pytest.fixture(scope="session")
 def tools() -> Path:
-    """kube-apiserver/controller-manager built (once, cached) and the helm/kubectl directory."""
-    build_binaries()
+    """The helm/kubectl directory (hack/tools.sh); the control plane was built at collection."""
     return tools_dir()
 
 

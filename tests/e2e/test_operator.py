@@ -36,6 +36,7 @@ from specops_operator.builders.training import TrainingNames
 
 pytestmark = pytest.mark.e2e
 Obj = dict[str, Any]
+DATAGEN, TRAINING = "SpeculatorDataGen", "SpeculatorTraining"
 
 DROPPED_BY_V1_20 = {
     "spec.completionMode",  # Indexed Jobs: v1.21
@@ -196,9 +197,10 @@ def test_failed_workload_fails_the_resource_with_its_error(
     error = (
         "Traceback (most recent call last):\nValueError: error: draft vocabulary larger than the verifier's"
     )
-    for pod in until(lambda: kubelet.pods(ns, {"job-name": names.job}), what="trainer pods"):
-        kubelet.index(pod, 0)
-        kubelet.finish(pod, exit_code=1, message=error)
+    # One worker fails: with backoffLimit 0 the Job controller fails the Job and deletes the others.
+    pod = until(lambda: kubelet.pods(ns, {"job-name": names.job}), what="trainer pods")[0]
+    kubelet.index(pod, 0)
+    kubelet.finish(pod, exit_code=1, message=error)
     plane.kubectl(
         "wait", "-n", ns, "--for=condition=Failed", "--timeout=30s", f"speculatortraining/{names.name}"
     )
@@ -226,23 +228,25 @@ def test_deleting_a_resource_garbage_collects_its_children(
         ("Service", f"{name}-broker"),
         ("Job", f"{name}-gen"),
     }
-    until(lambda: expected <= set(children(kube, ns, name)), what=f"children {expected}")
-    until(lambda: pods_of(kube, ns, name), what="broker and generator pods")
+    until(lambda: expected <= set(children(kube, ns, name, DATAGEN)), what=f"children {expected}")
+    until(lambda: pods_of(kube, ns, name, DATAGEN), what="broker and generator pods")
     plane.kubectl("delete", "-n", ns, f"speculatordatagen/{name}", "--timeout=30s")
-    until(lambda: not children(kube, ns, name), what="children deleted")
-    until(lambda: not pods_of(kube, ns, name), what="their pods deleted")
+    until(lambda: not children(kube, ns, name, DATAGEN), what="children deleted")
+    until(lambda: not pods_of(kube, ns, name, DATAGEN), what="their pods deleted")
 
     operator.stop()
     datagen = small_datagen("orphan-check")
     apply(plane, ns, datagen)
     with_operator = OperatorProcess(plane.kubeconfig, operator.log).start()
-    until(lambda: ("Job", "orphan-check-gen") in children(kube, ns, "orphan-check"), what="children")
+    until(lambda: ("Job", "orphan-check-gen") in children(kube, ns, "orphan-check", DATAGEN), what="children")
     with_operator.stop()
     # The operator is down: remove its finalizer and delete; the garbage collector does the rest.
     kube.patch(API_VERSION, "SpeculatorDataGen", ns, "orphan-check", {"metadata": {"finalizers": None}})
     plane.kubectl("delete", "-n", ns, "speculatordatagen/orphan-check", "--timeout=30s")
     retained = {("PersistentVolumeClaim", "orphan-check-data")}
-    until(lambda: set(children(kube, ns, "orphan-check")) == retained, what="owned children collected")
+    until(
+        lambda: set(children(kube, ns, "orphan-check", DATAGEN)) == retained, what="owned children collected"
+    )
 
 
 def test_operator_killed_mid_reconcile_creates_no_duplicates(
@@ -254,18 +258,22 @@ def test_operator_killed_mid_reconcile_creates_no_duplicates(
     cr = example("eagle3-train.yaml", "SpeculatorTraining")
     name = cr["metadata"]["name"]
     apply(plane, ns, cr)
-    until(lambda: children(kube, ns, name), interval=0.02, what="the first child")
+    until(lambda: children(kube, ns, name, TRAINING), interval=0.02, what="the first child")
     first.stop(signal.SIGKILL)
-    before = children(kube, ns, name)
+    before = children(kube, ns, name, TRAINING)
 
     second = OperatorProcess(plane.kubeconfig, log).start()
     try:
         datagen = TrainingNames(name, ns).datagen
-        until(lambda: ("Job", f"{datagen}-gen") in children(kube, ns, datagen), what="the generator Job")
         until(
-            lambda: ("PersistentVolumeClaim", f"{name}-output") in children(kube, ns, name), what="output PVC"
+            lambda: ("Job", f"{datagen}-gen") in children(kube, ns, datagen, DATAGEN),
+            what="the generator Job",
         )
-        after = children(kube, ns, name)
+        until(
+            lambda: ("PersistentVolumeClaim", f"{name}-output") in children(kube, ns, name, TRAINING),
+            what="output PVC",
+        )
+        after = children(kube, ns, name, TRAINING)
         for key, uid in before.items():
             assert after[key] == uid, f"{key} was replaced after the restart"
         trainings = kube.list(API_VERSION, "SpeculatorDataGen", ns, {INSTANCE_LABEL: name})
