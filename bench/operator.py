@@ -2,12 +2,11 @@
 
 `python bench/operator.py [--crs 200] [--rate 25]` prints one JSON line. The operator runs as a
 subprocess (`python -m specops_operator run -A`), exactly as in its image, against a target API
-server; here the in-memory one (kmock + `specops_operator.emulator`). The baseline, measured in
+server: the in-memory one (kmock + `specops_operator.emulator`), or with `--real` a real
+kube-apiserver + kube-controller-manager (hack/control-plane, v1.20.2). The baseline, measured in
 the same invocation against the same server, is a client creating the same three children of a
 CR directly (the least any controller must do); `ratio_p50` = operator p50 / baseline p50.
 RSS is measured idle (operator started, no CRs) and after all CRs were reconciled.
-
-A real control plane plugs in as another `Target` (kubeconfig + namespace); nothing else changes.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,18 @@ CHILDREN = (
 
 @dataclass
 class Target:
-    """An API server the bench and the operator both talk to (HTTP, no credentials needed)."""
+    """An API server the bench and the operator both talk to."""
 
     url: str
     kubeconfig: Path
 
+    def request_options(self) -> dict[str, Any]:
+        """Extra aiohttp request arguments (credentials, TLS); none for the in-memory server."""
+        return {}
+
     async def post(self, session: aiohttp.ClientSession, obj: dict[str, Any]) -> None:
         path = collection_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"])
-        async with session.post(self.url + path, json=obj) as response:
+        async with session.post(self.url + path, json=obj, **self.request_options()) as response:
             if response.status >= 300:
                 raise RuntimeError(f"POST {path}: {response.status} {await response.text()}")
 
@@ -65,7 +68,8 @@ class Target:
         """Names of the child kinds that exist now (one list call per kind)."""
         out = {}
         for api_version, kind, _ in CHILDREN:
-            async with session.get(self.url + collection_path(api_version, kind, namespace)) as response:
+            path = collection_path(api_version, kind, namespace)
+            async with session.get(self.url + path, **self.request_options()) as response:
                 data = await response.json(content_type=None)
             out[kind] = {item["metadata"]["name"] for item in data.get("items") or []}
         return out
@@ -122,6 +126,81 @@ async def kmock_target(directory: Path) -> AsyncIterator[KmockTarget]:
         yield KmockTarget(url, _kubeconfig(url, directory), emulator)
 
 
+# --------------------------------------------------------------------------- real control plane
+# (platform; `--real`): hack/control-plane's kube-apiserver + controller-manager (v1.20.2).
+
+
+@dataclass
+class RealTarget(Target):
+    """A real API server: bearer token, self-signed TLS; children seen through watches."""
+
+    token: str = ""
+    seen: dict[str, set[str]] = field(default_factory=dict)
+
+    def request_options(self) -> dict[str, Any]:
+        return {"headers": {"Authorization": f"Bearer {self.token}"}, "ssl": False}
+
+    async def watch(
+        self, session: aiohttp.ClientSession, api_version: str, kind: str, namespace: str
+    ) -> None:
+        """Record the names of `kind` objects as the server announces them (no list polling)."""
+        names = self.seen.setdefault(kind, set())
+        path = collection_path(api_version, kind, namespace)
+        params = {"watch": "1", "timeoutSeconds": "3600"}
+        async with session.get(self.url + path, params=params, **self.request_options()) as response:
+            async for line in response.content:
+                event = json.loads(line)
+                if event.get("type") == "ADDED":
+                    names.add(event["object"]["metadata"]["name"])
+
+    async def children(self, session: aiohttp.ClientSession, namespace: str) -> dict[str, set[str]]:
+        return {kind: set(self.seen.get(kind, ())) for _, kind, _ in CHILDREN}
+
+
+def _run_script(*args: str | Path) -> str:
+    """Its stdout; its stderr (a cold build's progress, a failure's reason) passes through."""
+    return subprocess.run([str(a) for a in args], check=True, stdout=subprocess.PIPE, text=True).stdout
+
+
+@contextlib.asynccontextmanager
+async def real_target(directory: Path) -> AsyncIterator[RealTarget]:
+    """Build (once, cached) and start the control plane, apply our CRDs, watch the bench namespace."""
+    hack = ROOT / "hack"
+    _run_script(hack / "control-plane" / "build.sh")
+    tools = Path(_run_script(hack / "tools.sh").strip().splitlines()[-1])
+    state = directory / "control-plane"
+    _run_script(hack / "control-plane" / "up.sh", "--owner", str(os.getpid()), str(state))
+    try:
+        env = dict(line.split("=", 1) for line in (state / "env").read_text().splitlines() if "=" in line)
+        kubeconfig = Path(env["KUBECONFIG"])
+        kubectl = [str(tools / "kubectl"), "--kubeconfig", str(kubeconfig)]
+        # v1.20's CRD schema lacks x-kubernetes-validations: skip kubectl's client-side check.
+        subprocess.run(
+            [*kubectl, "apply", "--validate=false", "-f", str(ROOT / "crds")], check=True, capture_output=True
+        )
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "-f", str(ROOT / "crds")],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run([*kubectl, "create", "namespace", "bench"], check=True, capture_output=True)
+        subprocess.run([*kubectl, "create", "namespace", "baseline"], check=True, capture_output=True)
+        target = RealTarget(env["SERVER"], kubeconfig, token=env["ADMIN_TOKEN"])
+        async with aiohttp.ClientSession() as session:
+            watches = [
+                asyncio.create_task(target.watch(session, api_version, kind, "bench"))
+                for api_version, kind, _ in CHILDREN
+            ]
+            try:
+                yield target
+            finally:
+                for task in watches:
+                    task.cancel()
+                await asyncio.gather(*watches, return_exceptions=True)
+    finally:
+        _run_script(hack / "control-plane" / "down.sh", str(state))
+
+
 def _cr(name: str, namespace: str) -> dict[str, Any]:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"] = {"name": name, "namespace": namespace}
@@ -175,7 +254,8 @@ async def wait_alive(process: subprocess.Popen[bytes], liveness: str, timeout: f
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        async with kmock_target(directory) as target, aiohttp.ClientSession() as session:
+        open_target = real_target if args.real else kmock_target
+        async with open_target(directory) as target, aiohttp.ClientSession() as session:
             base = await baseline(target, session, args.baseline)
             log = args.operator_log or directory / "operator.log"
             process, liveness = start_operator(target, log, args.refresh_interval)
@@ -221,7 +301,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     b50, b95 = _percentiles(base)
     return {
         "bench": "operator",
-        "target": "kmock",
+        "target": "real-v1.20" if args.real else "kmock",
         "crs": args.crs,
         "children_per_cr": len(CHILDREN),
         "rate_per_s": args.rate,
@@ -250,6 +330,9 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--operator-log", type=Path, help="keep the operator's log here")
+    parser.add_argument(
+        "--real", action="store_true", help="against a real control plane (built once by hack/control-plane)"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
     return 0
