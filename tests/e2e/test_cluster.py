@@ -98,10 +98,12 @@ def test_printer_columns_and_status_subresource(control_plane: ControlPlane, ns:
 
 
 def test_explain_describes_spec_fields(control_plane: ControlPlane) -> None:
-    # v1.20 serves OpenAPI v2 only; kubectl >= 1.27 explains from v3 unless told otherwise.
-    out = control_plane.kubectl(
-        "explain", "speculatortraining.spec.draft.speculativeTokens", "--output=plaintext-openapiv2"
-    ).stdout
+    # v1.20 serves OpenAPI v2 only; kubectl >= 1.27 explains from v3 unless told otherwise. The
+    # server publishes a new CRD's schema there a few seconds after the CRD is Established.
+    explain = ("explain", "speculatortraining.spec.draft.speculativeTokens", "--output=plaintext-openapiv2")
+    out = until(
+        lambda: control_plane.kubectl(*explain, check=False).stdout, timeout=30, what="the CRD's OpenAPI"
+    )
     assert "DESCRIPTION" in out.upper()
     described = [
         line
