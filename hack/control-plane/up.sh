@@ -112,14 +112,17 @@ start etcd "$ETCD" --name specops-e2e --data-dir "$STATE/etcd" \
 
 AUTHZ=AlwaysAllow
 $RBAC && AUTHZ=RBAC
-# --insecure-port=0 is required in 1.20; the serving cert is self-signed into pki/.
+# --insecure-port=0 is required in 1.20; the serving cert is self-signed into pki/. Beta API
+# versions are off: everything we and the chart create is GA (v1), and not installing them cuts
+# the apiserver's start from ~10 s to ~6 s on 2 busy cores.
 start apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
   --cert-dir "$STATE/pki" --token-auth-file "$STATE/tokens.csv" --authorization-mode "$AUTHZ" \
   --service-account-issuer https://specops-e2e.local --service-account-key-file "$STATE/pki/sa.key" \
   --service-account-signing-key-file "$STATE/pki/sa.key" --service-cluster-ip-range 10.96.0.0/16 \
   --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/audit.log" \
-  --enable-priority-and-fairness=false --allow-privileged=true --event-ttl 10m --v 1
+  --enable-priority-and-fairness=false --runtime-config api/beta=false \
+  --allow-privileged=true --event-ttl 10m --v 1
 
 curl_api() { curl -ksf --max-time 2 -H "Authorization: Bearer $ADMIN_TOKEN" "$SERVER$1"; }
 deadline=$((SECONDS + TIMEOUT))
