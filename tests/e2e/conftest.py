@@ -1,4 +1,4 @@
-"""Session fixture: one real control plane (built on first use), our CRDs applied, stopped at the end."""
+"""The e2e session: a real control plane (built at collection), our CRDs applied, stopped after the last e2e test."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from _controlplane import (
     tools_dir,
 )
 
+LAST_E2E = pytest.StashKey[str]()
+RUNNING = pytest.StashKey[list[ControlPlane]]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # The control plane serves a self-signed certificate on loopback; clients skip verification.
@@ -30,14 +33,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     Here rather than in a fixture: a cold build (~10 min) must not count against pytest-timeout's
     per-test limit, and a failed one stops the run with one clear line.
     """
-    if not any(item.get_closest_marker("e2e") for item in session.items):
+    selected = [item for item in session.items if item.get_closest_marker("e2e")]
+    if not selected:
         return
+    session.config.stash[LAST_E2E] = selected[-1].nodeid
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         try:
             build_binaries()
         except BuildError as exc:
             pytest.exit(f"e2e: {exc}", returncode=pytest.ExitCode.INTERNAL_ERROR)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Stop the control plane after the last e2e test, not when all of `make test` ends."""
+    if item.nodeid == item.config.stash.get(LAST_E2E, None):
+        for plane in item.config.stash.get(RUNNING, []):
+            plane.stop()
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +60,13 @@ def tools() -> Path:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory, tools: Path) -> Iterator[ControlPlane]:
+def control_plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tools: Path
+) -> Iterator[ControlPlane]:
     """etcd + kube-apiserver (RBAC) + kube-controller-manager, with crds/ applied and established."""
     state = tmp_path_factory.mktemp("control-plane")
     plane = ControlPlane.start(state, tools, owner=os.getpid())
+    request.config.stash.setdefault(RUNNING, []).append(plane)
     try:
         # --validate=false: kubectl checks a CRD against the server's own CRD schema, and v1.20's
         # does not know x-kubernetes-validations (the server then drops those CEL rules).
