@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import aiohttp
 import psutil
 import yaml
 
+from specops.testing.net import free_port
 from specops_operator.api import SpeculatorDataGen, load_resources
 from specops_operator.builders.common import Defaults
 from specops_operator.builders.datagen import build_datagen
@@ -89,12 +89,6 @@ class KmockTarget(Target):
                 if resource.plural == plural and ns == namespace and not obj.deleted:
                     out[kind].add(name)
         return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _kubeconfig(url: str, directory: Path) -> Path:
@@ -229,7 +223,7 @@ async def baseline(target: Target, session: aiohttp.ClientSession, count: int) -
 
 
 def start_operator(target: Target, log: Path, interval: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     liveness = f"http://127.0.0.1:{port}/healthz"
     env = {**os.environ, "KUBECONFIG": str(target.kubeconfig)}
     command = [sys.executable, "-m", "specops_operator", "run", "-A", "--liveness", liveness]

@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from specops.example import ExampleDict
 from specops.stores.base import StoreMeta
 from specops.stores.codec import decode, encode
 from specops.stores.zmq import ZmqSource, ZmqStore
+from specops.testing.net import free_port
 
 FORK = multiprocessing.get_context("fork")  # children skip the torch import; no zmq context exists yet
 LAYERS = (2, 16, 29, 32)
@@ -63,12 +63,6 @@ def meta_for(hidden: int) -> StoreMeta:
         vocab_size=32000,
         dtype="bfloat16",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def my_ids(count: int, index: int, generators: int) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from specops.testing.net import free_port
 from specops_operator.builders.common import CONTAINER, INDEX_ANNOTATION
 from specops_operator.kube import Kube
 
@@ -75,12 +75,6 @@ def build_binaries(timeout: float = float(os.environ.get("SPECOPS_BUILD_TIMEOUT"
         raise BuildError(f"{script} did not finish in {timeout:.0f}s (SPECOPS_BUILD_TIMEOUT)") from None
     if code != 0:
         raise BuildError(f"{script} failed (exit {code}); its ERROR line above names the step")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

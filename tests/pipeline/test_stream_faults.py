@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ from typing import Any
 
 import pytest
 
+from specops.testing.net import free_port
+
 PROCS = Path(__file__).with_name("_stream_procs.py")
 N = 120
 HEARTBEAT_S, TIMEOUT_S = 0.2, 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:

@@ -8,7 +8,6 @@ on the cache directory with the same steps and seed. Both must learn, and end wi
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import yaml
 
 from specops.config import TrainConfig, load_config
 from specops.stores.disk import DiskStore
+from specops.testing.net import free_port
 from specops.testing.synthetic import make_conversations, write_jsonl
 from specops.train.trainer import train
 
@@ -34,12 +34,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train_config(root: Path, verifier: Path, output: str, data: dict[str, Any]) -> TrainConfig:

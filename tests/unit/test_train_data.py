@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from specops.stores.mpqueue import MPQueueStore
 from specops.stores.speculators_layout import export_speculators
 from specops.stores.streaming import StreamError
 from specops.stores.zmq import ZmqSource
+from specops.testing.net import free_port
 from specops.train.data import Prefetcher, count_tokens, is_validation, open_source
 from specops.train.trainer import train
 
@@ -85,9 +85,7 @@ def test_bad_data_configs_name_the_field(tmp_path: Path) -> None:
 
 def test_a_broker_stream_opens_from_config_alone_and_a_stall_fails_naming_the_url() -> None:
     """What a training pod does: `data.kind: zmq` + `data.url`; no producer ever comes here."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     source = open_source(TrainDataConfig(kind="zmq", url=url, stall_timeout_s=0.5), [])
     assert isinstance(source, ZmqSource)
     try:
