@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ from specops.testing.synthetic import make_conversations, write_jsonl
 LAYERS = [1, 2, 3, 4]  # the tiny verifier has 4 layers: 4 = final output before the norm
 NUM_CONVERSATIONS = 80
 CLI = [sys.executable, "-m", "specops.cli"]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra torch threads only spin against the worker processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from specops.config import TrainConfig, load_config
@@ -26,14 +24,6 @@ from specops.train.trainer import train
 
 CLI = [sys.executable, "-m", "specops.cli"]
 STEPS = 40
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_config(root: Path, verifier: Path, output: str, data: dict[str, Any]) -> TrainConfig:

