@@ -16,6 +16,7 @@ The line says which device ran it; on a CPU-only machine the figures are CPU fig
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -45,19 +46,12 @@ def datagen_config(kind: str, args: argparse.Namespace) -> Any:
 
 
 def inputs(config: Any, count: int) -> list[Any]:
-    from specops.data.chat import tokenize_conversation
-    from specops.data.sources import iter_conversations
+    """The first `count` usable conversations, tokenized as generation does."""
+    from specops.generate import GenerateReport, tokenized_slice
     from specops.verifier import load_tokenizer
 
     tokenizer = load_tokenizer(config.verifier)
-    found = []
-    for conversation in iter_conversations(config.datasets[0], 0):
-        example = tokenize_conversation(tokenizer, conversation, config.processor, config.chat_template)
-        if example is not None:
-            found.append(example)
-        if len(found) == count:
-            break
-    return found
+    return list(itertools.islice(tokenized_slice(config, tokenizer, set(), GenerateReport()), count))
 
 
 def best_passes(engine: Any, batch: list[Any], repeats: int, handoffs: list[str]) -> dict[str, float]:

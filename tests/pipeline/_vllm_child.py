@@ -11,6 +11,7 @@ vLLM engine over N ShareGPT conversations into a DiskStore, a short SpecOps trai
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -44,19 +45,14 @@ def datagen_config(out: Path, n: int, max_len: int, kind: str) -> Any:
 
 def examples(config: Any, n: int) -> list[Any]:
     """The first n ShareGPT conversations that keep assistant tokens within max_len."""
-    from specops.data.chat import tokenize_conversation
-    from specops.data.sources import iter_conversations
+    from specops.generate import GenerateReport, tokenized_slice
     from specops.verifier import load_tokenizer
 
     tokenizer = load_tokenizer(config.verifier)
-    found = []
-    for conversation in iter_conversations(config.datasets[0], 0):
-        example = tokenize_conversation(tokenizer, conversation, config.processor, config.chat_template)
-        if example is not None:
-            found.append(example)
-        if len(found) == n:
-            return found
-    raise SystemExit(f"only {len(found)} usable conversations")
+    found = list(itertools.islice(tokenized_slice(config, tokenizer, set(), GenerateReport()), n))
+    if len(found) < n:
+        raise SystemExit(f"only {len(found)} usable conversations")
+    return found
 
 
 def save(out: Path, name: str, results: list[Any]) -> None:
