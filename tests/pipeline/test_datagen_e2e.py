@@ -74,7 +74,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, dict
 
 def stored(out: Path, root: Path) -> dict[str, dict[str, Any]]:
     """Every example, read back through GeneratedDataset, as bytes per field."""
-    dataset = GeneratedDataset(DiskStore.open(out, [root], verify="sha256"), shuffle=False)
+    dataset = GeneratedDataset(DiskStore.open(out, [root], verify="digest"), shuffle=False)
     examples: dict[str, dict[str, Any]] = {}
     for example in dataset:
         assert example["id"] not in examples, f"{example['id']} delivered twice"

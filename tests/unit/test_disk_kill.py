@@ -74,7 +74,7 @@ def assert_exactly_once(store: Path, num_ids: int) -> None:
     listed_ids = [i for m in manifests for e in m.shards for i in e.ids]
     assert len(listed_ids) == len(set(listed_ids)), "an example was committed twice"
     assert set(listed_ids) == want
-    view = DiskStore.open(store, [store.parent], verify="sha256")
+    view = DiskStore.open(store, [store.parent], verify="digest")
     assert view.dropped == []
     assert view.done_ids() == want
     read = [ex["id"] for p in view.partitions() for ex in view.read(p)]
@@ -126,7 +126,7 @@ def assert_exactly_once_seq(store: Path, num_ids: int, seq: int) -> None:
     manifests = [mf.load_manifest(p) for p in sorted(store.glob("manifest-w*.json"))]
     listed_ids = [i for m in manifests for e in m.shards for i in e.ids]
     assert sorted(listed_ids) == sorted(f"d/{i}/0" for i in range(num_ids))
-    view = DiskStore.open(store, [store.parent], verify="sha256")
+    view = DiskStore.open(store, [store.parent], verify="digest")
     assert view.dropped == [] and len(view) == num_ids
     assert view.token_counts() == expected_counts(make_example(i, seq=seq) for i in range(num_ids))
 

@@ -315,8 +315,8 @@ def test_same_id_in_two_writers_is_served_once(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- corruption
 
 
-def _one_shard_store(tmp_path: Path, n: int = 8) -> tuple[Path, list[str]]:
-    store = _writer(tmp_path)
+def _one_shard_store(tmp_path: Path, n: int = 8, **kw: object) -> tuple[Path, list[str]]:
+    store = _writer(tmp_path, **kw)
     store.write([make_example(i) for i in range(n)])
     store.close()
     return tmp_path / "store", store.partitions()
@@ -335,21 +335,25 @@ def test_truncated_shard_is_dropped_and_regenerated(tmp_path: Path) -> None:
     assert not (root / parts[0]).exists(), "the bad shard is removed by its writer"
     resumed.write([make_example(i) for i in range(8)])
     resumed.close()
-    final = DiskStore.open(root, [tmp_path], verify="sha256")
+    final = DiskStore.open(root, [tmp_path], verify="digest")
     assert final.dropped == [] and len(final) == 8
     assert final.token_counts() == expected_counts(make_example(i) for i in range(8))
 
 
-def test_flipped_byte_is_caught_by_sha256(tmp_path: Path) -> None:
-    root, parts = _one_shard_store(tmp_path)
+@pytest.mark.parametrize("digest", ["xxh3-128", "sha256"])
+def test_flipped_byte_is_caught_by_the_digest(tmp_path: Path, digest: str) -> None:
+    root, parts = _one_shard_store(tmp_path, digest=digest)
     data = bytearray((root / parts[1]).read_bytes())
     data[-1] ^= 0xFF
     (root / parts[1]).write_bytes(bytes(data))
     quick = DiskStore.open(root, [tmp_path])
     assert quick.partitions() == parts, "a same-size change passes the size check"
-    thorough = DiskStore.open(root, [tmp_path], verify="sha256")
+    thorough = DiskStore.open(root, [tmp_path], verify="digest")
     assert thorough.partitions() == parts[:1]
-    assert thorough.dropped[0][0] == parts[1] and "sha256" in thorough.dropped[0][1]
+    assert thorough.dropped[0][0] == parts[1]
+    assert re.match(
+        f"digest {digest}:[0-9a-f]+ differs from the manifest's {digest}:", thorough.dropped[0][1]
+    )
     resumed = _writer(tmp_path)
     assert resumed.done_ids() == {f"d/{i}/0" for i in range(4)}
 
@@ -411,7 +415,7 @@ def test_garbage_with_matching_checksum_fails_as_malformed(tmp_path: Path) -> No
     manifest = mf.load_manifest(path)
     entry = manifest.shards[0].model_copy(
         update={
-            "sha256": hashlib.sha256(garbage).hexdigest(),
+            "digest": "sha256:" + hashlib.sha256(garbage).hexdigest(),
             "nbytes": len(garbage),
             "raw_nbytes": len(garbage),
         }

@@ -151,6 +151,10 @@ class SyncConfig(Contract):
     shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     """Examples per shard file."""
     compression: Literal["none", "zstd"] = "none"
+    digest: Literal["xxh3-128", "sha256"] = "xxh3-128"
+    """Checksum recorded per disk shard to catch torn or corrupted files: xxh3-128 (fast,
+    non-cryptographic) or sha256 (what `sha256sum` prints, but slower to write than the disk on
+    CPUs without SHA extensions)."""
     queue_size: Annotated[int, Field(ge=1, le=65536)] = 16
     """Bounded queue length (mpqueue) / producer in-flight window (zmq)."""
     url: Annotated[str, Field(max_length=512)] | None = None

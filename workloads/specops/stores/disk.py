@@ -10,7 +10,6 @@ See docs/storage.md for the format.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -26,6 +25,7 @@ from specops.paths import resolve_allowed
 from specops.stores import manifest as mf
 from specops.stores.atomic import fsync_dir, temp_path
 from specops.stores.base import StoreMeta
+from specops.stores.digests import Algorithm, algorithm_of, file_digest
 from specops.stores.manifest import Manifest, ShardEntry, StoreMetaMismatchError, TokenCounts
 from specops.stores.shards import (
     Compression,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from specops.example import ExampleDict
 
 log = logging.getLogger(__name__)
-Verify = Literal["size", "sha256"]
+Verify = Literal["size", "digest"]
 
 
 @dataclass
@@ -69,18 +69,17 @@ class _View:
 
 
 def _shard_problem(path: Path, entry: ShardEntry, verify: Verify) -> str | None:
-    """Why a listed shard cannot be served (missing, wrong size, wrong sha256), or None."""
+    """Why a listed shard cannot be served (missing, wrong size, wrong digest), or None."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "missing"
     if size != entry.nbytes:
         return f"size {size} bytes, manifest says {entry.nbytes}"
-    if verify == "sha256":
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != entry.sha256:
-            return f"sha256 {digest} differs from the manifest's {entry.sha256}"
+    if verify == "digest":
+        found = file_digest(path, algorithm_of(entry.digest))
+        if found != entry.digest:
+            return f"digest {found} differs from the manifest's {entry.digest}"
     return None
 
 
@@ -112,14 +111,16 @@ class DiskStore:
         shard_size: int = 64,
         compression: Compression = "none",
         allowed_roots: Sequence[str | Path] = (),
-        verify: Verify = "sha256",
+        verify: Verify = "digest",
+        digest: Algorithm = "xxh3-128",
         max_shard_bytes: int = 1 << 30,
         field: str = "sync.path",
     ) -> None:
         """Open `path` for writing as writer `writer_index` of `num_writers`, resuming its work.
 
-        `verify` is how this writer checks its own committed shards before resuming (other
-        writers' shards are size-checked); a bad shard is deleted and its examples regenerated.
+        `verify` is how this writer checks its own committed shards before resuming, each with
+        the algorithm its manifest entry records (other writers' shards are size-checked); a bad
+        shard is deleted and its examples regenerated. New shards get a `digest` checksum.
         A shard is committed after `shard_size` examples or `max_shard_bytes` of tensors.
         """
         if not 0 <= writer_index < num_writers:
@@ -135,6 +136,7 @@ class DiskStore:
         self._shard_size = shard_size
         self._max_shard_bytes = max_shard_bytes
         self._compression: Compression = compression
+        self._digest: Algorithm = digest
         self._tmp_prefix = f".tmp-{mf.writer_tag(writer_index)}-"
         self._manifest_file = mf.manifest_name(writer_index)
         self._remove_own_temp_files()
@@ -179,7 +181,8 @@ class DiskStore:
         """Read-only view over every committed shard.
 
         `verify="size"` drops listed shards that are missing or of the wrong size (a stat each);
-        `verify="sha256"` also hashes every shard now and drops those that differ.
+        `verify="digest"` also hashes every shard now (with the algorithm its manifest entry
+        records) and drops those that differ.
         """
         root = resolve_allowed(path, allowed_roots, field)
         if not root.is_dir():
@@ -212,6 +215,7 @@ class DiskStore:
             num_writers=run.num_shards,
             shard_size=sync.shard_size,
             compression=sync.compression,
+            digest=sync.digest,
             allowed_roots=run.allowed_roots,
         )
 
@@ -259,11 +263,11 @@ class DiskStore:
 
     def _counts_for(self, manifest_file: str, files: list[str]) -> Counter[int]:
         """Counts of `files`: the writer's cache where it matches, the shards themselves otherwise."""
-        valid = {f: self._view.entries[f].sha256 for f in files}
+        valid = {f: self._view.entries[f].digest for f in files}
         cache = mf.load_token_counts(self.path / mf.tokens_name(manifest_file))
         counts: Counter[int] = Counter()
         todo = files
-        if cache is not None and all(valid.get(f) == sha for f, sha in cache.shards.items()):
+        if cache is not None and all(valid.get(f) == d for f, d in cache.shards.items()):
             counts.update(cache.counts)
             todo = [f for f in files if f not in cache.shards]
         for f in todo:
@@ -345,8 +349,10 @@ class DiskStore:
         counts: Counter[int] = Counter()
         for manifest_file, files in view.files_by_manifest.items():
             counts.update(self._counts_for(manifest_file, files))
-        shas = {f: e.sha256 for f, e in view.entries.items()}
-        mf.save(self.path / mf.MERGED_TOKENS, TokenCounts(shards=shas, counts=dict(counts)), self._tmp_prefix)
+        digests = {f: e.digest for f, e in view.entries.items()}
+        mf.save(
+            self.path / mf.MERGED_TOKENS, TokenCounts(shards=digests, counts=dict(counts)), self._tmp_prefix
+        )
         mf.save(self.path / mf.MERGED_MANIFEST, merged, self._tmp_prefix)
         return True
 
@@ -371,14 +377,14 @@ class DiskStore:
         final = self.path / name
         tmp = temp_path(final, self._tmp_prefix)
         try:
-            written = write_shard(tmp, examples, fields, self._compression)
+            written = write_shard(tmp, examples, fields, self._compression, self._digest)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.path)
         entry = ShardEntry(
             file=name,
-            sha256=written.sha256,
+            digest=written.digest,
             nbytes=written.nbytes,
             raw_nbytes=written.raw_nbytes,
             compression=self._compression,
@@ -444,8 +450,8 @@ class DiskStore:
         return self._counts_for(self._manifest_file, files)
 
     def _save_own_counts(self) -> None:
-        shas = {e.file: e.sha256 for e in self._own.shards}
-        cache = TokenCounts(shards=shas, counts=dict(self._own_counts))
+        digests = {e.file: e.digest for e in self._own.shards}
+        cache = TokenCounts(shards=digests, counts=dict(self._own_counts))
         mf.save(self.path / mf.tokens_name(self._manifest_file), cache, self._tmp_prefix)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specops.config import format_validation_error
 from specops.stores.atomic import write_json_atomic
 from specops.stores.base import StoreMeta
+from specops.stores.digests import DIGEST_PATTERN
 from specops.stores.shards import Compression
 
 MERGED_MANIFEST = "manifest.json"
@@ -68,8 +69,9 @@ class ShardEntry(_Strict):
     """One committed shard."""
 
     file: Annotated[str, Field(pattern=SHARD_RE.pattern)]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    """Of the file as stored (compressed bytes when compressed)."""
+    digest: Annotated[str, Field(pattern=DIGEST_PATTERN)]
+    """`xxh3-128:<32 hex>` or `sha256:<64 hex>` of the file as stored (compressed bytes when
+    compressed); checks use the algorithm recorded here, so one store may mix both."""
     nbytes: Annotated[int, Field(ge=8)]
     """Size on disk."""
     raw_nbytes: Annotated[int, Field(ge=8)]
@@ -88,7 +90,8 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["specops-manifest"] = "specops-manifest"
-    version: Literal[1] = 1
+    version: Literal[2] = 2
+    """2: shard `digest` strings; version 1 (a bare `sha256` per shard) is read as sha256 digests."""
     writer: Annotated[int, Field(ge=0)] | None = None
     num_writers: Annotated[int, Field(ge=1)] | None = None
     complete: bool = False
@@ -96,13 +99,39 @@ class Manifest(BaseModel):
     meta: StoreMeta
     shards: list[ShardEntry] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_v1(cls, data: Any) -> Any:
+        """Version 1 differs only in `sha256: <hex>` where version 2 has `digest: sha256:<hex>`."""
+        if not isinstance(data, dict) or data.get("version") != 1:
+            return data
+        shards = data.get("shards", [])
+        if isinstance(shards, list):
+            shards = [_v1_shard(s) for s in shards]
+        return {**data, "version": 2, "shards": shards}
+
+
+def _v1_shard(entry: Any) -> Any:
+    """A version-1 shard entry as version 2 (anything else is left for validation to reject)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return entry
+    return {k: v for k, v in entry.items() if k != "sha256"} | {"digest": f"sha256:{entry['sha256']}"}
+
 
 class TokenCounts(_Strict):
-    """Cache of summed loss-token counts over exactly the shards listed (file -> sha256)."""
+    """Cache of summed loss-token counts over exactly the shards listed (file -> digest)."""
 
     format: Literal["specops-tokens"] = "specops-tokens"
     shards: dict[str, str]
     counts: dict[int, int]
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _upgrade_v1(cls, shards: Any) -> Any:
+        """Caches written beside version-1 manifests hold bare sha256 hex."""
+        if not isinstance(shards, dict):
+            return shards
+        return {f: d if not isinstance(d, str) or ":" in d else f"sha256:{d}" for f, d in shards.items()}
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -14,12 +14,12 @@ Every tensor shares one flat token axis T (the example lengths summed):
 
 Tensors are laid out by descending element size, so each one is naturally aligned and the reader
 views it straight out of the file buffer. Writes stream each example's bytes to the file (no
-concatenation copy) while a helper thread computes the sha256 of exactly what lands on disk.
+concatenation copy) while a helper thread computes the digest (`specops.stores.digests`) of exactly
+what lands on disk.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -34,6 +34,7 @@ import torch
 
 from specops.example import ExampleDict
 from specops.stores.base import StoreMeta
+from specops.stores.digests import Algorithm, new_hasher
 
 SHARD_FORMAT = "specops-shard"
 SHARD_VERSION = "1"
@@ -121,8 +122,8 @@ def loss_token_counts(examples: Sequence[ExampleDict]) -> tuple[torch.Tensor, to
 class WrittenShard:
     """What the manifest records about a shard just written."""
 
-    sha256: str
-    """Of the bytes on disk (compressed if compressed)."""
+    digest: str
+    """`<algorithm>:<hex>` of the bytes on disk (compressed if compressed)."""
     nbytes: int
     """Size on disk."""
     raw_nbytes: int
@@ -130,30 +131,32 @@ class WrittenShard:
     num_tokens: int
 
 
-class _Sha256Behind:
-    """sha256 computed on a helper thread (hashlib drops the GIL), overlapping the caller's writes.
+class _HashBehind:
+    """A digest computed on a helper thread (the hashes drop the GIL), overlapping the caller's writes.
 
-    Callers must keep each buffer unchanged until `hexdigest()` returns.
+    Callers must keep each buffer unchanged until `digest()` returns.
     """
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, algorithm: Algorithm) -> None:
+        self._algorithm = algorithm
+        self._hash = new_hasher(algorithm)
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def update(self, data: memoryview) -> None:
         self._pool.submit(self._hash.update, data)
 
-    def hexdigest(self) -> str:
+    def digest(self) -> str:
+        """`<algorithm>:<hex>` of everything passed to update()."""
         self._pool.shutdown(wait=True)
-        return self._hash.hexdigest()
+        return f"{self._algorithm}:{self._hash.hexdigest()}"
 
 
 class _HashingWriter:
     """File-like sink that writes and hashes the same bytes; zstd's stream writer writes into it."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, algorithm: Algorithm) -> None:
         self._f = f
-        self.hash = _Sha256Behind()
+        self.hash = _HashBehind(algorithm)
         self.nbytes = 0
 
     def write(self, data: bytes | memoryview) -> int:
@@ -210,12 +213,16 @@ def encode_shard(
 
 
 def write_shard(
-    path: Path, examples: Sequence[ExampleDict], fields: Sequence[str], compression: Compression
+    path: Path,
+    examples: Sequence[ExampleDict],
+    fields: Sequence[str],
+    compression: Compression,
+    digest: Algorithm,
 ) -> WrittenShard:
     """Write and fsync one shard at `path` (a temp name; the caller renames it into place)."""
     head, chunks, raw_nbytes = encode_shard(examples, fields)
     with open(path, "wb", buffering=1 << 20) as f:
-        out = _HashingWriter(f)
+        out = _HashingWriter(f, digest)
         if compression == "zstd":
             import zstandard
 
@@ -226,11 +233,11 @@ def write_shard(
         else:
             for chunk in (memoryview(head), *chunks):
                 out.write(chunk)
-        digest = out.hash.hexdigest()
+        recorded = out.hash.digest()
         f.flush()
         os.fsync(f.fileno())
     num_tokens = sum(int(ex["token_ids"].shape[0]) for ex in examples)
-    return WrittenShard(digest, out.nbytes, raw_nbytes, num_tokens)
+    return WrittenShard(recorded, out.nbytes, raw_nbytes, num_tokens)
 
 
 # --------------------------------------------------------------------------- reading
@@ -239,8 +246,8 @@ def write_shard(
 def read_shard_bytes(path: Path, *, nbytes: int, compression: Compression, raw_nbytes: int) -> torch.Tensor:
     """The uncompressed shard as a uint8 tensor; a file shorter or longer than recorded is corrupt.
 
-    Reads do not hash (that would halve read throughput); the sha256 is checked by
-    `DiskStore.open(verify="sha256")` and by a writer resuming over its own shards.
+    Reads do not hash (a sha256 would halve read throughput); the digest is checked by
+    `DiskStore.open(verify="digest")` and by a writer resuming over its own shards.
     """
     buf = torch.empty(nbytes, dtype=torch.uint8)
     view = buf.numpy().data
