@@ -125,6 +125,22 @@ def test_token_counts_ignore_a_stale_cache(tmp_path: Path) -> None:
     assert DiskStore.open(tmp_path / "store", [tmp_path]).token_counts() == expected_counts(examples)
 
 
+def test_token_counts_survive_a_torn_cache(tmp_path: Path) -> None:
+    """The caches are written without fsync; a power cut can leave zeros where the JSON was."""
+    examples = [make_example(i) for i in range(8)]
+    store = _writer(tmp_path)
+    store.write(examples)
+    store.close()
+    cache = tmp_path / "store" / "tokens-w00000.json"
+    cache.write_bytes(b"\0" * 64)
+    assert DiskStore.open(tmp_path / "store", [tmp_path]).token_counts() == expected_counts(examples)
+    resumed = _writer(tmp_path)
+    resumed.write([make_example(8)])
+    resumed.close()
+    assert mf.load_token_counts(cache) is not None, "the next commit rewrites the cache"
+    assert resumed.token_counts() == expected_counts(make_example(i) for i in range(9))
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -30,20 +30,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes, prefix: str = ".tmp-") -> None:
-    """Replace `path` with `data` so that it is never seen half written."""
+def write_bytes_atomic(path: Path, data: bytes, prefix: str = ".tmp-", *, durable: bool = True) -> None:
+    """Replace `path` with `data` so that it is never seen half written.
+
+    `durable=False` skips both fsyncs: for caches that readers check and can rebuild, where a
+    power cut may cost the new version (or leave an unparsable file) but must not cost a stall.
+    """
     tmp = temp_path(path, prefix)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, obj: Any, prefix: str = ".tmp-") -> None:
-    """Atomically replace `path` with the JSON encoding of `obj`."""
-    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode(), prefix)
+def write_json_atomic(path: Path, obj: Any, prefix: str = ".tmp-", *, durable: bool = True) -> None:
+    """Atomically replace `path` with the JSON encoding of `obj` (see write_bytes_atomic)."""
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode(), prefix, durable=durable)

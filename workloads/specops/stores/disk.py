@@ -23,7 +23,7 @@ import torch
 
 from specops.paths import resolve_allowed
 from specops.stores import manifest as mf
-from specops.stores.atomic import fsync_dir, temp_path
+from specops.stores.atomic import temp_path
 from specops.stores.base import StoreMeta
 from specops.stores.digests import Algorithm, algorithm_of, file_digest
 from specops.stores.manifest import Manifest, ShardEntry, StoreMetaMismatchError, TokenCounts
@@ -350,9 +350,8 @@ class DiskStore:
         for manifest_file, files in view.files_by_manifest.items():
             counts.update(self._counts_for(manifest_file, files))
         digests = {f: e.digest for f, e in view.entries.items()}
-        mf.save(
-            self.path / mf.MERGED_TOKENS, TokenCounts(shards=digests, counts=dict(counts)), self._tmp_prefix
-        )
+        cache = TokenCounts(shards=digests, counts=dict(counts))
+        mf.save(self.path / mf.MERGED_TOKENS, cache, self._tmp_prefix, durable=False)
         mf.save(self.path / mf.MERGED_MANIFEST, merged, self._tmp_prefix)
         return True
 
@@ -381,7 +380,10 @@ class DiskStore:
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        fsync_dir(self.path)
+        # No directory fsync here: the manifest save below fsyncs this same directory after its
+        # own rename, which makes this rename durable too. A power cut that keeps the manifest
+        # but not this rename leaves a listed shard missing, which readers drop and the writer
+        # regenerates.
         entry = ShardEntry(
             file=name,
             digest=written.digest,
@@ -452,7 +454,8 @@ class DiskStore:
     def _save_own_counts(self) -> None:
         digests = {e.file: e.digest for e in self._own.shards}
         cache = TokenCounts(shards=digests, counts=dict(self._own_counts))
-        mf.save(self.path / mf.tokens_name(self._manifest_file), cache, self._tmp_prefix)
+        # Only a cache, checked against the manifest's digests on every read: not worth an fsync.
+        mf.save(self.path / mf.tokens_name(self._manifest_file), cache, self._tmp_prefix, durable=False)
 
 
 __all__ = ["DiskStore", "StoreMetaMismatchError"]

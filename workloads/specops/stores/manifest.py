@@ -159,9 +159,9 @@ def _load(model: type[M], path: Path) -> M:
         raise ManifestError(format_validation_error(exc, str(path))) from None
 
 
-def save(path: Path, model: BaseModel, temp_prefix: str) -> None:
-    """Atomically replace `path` with `model` as JSON."""
-    write_json_atomic(path, model.model_dump(mode="json"), temp_prefix)
+def save(path: Path, model: BaseModel, temp_prefix: str, *, durable: bool = True) -> None:
+    """Atomically replace `path` with `model` as JSON (`durable=False`: no fsync, for caches)."""
+    write_json_atomic(path, model.model_dump(mode="json"), temp_prefix, durable=durable)
 
 
 def check_meta(found: StoreMeta, expected: StoreMeta, source: Path) -> None:
