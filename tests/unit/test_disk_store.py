@@ -113,11 +113,9 @@ def test_token_counts_count_loss_masked_tokens_only(tmp_path: Path) -> None:
 
 
 def test_token_counts_ignore_a_stale_cache(tmp_path: Path) -> None:
+    root, _ = _one_shard_store(tmp_path)
     examples = [make_example(i) for i in range(8)]
-    store = _writer(tmp_path)
-    store.write(examples)
-    store.close()
-    cache = tmp_path / "store" / "tokens-w00000.json"
+    cache = root / "tokens-w00000.json"
     data = json.loads(cache.read_text())
     data["counts"] = {"1": 999}
     data["shards"]["shard-w00000-00000.safetensors"] = "0" * 64
@@ -127,13 +125,12 @@ def test_token_counts_ignore_a_stale_cache(tmp_path: Path) -> None:
 
 def test_token_counts_survive_a_torn_cache(tmp_path: Path) -> None:
     """The caches are written without fsync; a power cut can leave zeros where the JSON was."""
-    examples = [make_example(i) for i in range(8)]
-    store = _writer(tmp_path)
-    store.write(examples)
-    store.close()
-    cache = tmp_path / "store" / "tokens-w00000.json"
+    root, _ = _one_shard_store(tmp_path)
+    cache = root / "tokens-w00000.json"
     cache.write_bytes(b"\0" * 64)
-    assert DiskStore.open(tmp_path / "store", [tmp_path]).token_counts() == expected_counts(examples)
+    assert DiskStore.open(root, [tmp_path]).token_counts() == expected_counts(
+        make_example(i) for i in range(8)
+    )
     resumed = _writer(tmp_path)
     resumed.write([make_example(8)])
     resumed.close()
