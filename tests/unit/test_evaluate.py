@@ -104,19 +104,65 @@ def test_generation_stops_at_eos(verifier: LlamaForCausalLM, draft: Eagle3DraftM
 def test_mismatch_is_reported(
     verifier: LlamaForCausalLM, draft: Eagle3DraftModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("specops.evaluate.greedy_decode", lambda *a, **k: [-1])
+    monkeypatch.setattr(
+        "specops.evaluate.greedy_references", lambda model, prompts, *a: [[-1]] * len(prompts)
+    )
     report = evaluate(verifier, draft, PROMPTS, max_new_tokens=4)
     assert not report.lossless and report.mismatched_prompts == [0, 1]
 
 
-def test_cached_verifier_truncate(verifier: LlamaForCausalLM) -> None:
+def test_cached_verifier_reject_masks_the_rejected_tokens(verifier: LlamaForCausalLM) -> None:
     runner = CachedVerifier(verifier, [1, 3])
-    logits, aux = runner.extend([1, 2, 3, 4])
+    [(logits, aux)] = runner.extend([[1, 2, 3, 4]])
     assert logits.shape == (4, VOCAB) and aux.shape == (4, 2, 32)
-    runner.truncate(2)
-    assert runner.length == 2
-    again, _ = runner.extend([3, 4])
+    runner.reject(0, 2)
+    assert runner.lengths == [2]
+    [(again, _)] = runner.extend([[3, 4]])
     torch.testing.assert_close(again, logits[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_a_batch_see_only_their_own_tokens(verifier: LlamaForCausalLM) -> None:
+    """Ragged prompts, padding, an empty chunk and a rejection in one row: every row's logits
+    equal that row run alone."""
+    alone = []
+    for prompt, follow in ((PROMPTS[0], [7, 7, 7]), (PROMPTS[1], [9])):
+        single = CachedVerifier(verifier, [2])
+        single.extend([prompt])
+        alone.append(single.extend([follow])[0][0])
+    batch = CachedVerifier(verifier, [2], rows=3)
+    batch.extend([PROMPTS[0], PROMPTS[1], [4, 4]], last_logits_only=True)
+    batch.extend([[7, 7, 7, 50], [9, 51], []])
+    batch.reject(0, 1)
+    batch.reject(1, 1)
+    assert batch.lengths == [len(PROMPTS[0]) + 3, len(PROMPTS[1]) + 1, 2]
+    first, second, third = batch.extend([[7], [8], [5]])
+    reference = CachedVerifier(verifier, [2])
+    reference.extend([[*PROMPTS[0], 7, 7, 7]])
+    torch.testing.assert_close(first[0], reference.extend([[7]])[0][0], rtol=1e-4, atol=1e-4)
+    reference = CachedVerifier(verifier, [2])
+    reference.extend([[*PROMPTS[1], 9]])
+    torch.testing.assert_close(second[0], reference.extend([[8]])[0][0], rtol=1e-4, atol=1e-4)
+    reference = CachedVerifier(verifier, [2])
+    reference.extend([[4, 4]])
+    torch.testing.assert_close(third[0], reference.extend([[5]])[0][0], rtol=1e-4, atol=1e-4)
+    assert alone[0].shape == (3, VOCAB) and alone[1].shape == (1, VOCAB)
+
+
+def test_batch_size_does_not_change_the_results(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
+    prompts = [*PROMPTS, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [11]]
+    one = evaluate(verifier, draft, prompts, max_new_tokens=12, batch_size=1)
+    three = evaluate(verifier, draft, prompts, max_new_tokens=12, batch_size=3)
+    assert one.lossless and three.lossless
+    assert (one.drafts, one.accepted_tokens, one.per_position) == (
+        three.drafts,
+        three.accepted_tokens,
+        three.per_position,
+    )
+    assert greedy_references(verifier, prompts, 12, batch_size=4) == [
+        greedy_decode(verifier, p, 12, set()) for p in prompts
+    ]
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(verifier, draft, prompts, batch_size=0)
 
 
 def test_bad_evaluate_inputs(verifier: LlamaForCausalLM, draft: Eagle3DraftModel) -> None:
@@ -223,6 +269,8 @@ def test_cli_evaluate(
 
     assert cli_main([*args, "--max-new-tokens", "0", *roots]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert cli_main([*args, "--batch-size", "0", *roots]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
     broken = ["evaluate", "--speculator", str(tmp_path / "broken"), "--data", str(tmp_path / "prompts.jsonl")]

@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from specops.engines.capture import LayerCapture
 from specops.paths import resolve_allowed
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,9 +59,15 @@ class EvalReport:
 
 
 class CachedVerifier:
-    """The verifier with a KV cache that also returns the aux hidden states of every new position."""
+    """The verifier over a batch of sequences with one KV cache; returns aux states of new positions.
 
-    def __init__(self, model: PreTrainedModel, aux_layer_ids: Sequence[int]) -> None:
+    Rows advance together, one chunk of new tokens per row per forward (memory-bound on CPU, so a
+    batch costs about what one row does). Shorter chunks are padded on the right; padding and
+    rejected draft tokens stay in the cache as masked slots instead of being cropped per row, and
+    position ids count only kept tokens, so every row attends to exactly its own sequence.
+    """
+
+    def __init__(self, model: PreTrainedModel, aux_layer_ids: Sequence[int], rows: int = 1) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -67,32 +75,57 @@ class CachedVerifier:
         self.aux_layer_ids = list(aux_layer_ids)
         self.cache = DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
+        self.kept = torch.zeros(rows, 0, dtype=torch.bool, device=self.device)
+        """[rows, slots]: which cache slots hold a kept token of that row."""
 
     @property
-    def length(self) -> int:
-        """Positions held in the KV cache."""
-        return int(self.cache.get_seq_length())
+    def lengths(self) -> list[int]:
+        """Kept tokens per row (the next position id)."""
+        return [int(n) for n in self.kept.sum(dim=1).tolist()]
 
     @torch.inference_mode()
     def extend(
-        self, tokens: Sequence[int], last_logits_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `tokens` after the cached prefix: (logits [n or 1, V], aux [n, A, H]) of the new positions."""
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        self, chunks: Sequence[Sequence[int]], last_logits_only: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run each row's `chunks[r]` after its kept tokens (an empty chunk leaves the row as it is).
+
+        Returns per row (logits [n or 1, V], aux [n, A, H]) of its n new positions.
+        """
+        if len(chunks) != self.kept.shape[0]:
+            raise ValueError(f"extend: {len(chunks)} chunks for {self.kept.shape[0]} rows")
+        width = max(len(c) for c in chunks)
+        if width == 0:
+            raise ValueError("extend: every chunk is empty")
+        sizes = [len(c) for c in chunks]
+        ids = torch.tensor([[*c, *[0] * (width - len(c))] for c in chunks], device=self.device)
+        offsets = torch.arange(width, device=self.device)
+        new_kept = offsets[None, :] < torch.tensor(sizes, device=self.device)[:, None]
+        positions = torch.tensor(self.lengths, device=self.device)[:, None] + offsets[None, :]
+        self.kept = torch.cat([self.kept, new_kept], dim=1)
+        last = sorted({max(n - 1, 0) for n in sizes})
+        keep = torch.tensor(last, device=self.device) if last_logits_only else 0
         with LayerCapture(self.layers, self.aux_layer_ids) as capture:
             out = self.model(
                 input_ids=ids,
+                attention_mask=self.kept.long(),
+                position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1 if last_logits_only else 0,
+                logits_to_keep=keep,
             )
-        return out.logits[0].float(), capture.stacked()[0]
+        logits, aux = out.logits.float(), capture.stacked()
+        rows = []
+        for r, n in enumerate(sizes):
+            row_logits = logits[r, last.index(max(n - 1, 0))][None] if last_logits_only else logits[r, :n]
+            rows.append((row_logits, aux[r, :n]))
+        return rows
 
-    def truncate(self, length: int) -> None:
-        """Forget cached positions from `length` on (rejected draft tokens)."""
-        excess = self.length - length
-        if excess > 0:
-            self.cache.crop(-excess)
+    @torch.inference_mode()
+    def reject(self, row: int, count: int) -> None:
+        """Forget the last `count` kept tokens of `row` (rejected draft tokens): their slots are masked."""
+        if count > 0:
+            slots = self.kept[row].nonzero().flatten()[-count:]
+            self.kept[row, slots] = False
 
 
 def eos_ids(model: PreTrainedModel) -> set[int]:
@@ -115,22 +148,82 @@ def _finish(tokens: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list
 
 
 @torch.inference_mode()
+def greedy_decode_batch(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int]
+) -> list[list[int]]:
+    """The verifier's own greedy continuation of each prompt (KV-cached, one token per row per forward)."""
+    runner = CachedVerifier(model, [0], rows=len(prompts))
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    chunks: list[list[int]] = [list(p) for p in prompts]
+    while True:
+        for r, (logits, _) in enumerate(runner.extend(chunks, last_logits_only=True)):
+            if not done[r]:
+                outs[r], done[r] = _finish([*outs[r], int(logits[-1].argmax())], max_new_tokens, eos)
+        if all(done):
+            return outs
+        chunks = [[] if done[r] else outs[r][-1:] for r in range(len(prompts))]
+
+
 def greedy_decode(
     model: PreTrainedModel, prompt: Sequence[int], max_new_tokens: int, eos: set[int]
 ) -> list[int]:
-    """The verifier's own greedy continuation (KV-cached, one token per forward)."""
-    runner = CachedVerifier(model, [0])
-    logits, _ = runner.extend(prompt, last_logits_only=True)
-    out: list[int] = []
-    while True:
-        out.append(int(logits[-1].argmax()))
-        out, done = _finish(out, max_new_tokens, eos)
-        if done:
-            return out
-        logits, _ = runner.extend(out[-1:], last_logits_only=True)
+    """`greedy_decode_batch` for one prompt."""
+    return greedy_decode_batch(model, [prompt], max_new_tokens, eos)[0]
 
 
 @torch.inference_mode()
+def speculative_decode_batch(
+    model: PreTrainedModel,
+    draft: Eagle3DraftModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    k: int,
+    eos: set[int],
+) -> list[SpeculativeOutput]:
+    """Greedy chain speculative decoding of several prompts: the draft proposes per row, the
+    verifier checks every row's proposal in one forward."""
+    aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
+    if not aux_ids:
+        raise ValueError("the speculator's config has no eagle_aux_hidden_state_layer_ids")
+    runner = CachedVerifier(model, aux_ids, rows=len(prompts))
+    draft_device = next(draft.parameters()).device
+    tokens = [list(p) for p in prompts]
+    aux_states: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for r, (logits, aux) in enumerate(runner.extend(tokens, last_logits_only=True)):
+        tokens[r].append(int(logits[-1].argmax()))
+        aux_states[r].append(aux)
+    contexts = [draft.new_context() for _ in prompts]
+    accepted: list[list[int]] = [[] for _ in prompts]
+    done = [_finish(t[len(p) :], max_new_tokens, eos)[1] for t, p in zip(tokens, prompts, strict=True)]
+    while not all(done):
+        chunks: list[list[int]] = []
+        for r in range(len(prompts)):
+            if done[r]:
+                chunks.append([])
+                continue
+            features = torch.cat(aux_states[r]).to(draft_device)
+            ids = torch.tensor([tokens[r]], dtype=torch.long, device=draft_device)
+            proposal = draft.propose(ids, features[None], k, contexts[r])[0].tolist()
+            chunks.append([tokens[r][-1], *proposal])
+        for r, (logits, aux) in enumerate(runner.extend(chunks)):
+            if done[r]:
+                continue
+            proposal, choices = chunks[r][1:], logits.argmax(-1).tolist()
+            n_ok = 0
+            while n_ok < k and proposal[n_ok] == choices[n_ok]:
+                n_ok += 1
+            accepted[r].append(n_ok)
+            tokens[r].extend([*proposal[:n_ok], choices[n_ok]])
+            runner.reject(r, k - n_ok)
+            aux_states[r].append(aux[: 1 + n_ok])
+            done[r] = _finish(tokens[r][len(prompts[r]) :], max_new_tokens, eos)[1]
+    return [
+        SpeculativeOutput(tokens=_finish(t[len(p) :], max_new_tokens, eos)[0], accepted=a)
+        for t, p, a in zip(tokens, prompts, accepted, strict=True)
+    ]
+
+
 def speculative_decode(
     model: PreTrainedModel,
     draft: Eagle3DraftModel,
@@ -139,34 +232,8 @@ def speculative_decode(
     k: int,
     eos: set[int],
 ) -> SpeculativeOutput:
-    """Greedy chain speculative decoding of one prompt."""
-    aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
-    if not aux_ids:
-        raise ValueError("the speculator's config has no eagle_aux_hidden_state_layer_ids")
-    runner = CachedVerifier(model, aux_ids)
-    draft_device = next(draft.parameters()).device
-    logits, aux = runner.extend(prompt, last_logits_only=True)
-    tokens = [*prompt, int(logits[-1].argmax())]
-    aux_states = [aux]
-    context = draft.new_context()
-    accepted: list[int] = []
-    generated, done = _finish(tokens[len(prompt) :], max_new_tokens, eos)
-    while not done:
-        features = torch.cat(aux_states).to(draft_device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=draft_device)
-        proposal = draft.propose(ids, features[None], k, context)[0].tolist()
-        start = runner.length  # == len(tokens) - 1: the last token is not in the cache yet
-        logits, aux = runner.extend([tokens[-1], *proposal])
-        choices = logits.argmax(-1).tolist()
-        n_ok = 0
-        while n_ok < k and proposal[n_ok] == choices[n_ok]:
-            n_ok += 1
-        accepted.append(n_ok)
-        tokens.extend([*proposal[:n_ok], choices[n_ok]])
-        runner.truncate(start + 1 + n_ok)
-        aux_states.append(aux[: 1 + n_ok])
-        generated, done = _finish(tokens[len(prompt) :], max_new_tokens, eos)
-    return SpeculativeOutput(tokens=generated, accepted=accepted)
+    """`speculative_decode_batch` for one prompt."""
+    return speculative_decode_batch(model, draft, [prompt], max_new_tokens, k, eos)[0]
 
 
 def evaluate(
@@ -178,11 +245,13 @@ def evaluate(
     k: int | None = None,
     check_lossless: bool = True,
     references: Sequence[Sequence[int]] | None = None,
+    batch_size: int = 8,
 ) -> EvalReport:
     """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`.
 
     `references` are the verifier's greedy outputs for the prompts (see `greedy_references`); pass
     them when evaluating several drafts on the same prompts so the verifier decodes them once.
+    `batch_size` prompts are decoded together (results do not depend on it).
     """
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"evaluate: {len(references)} references for {len(prompts)} prompts")
@@ -196,22 +265,22 @@ def evaluate(
     per_position = [0] * steps
     drafts = accepted_tokens = generated = 0
     mismatched: list[int] = []
-    for index, prompt in enumerate(prompts):
-        out = speculative_decode(model, draft, prompt, max_new_tokens, steps, eos)
+    outputs = _batched(
+        prompts,
+        batch_size,
+        lambda group: speculative_decode_batch(model, draft, group, max_new_tokens, steps, eos),
+    )
+    if check_lossless and references is None:
+        references = greedy_references(model, prompts, max_new_tokens, batch_size)
+    for index, out in enumerate(outputs):
         drafts += len(out.accepted)
         accepted_tokens += sum(out.accepted)
         generated += len(out.tokens)
         for n_ok in out.accepted:
             for j in range(n_ok):
                 per_position[j] += 1
-        if check_lossless:
-            reference = (
-                references[index]
-                if references is not None
-                else greedy_decode(model, prompt, max_new_tokens, eos)
-            )
-            if out.tokens != list(reference):
-                mismatched.append(index)
+        if references is not None and check_lossless and out.tokens != list(references[index]):
+            mismatched.append(index)
     return EvalReport(
         prompts=len(prompts),
         speculative_tokens=steps,
@@ -227,11 +296,25 @@ def evaluate(
 
 
 def greedy_references(
-    model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 8
 ) -> list[list[int]]:
     """The verifier's own greedy continuation of every prompt (the lossless check's reference)."""
     eos = eos_ids(model)
-    return [greedy_decode(model, prompt, max_new_tokens, eos) for prompt in prompts]
+    return _batched(prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos))
+
+
+def _batched(
+    prompts: Sequence[Sequence[int]], size: int, run: Callable[[list[Sequence[int]]], list[T]]
+) -> list[T]:
+    """`run` over groups of `size` prompts of similar length (little padding), results in prompt order."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, T] = {}
+    for start in range(0, len(order), size):
+        chosen = order[start : start + size]
+        results.update(zip(chosen, run([prompts[i] for i in chosen]), strict=True))
+    return [results[i] for i in range(len(prompts))]
 
 
 def prompts_from_examples(

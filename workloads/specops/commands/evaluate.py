@@ -35,6 +35,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--k", type=int, help="draft tokens per step; default: the speculator's speculative_tokens"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts decoded together (results do not depend on it)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument(
@@ -60,7 +63,7 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if overrides:
         print(f"specops evaluate: error: unknown options {sorted(overrides)}", file=sys.stderr)
         return 2
-    for name in ("max_prompts", "max_new_tokens", "k"):
+    for name in ("max_prompts", "max_new_tokens", "k", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"specops evaluate: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -82,6 +85,7 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             max_new_tokens=args.max_new_tokens,
             k=args.k,
             check_lossless=not args.no_lossless_check,
+            batch_size=args.batch_size,
         )
     except (SpeculatorFormatError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"specops evaluate: error: {exc}", file=sys.stderr)
