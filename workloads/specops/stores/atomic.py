@@ -50,6 +50,6 @@ def write_bytes_atomic(path: Path, data: bytes, prefix: str = ".tmp-", *, durabl
         fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, obj: Any, prefix: str = ".tmp-", *, durable: bool = True) -> None:
-    """Atomically replace `path` with the JSON encoding of `obj` (see write_bytes_atomic)."""
-    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode(), prefix, durable=durable)
+def write_json_atomic(path: Path, obj: Any, prefix: str = ".tmp-") -> None:
+    """Atomically replace `path` with the JSON encoding of `obj`."""
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode(), prefix)
