@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -52,6 +53,18 @@ def load_client_keys(
     return client_keys(resolve_allowed(directory, allowed_roots, field))
 
 
+def route_address(url: str) -> str:
+    """This host's address on the route to the broker at `url` (where peers can reach it too,
+    unless there is NAT in between): no packet is sent, the kernel only picks a source address."""
+    host, sep, port = url.removeprefix("tcp://").rpartition(":")
+    if not url.startswith("tcp://") or not sep:
+        raise ValueError(f"data.direct needs a tcp://host:port broker url or data.direct_host, got {url!r}")
+    family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.connect(address)
+        return str(probe.getsockname()[0])
+
+
 class _Link:
     """One DEALER connection to the broker, run by an I/O thread; subclasses handle their messages."""
 
@@ -69,6 +82,9 @@ class _Link:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
         self._data: zmq.Socket[Any] | None = None
+        self._peers: dict[str, zmq.Socket[Any]] = {}
+        """Sockets to or from peers other than the broker, for the direct data path: a producer's
+        connections to direct consumers (by endpoint), a direct consumer's own bound endpoint."""
         self._poller = zmq.Poller()
         self._cond = threading.Condition()
         self._calls: deque[Callable[[], None]] = deque()
@@ -144,7 +160,7 @@ class _Link:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 self._run_calls()
-                for sock in (self._sock, self._data):
+                for sock in (self._sock, self._data, *self._peers.values()):
                     if sock is not None and sock in events:
                         self._drain(sock)
                 self._keepalive()
@@ -155,8 +171,9 @@ class _Link:
                 )
                 self._cond.notify_all()
         finally:
-            if self._data is not None:
-                self._data.close(linger=0)
+            for sock in (self._data, *self._peers.values()):
+                if sock is not None:
+                    sock.close(linger=0)
             if self._sock is not None:
                 self._sock.close(linger=500)  # lets a final bye out
 
@@ -169,18 +186,22 @@ class _Link:
             fn()
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        while sock is self._sock or sock is self._data:  # a message may have reconnected us
+        while sock in (self._sock, self._data, *self._peers.values()):  # a message may have reconnected us
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._last_heard = time.monotonic()
             try:
                 ctl = unpack(frames[0].buffer)
             except ProtocolError as exc:
-                log.warning("%s: ignoring a bad frame from the broker: %s", self.role, exc)
+                log.warning("%s: ignoring a bad frame: %s", self.role, exc)
                 continue
-            self._on_message(ctl, frames[1:])
+            if sock is self._sock or sock is self._data:
+                self._last_heard = time.monotonic()
+                self._on_message(ctl, frames[1:])
+            elif ctl["t"] == "data":  # producers sending directly may send nothing else
+                self.stats.inc("direct_examples")
+                self._on_role_message("data", ctl, frames[1:])
 
     def _keepalive(self) -> None:
         now = time.monotonic()
@@ -491,6 +512,8 @@ class ZmqStore(_Link):
         with self._cond:
             for out in self._unacked.values():
                 out.state = "new"
+        for endpoint in list(self._peers):  # the broker hands out fresh `go`s after the hello
+            self._peers.pop(endpoint).close(linger=0)
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
         self._offer_new()
@@ -523,15 +546,24 @@ class ZmqStore(_Link):
             self._send({"t": "complete", "range": list(pair)})
 
     def _on_role_message(self, kind: str, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        if kind == "go":
+        if kind == "go":  # to the broker, or with `to` straight to a direct consumer
+            to = ctl.get("to")
             for seq in ctl["seqs"]:
                 with self._cond:
                     out = self._unacked.get(seq)
-                    if out is None or out.state != "offered":
+                    if out is None:
                         continue
-                    out.state = "sent"
-                self._send({"t": "data", "seq": seq, "id": out.id}, [out.header, *out.buffers])
+                    out.state = "sent"  # a recalled direct example may be sent again
+                message = {"t": "data", "seq": seq, "id": out.id, "range": out.range}
+                if to:
+                    self._send_direct(str(to), message, [out.header, *out.buffers])
+                else:
+                    self._send(message, [out.header, *out.buffers])
                 self.stats.count("sent", out.nbytes)
+        elif kind == "gone":  # a direct consumer left; what is still queued for it was recalled
+            peer = self._peers.pop(str(ctl["to"]), None)
+            if peer is not None:
+                peer.close(linger=0)
         elif kind == "ack":
             with self._cond:
                 for seq in ctl["seqs"]:
@@ -553,6 +585,17 @@ class ZmqStore(_Link):
                 self._completed.add(pair)
                 self._cond.notify_all()
 
+    def _send_direct(self, endpoint: str, ctl: dict[str, Any], payload: Sequence[Buffer]) -> None:
+        """Queue an example for a direct consumer (never blocking; a consumer that cannot be
+        reached keeps its lease until it times out at the broker, which recalls the example)."""
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            peer = self._peers[endpoint] = self._ctx.socket(zmq.PUSH)
+            for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1), (zmq.RECONNECT_IVL, 100)):
+                peer.setsockopt(option, value)
+            peer.connect(endpoint)
+        peer.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
+
     def _report(self) -> dict[str, float]:
         with self._cond:
             return {"unacked": len(self._unacked), "unacked_bytes": self._unacked_bytes}
@@ -568,6 +611,10 @@ class ZmqSource(_Link):
     broker to record it as delivered here and waits for the answer (one round trip): an example
     is handed out only once the broker journaled it, so a consumer killed at any point has
     every example either handed out (and never sent again) or sent to another rank.
+
+    With `direct`, the source binds its own endpoint (on `direct_host`, default the address this
+    host uses to reach the broker, and `direct_port`, default any free one) and the producers
+    send the examples the broker leases it there, so the bytes skip the broker.
     """
 
     role = "consumer"
@@ -580,12 +627,22 @@ class ZmqSource(_Link):
         credits: int = 4,
         keys: CurveKeys | None = None,
         timeout_s: float | None = None,
+        direct: bool = False,
+        direct_host: str | None = None,
+        direct_port: int = 0,
     ) -> None:
         """`timeout_s` bounds a wait with nothing arriving (None = wait for producers forever)."""
         if credits < 1:
             raise ValueError("credits must be >= 1")
+        if direct and keys is not None:
+            raise ValueError("data.direct does not support CURVE yet: use the relay (data.direct false)")
         super().__init__(url, keys)
         self.credits = credits
+        self.data_channel = not direct
+        self.direct_endpoint: str | None = None
+        """Where producers send this source's examples (direct only)."""
+        if direct:
+            self.direct_endpoint = self._bind_direct(direct_host or route_address(url), direct_port)
         self.wait_timeout_s = timeout_s
         self._inbox: deque[tuple[dict[str, Any], list[zmq.Frame]]] = deque()
         self._asked: dict[str, int] = {}
@@ -602,7 +659,32 @@ class ZmqSource(_Link):
         if not data.url:
             raise ValueError("data.url is required for kind zmq")
         keys = load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir")
-        return cls(data.url, keys=keys, timeout_s=data.stall_timeout_s)
+        return cls(
+            data.url,
+            keys=keys,
+            timeout_s=data.stall_timeout_s,
+            direct=data.direct,
+            direct_host=data.direct_host,
+            direct_port=data.direct_port,
+        )
+
+    def _bind_direct(self, host: str, port: int) -> str:
+        """Bind the socket producers send this source's examples to; returns its endpoint."""
+        sock = self._ctx.socket(zmq.PULL)
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, int(":" in host))):
+            sock.setsockopt(option, value)
+        address = f"tcp://[{host}]:{port or '*'}" if ":" in host else f"tcp://{host}:{port or '*'}"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close()
+            self._ctx.term()
+            raise StreamError(
+                f"data.direct: cannot bind {address} (data.direct_host/direct_port): {exc}"
+            ) from None
+        self._peers[address] = sock
+        self._poller.register(sock, zmq.POLLIN)
+        return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     @property
     def meta(self) -> StoreMeta:
@@ -663,6 +745,9 @@ class ZmqSource(_Link):
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
         self._verdict(ctl)
+        if self.direct_endpoint is not None:
+            self._send({"t": "attach", "credit": self.credits, "direct": self.direct_endpoint})
+            return
         assert self._data is not None
         with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
             self._data.send_multipart(
