@@ -16,6 +16,7 @@ from specops.config import TrainDataConfig
 from specops.stores.streaming import StreamError
 from specops.stores.wire import client_keys, write_keys
 from specops.stores.zmq import ZmqSource, ZmqStore, route_address
+from specops.testing.net import free_port
 
 IDS = Counter(f"d/{i}/0" for i in range(24))
 
@@ -122,6 +123,27 @@ def test_a_consumer_killed_between_data_and_ack_loses_nothing(running: Running) 
     assert _drain([rest]) == Counter(f"d/{i}/0" for i in range(12))
     writer.join(10)
     rest.close()
+
+
+class BehindNat(ZmqSource):
+    """A direct consumer whose advertised endpoint leads nowhere, as behind NAT."""
+
+    def _bind_direct(self, host: str, port: int) -> str:
+        super()._bind_direct(host, port)
+        return f"tcp://127.0.0.1:{free_port()}"
+
+
+def test_a_direct_consumer_producers_cannot_reach_falls_back_to_the_relay(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = BehindNat(running.url, credits=2, timeout_s=10, direct=True)
+    _wait(lambda: _attached(running, 1))
+    writer = _produce(running.url, range(8), (0, 1), window=4)
+    assert _drain([source]) == Counter(f"d/{i}/0" for i in range(8))
+    writer.join(10)
+    assert source.stats.counters.get("direct_examples", 0) == 0
+    assert "nothing sent to tcp://127.0.0.1" in caplog.text and "relaying its examples instead" in caplog.text
+    source.close()
 
 
 def test_bad_direct_settings_fail_naming_the_field(running: Running) -> None:

@@ -204,8 +204,14 @@ class Session:
     last_seen: float
     data_rid: bytes | None = None
     """Consumers: the connection examples go out on (control replies use `rid`)."""
+    attached: bool = False
+    """Consumers: said how many examples they take (`attach`)."""
     direct: str | None = None
     """Direct consumers: the endpoint producers send its examples to."""
+    direct_since: float | None = None
+    """Direct consumers: when producers were first sent to its endpoint."""
+    direct_ok: bool = False
+    """Direct consumers: an example is known to have arrived at its endpoint (it is reachable)."""
     claims: set[int] = field(default_factory=set)
     credit: int = 0
     leases: set[str] = field(default_factory=set)
@@ -326,6 +332,7 @@ class Broker:
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for session in list(self.sessions.values()):
+            self._check_reachable(session, now)
             if now - session.last_seen > self.timing.timeout_s:
                 log.warning(
                     "%s %s: silent for %.1f s, expiring",
@@ -393,6 +400,7 @@ class Broker:
                 session.direct = str(ctl["direct"]) if ctl.get("direct") else None
                 session.data_rid = None if session.direct else rid
                 session.credit = max(0, int(ctl["credit"]))
+                session.attached = True
             return
         if session is None or session.rid != rid:
             if session is None and kind != "bye":
@@ -490,19 +498,45 @@ class Broker:
             return
         with contextlib.suppress(ValueError):
             self._rr.remove(session.sid)
+        self._end_direct(session)
         for ex_id in sorted(session.leases, reverse=True):
             entry = self.entries.get(ex_id)
             if entry is not None and entry.lease == session.sid:
-                self.stats.inc("redelivered_examples")
-                if entry.frames is None:
-                    self._recall(entry)
-                    continue
                 entry.lease = None
                 self.queue.appendleft(ex_id)
+                self.stats.inc("redelivered_examples")
         session.leases.clear()
-        if session.direct:  # producers drop what they still queue for it (re-offered above)
-            for producer in [s for s in self.sessions.values() if s.role == "producer"]:
-                self._send(producer.rid, {"t": "gone", "to": session.direct})
+
+    def _end_direct(self, session: Session) -> None:
+        """Stop sending to a consumer's endpoint: its direct examples are recalled, and producers
+        drop whatever they still queue for it."""
+        if session.direct is None:
+            return
+        for ex_id in sorted(session.leases, reverse=True):
+            entry = self.entries.get(ex_id)
+            if entry is not None and entry.lease == session.sid and entry.frames is None:
+                self._recall(entry)
+                self.stats.inc("redelivered_examples")
+        for producer in [s for s in self.sessions.values() if s.role == "producer"]:
+            self._send(producer.rid, {"t": "gone", "to": session.direct})
+        session.direct = None
+        self._grant()  # the broker may now have to relay
+
+    def _check_reachable(self, session: Session, now: float) -> None:
+        """A direct consumer that got nothing for a timeout after producers were sent to it
+        cannot be reached from them (NAT, a firewall, a wrong data.direct_host): relay to it."""
+        if session.direct is None or session.direct_since is None or session.direct_ok:
+            return
+        if session.reported.get("direct_examples", 0.0) > 0:
+            session.direct_ok = True
+        elif now - session.direct_since > self.timing.timeout_s:
+            log.warning(
+                "consumer %s: nothing sent to %s arrived in %.1f s; relaying its examples instead",
+                session.sid[:8],
+                session.direct,
+                now - session.direct_since,
+            )
+            self._end_direct(session)
 
     def _recall(self, entry: Entry) -> None:
         """Take back a direct example whose consumer or producer went away: the consumer's credit
@@ -560,8 +594,10 @@ class Broker:
 
     def _grant(self) -> None:
         """Relay `go` for waiting offers, in arrival order, while held + promised bytes fit the budget."""
+        if not self._relay_wanted():
+            return
         grants: dict[str, list[int]] = {}
-        while self._relay_wanted() and (offer := self._head_offer()) is not None:
+        while (offer := self._head_offer()) is not None:
             used = self.held_bytes + self.reserved_bytes
             if used and used + offer.nbytes > self.config.max_bytes:
                 break
@@ -667,6 +703,7 @@ class Broker:
             ex_id, rng = str(item[0]), int(item[1])
             entry = self.entries.get(ex_id)
             if entry is not None:
+                session.direct_ok |= entry.frames is None and entry.lease == session.sid
                 if entry.lease not in (None, session.sid):
                     log.warning(
                         "%s: taken by %s while pushed to %s", ex_id, session.sid[:8], str(entry.lease)[:8]
@@ -728,7 +765,7 @@ class Broker:
         """Lease `session` one example: a held one (pushed on its data connection, or on its
         control connection if it is direct), else, for a direct consumer, a waiting offer (whose
         producer gets a `go` naming the consumer's endpoint, collected in `gos`)."""
-        if self.queue and (session.data_rid or session.direct):
+        if self.queue and session.attached:
             entry = self.entries[self.queue.popleft()]
             frames = entry.frames
         elif session.direct and (offer := self._head_offer()) is not None:
@@ -736,6 +773,7 @@ class Broker:
             entry = Entry(offer.id, offer.range, None, offer.nbytes, waiters=[(offer.sid, offer.seq)])
             self.entries[offer.id] = entry
             gos.setdefault((offer.sid, session.direct), []).append(offer.seq)
+            session.direct_since = session.direct_since or time.monotonic()
             frames = None
         else:
             return False

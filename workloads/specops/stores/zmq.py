@@ -586,8 +586,8 @@ class ZmqStore(_Link):
                 self._cond.notify_all()
 
     def _send_direct(self, endpoint: str, ctl: dict[str, Any], payload: Sequence[Buffer]) -> None:
-        """Queue an example for a direct consumer (never blocking; a consumer that cannot be
-        reached keeps its lease until it times out at the broker, which recalls the example)."""
+        """Queue an example for a direct consumer, never blocking: if the consumer cannot be reached,
+        the broker recalls the example (after its timeout) and says `gone`."""
         peer = self._peers.get(endpoint)
         if peer is None:
             peer = self._peers[endpoint] = self._ctx.socket(zmq.PUSH)
@@ -782,4 +782,8 @@ class ZmqSource(_Link):
             self._cond.notify_all()
 
     def _report(self) -> dict[str, float]:
-        return {"idle_fraction": self.stats.idle_fraction(), "inbox": len(self._inbox)}
+        return {
+            "idle_fraction": self.stats.idle_fraction(),
+            "inbox": len(self._inbox),
+            "direct_examples": self.stats.counters.get("direct_examples", 0.0),
+        }
