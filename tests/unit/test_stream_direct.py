@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 from _stores_fixtures import META, make_example
 from test_stream_broker import EXAMPLE_BYTES, Running, _produce
 
 from specops.config import TrainDataConfig
 from specops.stores.streaming import StreamError
-from specops.stores.wire import client_keys, write_keys
+from specops.stores.wire import client_keys, pack, write_keys
 from specops.stores.zmq import ZmqSource, ZmqStore, route_address
 from specops.testing.net import free_port
 
@@ -143,6 +144,25 @@ def test_a_direct_consumer_producers_cannot_reach_falls_back_to_the_relay(
     writer.join(10)
     assert source.stats.counters.get("direct_examples", 0) == 0
     assert "nothing sent to tcp://127.0.0.1" in caplog.text and "relaying its examples instead" in caplog.text
+    source.close()
+
+
+def test_a_direct_endpoint_takes_only_well_formed_examples(running: Running) -> None:
+    source = ZmqSource(running.url, credits=2, timeout_s=10, direct=True)
+    _wait(lambda: _attached(running, 1))
+    stranger = zmq.Context.instance().socket(zmq.PUSH)
+    stranger.connect(str(source.direct_endpoint))
+    for ctl, frames in (
+        ({"t": "reset"}, []),  # only the broker may say that
+        ({"t": "data", "id": 7, "range": 0}, [b"h"]),
+        ({"t": "data", "id": "x", "range": 0}, []),
+    ):
+        stranger.send_multipart([pack(ctl), *frames])
+    writer = _produce(running.url, range(4), (0, 1))
+    assert _drain([source]) == Counter(f"d/{i}/0" for i in range(4))
+    assert source.stats.counters["direct_examples"] == 4
+    writer.join(10)
+    stranger.close(linger=0)
     source.close()
 
 

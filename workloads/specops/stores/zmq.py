@@ -65,6 +65,16 @@ def route_address(url: str) -> str:
         return str(probe.getsockname()[0])
 
 
+def _is_data(ctl: dict[str, Any], frames: list[zmq.Frame]) -> bool:
+    """Whether a message a peer sent is a well-formed example (control map, header, tensors)."""
+    return (
+        ctl["t"] == "data"
+        and isinstance(ctl.get("id"), str)
+        and isinstance(ctl.get("range"), int)
+        and len(frames) > 1
+    )
+
+
 class _Link:
     """One DEALER connection to the broker, run by an I/O thread; subclasses handle their messages."""
 
@@ -199,9 +209,11 @@ class _Link:
             if sock is self._sock or sock is self._data:
                 self._last_heard = time.monotonic()
                 self._on_message(ctl, frames[1:])
-            elif ctl["t"] == "data":  # producers sending directly may send nothing else
+            elif _is_data(ctl, frames):  # producers sending directly may send nothing else
                 self.stats.inc("direct_examples")
                 self._on_role_message("data", ctl, frames[1:])
+            else:
+                log.warning("%s: ignoring a %r message on the direct endpoint", self.role, ctl["t"])
 
     def _keepalive(self) -> None:
         now = time.monotonic()
