@@ -131,7 +131,21 @@ def rates(times: list[float], nbytes: int) -> dict[str, float]:
     example, pipeline fill included, the same way for both paths."""
     n = len(times) - 1
     span = max(times[-1] - times[0], 1e-9)
-    return {"examples": n, "examples_per_s": round(n / span, 2), "gb_per_s": round(nbytes / span / 1e9, 3)}
+    return {"examples": n, "examples_per_s": round(n / span, 2), "gb": nbytes / 1e9, "seconds": span}
+
+
+def combined(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Several runs of one path as one: all examples over all their time, and the highest RSS."""
+    n, seconds = sum(r["examples"] for r in runs), sum(r["seconds"] for r in runs)
+    out: dict[str, Any] = {
+        "examples": n,
+        "examples_per_s": round(n / seconds, 2),
+        "gb_per_s": round(sum(r["gb"] for r in runs) / seconds, 3),
+        "per_round": [r["examples_per_s"] for r in runs],
+    }
+    if "broker_peak_rss_mib" in runs[0]:
+        out["broker_peak_rss_mib"] = max(r["broker_peak_rss_mib"] for r in runs)
+    return out
 
 
 # --------------------------------------------------------------------------- through the broker
@@ -223,8 +237,9 @@ def run_broker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generators", type=int, default=2)
-    parser.add_argument("--large-examples", type=int, default=32)
-    parser.add_argument("--small-examples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="raw, relay, direct in turn, this many times")
+    parser.add_argument("--large-examples", type=int, default=16, help="per path and round")
+    parser.add_argument("--small-examples", type=int, default=100, help="per path and round")
     parser.add_argument("--large-budget-mib", type=int, default=512)
     parser.add_argument("--small-budget-mib", type=int, default=64)
     parser.add_argument("--log", type=Path, default=Path("/tmp/specops-bench-stream-broker.log"))
@@ -241,13 +256,19 @@ def main() -> None:
         "load1": round(os.getloadavg()[0], 1),
     }
     for name, (count, seq, hidden, window, credits, budget) in cases.items():
-        raw = run_raw(count, g, seq, hidden, hwm=window)
+        runs: dict[str, list[dict[str, float]]] = {"raw": [], **{path: [] for path in PATHS}}
+        for _ in range(args.rounds):  # interleaved, so a change in background load hits every path
+            runs["raw"].append(run_raw(count, g, seq, hidden, hwm=window))
+            for path in PATHS:
+                run = run_broker(
+                    count, g, seq, hidden, window=window, credits=credits, max_bytes=budget << 20,
+                    work_s=0.0, log_path=args.log, direct=path == "direct",
+                )  # fmt: skip
+                runs[path].append(run)
+        raw = combined(runs["raw"])
         result[name] = {"mib_per_example": round(seq * len(LAYERS) * hidden * 2 / 2**20, 1), "raw": raw}
         for path in PATHS:
-            brokered = run_broker(
-                count, g, seq, hidden, window=window, credits=credits, max_bytes=budget << 20,
-                work_s=0.0, log_path=args.log, direct=path == "direct",
-            )  # fmt: skip
+            brokered = combined(runs[path])
             result[name][path] = {
                 **brokered,
                 "rss_within_budget": brokered["broker_peak_rss_mib"] <= budget + 100,
@@ -259,16 +280,21 @@ def main() -> None:
     slow: dict[str, Any] = {}
     for path in PATHS:
         work_s = 2 / max(result["small"][path]["examples_per_s"], 1e-9)
-        slow[path] = run_broker(
+        run = run_broker(
             min(small_count, 60), g, small_seq, small_hidden, window=8, credits=8,
             max_bytes=args.small_budget_mib << 20, work_s=work_s, log_path=args.log, direct=path == "direct",
         )  # fmt: skip
-        slow[path]["work_s"] = round(work_s, 4)
+        slow[path] = {
+            "work_s": round(work_s, 4),
+            **combined([run]),
+            "consumer_idle_fraction": run["consumer_idle_fraction"],
+        }
     result["slow_consumer"] = slow
     result["path"] = "direct"
     result["ratio"] = result["large"]["direct"]["ratio"]
     result["ratio_relay"] = result["large"]["relay"]["ratio"]
     result["meets_ratio_0_7"] = result["ratio"] >= 0.7
+    result["load1_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result))
 
 
