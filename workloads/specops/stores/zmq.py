@@ -756,15 +756,15 @@ class ZmqSource(_Link):
             self._inbox.clear()  # the broker re-queues them when this session says hello again
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
-        self._verdict(ctl)
         if self.direct_endpoint is not None:
             self._send({"t": "attach", "credit": self.credits, "direct": self.direct_endpoint})
-            return
-        assert self._data is not None
-        with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
-            self._data.send_multipart(
-                [pack({"t": "attach", "sid": self.sid, "credit": self.credits})], zmq.NOBLOCK
-            )
+        else:
+            assert self._data is not None
+            with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
+                self._data.send_multipart(
+                    [pack({"t": "attach", "sid": self.sid, "credit": self.credits})], zmq.NOBLOCK
+                )
+        self._verdict(ctl)  # after the attach, so whoever waits for `meta` finds this source attached
 
     def _verdict(self, ctl: dict[str, Any]) -> None:
         with self._cond:
