@@ -15,7 +15,7 @@ from test_stream_broker import EXAMPLE_BYTES, Running, _produce
 
 from specops.config import TrainDataConfig
 from specops.stores.streaming import StreamError
-from specops.stores.wire import client_keys, pack, write_keys
+from specops.stores.wire import CurveKeys, Timing, broker_keys, client_keys, pack, secure_client, write_keys
 from specops.stores.zmq import ZmqSource, ZmqStore, route_address
 from specops.testing.net import free_port
 
@@ -91,27 +91,31 @@ def test_relay_and_direct_consumers_share_one_stream(running: Running) -> None:
     relay.close()
 
 
-def test_examples_sent_to_a_vanished_consumer_are_recalled_and_sent_to_another(running: Running) -> None:
+def test_examples_sent_to_a_vanished_consumer_are_recalled_and_sent_to_another() -> None:
     """The consumer dies after attaching: producers get `go`s for its endpoint and send into the
     void; once the broker expires it, those examples are offered again and go to a live rank."""
-    sink = ZmqStore(running.url, META, window=6, slice_claim=(0, 1))
-    doomed = ZmqSource(running.url, credits=3, timeout_s=10, direct=True)
-    _wait(lambda: _attached(running, 1))
-    doomed._shutdown(bye=False)  # a crash: no bye, its endpoint is gone
-    sink.write([make_example(i, seq=8) for i in range(6)])
-    survivor = ZmqSource(running.url, credits=2, timeout_s=10, direct=True)
-    got: list[str] = []
-    for ex in survivor:
-        got.append(ex["id"])
-        if len(got) == 6:
-            break
-    assert Counter(got) == Counter(f"d/{i}/0" for i in range(6))
-    assert running.broker.stats.counters["redelivered_examples"] == 3
-    assert sink.stats.counters["sent_examples"] == 9  # three went to the dead endpoint first
-    assert doomed.direct_endpoint not in sink._peers  # `gone`: the producer dropped that connection
-    sink.finalize()
-    assert list(survivor) == []
-    survivor.close()
+    running = Running(max_bytes=4 * EXAMPLE_BYTES, timing=Timing(heartbeat_s=0.1, timeout_s=2.0))
+    try:
+        sink = ZmqStore(running.url, META, window=6, slice_claim=(0, 1))
+        doomed = ZmqSource(running.url, credits=3, timeout_s=10, direct=True)
+        _wait(lambda: _attached(running, 1))
+        doomed._shutdown(bye=False)  # a crash: no bye, its endpoint is gone
+        sink.write([make_example(i, seq=8) for i in range(6)])
+        survivor = ZmqSource(running.url, credits=2, timeout_s=10, direct=True)
+        got: list[str] = []
+        for ex in survivor:
+            got.append(ex["id"])
+            if len(got) == 6:
+                break
+        assert Counter(got) == Counter(f"d/{i}/0" for i in range(6))
+        assert running.broker.stats.counters["redelivered_examples"] == 3
+        assert sink.stats.counters["sent_examples"] == 9  # three went to the dead endpoint first
+        assert doomed.direct_endpoint not in sink._peers  # `gone`: the producer dropped that connection
+        sink.finalize()
+        assert list(survivor) == []
+        survivor.close()
+    finally:
+        running.stop()
 
 
 def test_a_consumer_killed_between_data_and_ack_loses_nothing(running: Running) -> None:
@@ -150,7 +154,7 @@ def test_a_direct_consumer_producers_cannot_reach_falls_back_to_the_relay(
 def test_a_direct_endpoint_takes_only_well_formed_examples(running: Running) -> None:
     source = ZmqSource(running.url, credits=2, timeout_s=10, direct=True)
     _wait(lambda: _attached(running, 1))
-    stranger = zmq.Context.instance().socket(zmq.PUSH)
+    stranger: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
     stranger.connect(str(source.direct_endpoint))
     for ctl, frames in (
         ({"t": "reset"}, []),  # only the broker may say that
@@ -183,8 +187,25 @@ def test_bad_direct_settings_fail_naming_the_field(running: Running) -> None:
     source.close()
 
 
-def test_direct_refuses_curve_until_consumers_can_authenticate_producers(tmp_path: Path) -> None:
-    keys_dir = tmp_path / "keys"
-    write_keys(keys_dir)
-    with pytest.raises(ValueError, match=r"data\.direct does not support CURVE yet"):
-        ZmqSource("tcp://127.0.0.1:1", keys=client_keys(keys_dir), direct=True)
+def test_with_curve_the_direct_endpoint_serves_only_holders_of_the_client_keys(tmp_path: Path) -> None:
+    write_keys(tmp_path / "keys")
+    secured = Running(curve=broker_keys(tmp_path / "keys"), max_bytes=1 << 20)
+    try:
+        keys = client_keys(tmp_path / "keys")
+        source = ZmqSource(secured.url, keys=keys, timeout_s=10, direct=True)
+        _wait(lambda: _attached(secured, 1))
+        strangers: list[zmq.Socket[bytes]] = [zmq.Context.instance().socket(zmq.PUSH) for _ in range(2)]
+        public, secret = zmq.curve_keypair()  # the second knows the endpoint's key, but not the client's
+        secure_client(strangers[1], CurveKeys(public=public, secret=secret, server_public=keys.public))
+        for stranger in strangers:
+            stranger.connect(str(source.direct_endpoint))
+            stranger.send_multipart([pack({"t": "data", "id": "d/99/0", "range": 0}), b"header", b"tensor"])
+        writer = _produce(secured.url, range(5), (0, 1), keys=keys)
+        assert _drain([source]) == Counter(f"d/{i}/0" for i in range(5))
+        assert source.stats.counters["direct_examples"] == 5
+        writer.join(10)
+        for stranger in strangers:
+            stranger.close(linger=0)
+        source.close()
+    finally:
+        secured.stop()

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,16 @@ from specops.paths import resolve_allowed
 from specops.stores.base import StoreMeta
 from specops.stores.codec import decode, encode
 from specops.stores.streaming import StreamError, StreamStats
-from specops.stores.wire import CurveKeys, ProtocolError, Timing, client_keys, pack, secure_client, unpack
+from specops.stores.wire import (
+    CurveKeys,
+    ProtocolError,
+    Timing,
+    client_keys,
+    pack,
+    secure_client,
+    secure_server,
+    unpack,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -75,6 +84,17 @@ def _is_data(ctl: dict[str, Any], frames: list[zmq.Frame]) -> bool:
     )
 
 
+class _SameKey:
+    """ZAP check for a direct consumer's endpoint: admit peers whose public key is the client key
+    every generator and trainer of this stream holds."""
+
+    def __init__(self, public: bytes) -> None:
+        self.public = public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.public
+
+
 class _Link:
     """One DEALER connection to the broker, run by an I/O thread; subclasses handle their messages."""
 
@@ -95,6 +115,8 @@ class _Link:
         self._peers: dict[str, zmq.Socket[Any]] = {}
         """Sockets to or from peers other than the broker, for the direct data path: a producer's
         connections to direct consumers (by endpoint), a direct consumer's own bound endpoint."""
+        self._auth: Any = None
+        """A direct consumer's CURVE authenticator (admits only holders of the client key pair)."""
         self._poller = zmq.Poller()
         self._cond = threading.Condition()
         self._calls: deque[Callable[[], None]] = deque()
@@ -154,8 +176,14 @@ class _Link:
         if not self._thread.is_alive():  # a stuck thread keeps its socket and pipe
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+            self._stop_auth()
             self._ctx.term()
         self.stats.maybe_log(force=True)
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -605,6 +633,8 @@ class ZmqStore(_Link):
             peer = self._peers[endpoint] = self._ctx.socket(zmq.PUSH)
             for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1), (zmq.RECONNECT_IVL, 100)):
                 peer.setsockopt(option, value)
+            if self._keys is not None:  # a direct consumer serves CURVE with the client key pair
+                secure_client(peer, replace(self._keys, server_public=self._keys.public))
             peer.connect(endpoint)
         peer.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
 
@@ -646,8 +676,6 @@ class ZmqSource(_Link):
         """`timeout_s` bounds a wait with nothing arriving (None = wait for producers forever)."""
         if credits < 1:
             raise ValueError("credits must be >= 1")
-        if direct and keys is not None:
-            raise ValueError("data.direct does not support CURVE yet: use the relay (data.direct false)")
         super().__init__(url, keys)
         self.credits = credits
         self.data_channel = not direct
@@ -685,11 +713,19 @@ class ZmqSource(_Link):
         sock = self._ctx.socket(zmq.PULL)
         for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, int(":" in host))):
             sock.setsockopt(option, value)
+        if self._keys is not None:  # producers hold the same client key pair as this source
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=_SameKey(self._keys.public))
+            secure_server(sock, self._keys)
         address = f"tcp://[{host}]:{port or '*'}" if ":" in host else f"tcp://{host}:{port or '*'}"
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
             sock.close()
+            self._stop_auth()
             self._ctx.term()
             raise StreamError(
                 f"data.direct: cannot bind {address} (data.direct_host/direct_port): {exc}"
