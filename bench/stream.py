@@ -1,12 +1,15 @@
-"""Throughput through the broker (generators -> broker -> consumer, acks on) vs raw ZeroMQ PUSH/PULL.
+"""Throughput of a broker stream (generators, `specops broker`, consumer, acks on) vs raw ZeroMQ PUSH/PULL.
 
-Both paths carry the same frames (codec header + raw bf16 tensor buffers, `copy=False`) over TCP
-loopback from the same number of generator processes into one consumer in this process. Payloads:
-large (S=2048, L=4, H=4096 bf16, 64 MiB per example) and small (S=256, L=4, H=1024, 2 MiB). Also
-measured: the broker's peak RSS against its byte budget, and the consumer's idle fraction when the
-generators are faster than it (a consumer that "trains" for a fixed time per example).
+Every path carries the same frames (codec header + raw bf16 tensor buffers, `copy=False`) over TCP
+loopback from the same number of generator processes into one consumer in this process. The
+broker stream runs twice: `relay` (the bytes go through the broker) and `direct` (the broker only
+leases, the generators send to the consumer's own endpoint). Payloads: large (S=2048, L=4,
+H=4096 bf16, 64 MiB per example) and small (S=256, L=4, H=1024, 2 MiB). Also measured: the
+broker's peak RSS against its byte budget, and the consumer's idle fraction when the generators
+are faster than it (a consumer that "trains" for a fixed time per example).
 
-Prints one JSON line; `ratio` is broker / raw examples per second for the large payload.
+Prints one JSON line; `ratio` is direct / raw examples per second for the large payload,
+`ratio_relay` the same for the relay.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from specops.testing.net import free_port
 
 FORK = multiprocessing.get_context("fork")  # children skip the torch import; no zmq context exists yet
 LAYERS = (2, 16, 29, 32)
+PATHS = ("relay", "direct")
+"""The broker stream's data paths: through the broker, or generators straight to the consumer."""
 
 
 def payload(seq: int, hidden: int) -> ExampleDict:
@@ -126,7 +131,21 @@ def rates(times: list[float], nbytes: int) -> dict[str, float]:
     example, pipeline fill included, the same way for both paths."""
     n = len(times) - 1
     span = max(times[-1] - times[0], 1e-9)
-    return {"examples": n, "examples_per_s": round(n / span, 2), "gb_per_s": round(nbytes / span / 1e9, 3)}
+    return {"examples": n, "examples_per_s": round(n / span, 2), "gb": nbytes / 1e9, "seconds": span}
+
+
+def combined(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Several runs of one path as one: all examples over all their time, and the highest RSS."""
+    n, seconds = sum(r["examples"] for r in runs), sum(r["seconds"] for r in runs)
+    out: dict[str, Any] = {
+        "examples": n,
+        "examples_per_s": round(n / seconds, 2),
+        "gb_per_s": round(sum(r["gb"] for r in runs) / seconds, 3),
+        "per_round": [r["examples_per_s"] for r in runs],
+    }
+    if "broker_peak_rss_mib" in runs[0]:
+        out["broker_peak_rss_mib"] = max(r["broker_peak_rss_mib"] for r in runs)
+    return out
 
 
 # --------------------------------------------------------------------------- through the broker
@@ -172,6 +191,7 @@ def run_broker(
     max_bytes: int,
     work_s: float,
     log_path: Path,
+    direct: bool,
 ) -> dict[str, float]:
     url = f"tcp://127.0.0.1:{free_port()}"
     start = FORK.Barrier(generators + 1)
@@ -185,7 +205,7 @@ def run_broker(
     for p in procs:
         p.start()
     broker = start_broker(url, max_bytes, log_path)
-    source = ZmqSource(url, credits=credits, timeout_s=300)
+    source = ZmqSource(url, credits=credits, timeout_s=300, direct=direct)
     assert source.meta is not None  # connected, and a producer too
     start.wait()
     arrivals: list[float] = [time.perf_counter()]
@@ -217,8 +237,9 @@ def run_broker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generators", type=int, default=2)
-    parser.add_argument("--large-examples", type=int, default=16)
-    parser.add_argument("--small-examples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="raw, relay, direct in turn, this many times")
+    parser.add_argument("--large-examples", type=int, default=16, help="per path and round")
+    parser.add_argument("--small-examples", type=int, default=100, help="per path and round")
     parser.add_argument("--large-budget-mib", type=int, default=512)
     parser.add_argument("--small-budget-mib", type=int, default=64)
     parser.add_argument("--log", type=Path, default=Path("/tmp/specops-bench-stream-broker.log"))
@@ -235,36 +256,45 @@ def main() -> None:
         "load1": round(os.getloadavg()[0], 1),
     }
     for name, (count, seq, hidden, window, credits, budget) in cases.items():
-        raw = run_raw(count, g, seq, hidden, hwm=window)
-        brokered = run_broker(
-            count,
-            g,
-            seq,
-            hidden,
-            window=window,
-            credits=credits,
-            max_bytes=budget << 20,
-            work_s=0.0,
-            log_path=args.log,
-        )
-        result[name] = {
-            "mib_per_example": round(seq * len(LAYERS) * hidden * 2 / 2**20, 1),
-            "raw": raw,
-            "broker": brokered,
-            "budget_mib": budget,
-            "rss_within_budget": brokered["broker_peak_rss_mib"] <= budget + 100,
-            "ratio": round(brokered["examples_per_s"] / raw["examples_per_s"], 3),
-        }
+        runs: dict[str, list[dict[str, float]]] = {"raw": [], **{path: [] for path in PATHS}}
+        for _ in range(args.rounds):  # interleaved, so a change in background load hits every path
+            runs["raw"].append(run_raw(count, g, seq, hidden, hwm=window))
+            for path in PATHS:
+                run = run_broker(
+                    count, g, seq, hidden, window=window, credits=credits, max_bytes=budget << 20,
+                    work_s=0.0, log_path=args.log, direct=path == "direct",
+                )  # fmt: skip
+                runs[path].append(run)
+        raw = combined(runs["raw"])
+        result[name] = {"mib_per_example": round(seq * len(LAYERS) * hidden * 2 / 2**20, 1), "raw": raw}
+        for path in PATHS:
+            brokered = combined(runs[path])
+            result[name][path] = {
+                **brokered,
+                "rss_within_budget": brokered["broker_peak_rss_mib"] <= budget + 100,
+                "ratio": round(brokered["examples_per_s"] / raw["examples_per_s"], 3),
+            }
+        result[name]["budget_mib"] = budget
     # A consumer slower than the generators (each example "trains" for twice its transfer time).
     small_count, small_seq, small_hidden = cases["small"][:3]
-    transfer_s = 1 / max(result["small"]["broker"]["examples_per_s"], 1e-9)
-    slow = run_broker(
-        min(small_count, 60), g, small_seq, small_hidden, window=8, credits=8,
-        max_bytes=args.small_budget_mib << 20, work_s=2 * transfer_s, log_path=args.log,
-    )  # fmt: skip
-    result["slow_consumer"] = {"work_s": round(2 * transfer_s, 4), **slow}
-    result["ratio"] = result["large"]["ratio"]
+    slow: dict[str, Any] = {}
+    for path in PATHS:
+        work_s = 2 / max(result["small"][path]["examples_per_s"], 1e-9)
+        run = run_broker(
+            min(small_count, 60), g, small_seq, small_hidden, window=8, credits=8,
+            max_bytes=args.small_budget_mib << 20, work_s=work_s, log_path=args.log, direct=path == "direct",
+        )  # fmt: skip
+        slow[path] = {
+            "work_s": round(work_s, 4),
+            **combined([run]),
+            "consumer_idle_fraction": run["consumer_idle_fraction"],
+        }
+    result["slow_consumer"] = slow
+    result["path"] = "direct"
+    result["ratio"] = result["large"]["direct"]["ratio"]
+    result["ratio_relay"] = result["large"]["relay"]["ratio"]
     result["meets_ratio_0_7"] = result["ratio"] >= 0.7
+    result["load1_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result))
 
 

@@ -65,12 +65,15 @@ def producer(job: dict[str, Any]) -> None:
 
 def consumer(job: dict[str, Any]) -> None:
     """Log every id handed out (after checking its tensors), then EOS at the end of the stream."""
-    source = ZmqSource(job["url"], credits=job.get("credits", 2), timeout_s=60)
+    source = ZmqSource(
+        job["url"], credits=job.get("credits", 2), timeout_s=60, direct=job.get("direct", False)
+    )
     for ex in source:
         want = make_example(int(ex["id"].split("/")[1]))
         same = all(torch.equal(ex[k], want[k]) for k in ("token_ids", "loss_mask", "hidden_states"))
         _append(job["out"], ex["id"] if same else f"BAD {ex['id']}")
         time.sleep(job.get("pause_s", 0.0))
+    _append(job["out"], f"direct {source.stats.counters.get('direct_examples', 0):.0f}")
     _append(job["out"], "EOS")
     source.close()
 

@@ -2,7 +2,9 @@
 
 Real processes over TCP loopback: the broker is `specops broker` (its own process), producers and
 consumers are forked from a fork server that imported torch once. Consumers log each id they
-hand out; the multiset over all consumer logs must equal the input ids exactly.
+hand out; the multiset over all consumer logs must equal the input ids exactly. Every test runs
+on both data paths: relayed by the broker, and direct (producers send to the consumers' own
+endpoints, so a kill also strikes between a `go` and its data, or between the data and its ack).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ HEARTBEAT_S, TIMEOUT_S = 0.2, 1.5
 class Cluster:
     """A broker process plus forked producers/consumers; everything is killed at the end."""
 
-    def __init__(self, forks: subprocess.Popen[str], root: Path) -> None:
+    def __init__(self, forks: subprocess.Popen[str], root: Path, direct: bool) -> None:
         self.forks = forks
         self.root = root
+        self.direct = direct
         self.url = f"tcp://127.0.0.1:{free_port()}"
         self.broker: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
@@ -74,6 +77,7 @@ class Cluster:
         out = self.root / f"{name}.log"
         if role == "consumer":
             self.consumer_logs.append(out)
+            job.setdefault("direct", self.direct)
         assert self.forks.stdin and self.forks.stdout
         self.forks.stdin.write(json.dumps({"role": role, "url": self.url, "out": str(out), **job}) + "\n")
         self.forks.stdin.flush()
@@ -124,6 +128,13 @@ class Cluster:
         missing, extra = want - got, got - want
         assert not missing and not extra, f"missing {sorted(missing)} extra {sorted(extra)}\n{self.report()}"
         assert not any("BAD" in line for p in self.consumer_logs for line in p.read_text().splitlines())
+        direct = sum(
+            int(line.split()[1])
+            for p in self.consumer_logs
+            for line in p.read_text().splitlines()
+            if line.startswith("direct ")
+        )
+        assert (direct > 0) == self.direct, f"{direct} examples came straight from producers"
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +148,11 @@ def forks() -> Iterator[subprocess.Popen[str]]:
     proc.wait(30)
 
 
-@pytest.fixture()
-def cluster(forks: subprocess.Popen[str], tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(forks, tmp_path)
+@pytest.fixture(params=["relay", "direct"])
+def cluster(
+    forks: subprocess.Popen[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    c = Cluster(forks, tmp_path, direct=request.param == "direct")
     c.start_broker()
     yield c
     c.close()

@@ -250,6 +250,15 @@ class TrainDataConfig(Contract):
     stall_timeout_s: Annotated[float, Field(gt=0.0)] | None = 1800.0
     """Streams: fail (instead of waiting forever) when no example arrives for this long while
     the stream has not ended; null = wait for producers indefinitely."""
+    direct: bool = False
+    """zmq: generators send this rank's examples straight to it (the broker still decides who gets
+    what), so each byte crosses the network once instead of twice. Generators must be able to
+    connect to `direct_host`:`direct_port`; behind NAT, leave it off (the broker relays)."""
+    direct_host: Annotated[str, Field(max_length=255)] | None = None
+    """zmq direct: the address generators reach this rank at (in Kubernetes the pod IP); default:
+    this host's address on the route to the broker."""
+    direct_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """zmq direct: the port to receive examples on; 0 = any free port."""
     cache_path: Annotated[str, Field(max_length=1024)] | None = None
     """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05

@@ -5,6 +5,10 @@ One ROUTER socket serves both sides. Guarantees (see docs/streaming.md for the p
 - Bounded memory: a producer offers each example (id, size) and sends it only after a `go`; the
   broker grants `go`s while the bytes it holds plus the bytes it promised stay under
   `max_bytes`. Consumers grant credits; the broker pushes at most that many unacked examples to each.
+- Two data paths, chosen by each consumer: relay (the producer sends to the broker, which holds
+  the bytes and pushes them on) or direct (the consumer advertises an endpoint, and the `go`
+  sends the producer there: the broker keeps the bookkeeping but never the bytes, so each byte
+  crosses the network once). A direct example's lease is the consumer's credit, as for relay.
 - No loss: an example stays with the broker until a consumer acks it, and with its producer until
   the broker acks it back (after the consumer did). A vanished consumer's unacked examples are
   delivered again; a restarted broker gets every unacked example again from its producers.
@@ -174,7 +178,8 @@ class Entry:
 
     id: str
     range: int
-    frames: list[zmq.Frame]
+    frames: list[zmq.Frame] | None
+    """None: a direct example, whose bytes go from its producer to the leasing consumer."""
     nbytes: int
     waiters: list[tuple[str, int]] = field(default_factory=list)
     """(producer sid, seq) to ack once delivered: the sender and anyone who offered it again."""
@@ -199,6 +204,14 @@ class Session:
     last_seen: float
     data_rid: bytes | None = None
     """Consumers: the connection examples go out on (control replies use `rid`)."""
+    attached: bool = False
+    """Consumers: said how many examples they take (`attach`)."""
+    direct: str | None = None
+    """Direct consumers: the endpoint producers send its examples to."""
+    direct_since: float | None = None
+    """Direct consumers: when producers were first sent to its endpoint."""
+    direct_ok: bool = False
+    """Direct consumers: an example is known to have arrived at its endpoint (it is reachable)."""
     claims: set[int] = field(default_factory=set)
     credit: int = 0
     leases: set[str] = field(default_factory=set)
@@ -319,6 +332,7 @@ class Broker:
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for session in list(self.sessions.values()):
+            self._check_reachable(session, now)
             if now - session.last_seen > self.timing.timeout_s:
                 log.warning(
                     "%s %s: silent for %.1f s, expiring",
@@ -381,10 +395,12 @@ class Broker:
             self._hello(rid, sid, ctl)
             return
         session = self.sessions.get(sid)
-        if kind == "attach":  # a consumer's data connection: examples go there from now on
+        if kind == "attach":  # a relay consumer's data connection, or a direct consumer's endpoint
             if session is not None and session.role == "consumer":
-                session.data_rid = rid
+                session.direct = str(ctl["direct"]) if ctl.get("direct") else None
+                session.data_rid = None if session.direct else rid
                 session.credit = max(0, int(ctl["credit"]))
+                session.attached = True
             return
         if session is None or session.rid != rid:
             if session is None and kind != "bye":
@@ -474,10 +490,15 @@ class Broker:
             self.offers = deque(o for o in self.offers if o.sid != session.sid)
             for key in [k for k in self.reserved if k[0] == session.sid]:
                 self.reserved_bytes -= self.reserved.pop(key).nbytes
+            for direct in [e for e in self.entries.values() if e.frames is None]:
+                if any(sid == session.sid for sid, _ in direct.waiters):  # its bytes may never come
+                    direct.waiters = [w for w in direct.waiters if w[0] != session.sid]
+                    self._recall(direct)
             self._grant()
             return
         with contextlib.suppress(ValueError):
             self._rr.remove(session.sid)
+        self._end_direct(session)
         for ex_id in sorted(session.leases, reverse=True):
             entry = self.entries.get(ex_id)
             if entry is not None and entry.lease == session.sid:
@@ -486,36 +507,97 @@ class Broker:
                 self.stats.inc("redelivered_examples")
         session.leases.clear()
 
+    def _end_direct(self, session: Session) -> None:
+        """Stop sending to a consumer's endpoint: its direct examples are recalled, and producers
+        drop whatever they still queue for it."""
+        if session.direct is None:
+            return
+        for ex_id in sorted(session.leases, reverse=True):
+            entry = self.entries.get(ex_id)
+            if entry is not None and entry.lease == session.sid and entry.frames is None:
+                self._recall(entry)
+                self.stats.inc("redelivered_examples")
+        for producer in [s for s in self.sessions.values() if s.role == "producer"]:
+            self._send(producer.rid, {"t": "gone", "to": session.direct})
+        session.direct = None
+        self._grant()  # the broker may now have to relay
+
+    def _check_reachable(self, session: Session, now: float) -> None:
+        """A direct consumer that got nothing for a timeout after producers were sent to it
+        cannot be reached from them (NAT, a firewall, a wrong data.direct_host): relay to it."""
+        if session.direct is None or session.direct_since is None or session.direct_ok:
+            return
+        if session.reported.get("direct_examples", 0.0) > 0:
+            session.direct_ok = True
+        elif now - session.direct_since > self.timing.timeout_s:
+            log.warning(
+                "consumer %s: nothing sent to %s arrived in %.1f s; relaying its examples instead",
+                session.sid[:8],
+                session.direct,
+                now - session.direct_since,
+            )
+            self._end_direct(session)
+
+    def _recall(self, entry: Entry) -> None:
+        """Take back a direct example whose consumer or producer went away: the consumer's credit
+        returns, and the producers that still hold the example offer it again, first in line."""
+        del self.entries[entry.id]
+        owner = self.sessions.get(entry.lease or "")
+        if owner is not None and entry.id in owner.leases:
+            owner.leases.discard(entry.id)
+            owner.credit += 1
+        for sid, seq in reversed(entry.waiters):
+            if sid in self.sessions:
+                self.offers.appendleft(Offer(sid, seq, entry.id, entry.nbytes, entry.range))
+
     # ------------------------------------------------------------------ producers
 
     def _offer(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        acks: list[int] = []
         for seq, ex_id, nbytes, rng in ctl["offers"]:
             offer = Offer(session.sid, int(seq), str(ex_id), int(nbytes), int(rng))
-            if offer.id in self.journal.delivered:
-                acks.append(offer.seq)
-                self.stats.inc("duplicate_examples")
-            elif offer.id in self.entries:
-                self.entries[offer.id].waiters.append((offer.sid, offer.seq))
-                self.stats.inc("duplicate_examples")
-            elif offer.nbytes > self.config.max_bytes:
+            if offer.nbytes > self.config.max_bytes:
                 text = (
                     f"example {offer.id} is {offer.nbytes} bytes, more than the broker may hold "
                     f"({self.config.max_bytes}); raise sync.max_broker_bytes / --max-bytes"
                 )
                 self._send(session.rid, {"t": "error", "kind": "size", "error": text})
                 return
-            else:
+            if not self._settled(offer):
                 self.offers.append(offer)
-        if acks:
-            self._send(session.rid, {"t": "ack", "seqs": acks})
         self._grant()
 
+    def _settled(self, offer: Offer) -> bool:
+        """Whether an offer needs no data: its id was delivered (acked now) or a copy is held or
+        on its way (the offer waits for that copy)."""
+        if offer.id in self.journal.delivered:
+            producer = self.sessions.get(offer.sid)
+            if producer is not None:
+                self._send(producer.rid, {"t": "ack", "seqs": [offer.seq]})
+        elif offer.id in self.entries:
+            self.entries[offer.id].waiters.append((offer.sid, offer.seq))
+        else:
+            return False
+        self.stats.inc("duplicate_examples")
+        return True
+
+    def _head_offer(self) -> Offer | None:
+        """The first waiting offer that still needs its data (an offer re-queued by a recall may
+        have been settled by another copy meanwhile)."""
+        while self.offers and self._settled(self.offers[0]):
+            self.offers.popleft()
+        return self.offers[0] if self.offers else None
+
+    def _relay_wanted(self) -> bool:
+        """Take example bytes in only for relay consumers (or while no consumer is there yet)."""
+        consumers = self._consumers()
+        return not consumers or any(c.direct is None for c in consumers)
+
     def _grant(self) -> None:
-        """`go` for waiting offers, in arrival order, while held + promised bytes fit the budget."""
+        """Relay `go` for waiting offers, in arrival order, while held + promised bytes fit the budget."""
+        if not self._relay_wanted():
+            return
         grants: dict[str, list[int]] = {}
-        while self.offers:
-            offer = self.offers[0]
+        while (offer := self._head_offer()) is not None:
             used = self.held_bytes + self.reserved_bytes
             if used and used + offer.nbytes > self.config.max_bytes:
                 break
@@ -621,6 +703,7 @@ class Broker:
             ex_id, rng = str(item[0]), int(item[1])
             entry = self.entries.get(ex_id)
             if entry is not None:
+                session.direct_ok |= entry.frames is None and entry.lease == session.sid
                 if entry.lease not in (None, session.sid):
                     log.warning(
                         "%s: taken by %s while pushed to %s", ex_id, session.sid[:8], str(entry.lease)[:8]
@@ -641,7 +724,8 @@ class Broker:
             entry = self.entries.pop(ex_id, None)
             if entry is None:
                 continue
-            self.held_bytes -= entry.nbytes
+            if entry.frames is not None:
+                self.held_bytes -= entry.nbytes
             if entry.lease is None:
                 with contextlib.suppress(ValueError):
                     self.queue.remove(ex_id)
@@ -660,25 +744,48 @@ class Broker:
         return ok, lost
 
     def _dispatch(self) -> None:
-        """Push queued examples to consumers with credit, round-robin."""
+        """Give consumers with credit one example at a time, round-robin."""
         if time.monotonic() < self.grace_until:
             return
+        gos: dict[tuple[str, str], list[int]] = {}
         idle_rounds = 0
-        while self.queue and self._rr and idle_rounds < len(self._rr):
-            sid = self._rr[0]
+        while self._rr and idle_rounds < len(self._rr):
+            session = self.sessions.get(self._rr[0])
             self._rr.rotate(-1)
-            session = self.sessions.get(sid)
-            if session is None or session.credit <= 0 or session.data_rid is None:
+            if session is None or session.credit <= 0 or not self._lease_one(session, gos):
                 idle_rounds += 1
                 continue
             idle_rounds = 0
-            ex_id = self.queue.popleft()
-            entry = self.entries[ex_id]
-            entry.lease = sid
-            session.leases.add(ex_id)
-            session.credit -= 1
-            if self._send(session.data_rid, {"t": "data", "id": ex_id, "range": entry.range}, entry.frames):
-                self.stats.count("out", entry.nbytes)
+        for (sid, to), seqs in gos.items():
+            producer = self.sessions.get(sid)
+            if producer is not None:
+                self._send(producer.rid, {"t": "go", "seqs": seqs, "to": to})
+
+    def _lease_one(self, session: Session, gos: dict[tuple[str, str], list[int]]) -> bool:
+        """Lease `session` one example: a held one (pushed on its data connection, or on its
+        control connection if it is direct), else, for a direct consumer, a waiting offer (whose
+        producer gets a `go` naming the consumer's endpoint, collected in `gos`)."""
+        if self.queue and session.attached:
+            entry = self.entries[self.queue.popleft()]
+            frames = entry.frames
+        elif session.direct and (offer := self._head_offer()) is not None:
+            self.offers.popleft()
+            entry = Entry(offer.id, offer.range, None, offer.nbytes, waiters=[(offer.sid, offer.seq)])
+            self.entries[offer.id] = entry
+            gos.setdefault((offer.sid, session.direct), []).append(offer.seq)
+            session.direct_since = session.direct_since or time.monotonic()
+            frames = None
+        else:
+            return False
+        entry.lease = session.sid
+        session.leases.add(entry.id)
+        session.credit -= 1
+        self.stats.count("out", entry.nbytes)
+        if frames is not None:
+            self._send(
+                session.data_rid or session.rid, {"t": "data", "id": entry.id, "range": entry.range}, frames
+            )
+        return True
 
     def _check_eos(self) -> None:
         ranges = self.journal.ranges

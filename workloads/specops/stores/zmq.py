@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,16 @@ from specops.paths import resolve_allowed
 from specops.stores.base import StoreMeta
 from specops.stores.codec import decode, encode
 from specops.stores.streaming import StreamError, StreamStats
-from specops.stores.wire import CurveKeys, ProtocolError, Timing, client_keys, pack, secure_client, unpack
+from specops.stores.wire import (
+    CurveKeys,
+    ProtocolError,
+    Timing,
+    client_keys,
+    pack,
+    secure_client,
+    secure_server,
+    unpack,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -52,6 +62,39 @@ def load_client_keys(
     return client_keys(resolve_allowed(directory, allowed_roots, field))
 
 
+def route_address(url: str) -> str:
+    """This host's address on the route to the broker at `url` (where peers can reach it too,
+    unless there is NAT in between): no packet is sent, the kernel only picks a source address."""
+    host, sep, port = url.removeprefix("tcp://").rpartition(":")
+    if not url.startswith("tcp://") or not sep:
+        raise ValueError(f"data.direct needs a tcp://host:port broker url or data.direct_host, got {url!r}")
+    family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.connect(address)
+        return str(probe.getsockname()[0])
+
+
+def _is_data(ctl: dict[str, Any], frames: list[zmq.Frame]) -> bool:
+    """Whether a message a peer sent is a well-formed example (control map, header, tensors)."""
+    return (
+        ctl["t"] == "data"
+        and isinstance(ctl.get("id"), str)
+        and isinstance(ctl.get("range"), int)
+        and len(frames) > 1
+    )
+
+
+class _SameKey:
+    """ZAP check for a direct consumer's endpoint: admit peers whose public key is the client key
+    every generator and trainer of this stream holds."""
+
+    def __init__(self, public: bytes) -> None:
+        self.public = public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.public
+
+
 class _Link:
     """One DEALER connection to the broker, run by an I/O thread; subclasses handle their messages."""
 
@@ -69,6 +112,11 @@ class _Link:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
         self._data: zmq.Socket[Any] | None = None
+        self._peers: dict[str, zmq.Socket[Any]] = {}
+        """Sockets to or from peers other than the broker, for the direct data path: a producer's
+        connections to direct consumers (by endpoint), a direct consumer's own bound endpoint."""
+        self._auth: Any = None
+        """A direct consumer's CURVE authenticator (admits only holders of the client key pair)."""
         self._poller = zmq.Poller()
         self._cond = threading.Condition()
         self._calls: deque[Callable[[], None]] = deque()
@@ -128,8 +176,14 @@ class _Link:
         if not self._thread.is_alive():  # a stuck thread keeps its socket and pipe
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+            self._stop_auth()
             self._ctx.term()
         self.stats.maybe_log(force=True)
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -144,7 +198,7 @@ class _Link:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 self._run_calls()
-                for sock in (self._sock, self._data):
+                for sock in (self._sock, self._data, *self._peers.values()):
                     if sock is not None and sock in events:
                         self._drain(sock)
                 self._keepalive()
@@ -155,8 +209,9 @@ class _Link:
                 )
                 self._cond.notify_all()
         finally:
-            if self._data is not None:
-                self._data.close(linger=0)
+            for sock in (self._data, *self._peers.values()):
+                if sock is not None:
+                    sock.close(linger=0)
             if self._sock is not None:
                 self._sock.close(linger=500)  # lets a final bye out
 
@@ -169,18 +224,24 @@ class _Link:
             fn()
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        while sock is self._sock or sock is self._data:  # a message may have reconnected us
+        while sock in (self._sock, self._data, *self._peers.values()):  # a message may have reconnected us
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._last_heard = time.monotonic()
             try:
                 ctl = unpack(frames[0].buffer)
             except ProtocolError as exc:
-                log.warning("%s: ignoring a bad frame from the broker: %s", self.role, exc)
+                log.warning("%s: ignoring a bad frame: %s", self.role, exc)
                 continue
-            self._on_message(ctl, frames[1:])
+            if sock is self._sock or sock is self._data:
+                self._last_heard = time.monotonic()
+                self._on_message(ctl, frames[1:])
+            elif _is_data(ctl, frames):  # producers sending directly may send nothing else
+                self.stats.inc("direct_examples")
+                self._on_role_message("data", ctl, frames[1:])
+            else:
+                log.warning("%s: ignoring a %r message on the direct endpoint", self.role, ctl["t"])
 
     def _keepalive(self) -> None:
         now = time.monotonic()
@@ -491,6 +552,8 @@ class ZmqStore(_Link):
         with self._cond:
             for out in self._unacked.values():
                 out.state = "new"
+        for endpoint in list(self._peers):  # the broker hands out fresh `go`s after the hello
+            self._peers.pop(endpoint).close(linger=0)
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
         self._offer_new()
@@ -523,15 +586,24 @@ class ZmqStore(_Link):
             self._send({"t": "complete", "range": list(pair)})
 
     def _on_role_message(self, kind: str, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        if kind == "go":
+        if kind == "go":  # to the broker, or with `to` straight to a direct consumer
+            to = ctl.get("to")
             for seq in ctl["seqs"]:
                 with self._cond:
                     out = self._unacked.get(seq)
-                    if out is None or out.state != "offered":
+                    if out is None:
                         continue
-                    out.state = "sent"
-                self._send({"t": "data", "seq": seq, "id": out.id}, [out.header, *out.buffers])
+                    out.state = "sent"  # a recalled direct example may be sent again
+                message = {"t": "data", "seq": seq, "id": out.id, "range": out.range}
+                if to:
+                    self._send_direct(str(to), message, [out.header, *out.buffers])
+                else:
+                    self._send(message, [out.header, *out.buffers])
                 self.stats.count("sent", out.nbytes)
+        elif kind == "gone":  # a direct consumer left; what is still queued for it was recalled
+            peer = self._peers.pop(str(ctl["to"]), None)
+            if peer is not None:
+                peer.close(linger=0)
         elif kind == "ack":
             with self._cond:
                 for seq in ctl["seqs"]:
@@ -553,6 +625,19 @@ class ZmqStore(_Link):
                 self._completed.add(pair)
                 self._cond.notify_all()
 
+    def _send_direct(self, endpoint: str, ctl: dict[str, Any], payload: Sequence[Buffer]) -> None:
+        """Queue an example for a direct consumer, never blocking: if the consumer cannot be reached,
+        the broker recalls the example (after its timeout) and says `gone`."""
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            peer = self._peers[endpoint] = self._ctx.socket(zmq.PUSH)
+            for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1), (zmq.RECONNECT_IVL, 100)):
+                peer.setsockopt(option, value)
+            if self._keys is not None:  # a direct consumer serves CURVE with the client key pair
+                secure_client(peer, replace(self._keys, server_public=self._keys.public))
+            peer.connect(endpoint)
+        peer.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
+
     def _report(self) -> dict[str, float]:
         with self._cond:
             return {"unacked": len(self._unacked), "unacked_bytes": self._unacked_bytes}
@@ -568,6 +653,10 @@ class ZmqSource(_Link):
     broker to record it as delivered here and waits for the answer (one round trip): an example
     is handed out only once the broker journaled it, so a consumer killed at any point has
     every example either handed out (and never sent again) or sent to another rank.
+
+    With `direct`, the source binds its own endpoint (on `direct_host`, default the address this
+    host uses to reach the broker, and `direct_port`, default any free one) and the producers
+    send the examples the broker leases it there, so the bytes skip the broker.
     """
 
     role = "consumer"
@@ -580,12 +669,20 @@ class ZmqSource(_Link):
         credits: int = 4,
         keys: CurveKeys | None = None,
         timeout_s: float | None = None,
+        direct: bool = False,
+        direct_host: str | None = None,
+        direct_port: int = 0,
     ) -> None:
         """`timeout_s` bounds a wait with nothing arriving (None = wait for producers forever)."""
         if credits < 1:
             raise ValueError("credits must be >= 1")
         super().__init__(url, keys)
         self.credits = credits
+        self.data_channel = not direct
+        self.direct_endpoint: str | None = None
+        """Where producers send this source's examples (direct only)."""
+        if direct:
+            self.direct_endpoint = self._bind_direct(direct_host or route_address(url), direct_port)
         self.wait_timeout_s = timeout_s
         self._inbox: deque[tuple[dict[str, Any], list[zmq.Frame]]] = deque()
         self._asked: dict[str, int] = {}
@@ -602,7 +699,40 @@ class ZmqSource(_Link):
         if not data.url:
             raise ValueError("data.url is required for kind zmq")
         keys = load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir")
-        return cls(data.url, keys=keys, timeout_s=data.stall_timeout_s)
+        return cls(
+            data.url,
+            keys=keys,
+            timeout_s=data.stall_timeout_s,
+            direct=data.direct,
+            direct_host=data.direct_host,
+            direct_port=data.direct_port,
+        )
+
+    def _bind_direct(self, host: str, port: int) -> str:
+        """Bind the socket producers send this source's examples to; returns its endpoint."""
+        sock = self._ctx.socket(zmq.PULL)
+        for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.IPV6, int(":" in host))):
+            sock.setsockopt(option, value)
+        if self._keys is not None:  # producers hold the same client key pair as this source
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=_SameKey(self._keys.public))
+            secure_server(sock, self._keys)
+        address = f"tcp://[{host}]:{port or '*'}" if ":" in host else f"tcp://{host}:{port or '*'}"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close()
+            self._stop_auth()
+            self._ctx.term()
+            raise StreamError(
+                f"data.direct: cannot bind {address} (data.direct_host/direct_port): {exc}"
+            ) from None
+        self._peers[address] = sock
+        self._poller.register(sock, zmq.POLLIN)
+        return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     @property
     def meta(self) -> StoreMeta:
@@ -662,12 +792,15 @@ class ZmqSource(_Link):
             self._inbox.clear()  # the broker re-queues them when this session says hello again
 
     def _on_welcome(self, ctl: dict[str, Any]) -> None:
-        self._verdict(ctl)
-        assert self._data is not None
-        with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
-            self._data.send_multipart(
-                [pack({"t": "attach", "sid": self.sid, "credit": self.credits})], zmq.NOBLOCK
-            )
+        if self.direct_endpoint is not None:
+            self._send({"t": "attach", "credit": self.credits, "direct": self.direct_endpoint})
+        else:
+            assert self._data is not None
+            with contextlib.suppress(zmq.Again):  # lost: the broker never pushes here; the timeout reconnects
+                self._data.send_multipart(
+                    [pack({"t": "attach", "sid": self.sid, "credit": self.credits})], zmq.NOBLOCK
+                )
+        self._verdict(ctl)  # after the attach, so whoever waits for `meta` finds this source attached
 
     def _verdict(self, ctl: dict[str, Any]) -> None:
         with self._cond:
@@ -697,4 +830,8 @@ class ZmqSource(_Link):
             self._cond.notify_all()
 
     def _report(self) -> dict[str, float]:
-        return {"idle_fraction": self.stats.idle_fraction(), "inbox": len(self._inbox)}
+        return {
+            "idle_fraction": self.stats.idle_fraction(),
+            "inbox": len(self._inbox),
+            "direct_examples": self.stats.counters.get("direct_examples", 0.0),
+        }
