@@ -86,7 +86,14 @@ def test_online_training_from_two_generators_matches_offline(
             tmp_path,
             tiny_verifier_dir,
             "online",
-            {"kind": "zmq", "url": url, "cache_path": str(tmp_path / "cache"), "stall_timeout_s": 180},
+            # the direct data path, as README recommends (the fault tests cover the relay too)
+            {
+                "kind": "zmq",
+                "url": url,
+                "direct": True,
+                "cache_path": str(tmp_path / "cache"),
+                "stall_timeout_s": 180,
+            },
         )
         online = train(online_cfg)  # the stream client comes from the config alone, as in a pod
         out, _ = generators.communicate(timeout=120)
@@ -99,6 +106,7 @@ def test_online_training_from_two_generators_matches_offline(
                 proc.kill()
                 proc.wait(10)
 
+    assert "relaying its examples instead" not in (tmp_path / "procs.log").read_text()  # stayed direct
     cache = DiskStore.open(tmp_path / "cache", roots)
     assert len(cache) == report["written"] > 30  # the first epoch streamed every example, once
     offline = train(
