@@ -97,6 +97,8 @@ class CachedVerifier:
         if width == 0:
             raise ValueError("extend: every chunk is empty")
         sizes = [len(c) for c in chunks]
+        if self.kept.shape[1] == 0 and len(chunks) > 1 and min(sizes) > 0:
+            return self._prefill_rows(chunks, last_logits_only)
         ids = torch.tensor([[*c, *[0] * (width - len(c))] for c in chunks], device=self.device)
         offsets = torch.arange(width, device=self.device)
         new_kept = offsets[None, :] < torch.tensor(sizes, device=self.device)[:, None]
@@ -118,6 +120,31 @@ class CachedVerifier:
         for r, n in enumerate(sizes):
             row_logits = logits[r, last.index(max(n - 1, 0))][None] if last_logits_only else logits[r, :n]
             rows.append((row_logits, aux[r, :n]))
+        return rows
+
+    def _prefill_rows(
+        self, chunks: Sequence[Sequence[int]], last_logits_only: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first chunks (the prompts), one row at a time, merged into one right-padded cache: a
+        batched prefill would pad every prompt to the longest, and prefill is compute-bound."""
+        width = max(len(c) for c in chunks)
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        keys: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        values: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for chunk in chunks:
+            single = CachedVerifier(self.model, self.aux_layer_ids)
+            rows += single.extend([chunk], last_logits_only)
+            for index, layer in enumerate(single.cache.layers):
+                pad = (0, 0, 0, width - len(chunk))  # the sequence axis of [1, heads, T, dim]
+                k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+                if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+                    raise ValueError(f"evaluate: verifier cache layer {index} holds no attention keys/values")
+                keys[index].append(torch.nn.functional.pad(k, pad))
+                values[index].append(torch.nn.functional.pad(v, pad))
+        for index in range(len(self.layers)):
+            self.cache.update(torch.cat(keys[index]), torch.cat(values[index]), index)
+        offsets = torch.arange(width, device=self.device)
+        self.kept = offsets[None, :] < torch.tensor([len(c) for c in chunks], device=self.device)[:, None]
         return rows
 
     @torch.inference_mode()
