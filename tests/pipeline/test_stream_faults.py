@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +97,27 @@ class Cluster:
                 ids.update(line for line in path.read_text().splitlines() if line.startswith("d/"))
         return ids
 
+    def start_first_broker(self, attempts: int = 3) -> None:
+        """Start the broker on a probed free port. Another process can take that port before the
+        broker binds it (seen once under load), so a broker that exits instead of listening gets
+        another port."""
+        for _ in range(attempts):
+            self.start_broker()
+            if self._listening():
+                return
+            self.url = f"tcp://127.0.0.1:{free_port()}"
+        raise AssertionError(f"the broker did not start\n{self.report()}")
+
+    def _listening(self, timeout_s: float = 20.0) -> bool:
+        assert self.broker is not None
+        port = int(self.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.broker.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+            time.sleep(0.05)
+        return False
+
     def wait_for(self, what: str, ready: Callable[[], bool], timeout_s: float = 25.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
@@ -153,7 +175,7 @@ def cluster(
     forks: subprocess.Popen[str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Cluster]:
     c = Cluster(forks, tmp_path, direct=request.param == "direct")
-    c.start_broker()
+    c.start_first_broker()
     yield c
     c.close()
 
