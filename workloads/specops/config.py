@@ -98,6 +98,26 @@ class ProcessorConfig(Contract):
     """Append the template's generation prompt after the last turn."""
 
 
+class RegenerateConfig(Contract):
+    """Replace the dataset's assistant turns with the verifier's own greedy answers first.
+
+    A draft is judged on the verifier's own text, so training on the verifier's answers (to the
+    dataset's prompts) matches what it will see when serving; EAGLE-3 and HASS train that way.
+    """
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 512
+    """Longest answer per turn; an answer cut here ends the conversation without its end-of-turn
+    token (the draft is not taught to stop where the verifier did not)."""
+    max_turns: Annotated[int, Field(ge=1)] | None = None
+    """Regenerate at most this many assistant turns per conversation (later turns are dropped,
+    they answered the old text); unset = every turn."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Prompts decoded together (decoding is memory-bound: larger batches are faster per token)."""
+    path: Annotated[str, Field(max_length=1024)] | None = None
+    """Directory for the regenerated conversations (JSONL, reused by reruns); default:
+    `<sync.path>/regenerated` for disk sinks."""
+
+
 class HiddenStatesConfig(Contract):
     """Which verifier layers to capture."""
 
@@ -207,10 +227,26 @@ class DataGenConfig(Contract):
     chat_template: Annotated[str, Field(max_length=65536)] | None = None
     """Inline Jinja chat template; default: the verifier tokenizer's own."""
     processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    regenerate: RegenerateConfig | None = None
+    """Set to answer the prompts with the verifier before capturing hidden states (off: train on
+    the dataset's own answers)."""
     states: StatesConfig = Field(default_factory=StatesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sync: SyncConfig
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _regenerate_has_a_home(self) -> Self:
+        if self.regenerate is None:
+            return self
+        if self.regenerate.path is None and self.sync.kind != "disk":
+            raise ValueError(f"regenerate.path is required when sync.kind is '{self.sync.kind}'")
+        if self.sync.claim_ranges is not None:
+            raise ValueError(
+                "regenerate: not supported with sync.claim_ranges; leave claim_ranges unset so each "
+                "generator regenerates its own run slice"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- training

@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specops.engines.batching import in_length_groups
 from specops.engines.capture import LayerCapture
 from specops.paths import resolve_allowed
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -292,7 +291,7 @@ def evaluate(
     per_position = [0] * steps
     drafts = accepted_tokens = generated = 0
     mismatched: list[int] = []
-    outputs = _batched(
+    outputs = in_length_groups(
         prompts,
         batch_size,
         lambda group: speculative_decode_batch(model, draft, group, max_new_tokens, steps, eos),
@@ -327,21 +326,9 @@ def greedy_references(
 ) -> list[list[int]]:
     """The verifier's own greedy continuation of every prompt (the lossless check's reference)."""
     eos = eos_ids(model)
-    return _batched(prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos))
-
-
-def _batched(
-    prompts: Sequence[Sequence[int]], size: int, run: Callable[[list[Sequence[int]]], list[T]]
-) -> list[T]:
-    """`run` over groups of `size` prompts of similar length (little padding), results in prompt order."""
-    if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {size}")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: dict[int, T] = {}
-    for start in range(0, len(order), size):
-        chosen = order[start : start + size]
-        results.update(zip(chosen, run([prompts[i] for i in chosen]), strict=True))
-    return [results[i] for i in range(len(prompts))]
+    return in_length_groups(
+        prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos)
+    )
 
 
 def prompts_from_examples(

@@ -28,7 +28,7 @@ from specops.config import ConfigError, DataGenConfig, load_config
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from specops.data.records import TokenizedExample
+    from specops.data.records import Conversation, TokenizedExample
     from specops.engines.base import InferencePipeline
     from specops.example import ExampleDict
     from specops.stores.base import DataSink, StoreMeta
@@ -53,6 +53,10 @@ class GenerateReport:
     """Examples the engine could not process even alone (listed in failed_ids)."""
     tokens: int = 0
     """Tokens of the written examples."""
+    regenerated: int = 0
+    """Conversations answered by the verifier in this run (`regenerate`)."""
+    regenerated_tokens: int = 0
+    """Answer tokens the verifier generated in this run."""
     seconds: float = 0.0
     failed_ids: list[str] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
@@ -67,7 +71,15 @@ class GenerateReport:
 
     def add(self, other: GenerateReport) -> None:
         """Fold a worker's counts into this report (seconds stay the caller's wall time)."""
-        for name in ("written", "skipped", "dropped", "failed", "tokens"):
+        for name in (
+            "written",
+            "skipped",
+            "dropped",
+            "failed",
+            "tokens",
+            "regenerated",
+            "regenerated_tokens",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failed_ids.extend(other.failed_ids)
         self.worker_errors.extend(other.worker_errors)
@@ -255,11 +267,33 @@ def tokenized_slice(
     template cannot render (or that keeps too few trainable tokens) is counted as dropped.
     """
     from specops.data.chat import ChatTemplateError, tokenize_conversation
+
+    max_length = min(config.processor.max_length, config.engine.max_seq_len)
+    processor = config.processor.model_copy(update={"max_length": max_length})
+    conversations = slice_conversations(config, done, report)
+    if config.regenerate is not None:
+        from specops.regenerate import regenerated_slice
+
+        conversations = regenerated_slice(config, tokenizer, conversations, report)
+    for conversation in conversations:
+        try:
+            example = tokenize_conversation(tokenizer, conversation, processor, config.chat_template)
+        except ChatTemplateError as exc:
+            log.warning("%s: dropped: %s", conversation.id, exc)
+            example = None
+        if example is None:
+            report.dropped += 1
+            continue
+        yield example
+
+
+def slice_conversations(
+    config: DataGenConfig, done: set[str], report: GenerateReport
+) -> Iterator[Conversation]:
+    """This slice's conversations the sink does not hold yet, in source order."""
     from specops.data.sources import iter_conversations
 
     run = config.run
-    max_length = min(config.processor.max_length, config.engine.max_seq_len)
-    processor = config.processor.model_copy(update={"max_length": max_length})
     for position, source in enumerate(config.datasets):
         for conversation in iter_conversations(source, position, run.allowed_roots):
             if not in_slice(conversation.id, run.shard_index, run.num_shards):
@@ -267,26 +301,7 @@ def tokenized_slice(
             if conversation.id in done:
                 report.skipped += 1
                 continue
-            try:
-                example = tokenize_conversation(tokenizer, conversation, processor, config.chat_template)
-            except ChatTemplateError as exc:
-                log.warning("%s: dropped: %s", conversation.id, exc)
-                example = None
-            if example is None:
-                report.dropped += 1
-                continue
-            yield example
-
-
-def _windows(examples: Iterable[TokenizedExample], size: int) -> Iterator[list[TokenizedExample]]:
-    window: list[TokenizedExample] = []
-    for example in examples:
-        window.append(example)
-        if len(window) >= size:
-            yield window
-            window = []
-    if window:
-        yield window
+            yield conversation
 
 
 def generate_examples(
@@ -300,14 +315,14 @@ def generate_examples(
     """Length-grouped batches through the engine into the sink, with a progress bar on stderr."""
     from tqdm import tqdm
 
-    from specops.engines.batching import plan_batches
+    from specops.engines.batching import plan_batches, windows
 
     engine_cfg = config.engine
     label = f"slice {config.run.shard_index}/{config.run.num_shards}"
     with tqdm(
         desc=label, unit="ex", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0
     ) as bar:
-        for window in _windows(examples, WINDOW_BATCHES * engine_cfg.batch_size):
+        for window in windows(examples, WINDOW_BATCHES * engine_cfg.batch_size):
             lengths = [len(e.token_ids) for e in window]
             for _, indices in plan_batches(lengths, engine_cfg.batch_size, engine_cfg.max_tokens_per_batch):
                 batch = [window[i] for i in indices]

@@ -43,15 +43,20 @@ def render(
     messages: Sequence[Message],
     chat_template: str | None,
     add_generation_prompt: bool = False,
+    open_final: bool = False,
 ) -> str:
-    """The conversation as text; a template that does not compile is a config error."""
+    """The conversation as text; a template that does not compile is a config error.
+
+    `open_final` renders the last message as unfinished (no end-of-turn after it).
+    """
     from jinja2 import TemplateSyntaxError
 
     try:
         text = tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt and not open_final,
+            continue_final_message=open_final,
             chat_template=chat_template,
         )
     except TemplateSyntaxError as exc:
@@ -66,16 +71,17 @@ def assistant_spans(
     messages: Sequence[Message],
     chat_template: str | None = None,
     add_generation_prompt: bool = False,
+    open_final: bool = False,
 ) -> tuple[str, list[Span]]:
     """The rendered conversation and, per assistant turn, the character span to train."""
-    full = render(tokenizer, messages, chat_template, add_generation_prompt)
+    full = render(tokenizer, messages, chat_template, add_generation_prompt, open_final)
     specials = _special_texts(tokenizer)
     spans: list[Span] = []
     for index, message in enumerate(messages):
         if message.role != "assistant" or not message.content:
             continue
         probe = [*messages[:index], Message("assistant", SENTINEL), *messages[index + 1 :]]
-        marked = render(tokenizer, probe, chat_template, add_generation_prompt)
+        marked = render(tokenizer, probe, chat_template, add_generation_prompt, open_final)
         head = _common_prefix(full, marked)
         tail = _common_prefix(full[head:][::-1], marked[head:][::-1])
         if SENTINEL not in marked[head : len(marked) - tail]:
@@ -133,13 +139,23 @@ def tokenize_conversation(
             raise ConfigError("chat_template: the verifier tokenizer has no chat template; set chat_template")
         if processor.assistant_only_loss:
             full, spans = assistant_spans(
-                tokenizer, conversation.messages, chat_template, processor.add_generation_prompt
+                tokenizer,
+                conversation.messages,
+                chat_template,
+                processor.add_generation_prompt,
+                conversation.open_final,
             )
             offsets = _offsets(tokenizer, full)
             ids = list(offsets["input_ids"])
             mask = span_mask(offsets["offset_mapping"], spans)
         else:
-            full = render(tokenizer, conversation.messages, chat_template, processor.add_generation_prompt)
+            full = render(
+                tokenizer,
+                conversation.messages,
+                chat_template,
+                processor.add_generation_prompt,
+                conversation.open_final,
+            )
             ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
             mask = [1] * len(ids)
     ids, mask = ids[: processor.max_length], mask[: processor.max_length]

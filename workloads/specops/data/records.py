@@ -21,6 +21,8 @@ class Conversation:
     messages: tuple[Message, ...] = ()
     text: str | None = None
     """Set instead of messages for plain-text sources (every token is trained)."""
+    open_final: bool = False
+    """The last (assistant) message was cut off: it renders without its end-of-turn token."""
 
 
 @dataclass(frozen=True)

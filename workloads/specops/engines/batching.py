@@ -8,7 +8,10 @@ matmuls and attention kernels pick their blocking from the padded length, not fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 GRANULE = 16
 """Smallest padding step; short sequences round up to a multiple of this."""
@@ -45,3 +48,29 @@ def plan_batches(
         per_batch = max(1, min(batch_size, max_tokens // padded))
         plan.extend((padded, members[i : i + per_batch]) for i in range(0, len(members), per_batch))
     return plan
+
+
+def in_length_groups(
+    prompts: Sequence[Sequence[int]], size: int, run: Callable[[list[Sequence[int]]], list[T]]
+) -> list[T]:
+    """`run` over groups of `size` prompts of similar length (little padding), results in prompt order."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, T] = {}
+    for start in range(0, len(order), size):
+        chosen = order[start : start + size]
+        results.update(zip(chosen, run([prompts[i] for i in chosen]), strict=True))
+    return [results[i] for i in range(len(prompts))]
+
+
+def windows(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last one shorter)."""
+    window: list[T] = []
+    for item in items:
+        window.append(item)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window

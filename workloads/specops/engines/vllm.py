@@ -391,26 +391,17 @@ class EnginePlan:
 
     def llm_kwargs(self, *, address: str, directory: str) -> dict[str, Any]:
         """Arguments for `vllm.LLM`."""
-        from specops.verifier import resolve_verifier
-
         engine = self.config.engine
-        verifier = self.config.verifier
         emitted, _ = vllm_layer_order(self.layer_ids)
         kwargs: dict[str, Any] = {
-            "model": resolve_verifier(verifier, self.config.run.allowed_roots),
-            "revision": verifier.revision,
-            "trust_remote_code": verifier.trust_remote_code,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "seed": engine.seed,
+            **self._model_kwargs(),
             # + 1: vLLM counts the one token each request samples against the model length.
             "max_model_len": engine.max_seq_len + 1,
             "max_num_seqs": engine.batch_size,
             "max_num_batched_tokens": max(engine.max_tokens_per_batch, engine.max_seq_len),
-            "tensor_parallel_size": engine.tensor_parallel_size,
             # Every prompt token must be computed by this request's own forward: cached prefixes
             # would skip the capture path and tie an example's bytes to what ran before it.
             "enable_prefix_caching": False,
-            "skip_tokenizer_init": True,
             "speculative_config": {
                 "method": "extract_hidden_states",
                 "num_speculative_tokens": 1,
@@ -425,3 +416,33 @@ class EnginePlan:
         }
         cpu_kv = self.cpu_kv_cache_bytes() if self.cpu_build else None
         return {**kwargs, **memory_kwargs(cpu_kv, engine.gpu_memory_utilization)}
+
+    def answer_kwargs(self) -> dict[str, Any]:
+        """Arguments for a plain `vllm.LLM` that answers prompts (`regenerate`): nothing captured."""
+        from specops.verifier import load_verifier_config
+
+        config, engine = self.config, self.config.engine
+        assert config.regenerate is not None
+        batch = config.regenerate.batch_size
+        model_len = min(engine.max_seq_len, config.processor.max_length) + config.regenerate.max_new_tokens
+        kwargs = {**self._model_kwargs(), "max_model_len": model_len, "max_num_seqs": batch}
+        cpu_kv = None
+        if self.cpu_build:
+            text = load_verifier_config(config.verifier, config.run.allowed_roots).get_text_config()
+            cpu_kv = kv_bytes_per_token(text, self.dtype) * batch * model_len
+        return {**kwargs, **memory_kwargs(cpu_kv, engine.gpu_memory_utilization)}
+
+    def _model_kwargs(self) -> dict[str, Any]:
+        """Which model vLLM loads, and how."""
+        from specops.verifier import resolve_verifier
+
+        verifier = self.config.verifier
+        return {
+            "model": resolve_verifier(verifier, self.config.run.allowed_roots),
+            "revision": verifier.revision,
+            "trust_remote_code": verifier.trust_remote_code,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "seed": self.config.engine.seed,
+            "tensor_parallel_size": self.config.engine.tensor_parallel_size,
+            "skip_tokenizer_init": True,
+        }
