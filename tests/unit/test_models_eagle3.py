@@ -33,6 +33,34 @@ def test_forward_ttt_shapes_and_frozen_copies(verifier: LlamaForCausalLM, verifi
     assert torch.equal(draft.lm_head.weight, verifier.lm_head.weight[draft.t2d])
 
 
+def test_logits_at_marked_positions_equal_the_full_logits_there(
+    verifier: LlamaForCausalLM, verifier_dir: Path
+) -> None:
+    """`forward_ttt(where=...)` computes the vocabulary projection only where the loss needs it."""
+    from specops.train.losses import LossSpec, draft_loss, step_valid_counts
+
+    draft = new_draft(verifier, verifier_dir, num_layers=2)
+    head = VerifierHead.from_pretrained(verifier_dir)
+    batch = stack_rows([packed_batch(verifier, _docs(7, 5)), packed_batch(verifier, _docs(9, seed=1), 12)])
+    targets = step_targets(batch, head, draft.t2d, 3)
+    where = [valid for _, valid in targets]
+    assert 0 < int(where[0].sum()) < where[0].numel()  # some positions are skipped
+    full = draft.forward_ttt(batch, 3)
+    chosen = draft.forward_ttt(batch, 3, where=where)
+    for step, (rows, mask) in enumerate(zip(chosen, where, strict=True)):
+        assert rows.shape == (int(mask.sum()), 48)
+        torch.testing.assert_close(rows, full[step][mask], rtol=1e-5, atol=1e-5)
+    spec = LossSpec("hass", step_decay=0.8)
+    loss_full, sums_full = draft_loss(full, targets, step_valid_counts(targets), spec)
+    loss_rows, sums_rows = draft_loss(chosen, targets, step_valid_counts(targets), spec)
+    torch.testing.assert_close(loss_rows, loss_full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sums_rows[1:], sums_full[1:])  # token counts and accuracies
+    with pytest.raises(ValueError, match="where has 2 masks for 3 TTT steps"):
+        draft.forward_ttt(batch, 3, where=where[:2])
+    with pytest.raises(ValueError, match="fit neither the valid mask"):
+        draft_loss([x[:-1] for x in chosen], targets, step_valid_counts(targets), spec)
+
+
 def test_gradients_reach_only_trainable_parameters(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
     draft = new_draft(verifier, verifier_dir, num_layers=2)
     batch = packed_batch(verifier, _docs(10))

@@ -461,12 +461,18 @@ class Eagle3DraftModel(SpeculatorModel):
         """Draft-vocabulary logits of pre-norm draft hidden states."""
         return self.lm_head(self.norm(hidden))
 
-    def forward_ttt(self, batch: DraftBatch, ttt_steps: int) -> list[torch.Tensor]:
+    def forward_ttt(
+        self, batch: DraftBatch, ttt_steps: int, where: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """Draft logits [B, T, Vd] per TTT step, aligned with `ttt.step_targets` (see ttt.py).
 
         Step 0 reads fused verifier features; step i > 0 reads the draft's own hidden output of
         step i-1 and attends to step-0 context keys plus its own keys of steps 1..i at the same index.
+        With `where` (bool [B, T] per step), step i returns only the rows `where[i]` marks, [N_i, Vd]:
+        the vocabulary projection dominates a small draft's cost and most positions need none.
         """
+        if where is not None and len(where) != ttt_steps:
+            raise ValueError(f"where has {len(where)} masks for {ttt_steps} TTT steps")
         if ttt_steps < 1:
             raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
         if batch.aux_hidden.shape[2] != self.config.num_aux_layers:
@@ -481,7 +487,7 @@ class Eagle3DraftModel(SpeculatorModel):
         for step in range(ttt_steps):
             tokens = step_tokens(batch.input_ids, step)
             hidden = self._step(hidden, tokens, batch.position_ids + step, caches, allowed, aligned=True)
-            out.append(self.logits(hidden))
+            out.append(self.logits(hidden if where is None else hidden[where[step]]))
             for cache in caches:
                 cache.extending = False
         return out

@@ -70,7 +70,9 @@ def draft_loss(
     denominators: torch.Tensor,
     spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss to back-propagate, metric sums [len(METRICS), steps])."""
+    """(weighted loss to back-propagate, metric sums [len(METRICS), steps]).
+
+    Each step's logits are [B, T, V], or [N, V] for just the N positions its valid mask marks."""
     if len(draft_logits) != len(targets):
         raise ValueError(f"{len(draft_logits)} draft steps but {len(targets)} target steps")
     device = draft_logits[0].device
@@ -81,7 +83,7 @@ def draft_loss(
     for i, (logits, (target_logp, valid)) in enumerate(zip(draft_logits, targets, strict=True)):
         valid = valid.to(device)
         # Only valid positions pay for the vocabulary-wide softmax, KL and argmax.
-        loss, correct_valid = token_losses(logits[valid], target_logp.to(device)[valid], spec)
+        loss, correct_valid = token_losses(_at_valid(logits, valid), target_logp.to(device)[valid], spec)
         correct = torch.zeros_like(valid)
         correct[valid] = correct_valid
         step_sum = loss.sum()
@@ -102,6 +104,18 @@ def draft_loss(
         ]
         rows.append(torch.stack([p.double() for p in parts]))
     return total, torch.stack(rows, dim=1)
+
+
+def _at_valid(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N, V] rows of the valid positions: from full [B, T, V] logits, or as given when the draft
+    already computed only those rows (`forward_ttt(where=...)`)."""
+    if logits.shape[:-1] == valid.shape:
+        return logits[valid]
+    if logits.dim() == 2 and logits.shape[0] == int(valid.sum()):
+        return logits
+    raise ValueError(
+        f"draft logits {tuple(logits.shape)} fit neither the valid mask {tuple(valid.shape)} nor its count"
+    )
 
 
 def summarize(sums: torch.Tensor, step_decay: float) -> dict[str, float]:

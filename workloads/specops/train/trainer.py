@@ -71,8 +71,9 @@ class TTTModule(nn.Module):
         self.draft = draft
         self.ttt_steps = ttt_steps
 
-    def forward(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
-        return self.draft.forward_ttt(DraftBatch(**tensors), self.ttt_steps)
+    def forward(self, where: torch.Tensor, **tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each TTT step at the positions `where[step]` marks (the loss's valid ones)."""
+        return self.draft.forward_ttt(DraftBatch(**tensors), self.ttt_steps, where=list(where))
 
 
 def train(cfg: TrainConfig, *, source: Source | None = None, on_log: LogHook | None = None) -> TrainResult:
@@ -325,7 +326,7 @@ class Trainer:
         """One optimizer step; returns the metric sums of this batch."""
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.cfg.optim))
         with self._autocast():
-            logits = self.model(**_tensors(batch))
+            logits = self.model(_valid(targets), **_tensors(batch))
             loss, sums = draft_loss(logits, targets, denominators, self.loss_spec)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -360,7 +361,7 @@ class Trainer:
                 device_batch = self._to_device(batch.batch if batch is not None else self._dummy_batch())
                 targets = step_targets(device_batch, self.head, self.draft.t2d, self.cfg.ttt_steps)
                 with self._autocast():
-                    logits = self.model(**_tensors(device_batch))
+                    logits = self.model(_valid(targets), **_tensors(device_batch))
                     _, batch_sums = draft_loss(logits, targets, step_valid_counts(targets), self.loss_spec)
                 if batch is not None:
                     sums += batch_sums
@@ -474,6 +475,11 @@ def _with_end(items: Iterable[PackedBatch]) -> Iterator[PackedBatch | None]:
     yield from items
     while True:
         yield None
+
+
+def _valid(targets: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """bool [steps, B, T]: where each TTT step has a target (only there are logits computed)."""
+    return torch.stack([valid for _, valid in targets])
 
 
 def _tensors(batch: DraftBatch) -> dict[str, torch.Tensor]:
