@@ -1,5 +1,6 @@
-"""The whole loop on SmolLM2 with vLLM at both ends (CPU): vLLM data generation -> SpecOps training
--> vLLM serving the trained speculator (`specops evaluate --engine vllm`).
+"""The whole loop on SmolLM2 with vLLM at both ends (CPU): vLLM answers the prompts (`regenerate`)
+-> vLLM data generation -> SpecOps training -> vLLM serving the trained speculator
+(`specops evaluate --engine vllm`).
 
 vLLM must load the speculators-format checkpoint SpecOps writes and draft with it exactly as our
 own evaluator does: its counters (drafts, accepted tokens, per position) must match ours on the
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _vllm_child import ANSWER_TOKENS, SERVE_MAX_LEN, SMOLLM2
 from _vllm_marks import NEEDS_VLLM_AND_SMOLLM2
 
 pytestmark = NEEDS_VLLM_AND_SMOLLM2
@@ -41,6 +43,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "generate": json.loads((out / "generate.json").read_text()),
         "eval": json.loads((out / "eval.json").read_text()),
         "final": out / "draft" / "final",
+        "answers": out / "data" / "regenerated" / "answers-0-of-1.jsonl",
     }
 
 
@@ -49,6 +52,45 @@ def test_vllm_generated_the_training_data(outcome: dict[str, Any]) -> None:
     assert report["ok"] and report["failed"] == 0
     assert report["written"] + report["dropped"] == CONVERSATIONS
     assert report["written"] >= CONVERSATIONS // 2
+    assert report["written"] <= report["regenerated"] <= CONVERSATIONS and report["regenerated_tokens"] > 0
+
+
+def test_vllm_answers_are_the_verifier_s_greedy_answers(outcome: dict[str, Any]) -> None:
+    """Each regenerated answer equals the Transformers verifier's own greedy answer to its prompt."""
+    import torch
+
+    from specops.config import VerifierConfig
+    from specops.data.chat import render
+    from specops.data.records import Message
+    from specops.evaluate import eos_ids, greedy_references
+    from specops.verifier import load_model, load_tokenizer
+
+    verifier = VerifierConfig(**SMOLLM2)
+    model = load_model(verifier, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer = load_tokenizer(verifier)
+    eos = eos_ids(model)
+    rows = [json.loads(line) for line in outcome["answers"].read_text().splitlines()]
+    answered = [row for row in rows if row["messages"] and row["messages"][-1]["role"] == "assistant"]
+    assert len(answered) >= CONVERSATIONS // 2
+    conversations = [[Message(m["role"], m["content"]) for m in row["messages"]] for row in answered]
+    prompts = [
+        tokenizer(render(tokenizer, c[:-1], None, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for c in conversations
+    ]
+    # Greedy decoding is prefix-consistent: the 48-token answer cut to a prompt's room is its answer.
+    references = greedy_references(model, prompts, ANSWER_TOKENS, batch_size=8)
+    same = 0
+    for row, conversation, prompt, full in zip(answered, conversations, prompts, references, strict=True):
+        tokens = full[: SERVE_MAX_LEN - len(prompt)]
+        ended = bool(tokens) and tokens[-1] in eos
+        reference = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+        if conversation[-1].content == reference:
+            same += 1
+            assert row["open_final"] == (not ended), row["id"]
+    # Float kernels differ between the engines: a rare near-tie may flip a token (and the rest).
+    assert same >= len(answered) - 2, f"{same} of {len(answered)} answers equal"
 
 
 def test_the_checkpoint_is_in_the_speculators_format(outcome: dict[str, Any]) -> None:
