@@ -280,6 +280,23 @@ def test_llm_kwargs_on_a_gpu_build(verifier_dir: Path) -> None:
     assert p.layer_ids == [2, 4, 5, 8]
 
 
+def test_answer_kwargs_start_a_plain_engine_sized_for_prompt_plus_answer(verifier_dir: Path) -> None:
+    """`regenerate` with vLLM: nothing captured, room for the longest prompt and answer."""
+    sections = {
+        "engine": {"kind": "vllm", "batch_size": 4, "max_seq_len": 128},
+        "processor": {"max_length": 96},
+        "regenerate": {"max_new_tokens": 40, "batch_size": 6},
+    }
+    kwargs = plan(verifier_dir, **sections).answer_kwargs()
+    assert "speculative_config" not in kwargs and "kv_transfer_config" not in kwargs
+    assert kwargs["model"] == str(verifier_dir.resolve()) and kwargs["skip_tokenizer_init"] is True
+    assert (kwargs["max_model_len"], kwargs["max_num_seqs"]) == (96 + 40, 6)
+    # KV (2 x 8 layers x 2 heads x 16 dims) fp32 for 6 sequences of 136 tokens, with the CPU margin
+    assert kwargs["kv_cache_memory_bytes"] == 2 * (2 * 8 * 2 * 16) * 4 * 6 * 136
+    gpu = plan(verifier_dir, cpu_build=False, **sections).answer_kwargs()
+    assert gpu["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in gpu
+
+
 @pytest.mark.parametrize(
     ("sections", "cpu_build", "message"),
     [
