@@ -118,6 +118,8 @@ def test_max_turns_trailing_user_turns_and_plain_text(
     assert [m.role for m in out[6].messages] == ["user", "assistant"]
     assert out[6].messages[1].content == reference_answer(verifier, prompt_only.messages, 40)[0]
     assert out[7].messages == (Message("system", "Be brief."),)  # nothing trainable is left
+    assert tokenize_conversation(tokenizer, out[7], cfg.processor) is None
+    assert tokenize_conversation(tokenizer, Conversation("e/0/0"), cfg.processor) is None
 
 
 def test_a_cut_answer_is_open_and_its_end_of_turn_is_not_trained(

@@ -134,6 +134,8 @@ def tokenize_conversation(
     if conversation.text is not None:
         ids = list(tokenizer(conversation.text, add_special_tokens=True)["input_ids"])
         mask = [1] * len(ids)
+    elif not conversation.messages:
+        return None  # e.g. nothing was left to answer (regenerate)
     else:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("chat_template: the verifier tokenizer has no chat template; set chat_template")
