@@ -256,6 +256,17 @@ def test_answers_made_with_other_settings_are_refused(tmp_path: Path, tiny_verif
         generate_data(config(tmp_path, tiny_verifier_dir, data, max_new_tokens=9))
 
 
+def test_a_damaged_answers_file_is_named(tmp_path: Path, tiny_verifier_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", make_conversations(3, seed=2))
+    cfg = config(tmp_path, tiny_verifier_dir, data, max_new_tokens=8)
+    generate_data(cfg)
+    answers = tmp_path / "out" / "regenerated" / "answers-0-of-1.jsonl"
+    lines = answers.read_text().splitlines(keepends=True)
+    answers.write_text(lines[0] + '{"id": "syn/9/0"}\n' + "".join(lines[1:]))
+    with pytest.raises(ConfigError, match=r"answers-0-of-1\.jsonl line 2 is not an answers row"):
+        generate_data(cfg)
+
+
 def test_config_rules(tmp_path: Path) -> None:
     base = {"verifier": {"name_or_path": "v"}, "datasets": [{"path": "d.jsonl"}], "regenerate": {}}
     with pytest.raises(ValueError, match=r"regenerate\.path is required when sync\.kind is 'zmq'"):

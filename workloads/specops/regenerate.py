@@ -97,10 +97,10 @@ class AnswerFiles:
         seen: set[str] = set()
         for path in self._files():
             with path.open("rb") as lines:
-                for line in lines:
+                for number, line in enumerate(lines, 1):
                     if not line.endswith(b"\n"):
                         break  # torn by a crash mid-write: never acknowledged
-                    row = json.loads(line)
+                    row = _parse(line, path, number)
                     if row["id"] not in seen:
                         seen.add(row["id"])
                         yield row
@@ -116,6 +116,16 @@ class AnswerFiles:
                 out.write(json.dumps(to_row(conversation), ensure_ascii=False).encode() + b"\n")
             out.flush()
             os.fsync(out.fileno())
+
+
+def _parse(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    """One answers row; anything else names the file and line (the files are plain data: editable)."""
+    try:
+        row = json.loads(line)
+        from_row(row)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"regenerate.path: {path} line {number} is not an answers row ({exc!r})") from None
+    return dict(row)
 
 
 def _cut_torn_tail(path: Path) -> None:
