@@ -125,6 +125,7 @@ class _Link:
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._welcomed = False
+        self._hello_at = 0.0
         self._broker: str | None = None
         self._last_heard = time.monotonic()
         self._last_sent = 0.0
@@ -267,7 +268,7 @@ class _Link:
         self._sock = self._open()
         self._data = self._open() if self.data_channel else None
         self._welcomed = False
-        self._last_heard = time.monotonic()
+        self._last_heard = self._hello_at = time.monotonic()
         self._on_connect()
         self._send(self._hello())
 
@@ -308,7 +309,10 @@ class _Link:
             self._welcomed = True
             self._on_welcome(ctl)
         elif kind == "reset":
-            if self._welcomed:  # resets queued behind our hello are stale
+            # Resets queued behind our hello are stale, unless the hello itself went unanswered for
+            # a whole timeout (dropped before a connection existed): then heartbeats draw resets
+            # forever and nothing else would ever say hello again.
+            if self._welcomed or time.monotonic() - self._hello_at > self.timing.timeout_s:
                 log.info("%s: the broker does not know this session; saying hello again", self.role)
                 self._connect()
         elif kind == "error":
