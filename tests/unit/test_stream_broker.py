@@ -265,3 +265,33 @@ def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
     claiming.close()
     with pytest.raises(ValueError, match=r"sync\.claim_ranges needs sync\.kind 'zmq'"):
         SyncConfig(kind="disk", path="x", claim_ranges=3)
+
+
+def test_a_client_whose_hello_went_unanswered_says_hello_again() -> None:
+    """A broker that never saw our hello answers heartbeats with resets; after `timeout_s` of that
+    the client must say hello again (it used to ignore the resets as stale, forever)."""
+    import zmq
+
+    from specops.stores.wire import pack, unpack
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = ZmqStore(f"tcp://127.0.0.1:{port}", META)
+    hellos, resets = 0, 0
+    deadline = time.monotonic() + 30
+    try:
+        while hellos < 2 and time.monotonic() < deadline:
+            if not router.poll(500):
+                continue
+            rid, raw, *_ = router.recv_multipart()
+            kind = unpack(raw)["t"]
+            if kind == "hello":
+                hellos += 1  # swallowed: as if it never arrived
+            elif kind == "hb":
+                router.send_multipart([rid, pack({"t": "reset"})])
+                resets += 1
+    finally:
+        client.close()
+        router.close(linger=0)
+    assert hellos == 2 and resets >= 2, (hellos, resets)
