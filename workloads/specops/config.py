@@ -235,6 +235,11 @@ class DataGenConfig(Contract):
     sync: SyncConfig
     run: RunConfig = Field(default_factory=RunConfig)
 
+    @property
+    def sequence_limit(self) -> int:
+        """Longest sequence an example may have: `processor.max_length`, never beyond the engine's."""
+        return min(self.processor.max_length, self.engine.max_seq_len)
+
     @model_validator(mode="after")
     def _regenerate_has_a_home(self) -> Self:
         if self.regenerate is None:

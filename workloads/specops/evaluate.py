@@ -160,6 +160,11 @@ def eos_ids(model: PreTrainedModel) -> set[int]:
     value = getattr(source, "eos_token_id", None)
     if value is None:
         value = getattr(model.config, "eos_token_id", None)
+    return id_set(value)
+
+
+def id_set(value: Any) -> set[int]:
+    """An `eos_token_id`-style setting (unset, one id, or a list of ids) as a set."""
     if value is None:
         return set()
     return {int(v) for v in (value if isinstance(value, list | tuple) else [value])}

@@ -238,13 +238,13 @@ def store_meta(config: DataGenConfig, tokenizer: PreTrainedTokenizerBase) -> Sto
     Read from the verifier's config alone (no weights), so a rerun with nothing left to generate
     never loads the model.
     """
+    from specops.data.chat import template_sha256
     from specops.engines.base import resolve_layer_ids
     from specops.engines.transformers import compute_dtype_name
     from specops.stores.base import StoreMeta
     from specops.verifier import load_verifier_config, resolve_device, resolve_dtype, verifier_identity
 
     dtype = resolve_dtype(compute_dtype_name(config), resolve_device(config.engine.device))
-    template = config.chat_template or tokenizer.chat_template or ""
     text = load_verifier_config(config.verifier, config.run.allowed_roots).get_text_config()
     num_layers = int(text.num_hidden_layers)
     return StoreMeta(
@@ -254,7 +254,7 @@ def store_meta(config: DataGenConfig, tokenizer: PreTrainedTokenizerBase) -> Sto
         hidden_size=int(text.hidden_size),
         vocab_size=int(text.vocab_size),
         dtype=str(dtype).removeprefix("torch."),
-        chat_template_sha256=hashlib.sha256(str(template).encode()).hexdigest() if template else "",
+        chat_template_sha256=template_sha256(config.chat_template or tokenizer.chat_template),
     )
 
 
@@ -268,8 +268,7 @@ def tokenized_slice(
     """
     from specops.data.chat import ChatTemplateError, tokenize_conversation
 
-    max_length = min(config.processor.max_length, config.engine.max_seq_len)
-    processor = config.processor.model_copy(update={"max_length": max_length})
+    processor = config.processor.model_copy(update={"max_length": config.sequence_limit})
     conversations = slice_conversations(config, done, report)
     if config.regenerate is not None:
         from specops.regenerate import regenerated_slice

@@ -15,7 +15,6 @@ cut off. `regenerate.json` records who answered, and a different setup is refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specops.config import ConfigError, DataGenConfig
-from specops.data.chat import ChatTemplateError, render
+from specops.data.chat import ChatTemplateError, render, template_sha256
 from specops.data.records import Conversation, Message
 from specops.engines.batching import windows
 
@@ -58,13 +57,12 @@ def answer_setup(config: DataGenConfig, tokenizer: PreTrainedTokenizerBase) -> d
     from specops.verifier import verifier_identity
 
     assert config.regenerate is not None
-    template = config.chat_template or tokenizer.chat_template or ""
     return {
         "verifier": verifier_identity(config.verifier),
-        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+        "chat_template_sha256": template_sha256(config.chat_template or tokenizer.chat_template),
         "max_new_tokens": config.regenerate.max_new_tokens,
         "max_turns": config.regenerate.max_turns,
-        "max_length": min(config.processor.max_length, config.engine.max_seq_len),
+        "max_length": config.sequence_limit,
     }
 
 
@@ -88,6 +86,7 @@ class AnswerFiles:
             write_json_atomic(meta, setup)
         self.directory = directory
         self.own = directory / f"answers-{slice_name}.jsonl"
+        _cut_torn_tail(self.own)  # left by a crash; this process is the file's only writer
 
     def _files(self) -> list[Path]:
         return sorted(self.directory.glob("answers-*.jsonl"))
@@ -109,8 +108,7 @@ class AnswerFiles:
         return {row["id"] for row in self.rows()}
 
     def append(self, conversations: Sequence[Conversation]) -> None:
-        """Add rows durably; a torn tail left by an earlier crash is cut first."""
-        _cut_torn_tail(self.own)
+        """Add rows durably."""
         with self.own.open("ab") as out:
             for conversation in conversations:
                 out.write(json.dumps(to_row(conversation), ensure_ascii=False).encode() + b"\n")
@@ -199,7 +197,7 @@ def regenerate_window(
     the template cannot render is cut before the turn it failed on."""
     regen = config.regenerate
     assert regen is not None
-    limit = min(config.processor.max_length, config.engine.max_seq_len)
+    limit = config.sequence_limit
     todo: list[_Pending] = []
     done: list[Conversation] = []
     for conversation in conversations:

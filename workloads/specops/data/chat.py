@@ -18,6 +18,7 @@ trained when any of its characters is.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,12 @@ Span = tuple[int, int]
 SENTINEL = "\ue000specops sentinel\ue001"
 """Stand-in content: private-use delimiters no real text starts or ends with; lower case so a
 template that rewrites content (e.g. `| upper`) is caught instead of silently mis-masked."""
+
+
+def template_sha256(template: object) -> str:
+    """What stores and answer files record of the chat template ("" for none; tokenizers may
+    hold several templates in a dict)."""
+    return hashlib.sha256(str(template).encode()).hexdigest() if template else ""
 
 
 class ChatTemplateError(ValueError):

@@ -142,6 +142,7 @@ def verifier_eos(config: DataGenConfig) -> set[int]:
     """EOS ids from the verifier's generation config, else its model config."""
     from transformers import GenerationConfig
 
+    from specops.evaluate import id_set
     from specops.verifier import load_verifier_config, resolve_verifier
 
     path = resolve_verifier(config.verifier, config.run.allowed_roots)
@@ -151,11 +152,7 @@ def verifier_eos(config: DataGenConfig) -> set[int]:
         value = None
     if value is None:
         value = getattr(load_verifier_config(config.verifier, config.run.allowed_roots), "eos_token_id", None)
-    ids = (
-        {int(v) for v in (value if isinstance(value, list | tuple) else [value])}
-        if value is not None
-        else set()
-    )
+    ids = id_set(value)
     if not ids:
         raise ConfigError("regenerate: the verifier defines no eos_token_id; answers would never end")
     return ids

@@ -424,7 +424,7 @@ class EnginePlan:
         config, engine = self.config, self.config.engine
         assert config.regenerate is not None
         batch = config.regenerate.batch_size
-        model_len = min(engine.max_seq_len, config.processor.max_length) + config.regenerate.max_new_tokens
+        model_len = config.sequence_limit + config.regenerate.max_new_tokens
         kwargs = {**self._model_kwargs(), "max_model_len": model_len, "max_num_seqs": batch}
         cpu_kv = None
         if self.cpu_build:
