@@ -295,3 +295,58 @@ def test_a_client_whose_hello_went_unanswered_says_hello_again() -> None:
         client.close()
         router.close(linger=0)
     assert hellos == 2 and resets >= 2, (hellos, resets)
+
+
+def test_a_broker_exiting_after_the_stream_waits_a_timeout_for_late_generators() -> None:
+    """`exit_after_eos` used to exit the moment the last client left, so a generator still loading
+    when another finished every range connected to nothing and waited forever (a CI hang)."""
+    running = Running(exit_after_eos=True)
+    early = ZmqStore(running.url, META)
+    claim = early.claim(count=1)
+    assert claim is not None
+    early.complete(claim)
+    early.close()  # the stream is complete and the broker has no client
+    time.sleep(FAST.timeout_s / 2)
+    assert running.thread.is_alive()
+
+    answers: list[Claim | None] = []
+    late = ZmqStore(running.url, META)
+    asking = threading.Thread(target=lambda: answers.append(late.claim(count=1)), daemon=True)
+    asking.start()
+    asking.join(5)
+    assert answers == [None]  # told the stream is done
+    late.close()
+    running.thread.join(5 * FAST.timeout_s)
+    assert not running.thread.is_alive()  # and then, with nobody left for a timeout, it exits
+
+
+def test_a_generator_that_finds_every_range_done_loads_no_model(
+    tmp_path: Path, tiny_verifier_dir: Path, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from specops import generate
+    from specops.config import DataGenConfig
+    from specops.testing.synthetic import make_conversations, write_jsonl
+    from specops.verifier import load_tokenizer
+
+    data = write_jsonl(tmp_path / "syn.jsonl", make_conversations(4, seed=3))
+    config = DataGenConfig.model_validate(
+        {
+            "verifier": {"name_or_path": str(tiny_verifier_dir)},
+            "datasets": [{"path": str(data), "name": "syn"}],
+            "sync": {"kind": "zmq", "url": running.url, "claim_ranges": 2},
+            "run": {"allowed_roots": [str(tmp_path), str(tiny_verifier_dir)]},
+        }
+    )
+    meta = generate.store_meta(config, load_tokenizer(config.verifier, config.run.allowed_roots))
+    early = ZmqStore(running.url, meta)
+    while (claim := early.claim(count=2)) is not None:
+        early.complete(claim)
+        early.flush(timeout_s=5)
+    early.close()
+
+    def no_engine(*args: object) -> None:
+        raise AssertionError("the engine loaded with nothing left to generate")
+
+    monkeypatch.setattr(generate, "load_engine", no_engine)
+    report = generate.run_slice(config)
+    assert report.ok and report.written == 0

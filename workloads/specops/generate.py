@@ -161,7 +161,7 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
     sink = open_sink(config, meta)
     try:
         if config.sync.claim_ranges:
-            generate_claimed(load_engine(config, meta), sink, config, tokenizer, report, started)
+            generate_claimed(sink, config, meta, tokenizer, report, started)
         else:
             examples = tokenized_slice(config, tokenizer, sink.done_ids(), report)
             first = next(examples, None)  # the engine (seconds to minutes) loads only for work left
@@ -181,9 +181,9 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
 
 
 def generate_claimed(
-    engine: InferencePipeline,
     sink: DataSink,
     config: DataGenConfig,
+    meta: StoreMeta,
     tokenizer: PreTrainedTokenizerBase,
     report: GenerateReport,
     started: float,
@@ -192,17 +192,23 @@ def generate_claimed(
 
     A generator that dies releases its unfinished range to the next claimer, which skips the ids
     the stream already delivered and regenerates the rest (the broker drops duplicates). A range
-    is reported complete only when all of it went through; after a failure the loop stops.
+    is reported complete only when all of it went through; after a failure the loop stops. The
+    engine loads at the first range with work left, so a generator that comes late loads nothing.
     """
     from specops.stores.zmq import ZmqStore
 
     if not isinstance(sink, ZmqStore) or config.sync.claim_ranges is None:
         raise ConfigError("sync.claim_ranges: ranges are claimed from a broker (sync.kind 'zmq')")
+    engine: InferencePipeline | None = None
     while report.ok and (claim := sink.claim(config.sync.claim_ranges)) is not None:
         run = config.run.model_copy(update={"shard_index": claim.index, "num_shards": claim.count})
         part = config.model_copy(update={"run": run})
         examples = tokenized_slice(part, tokenizer, sink.range_done_ids(claim), report)
-        generate_examples(engine, sink, examples, part, report, started)
+        first = next(examples, None)
+        if first is not None:
+            if engine is None:
+                engine = load_engine(config, meta)
+            generate_examples(engine, sink, itertools.chain([first], examples), part, report, started)
         if report.ok:
             sink.complete(claim)
 

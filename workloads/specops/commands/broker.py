@@ -30,7 +30,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-s", type=float, default=1.0, help="client heartbeat interval")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="a client silent this long is gone")
     parser.add_argument(
-        "--exit-after-eos", action="store_true", help="exit once the stream ended and every client left"
+        "--exit-after-eos",
+        action="store_true",
+        help="exit once the stream ended and no client has come for --timeout-s",
     )
     parser.add_argument(
         "--allowed-root",

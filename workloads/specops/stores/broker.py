@@ -232,7 +232,9 @@ class BrokerConfig:
     curve: CurveKeys | None = None
     metrics_port: int | None = None
     exit_after_eos: bool = False
-    """Exit once the stream has ended and every client has left (local runs and tests)."""
+    """Exit once the stream has ended and no client has been connected for `timing.timeout_s`
+    (local runs and tests): a generator that starts late still hears that the stream is done
+    instead of waiting for a broker that has gone."""
 
 
 class Broker:
@@ -256,6 +258,8 @@ class Broker:
         self.held_bytes = 0
         self.reserved_bytes = 0
         self.eos_sent = False
+        self.last_client_at = time.monotonic()
+        """When the last client left (`exit_after_eos` waits `timeout_s` past it)."""
         self.grace_until = time.monotonic() + (self.timing.timeout_s if self.journal.resumed else 0.0)
         self.stats = StreamStats("broker")
         self._stopping = False
@@ -310,14 +314,24 @@ class Broker:
                 if time.monotonic() >= next_tick:
                     self._housekeeping()
                     next_tick = time.monotonic() + tick
-                    if self.config.exit_after_eos and self.eos_sent and not self.sessions:
-                        log.info("stream complete and every client gone: exiting")
+                    if self._finished():
+                        log.info("stream complete and no client for %.1f s: exiting", self.timing.timeout_s)
                         return
         finally:
             self.close()
 
     def stop(self) -> None:
         self._stopping = True
+
+    def _finished(self) -> bool:
+        """`exit_after_eos`: the stream ended and no client came for a whole timeout."""
+        idle = time.monotonic() - self.last_client_at
+        return (
+            self.config.exit_after_eos
+            and self.eos_sent
+            and not self.sessions
+            and idle >= self.timing.timeout_s
+        )
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -485,6 +499,7 @@ class Broker:
         if self.sessions.get(session.sid) is not session:
             return
         del self.sessions[session.sid]
+        self.last_client_at = time.monotonic()
         if session.role == "producer":
             session.claims.clear()
             self.offers = deque(o for o in self.offers if o.sid != session.sid)
