@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models_support import VOCAB, build_verifier, new_draft, packed_batch, stack_rows
+from _models_support import AUX_LAYERS, VOCAB, build_verifier, new_draft, packed_batch, stack_rows
 from transformers import LlamaForCausalLM
 
 from specops.models.batch import DraftBatch
@@ -200,6 +200,57 @@ def test_tied_verifier_embeddings_become_the_lm_head(tmp_path: Path) -> None:
     assert torch.equal(draft.lm_head.weight, tied.model.embed_tokens.weight[draft.t2d])
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_init_from_verifier_starts_from_its_last_layers(
+    verifier: LlamaForCausalLM, verifier_dir: Path, num_layers: int
+) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=num_layers, init_from_verifier=True)
+    random = new_draft(verifier, verifier_dir, num_layers=num_layers)
+    source, hidden = verifier.model.layers, verifier.config.hidden_size
+    for index, layer in enumerate(draft.layers):
+        src = source[len(source) - num_layers + index]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            got, want = getattr(layer.self_attn, proj).weight, getattr(src.self_attn, proj).weight
+            if index == 0:  # [embed; hidden] input: the verifier's projection reads the hidden half
+                assert torch.equal(got[:, hidden:], want)
+                assert torch.equal(
+                    got[:, :hidden], getattr(random.layers[0].self_attn, proj).weight[:, :hidden]
+                )
+            else:
+                assert torch.equal(got, want)
+        assert torch.equal(layer.self_attn.o_proj.weight, src.self_attn.o_proj.weight)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(layer.mlp, proj).weight, getattr(src.mlp, proj).weight)
+        assert torch.equal(layer.post_attention_layernorm.weight, src.post_attention_layernorm.weight)
+        assert torch.equal(layer.input_layernorm.weight, src.input_layernorm.weight)
+    assert torch.equal(
+        draft.layers[0].hidden_norm.weight, source[len(source) - num_layers].input_layernorm.weight
+    )
+    aux = torch.randn(5, len(AUX_LAYERS), hidden)
+    assert torch.equal(draft.fuse(aux), aux[:, AUX_LAYERS.index(max(AUX_LAYERS))])
+    assert all(p.requires_grad for n, p in draft.named_parameters() if n.startswith(("fc.", "layers.")))
+
+
+def test_init_from_verifier_passes_the_deepest_aux_layer_whatever_its_slot(
+    verifier: LlamaForCausalLM, verifier_dir: Path
+) -> None:
+    draft = new_draft(verifier, verifier_dir)
+    draft.config.eagle_aux_hidden_state_layer_ids = [3, 1, 2]
+    draft.init_from_verifier_layers(verifier_dir, verifier.config.num_hidden_layers)
+    aux = torch.randn(4, 3, verifier.config.hidden_size)
+    assert torch.equal(draft.fuse(aux), aux[:, 0])
+
+
+def test_init_from_verifier_into_qwen3_style_layers_keeps_their_qk_norms(
+    verifier: LlamaForCausalLM, verifier_dir: Path
+) -> None:
+    draft = new_draft(verifier, verifier_dir, layer_style="qwen3", init_from_verifier=True)
+    assert torch.equal(
+        draft.layers[0].self_attn.q_norm.weight, torch.ones_like(draft.layers[0].self_attn.q_norm.weight)
+    )
+    assert torch.equal(draft.layers[0].mlp.up_proj.weight, verifier.model.layers[-1].mlp.up_proj.weight)
+
+
 def test_bad_inputs_name_the_problem(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
     draft = new_draft(verifier, verifier_dir)
     batch = packed_batch(verifier, _docs(6))
@@ -213,6 +264,8 @@ def test_bad_inputs_name_the_problem(verifier: LlamaForCausalLM, verifier_dir: P
         DraftBatch(**{**batch.__dict__, "last_hidden": batch.last_hidden[..., :5]})
     with pytest.raises(ValueError, match="propose"):
         draft.propose(batch.input_ids, batch.aux_hidden, 2)
+    with pytest.raises(ValueError, match="init_from_verifier: the verifier has 4 layers, the draft 5"):
+        new_draft(verifier, verifier_dir, num_layers=5, init_from_verifier=True)
     t2d = torch.zeros(VOCAB, dtype=torch.bool)
     t2d[:10] = True
     with pytest.raises(ValueError, match="disagree"):

@@ -63,6 +63,15 @@ def test_gradients_reach_only_trainable_parameters(world: dict[str, Any]) -> Non
     assert {id(p) for p in trainer.params} == {id(p) for n, p in named.items() if n not in frozen}
 
 
+def test_init_from_verifier_reaches_the_draft(world: dict[str, Any]) -> None:
+    from specops.models.safetensors_io import read_tensors
+
+    trainer = Trainer(config(world, "warm", max_steps=1, draft__init_from_verifier=True), DistEnv())
+    name = "model.layers.3.mlp.down_proj.weight"  # the verifier's last layer
+    want = read_tensors(world["verifier"], [name])[name]
+    assert torch.equal(trainer.draft.layers[0].mlp.down_proj.weight, want)
+
+
 @pytest.mark.parametrize("algorithm", ["eagle3", "hass"])
 def test_eagle3_and_hass_both_learn(world: dict[str, Any], algorithm: str) -> None:
     out = world["root"] / f"learn-{algorithm}"

@@ -268,6 +268,10 @@ class DraftConfig(Contract):
     norm_before_residual: bool = False
     speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 3
     """k written to the proposal method (what vLLM drafts per step)."""
+    init_from_verifier: bool = False
+    """Start the decoder layers from the verifier's last layers and `fc` from passing the deepest
+    auxiliary hidden state through, instead of random weights (fewer steps to the same accuracy;
+    see docs/training.md)."""
 
 
 class OptimConfig(Contract):

@@ -38,7 +38,7 @@ from specops.models.config import (
     SpeculatorVerifierConfig,
     layer_config_from_dict,
 )
-from specops.models.safetensors_io import read_tensors
+from specops.models.safetensors_io import read_tensors, weight_locations
 from specops.models.ttt import context_mask, step_tokens
 from specops.models.verifier_head import verifier_tensor_names
 from specops.models.vocab import check_vocab_mapping
@@ -292,6 +292,16 @@ class DraftDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+def _copy_into(param: torch.Tensor, source: torch.Tensor, what: str) -> None:
+    """Copy a verifier tensor into a draft parameter; a 2H-input projection takes it on its hidden half."""
+    if param.shape == source.shape:
+        param.copy_(source)
+    elif param.dim() == 2 and param.shape[0] == source.shape[0] and param.shape[1] == 2 * source.shape[1]:
+        param[:, source.shape[1] :].copy_(source)
+    else:
+        raise ValueError(f"{what}: shape {tuple(source.shape)} does not fit {tuple(param.shape)}")
+
+
 @SpeculatorModel.register("eagle3")
 class Eagle3DraftModel(SpeculatorModel):
     """The EAGLE-3 draft; `forward_ttt` trains it, `propose` drafts tokens at inference."""
@@ -354,8 +364,11 @@ class Eagle3DraftModel(SpeculatorModel):
         speculative_tokens: int = 3,
         aux_layer_ids: Sequence[int] | None = None,
         draft_vocab_size: int | None = None,
+        init_from_verifier: bool = False,
     ) -> Eagle3DraftModel:
-        """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm copied.
+        """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm
+        copied; with `init_from_verifier`, its layers and `fc` start from the verifier's too
+        (`init_from_verifier_layers`).
 
         `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
         (default: the same path). The keyword names match `specops.config.DraftConfig`.
@@ -385,9 +398,10 @@ class Eagle3DraftModel(SpeculatorModel):
         )
         model = cls(config)
         model.set_vocab_mapping(t2d, d2t)
-        model.copy_verifier_weights(
-            verifier_weights if verifier_weights is not None else verifier_name_or_path
-        )
+        weights = verifier_weights if verifier_weights is not None else verifier_name_or_path
+        model.copy_verifier_weights(weights)
+        if init_from_verifier:
+            model.init_from_verifier_layers(weights, int(text.num_hidden_layers))
         return model
 
     def set_vocab_mapping(self, t2d: torch.Tensor, d2t: torch.Tensor) -> None:
@@ -414,6 +428,44 @@ class Eagle3DraftModel(SpeculatorModel):
             self.embed_tokens.weight.copy_(tensors[embed])
             self.norm.weight.copy_(tensors[norm])
             self.lm_head.weight.copy_(tensors[head][self.t2d.to(tensors[head].device)])
+
+    def init_from_verifier_layers(self, verifier: str | Path, verifier_layers: int) -> None:
+        """Warm start: draft layer i starts as verifier layer `verifier_layers - n + i`, and `fc`
+        passes the deepest auxiliary hidden state through, so training starts from the verifier's
+        own last computation instead of noise. The first layer's attention reads the verifier
+        layer's projections on the hidden half of its `[embed; hidden]` input (the embedding half
+        keeps its random init); its `hidden_norm` starts as the verifier layer's input norm."""
+        hidden, layers = int(self.fc.weight.shape[0]), len(self.layers)
+        aux = self.config.num_aux_layers
+        if self.fc.weight.shape[1] != aux * hidden:
+            raise ValueError(f"init_from_verifier needs the verifier's hidden size ({hidden}) for fc")
+        if verifier_layers < layers:
+            raise ValueError(
+                f"init_from_verifier: the verifier has {verifier_layers} layers, the draft {layers}"
+            )
+        names = verifier_tensor_names(verifier)
+        present = set(weight_locations(verifier))
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                prefix = names.layer(verifier_layers - layers + index)
+                wanted = {
+                    own: prefix + own.replace("hidden_norm.", "input_layernorm.")
+                    for own, _ in layer.named_parameters()
+                }
+                # q/k norms exist only where both are Qwen3-style; everything else must be there.
+                wanted = {
+                    own: name
+                    for own, name in wanted.items()
+                    if name in present or not own.startswith(("self_attn.q_norm.", "self_attn.k_norm."))
+                }
+                tensors = read_tensors(verifier, wanted.values())
+                params = dict(layer.named_parameters())
+                for own, name in wanted.items():
+                    _copy_into(params[own], tensors[name], f"layers.{index}.{own} <- {name}")
+            ids = self.config.eagle_aux_hidden_state_layer_ids
+            deepest = max(range(aux), key=ids.__getitem__) if ids else aux - 1
+            self.fc.weight.zero_()
+            self.fc.weight[:, deepest * hidden : (deepest + 1) * hidden].copy_(torch.eye(hidden))
 
     @property
     def full_vocab(self) -> bool:

@@ -116,6 +116,10 @@ class VerifierTensorNames:
     lm_head: str
     """The lm_head, or the input embedding when the verifier ties them and stores only that."""
 
+    def layer(self, index: int) -> str:
+        """Prefix of decoder layer `index`'s tensors (they sit beside the input embedding)."""
+        return f"{self.embed.removesuffix('embed_tokens.weight')}layers.{index}."
+
 
 def verifier_tensor_names(name_or_path: str | Path) -> VerifierTensorNames:
     """Locate the input embedding, final norm and lm_head in a safetensors verifier."""

@@ -156,6 +156,7 @@ class Trainer:
             norm_before_residual=cfg.draft.norm_before_residual,
             speculative_tokens=cfg.draft.speculative_tokens,
             aux_layer_ids=aux_layer_ids,
+            init_from_verifier=cfg.draft.init_from_verifier,
         )
         head_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.head = VerifierHead.from_pretrained(verifier_path, dtype=head_dtype, device=env.device)
