@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
     parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
     parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
-    parser.add_argument("--smollm2-train", type=int, default=480, help="ShareGPT conversations to train on")
+    parser.add_argument("--smollm2-train", type=int, default=960, help="ShareGPT conversations to train on")
     parser.add_argument("--smollm2-eval", type=int, default=16, help="held-out ShareGPT prompts")
     parser.add_argument(
         "--train-minutes",
