@@ -263,8 +263,42 @@ def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
     )
     assert claiming._static is None and claiming.done_ids() == set()
     claiming.close()
+    assert sink.give_up_s == claiming.give_up_s == 1800.0  # the default
+    patient = ZmqStore.from_config(
+        SyncConfig(kind="zmq", url=running.url, claim_ranges=3, broker_timeout_s=None), RunConfig(), META
+    )
+    assert patient.give_up_s is None
+    patient.close()
     with pytest.raises(ValueError, match=r"sync\.claim_ranges needs sync\.kind 'zmq'"):
         SyncConfig(kind="disk", path="x", claim_ranges=3)
+
+
+def test_a_generator_with_no_broker_gives_up_after_the_broker_timeout() -> None:
+    """It used to reconnect forever, so a Job whose broker was gone for good never ended."""
+    import zmq
+
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)  # a port nobody listens on
+    began = time.monotonic()
+    with pytest.raises(
+        StreamError, match=rf"no word from the broker at tcp://127.0.0.1:{port} for .* giving up"
+    ):
+        ZmqStore(f"tcp://127.0.0.1:{port}", META, slice_claim=(0, 1), give_up_s=0.5)
+    assert time.monotonic() - began < 5
+
+
+def test_a_generator_whose_broker_vanishes_mid_stream_gives_up_but_one_with_a_busy_broker_waits() -> None:
+    running = Running()
+    sink = ZmqStore(running.url, META, window=2, slice_claim=(0, 1), give_up_s=1.5)
+    sink.write(_examples(range(0, 2)))  # no trainer takes them: the window is full
+    assert not sink.flush(timeout_s=2.5)  # a live broker with nobody taking is backpressure, not a fault
+    running.stop()
+    began = time.monotonic()
+    with pytest.raises(StreamError, match=r"giving up"):
+        sink.flush()
+    assert time.monotonic() - began < 5
+    sink.close()  # after the error: no flush, no hang
 
 
 def test_a_client_whose_hello_went_unanswered_says_hello_again() -> None:
@@ -350,3 +384,33 @@ def test_a_generator_that_finds_every_range_done_loads_no_model(
     monkeypatch.setattr(generate, "load_engine", no_engine)
     report = generate.run_slice(config)
     assert report.ok and report.written == 0
+
+
+def test_generate_data_with_its_broker_gone_fails_in_one_line(
+    tmp_path: Path, tiny_verifier_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+    import zmq
+
+    from specops.cli import main
+    from specops.testing.synthetic import make_conversations, write_jsonl
+
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    data = write_jsonl(tmp_path / "syn.jsonl", make_conversations(2, seed=3))
+    config = tmp_path / "datagen.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "verifier": {"nameOrPath": str(tiny_verifier_dir)},
+                "datasets": [{"path": str(data), "name": "syn"}],
+                "sync": {"kind": "zmq", "url": f"tcp://127.0.0.1:{port}", "brokerTimeoutS": 0.5},
+                "run": {"allowedRoots": [str(tmp_path), str(tiny_verifier_dir)]},
+            }
+        )
+    )
+    assert main(["generate-data", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"specops generate-data: error: producer: no word from the broker at tcp://127.0.0.1:{port}" in err
+    assert "Traceback" not in err

@@ -15,6 +15,7 @@ from typing import Any
 
 from specops.config import ConfigError, parse_override_value
 from specops.paths import PathNotAllowedError
+from specops.stores.streaming import StreamError
 
 COMMANDS: dict[str, str] = {
     "generate-data": "Run the verifier over datasets and store hidden states (disk, queue or broker).",
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PathNotAllowedError, FileNotFoundError) as exc:
         print(f"specops {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except StreamError as exc:  # a stream fault the run cannot recover from: one line, not a traceback
+        print(f"specops {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"specops {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -103,10 +103,13 @@ class _Link:
     """Open a second connection that only carries examples to this client, so control replies
     never queue behind a large example on the wire."""
 
-    def __init__(self, url: str, keys: CurveKeys | None) -> None:
+    def __init__(self, url: str, keys: CurveKeys | None, give_up_s: float | None = None) -> None:
         self.url = url
         self.sid = uuid.uuid4().hex
         self.timing = Timing()
+        self.give_up_s = give_up_s
+        """Fail with StreamError after this long without a word from the broker (None: reconnect
+        forever). Reconnects within it are routine: a restarted broker takes the session back."""
         self.stats = StreamStats(self.role)
         self._keys = keys
         self._ctx = zmq.Context()
@@ -127,7 +130,9 @@ class _Link:
         self._welcomed = False
         self._hello_at = 0.0
         self._broker: str | None = None
-        self._last_heard = time.monotonic()
+        self._last_heard = self._last_contact = time.monotonic()
+        """`_last_heard` restarts at every reconnect (the liveness timer); `_last_contact` only
+        when the broker speaks (the give-up timer)."""
         self._last_sent = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"specops-{self.role}-io", daemon=True)
 
@@ -236,7 +241,7 @@ class _Link:
                 log.warning("%s: ignoring a bad frame: %s", self.role, exc)
                 continue
             if sock is self._sock or sock is self._data:
-                self._last_heard = time.monotonic()
+                self._last_heard = self._last_contact = time.monotonic()
                 self._on_message(ctl, frames[1:])
             elif _is_data(ctl, frames):  # producers sending directly may send nothing else
                 self.stats.inc("direct_examples")
@@ -246,6 +251,11 @@ class _Link:
 
     def _keepalive(self) -> None:
         now = time.monotonic()
+        if self.give_up_s is not None and now - self._last_contact > self.give_up_s:
+            raise StreamError(
+                f"{self.role}: no word from the broker at {self.url} for {now - self._last_contact:.1f} s "
+                f"(sync.broker_timeout_s is {self.give_up_s:g} s); giving up"
+            )
         if now - self._last_heard > self.timing.timeout_s:
             log.warning(
                 "%s: no word from the broker at %s for %.1f s; reconnecting",
@@ -391,10 +401,11 @@ class ZmqStore(_Link):
         compress: bool = False,
         keys: CurveKeys | None = None,
         slice_claim: tuple[int, int] | None = None,
+        give_up_s: float | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
-        super().__init__(url, keys)
+        super().__init__(url, keys, give_up_s)
         self.meta = meta
         self.window = window
         self.compress = compress
@@ -435,6 +446,7 @@ class ZmqStore(_Link):
             compress=sync.compression == "zstd",
             keys=load_client_keys(sync.curve_key_dir, run.allowed_roots, "sync.curve_key_dir"),
             slice_claim=None if sync.claim_ranges else (run.shard_index, run.num_shards),
+            give_up_s=sync.broker_timeout_s,
         )
 
     # ------------------------------------------------------------------ application side
