@@ -337,7 +337,7 @@ def main() -> None:
         "--smollm2-eval",
         type=int,
         default=48,
-        help="held-out ShareGPT prompts (16 leave about +-0.03 of noise)",
+        help="held-out ShareGPT prompts (prompts differ a lot: 16 are too few)",
     )
     parser.add_argument(
         "--train-minutes",
