@@ -273,18 +273,22 @@ def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
         SyncConfig(kind="disk", path="x", claim_ranges=3)
 
 
-def test_a_generator_with_no_broker_gives_up_after_the_broker_timeout() -> None:
-    """It used to reconnect forever, so a Job whose broker was gone for good never ended."""
+def _unused_url() -> str:
+    """A loopback address nobody listens on (a port just bound and released)."""
     import zmq
 
     probe = zmq.Context.instance().socket(zmq.ROUTER)
     port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)  # a port nobody listens on
+    probe.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def test_a_generator_with_no_broker_gives_up_after_the_broker_timeout() -> None:
+    """It used to reconnect forever, so a Job whose broker was gone for good never ended."""
+    url = _unused_url()
     began = time.monotonic()
-    with pytest.raises(
-        StreamError, match=rf"no word from the broker at tcp://127.0.0.1:{port} for .* giving up"
-    ):
-        ZmqStore(f"tcp://127.0.0.1:{port}", META, slice_claim=(0, 1), give_up_s=0.5)
+    with pytest.raises(StreamError, match=rf"no word from the broker at {url} for .* giving up"):
+        ZmqStore(url, META, slice_claim=(0, 1), give_up_s=0.5)
     assert time.monotonic() - began < 5
 
 
@@ -390,14 +394,11 @@ def test_generate_data_with_its_broker_gone_fails_in_one_line(
     tmp_path: Path, tiny_verifier_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import yaml
-    import zmq
 
     from specops.cli import main
     from specops.testing.synthetic import make_conversations, write_jsonl
 
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
+    url = _unused_url()
     data = write_jsonl(tmp_path / "syn.jsonl", make_conversations(2, seed=3))
     config = tmp_path / "datagen.yaml"
     config.write_text(
@@ -405,12 +406,12 @@ def test_generate_data_with_its_broker_gone_fails_in_one_line(
             {
                 "verifier": {"nameOrPath": str(tiny_verifier_dir)},
                 "datasets": [{"path": str(data), "name": "syn"}],
-                "sync": {"kind": "zmq", "url": f"tcp://127.0.0.1:{port}", "brokerTimeoutS": 0.5},
+                "sync": {"kind": "zmq", "url": url, "brokerTimeoutS": 0.5},
                 "run": {"allowedRoots": [str(tmp_path), str(tiny_verifier_dir)]},
             }
         )
     )
     assert main(["generate-data", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"specops generate-data: error: producer: no word from the broker at tcp://127.0.0.1:{port}" in err
+    assert f"specops generate-data: error: producer: no word from the broker at {url}" in err
     assert "Traceback" not in err
