@@ -57,8 +57,8 @@ def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausal
         for logits, (logp, valid) in zip(
             draft.forward_ttt(batch, 3), step_targets(batch, head, draft.t2d, 3), strict=True
         ):
-            kl = (logp.exp() * (logp - torch.log_softmax(logits, -1))).sum(-1)
-            loss = loss + (kl * valid).sum() / valid.sum()
+            kl = (logp.exp() * (logp - torch.log_softmax(logits[valid], -1))).sum(-1)
+            loss = loss + kl.mean()
         optim.zero_grad()
         loss.backward()
         optim.step()

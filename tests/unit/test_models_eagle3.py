@@ -36,12 +36,14 @@ def test_forward_ttt_shapes_and_frozen_copies(verifier: LlamaForCausalLM, verifi
 def test_logits_at_marked_positions_equal_the_full_logits_there(
     verifier: LlamaForCausalLM, verifier_dir: Path
 ) -> None:
-    """`forward_ttt(where=...)` computes the vocabulary projection only where the loss needs it."""
+    """`forward_ttt(where=...)` computes only what the loss needs, with the same values and gradients."""
     from specops.train.losses import LossSpec, draft_loss, step_valid_counts
 
     draft = new_draft(verifier, verifier_dir, num_layers=2)
     head = VerifierHead.from_pretrained(verifier_dir)
     batch = stack_rows([packed_batch(verifier, _docs(7, 5)), packed_batch(verifier, _docs(9, seed=1), 12)])
+    batch.loss_mask[0, :4] = False  # a prompt: context keys only
+    batch.loss_mask[1, 5] = False
     targets = step_targets(batch, head, draft.t2d, 3)
     where = [valid for _, valid in targets]
     assert 0 < int(where[0].sum()) < where[0].numel()  # some positions are skipped
@@ -55,6 +57,11 @@ def test_logits_at_marked_positions_equal_the_full_logits_there(
     loss_rows, sums_rows = draft_loss(chosen, targets, step_valid_counts(targets), spec)
     torch.testing.assert_close(loss_rows, loss_full, rtol=1e-5, atol=1e-5)
     assert torch.equal(sums_rows[1:], sums_full[1:])  # token counts and accuracies
+    trainable = [p for p in draft.parameters() if p.requires_grad]
+    grads_full = torch.autograd.grad(loss_full, trainable)
+    grads_rows = torch.autograd.grad(loss_rows, trainable)
+    for g_rows, g_full in zip(grads_rows, grads_full, strict=True):
+        torch.testing.assert_close(g_rows, g_full, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="where has 2 masks for 3 TTT steps"):
         draft.forward_ttt(batch, 3, where=where[:2])
     with pytest.raises(ValueError, match="fit neither the valid mask"):
@@ -162,8 +169,8 @@ def test_draft_learns_targets(verifier: LlamaForCausalLM, verifier_dir: Path, nu
     def loss_fn() -> torch.Tensor:
         total = torch.zeros(())
         for logits, (logp, valid) in zip(draft.forward_ttt(batch, 2), targets, strict=True):
-            kl = (logp.exp() * (logp - torch.log_softmax(logits, -1))).sum(-1)
-            total = total + (kl * valid).sum() / valid.sum()
+            kl = (logp.exp() * (logp - torch.log_softmax(logits[valid], -1))).sum(-1)
+            total = total + kl.mean()
         return total
 
     first = loss_fn()

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from specops.example import ExampleDict
 from specops.models.batch import DraftBatch
-from specops.models.ttt import step_targets, step_valid
+from specops.models.ttt import rows_needed, step_targets, step_valid
 from specops.models.verifier_head import VerifierHead
 from specops.models.vocab import build_vocab_mapping
 
@@ -60,6 +60,16 @@ def test_head_errors_name_the_file(tmp_path: Path) -> None:
         VerifierHead.from_pretrained(tmp_path / "v").draft_logits(torch.zeros(2, 32), torch.ones(VOCAB))
 
 
+def test_rows_needed_keeps_what_any_later_step_trains_on() -> None:
+    where = [
+        torch.tensor([[1, 0, 0, 0, 1]]),
+        torch.tensor([[0, 1, 0, 0, 0]]),
+        torch.tensor([[0, 0, 1, 0, 0]]),
+    ]
+    needed = rows_needed([w.bool() for w in where])
+    assert [n.int().tolist() for n in needed] == [[[1, 1, 1, 0, 1]], [[0, 1, 1, 0, 0]], [[0, 0, 1, 0, 0]]]
+
+
 def test_step_targets_shift_and_renormalize(verifier: LlamaForCausalLM, verifier_dir: Path) -> None:
     docs = [torch.randint(0, VOCAB, (7,)), torch.randint(0, VOCAB, (6,))]
     batch = packed_batch(verifier, docs, row_len=16)
@@ -69,11 +79,11 @@ def test_step_targets_shift_and_renormalize(verifier: LlamaForCausalLM, verifier
     targets = step_targets(batch, head, t2d, 3)
     full = torch.log_softmax(head.logits(batch.last_hidden)[0][:, t2d], dim=-1)
     for step, (logp, valid) in enumerate(targets):
-        assert logp.shape == (1, 16, 40) and valid.dtype == torch.bool
-        for t in range(16 - 1 - step):
-            torch.testing.assert_close(logp[0, t], full[t + 1 + step])
-        rows = logp[0][valid[0]]
-        torch.testing.assert_close(rows.exp().sum(-1), torch.ones(len(rows)))
+        assert valid.dtype == torch.bool and logp.shape == (int(valid.sum()), 40)
+        anchors = valid[0].nonzero().flatten().tolist()
+        for row, t in enumerate(anchors):  # one row per valid anchor, in order
+            torch.testing.assert_close(logp[row], full[t + 1 + step])
+        torch.testing.assert_close(logp.exp().sum(-1), torch.ones(len(logp)))
         expected = [
             t + 1 + step < 13 and (t < 7) == (t + 1 + step < 7) and bool(batch.loss_mask[0, t + 1 + step])
             for t in range(16)

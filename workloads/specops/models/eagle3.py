@@ -39,7 +39,7 @@ from specops.models.config import (
     layer_config_from_dict,
 )
 from specops.models.safetensors_io import read_tensors, weight_locations
-from specops.models.ttt import context_mask, step_tokens
+from specops.models.ttt import context_mask, rows_needed, step_tokens
 from specops.models.verifier_head import verifier_tensor_names
 from specops.models.vocab import check_vocab_mapping
 
@@ -242,17 +242,28 @@ class DraftAttention(nn.Module):
         kv: StepKV,
         context_allowed: torch.Tensor,
         aligned: bool,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        """`x` is [B, T, F], or [N, F] for the positions `rows` (bool [B, T]) marks; the output
+        has the same layout. Rows are attended in place (zeros elsewhere, never read back)."""
+        b, t = x.shape[:2] if rows is None else rows.shape
+
+        def project(linear: nn.Linear, heads: int) -> torch.Tensor:
+            out = linear(x)
+            if rows is not None:
+                out = out.new_zeros(b, t, out.shape[-1]).index_put((rows,), out)
+            return out.view(b, t, heads, self.head_dim)
+
+        q = project(self.q_proj, self.heads)
+        k = project(self.k_proj, self.kv_heads)
+        v = project(self.v_proj, self.kv_heads).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rope)
         kv.add(k, v)
         out = ttt_attention(q, kv, context_allowed, 1.0 / math.sqrt(self.head_dim), aligned)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out if rows is None else out[rows])
 
 
 class DraftDecoderLayer(nn.Module):
@@ -279,7 +290,11 @@ class DraftDecoderLayer(nn.Module):
         kv: StepKV,
         context_allowed: torch.Tensor,
         aligned: bool,
+        rows: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`hidden` (and `embeds`) are [B, T, H], or [N, H] at the positions `rows` marks; with
+        `keep` (bool [B, T], full input only) just those positions go on past attention."""
         if self.hidden_norm is not None:
             if embeds is None:
                 raise ValueError("the first draft layer needs token embeddings")
@@ -288,7 +303,9 @@ class DraftDecoderLayer(nn.Module):
             x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
         else:
             residual, x = hidden, self.input_layernorm(hidden)
-        hidden = residual + self.self_attn(x, rope, kv, context_allowed, aligned)
+        hidden = residual + self.self_attn(x, rope, kv, context_allowed, aligned, rows)
+        if keep is not None:
+            hidden = hidden[keep]
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -490,13 +507,26 @@ class Eagle3DraftModel(SpeculatorModel):
         caches: list[StepKV],
         context_allowed: torch.Tensor,
         aligned: bool,
+        rows: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One draft pass over all layers; returns the last layer's pre-norm hidden state."""
+        """One draft pass over all layers; returns the last layer's pre-norm hidden state.
+
+        `positions` is always [B, T]; `hidden` and `tokens` are [B, T, ..] or, with `rows`, just the
+        marked positions. `keep` makes the last layer return only its marked positions."""
         embeds = self.embed_tokens(tokens).to(hidden.dtype)
         rope: tuple[torch.Tensor, torch.Tensor] = self.rotary_emb(hidden, positions)
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             hidden = layer(
-                hidden, embeds if index == 0 else None, rope, caches[index], context_allowed, aligned
+                hidden,
+                embeds if index == 0 else None,
+                rope,
+                caches[index],
+                context_allowed,
+                aligned,
+                rows=rows,
+                keep=keep if index == last else None,
             )
         return hidden
 
@@ -515,8 +545,9 @@ class Eagle3DraftModel(SpeculatorModel):
 
         Step 0 reads fused verifier features; step i > 0 reads the draft's own hidden output of
         step i-1 and attends to step-0 context keys plus its own keys of steps 1..i at the same index.
-        With `where` (bool [B, T] per step), step i returns only the rows `where[i]` marks, [N_i, Vd]:
-        the vocabulary projection dominates a small draft's cost and most positions need none.
+        With `where` (bool [B, T] per step), step i returns only the rows `where[i]` marks, [N_i, Vd],
+        and computes no more than `ttt.rows_needed` asks: past step 0's keys and values, positions
+        no step trains on (prompts, padding) cost nothing.
         """
         if where is not None and len(where) != ttt_steps:
             raise ValueError(f"where has {len(where)} masks for {ttt_steps} TTT steps")
@@ -530,11 +561,24 @@ class Eagle3DraftModel(SpeculatorModel):
         allowed = context_mask(batch.document_ids)
         caches = [StepKV() for _ in self.layers]
         hidden = self.fuse(batch.aux_hidden)
+        needed = rows_needed(where) if where is not None else None
         out = []
         for step in range(ttt_steps):
             tokens = step_tokens(batch.input_ids, step)
-            hidden = self._step(hidden, tokens, batch.position_ids + step, caches, allowed, aligned=True)
-            out.append(self.logits(hidden if where is None else hidden[where[step]]))
+            positions = batch.position_ids + step
+            if where is None or needed is None:
+                hidden = self._step(hidden, tokens, positions, caches, allowed, aligned=True)
+                out.append(self.logits(hidden))
+            else:
+                rows = needed[step]
+                if step == 0:
+                    hidden = self._step(hidden, tokens, positions, caches, allowed, aligned=True, keep=rows)
+                else:  # hidden holds step-1's rows, a superset of this step's
+                    hidden = hidden[rows[needed[step - 1]]]
+                    hidden = self._step(
+                        hidden, tokens[rows], positions, caches, allowed, aligned=True, rows=rows
+                    )
+                out.append(self.logits(hidden[where[step][rows]]))
             for cache in caches:
                 cache.extending = False
         return out

@@ -23,10 +23,14 @@ This is EAGLE-3's training-time test, and also HASS's harmonized context alignme
 see the draft's own features for the recent positions and verifier features for the older ones,
 exactly as at inference time. HASS differs only in its loss (top-k distillation, in the trainer);
 `step_targets` gives full draft-vocabulary log-probabilities so either loss can use them.
+
+Only trained positions pay for more than step 0's keys and values: `rows_needed` says which
+positions each step must compute, and `step_targets` runs the verifier head on trained ones only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,16 +75,37 @@ def context_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return causal[None] & (document_ids[:, :, None] == document_ids[:, None, :])
 
 
+def rows_needed(where: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per TTT step, bool [B, T]: positions whose draft output step i must compute.
+
+    Step i's output at index t feeds step i+1 at t, so a position is needed at step i when any
+    step j >= i trains on it: `where[i] | where[i+1] | ...`. Positions outside it (prompts, the
+    row tails) still give step 0 its context keys, but skip the rest of the draft.
+    """
+    needed: list[torch.Tensor] = []
+    for mask in reversed(where):
+        needed.append(mask if not needed else mask | needed[-1])
+    return needed[::-1]
+
+
 @torch.no_grad()
 def step_targets(
     batch: DraftBatch, head: VerifierHead, t2d: torch.Tensor, ttt_steps: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per TTT step: (target log-probs over the draft vocab [B, T, Vd] fp32, valid mask [B, T]).
+    """Per TTT step: (target log-probs over the draft vocab [N_i, Vd] fp32, valid mask [B, T]).
 
-    Log-probs are renormalized over the draft vocabulary. Invalid positions hold zeros; always
-    combine with the mask. `targets[i][0][:, t]` aligns with `forward_ttt(...)[i][:, t]`.
+    Row n of step i's log-probs belongs to the n-th position (row-major) its valid mask marks;
+    `targets[i][0]` aligns with `forward_ttt(..., where=[valid masks])[i]`. Log-probs are
+    renormalized over the draft vocabulary. The verifier head runs once per trained position
+    (steps share them, shifted), never on prompts or padding.
     """
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
-    logp = torch.log_softmax(head.draft_logits(batch.last_hidden, t2d).float(), dim=-1)
-    return [(shift_left(logp, 1 + i, 0.0), step_valid(batch, i)) for i in range(ttt_steps)]
+    trained = batch.loss_mask.bool() & (batch.document_ids != PAD_DOCUMENT)  # every step's target index
+    logp = torch.log_softmax(head.draft_logits(batch.last_hidden[trained], t2d).float(), dim=-1)
+    row_of = trained.flatten().cumsum(0).view_as(trained) - 1  # position -> its row of `logp`
+    targets = []
+    for i in range(ttt_steps):
+        valid = step_valid(batch, i)
+        targets.append((logp[shift_left(row_of, 1 + i, 0)[valid]], valid))
+    return targets

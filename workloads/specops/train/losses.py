@@ -72,7 +72,8 @@ def draft_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss to back-propagate, metric sums [len(METRICS), steps]).
 
-    Each step's logits are [B, T, V], or [N, V] for just the N positions its valid mask marks."""
+    Each step's logits and target log-probs are [B, T, V], or [N, V] for just the N positions its
+    valid mask marks (as `forward_ttt(where=...)` and `step_targets` give them)."""
     if len(draft_logits) != len(targets):
         raise ValueError(f"{len(draft_logits)} draft steps but {len(targets)} target steps")
     device = draft_logits[0].device
@@ -83,7 +84,11 @@ def draft_loss(
     for i, (logits, (target_logp, valid)) in enumerate(zip(draft_logits, targets, strict=True)):
         valid = valid.to(device)
         # Only valid positions pay for the vocabulary-wide softmax, KL and argmax.
-        loss, correct_valid = token_losses(_at_valid(logits, valid), target_logp.to(device)[valid], spec)
+        loss, correct_valid = token_losses(
+            _at_valid(logits, valid, "draft logits"),
+            _at_valid(target_logp.to(device), valid, "targets"),
+            spec,
+        )
         correct = torch.zeros_like(valid)
         correct[valid] = correct_valid
         step_sum = loss.sum()
@@ -106,15 +111,15 @@ def draft_loss(
     return total, torch.stack(rows, dim=1)
 
 
-def _at_valid(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[N, V] rows of the valid positions: from full [B, T, V] logits, or as given when the draft
-    already computed only those rows (`forward_ttt(where=...)`)."""
-    if logits.shape[:-1] == valid.shape:
-        return logits[valid]
-    if logits.dim() == 2 and logits.shape[0] == int(valid.sum()):
-        return logits
+def _at_valid(values: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Tensor:
+    """[N, V] rows of the valid positions: from full [B, T, V] values, or as given when only
+    those rows were computed."""
+    if values.shape[:-1] == valid.shape:
+        return values[valid]
+    if values.dim() == 2 and values.shape[0] == int(valid.sum()):
+        return values
     raise ValueError(
-        f"draft logits {tuple(logits.shape)} fit neither the valid mask {tuple(valid.shape)} nor its count"
+        f"{what} {tuple(values.shape)} fit neither the valid mask {tuple(valid.shape)} nor its count"
     )
 
 
