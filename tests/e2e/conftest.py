@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from _controlplane import (
     build_binaries,
     tools_dir,
 )
+from _executor import PodExecutor
 
 LAST_E2E = pytest.StashKey[str]()
 RUNNING = pytest.StashKey[list[ControlPlane]]()
@@ -101,3 +103,40 @@ def operator(control_plane: ControlPlane, operator_log: Path) -> Iterator[Operat
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def executor(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodExecutor]:
+    """Two Nodes whose pods really run (tests/e2e/_executor.py); it acts only in namespaces it watches."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("the pod executor needs root and unshare(1) for per-pod mount namespaces")
+    running = PodExecutor(control_plane.kube(), tmp_path_factory.mktemp("executor")).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        assert not running.errors, "pod executor errors:\n" + "\n".join(running.errors[-3:])
+
+
+@pytest.fixture
+def pods_ns(
+    control_plane: ControlPlane, executor: PodExecutor, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A fresh namespace whose pods run; their logs are printed when the test fails."""
+    name = control_plane.namespace("run")
+    executor.watch(name)
+    yield name
+    report = request.node.stash.get(FAILED, None)
+    if report:
+        print(executor.logs(name)[-30000:])
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[FAILED] = True
+    return report
