@@ -1,9 +1,12 @@
-"""Verifier resolution: local dirs, Hub ids served from an offline cache, GGUF conversion, path policy."""
+"""Verifier resolution: local dirs, Hub ids (downloaded through the Hub API, or from the offline cache), GGUF conversion, path policy."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specops.config import VerifierConfig
 from specops.paths import PathNotAllowedError
+from specops.testing.hub import FakeHub
 from specops.verifier import (
     is_local,
     load_model,
@@ -54,14 +58,53 @@ def test_local_dir_outside_roots_is_refused(random_llama_dir: Path, tmp_path: Pa
         resolve_verifier(cfg, allowed_roots=[str(tmp_path)])
 
 
-def test_hub_id_is_passed_through_and_validated() -> None:
-    assert not is_local("meta-llama/Llama-3.1-8B-Instruct")
-    assert (
-        resolve_verifier(VerifierConfig(name_or_path="meta-llama/Llama-3.1-8B-Instruct"))
-        == "meta-llama/Llama-3.1-8B-Instruct"
+def _resolve_in_child(
+    env: dict[str, str], name: str, revision: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """resolve_verifier in a fresh process: huggingface_hub reads HF_ENDPOINT/HF_HOME at import."""
+    code = (
+        "import sys; from specops.config import VerifierConfig; from specops.verifier import resolve_verifier\n"
+        "try:\n"
+        f"    print(resolve_verifier(VerifierConfig(name_or_path={name!r}, revision={revision!r})))\n"
+        "except (OSError, ValueError) as exc:\n"
+        "    print(exc, file=sys.stderr); sys.exit(2)\n"
     )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_hub_id_is_downloaded_through_the_hub_api(random_llama_dir: Path, tmp_path: Path) -> None:
+    """A Hub id with an empty cache (a fresh pod) is fetched with the real client, then loads offline."""
+    assert not is_local("meta-llama/Llama-3.1-8B-Instruct")
     with pytest.raises(ValueError, match="neither an existing local path nor a Hub id"):
         resolve_verifier(VerifierConfig(name_or_path="bad id with spaces"))
+    repo = tmp_path / "repo"
+    shutil.copytree(random_llama_dir, repo)
+    (repo / "pytorch_model.bin").write_bytes(b"a pickle we must never fetch")
+    with FakeHub({"acme/tiny-llama": repo}, token="secret") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        refused = _resolve_in_child(env, "acme/tiny-llama")
+        assert refused.returncode == 2 and "access refused (set HF_TOKEN" in refused.stderr
+        fetched = _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/tiny-llama")
+        assert fetched.returncode == 0, fetched.stderr
+        snapshot = Path(fetched.stdout.strip())
+        commit = hub.repos["acme/tiny-llama"].commit
+        assert snapshot == tmp_path / "hf" / "hub" / "models--acme--tiny-llama" / "snapshots" / commit
+        assert (snapshot / "config.json").is_file() and (snapshot / "model.safetensors").is_file()
+        assert not (snapshot / "pytorch_model.bin").exists()
+        wrong = _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/tiny-llama", revision="v9")
+        assert wrong.returncode == 2 and "at revision 'v9': no such revision" in wrong.stderr
+        missing = _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/nothing")
+        assert missing.returncode == 2 and "'acme/nothing': no such model" in missing.stderr
+        downloads = hub.downloads["acme/tiny-llama"]
+    # The Hub is gone: the cached snapshot still answers, offline or not.
+    again = _resolve_in_child({**env, "HF_HUB_OFFLINE": "1"}, "acme/tiny-llama")
+    assert again.returncode == 0 and Path(again.stdout.strip()) == snapshot
+    absent = _resolve_in_child({**env, "HF_HUB_OFFLINE": "1"}, "acme/other")
+    assert absent.returncode == 2 and "not in the local Hugging Face cache" in absent.stderr
+    assert downloads == len([p for p in repo.iterdir() if p.suffix != ".bin"])
 
 
 def test_hub_id_loads_from_offline_cache(

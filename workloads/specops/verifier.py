@@ -37,14 +37,23 @@ def is_local(name_or_path: str) -> bool:
     )
 
 
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+"""What a verifier needs from its Hub repository: config, tokenizer, chat template, weights.
+Never `*.bin`/`*.pt` (pickles) or other formats' copies of the same weights."""
+
+
 def resolve_verifier(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> str:
-    """A string `from_pretrained` accepts: a local model directory (GGUF converted) or a Hub id."""
+    """A local model directory: a Hub id is downloaded (or found in the Hub cache), GGUF converted.
+
+    Every consumer (engines, trainer, evaluator, vLLM) then reads the same local snapshot; a pod
+    whose cache is empty downloads it instead of failing after generation was paid for.
+    """
     if not is_local(cfg.name_or_path):
         if not _HF_ID.match(cfg.name_or_path):
             raise ValueError(f"{FIELD}: {cfg.name_or_path!r} is neither an existing local path nor a Hub id")
         if cfg.gguf_file:
             raise ValueError("verifier.gguf_file: GGUF verifiers must be local files (download them first)")
-        return cfg.name_or_path
+        return hub_snapshot(cfg.name_or_path, cfg.revision)
     path = resolve_allowed(cfg.name_or_path, allowed_roots, FIELD)
     if path.is_file() and path.suffix == ".gguf":
         return str(_converted_gguf(path.parent, path.name))
@@ -53,6 +62,36 @@ def resolve_verifier(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> 
     if cfg.gguf_file:
         return str(_converted_gguf(path, cfg.gguf_file))
     return str(path)
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> str:
+    """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
+
+    `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline, only the cache
+    answers. Failures name the field and the cause instead of the client's traceback.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{FIELD}: {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return str(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+    except GatedRepoError:
+        raise PermissionError(f"{where}: access refused (set HF_TOKEN to a token that may read it)") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{where}: no such model on the Hub (or HF_TOKEN may not read it)") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{where}: no such revision") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{where}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1): download it first or give a local directory"
+        ) from None
 
 
 def _converted_gguf(directory: Path, gguf_file: str) -> Path:
