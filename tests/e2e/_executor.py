@@ -255,6 +255,9 @@ class PodExecutor:
         self.namespaces.add(namespace)
 
     def stop(self) -> None:
+        """Kill every container and stop the loop (idempotent: the control plane stops right after)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -1124,9 +1127,14 @@ class PodExecutor:
 
     # ------------------------------------------------------------------ for tests
 
-    def log(self, namespace: str, name: str) -> str:
-        """Everything the pod's container printed, across restarts."""
-        paths = sorted((self.state / "pods" / namespace).glob(f"{name}-*/container.log"))
+    def pod_logs(self, namespace: str, prefix: str) -> dict[str, str]:
+        """Pod directory name -> its container log, for the pods named `prefix...`."""
+        paths = sorted((self.state / "pods" / namespace).glob(f"{prefix}*/container.log"))
+        return {p.parent.name: p.read_text(errors="replace") for p in paths}
+
+    def log(self, namespace: str, prefix: str) -> str:
+        """Everything the containers of pods named `prefix...` printed, across restarts."""
+        paths = sorted((self.state / "pods" / namespace).glob(f"{prefix}*/container.log"))
         return "\n".join(p.read_text(errors="replace") for p in paths)
 
     def logs(self, namespace: str) -> str:

@@ -21,7 +21,7 @@ from _controlplane import (
 from _executor import PodExecutor
 
 LAST_E2E = pytest.StashKey[str]()
-RUNNING = pytest.StashKey[list[ControlPlane]]()
+RUNNING = pytest.StashKey[list[ControlPlane | PodExecutor]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,8 +51,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     """Stop the control plane after the last e2e test, not when all of `make test` ends."""
     if item.nodeid == item.config.stash.get(LAST_E2E, None):
-        for plane in item.config.stash.get(RUNNING, []):
-            plane.stop()
+        for running in reversed(item.config.stash.get(RUNNING, [])):  # executors before their plane
+            running.stop()
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +106,14 @@ def operator(control_plane: ControlPlane, operator_log: Path) -> Iterator[Operat
 
 
 @pytest.fixture(scope="session")
-def executor(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodExecutor]:
+def executor(
+    request: pytest.FixtureRequest, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PodExecutor]:
     """Two Nodes whose pods really run (tests/e2e/_executor.py); it acts only in namespaces it watches."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("the pod executor needs root and unshare(1) for per-pod mount namespaces")
     running = PodExecutor(control_plane.kube(), tmp_path_factory.mktemp("executor")).start()
+    request.config.stash.setdefault(RUNNING, []).append(running)
     try:
         yield running
     finally:

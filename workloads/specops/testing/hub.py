@@ -91,11 +91,14 @@ class FakeHub:
 
     def answer(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlsplit(request.path).path)
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] != ["api", "models"] and "resolve" not in parts:
+            self._send(request, 404, {"error": "not found"}, {}, body)  # other Hub APIs: not served
+            return
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             self.refused += 1
             self._send(request, 401, {"error": "Invalid credentials"}, {"X-Error-Code": "GatedRepo"}, body)
             return
-        parts = [p for p in path.split("/") if p]
         if parts[:2] == ["api", "models"]:
             found = self._find(parts[2:])
             if found is None:

