@@ -165,8 +165,6 @@ def test_offline_generator_job() -> None:
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (8, 2, 2)
-    fail_fast = spec["podFailurePolicy"]["rules"][0]
-    assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [2]
     container = spec["template"]["spec"]["containers"][0]
     assert container["command"][:4] == ["python", "-m", "specops_operator.report", "--"]
     assert container["command"][4:] == [
@@ -180,6 +178,20 @@ def test_offline_generator_job() -> None:
     assert container["env"][0]["name"] == "JOB_COMPLETION_INDEX"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_every_job_fails_at_once_on_the_fatal_exit_codes_only() -> None:
+    """The exit-code contract: 2 config, 3 data, 4 evaluation verdict end the Job; 1 (a crash) and
+    143 (SIGTERM) are retried, also for the evaluator (whose exit 1 used to be terminal)."""
+    jobs = [m for m in _all() if m["kind"] == "Job"]
+    assert {m["metadata"]["name"].rsplit("-", 1)[-1] for m in jobs} == {"gen", "train", "eval"}
+    for job in jobs:
+        fail_fast, evicted = job["spec"]["podFailurePolicy"]["rules"]
+        assert fail_fast == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "workload", "operator": "In", "values": [2, 3, 4]},
+        }, job["metadata"]["name"]
+        assert evicted["action"] == "Ignore"
 
 
 def test_rendered_configs_are_valid_workload_configs() -> None:

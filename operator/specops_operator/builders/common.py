@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from specops import exitcodes
 from specops_operator import PREFIX
 from specops_operator.api import PodSettings, Resources, SpeculatorDataGen, SpeculatorTraining, StorageSpec
 
@@ -273,8 +274,9 @@ def claim(owner: Owner, name: str, component: str, size: int | str, storage: Sto
     }
 
 
-def failure_policy(*fatal_exit_codes: int) -> Manifest:
-    """Config errors (and other deterministic failures) fail the Job at once; evictions never count."""
+def failure_policy() -> Manifest:
+    """Exit codes no retry can change (`specops.exitcodes.FATAL`: config, data, evaluation verdict)
+    fail the Job at once; crashes (1) and SIGTERM (143) are retried; evictions never count."""
     return {
         "rules": [
             {
@@ -282,7 +284,7 @@ def failure_policy(*fatal_exit_codes: int) -> Manifest:
                 "onExitCodes": {
                     "containerName": CONTAINER,
                     "operator": "In",
-                    "values": list(fatal_exit_codes),
+                    "values": list(exitcodes.FATAL),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -302,7 +304,6 @@ def job(
     backoff: Manifest,
     deadline: int | None,
     ttl: int | None,
-    fatal_exit_codes: tuple[int, ...] = (2,),
 ) -> Manifest:
     """An Indexed Job; with a Kueue queue it always starts suspended (Kueue resumes it on admission)."""
     spec: Manifest = {
@@ -310,7 +311,7 @@ def job(
         "completions": completions,
         "parallelism": parallelism,
         **backoff,
-        "podFailurePolicy": failure_policy(*fatal_exit_codes),
+        "podFailurePolicy": failure_policy(),
         "suspend": suspend or owner.queue is not None,
         "template": template,
     }
