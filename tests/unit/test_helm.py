@@ -317,3 +317,15 @@ def test_bad_values_are_rejected_naming_the_field(values: Obj, field: str) -> No
     result = run_helm("template", "rel", str(CHART), values=values)
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
+
+
+def test_docs_stop_the_installed_operator_before_a_local_one() -> None:
+    """Two standalone operators on one cluster fight over children: the README's release is scaled
+    to 0 first, by the name the chart gives its Deployment."""
+    install = "helm install specops helm/specops -n specops-system --create-namespace"
+    assert install in (ROOT / "README.md").read_text()
+    result = run_helm("template", "specops", str(CHART), "--namespace", "specops-system")
+    assert result.returncode == 0, result.stderr
+    deployment = one([d for d in yaml.safe_load_all(result.stdout) if d], "Deployment")
+    stop = f"kubectl -n specops-system scale deployment/{deployment['metadata']['name']} --replicas=0"
+    assert stop in (ROOT / "docs" / "operator.md").read_text()
