@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("SPECOPS_METRICS_PORT", "8081")),
-        help="port of the Prometheus /metrics endpoint (0: none; env SPECOPS_METRICS_PORT)",
+        default=int(os.environ.get("SPECOPS_METRICS_PORT", "0")),
+        help="port of the Prometheus /metrics endpoint (default 0: none; the chart sets 8081)",
     )
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
