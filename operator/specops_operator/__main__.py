@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("SPECOPS_REFRESH_SECONDS", "30")),
         help="seconds between status refreshes of each resource",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("SPECOPS_METRICS_PORT", "0")),
+        help="port of the Prometheus /metrics endpoint (default 0: none; the chart sets 8081)",
+    )
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -59,6 +65,8 @@ def run_operator(args: argparse.Namespace) -> int:
     )
     defaults = Defaults(image=args.workload_image) if args.workload_image else Defaults()
     ctx = Context(defaults=defaults, interval=args.refresh_interval)
+    if args.metrics_port:
+        ctx.metrics.serve(args.metrics_port)
     registry = kopf.OperatorRegistry()
     settings = kopf.OperatorSettings()
     configure(settings)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,6 +29,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic.alias_generators import to_snake
 
 from specops.config import (
     ConfigError,
@@ -36,6 +38,7 @@ from specops.config import (
     DatasetSource,
     DraftConfig,
     EngineConfig,
+    ProcessorConfig,
     StatesConfig,
     SyncConfig,
     TrainConfig,
@@ -74,6 +77,41 @@ FreeForm = Annotated[
 ]
 
 
+def _named(value: dict[str, Any]) -> dict[str, Any]:
+    name = value.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= 63:
+        raise ValueError("needs a name of 1 to 63 characters")
+    return value
+
+
+Volume = Annotated[
+    dict[str, Any],
+    AfterValidator(_named),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 63, "description": "Volume name."}
+            },
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
+    ),
+]
+"""A pod volume exactly as in the Kubernetes pod spec; its `name` is typed so CEL can check mounts."""
+
+WORKLOAD_UID = 1000
+"""uid and gid of workload pods unless a spec overrides them (the workload image's user)."""
+RESERVED_VOLUMES = ("config", "data", "output", "state", "tmp", "cache", "dshm")
+"""Volume names the operator gives its own volumes."""
+RESERVED_PATHS = ("/etc/specops", "/data", "/output", "/state", "/tmp", "/cache", "/dev/shm")
+"""Mount paths of those volumes."""
+
+
+def _cel_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -84,6 +122,16 @@ class Rule:
     cel: str
     message: str
     holds: Callable[[Any], bool]
+
+
+def exactly_one(first: str, second: str, message: str) -> Rule:
+    """Exactly one of two optional fields (named as in the CRD) is set."""
+    a, b = to_snake(first), to_snake(second)
+    return Rule(
+        f"has(self.{first}) != has(self.{second})",
+        message,
+        lambda s: (getattr(s, a) is None) != (getattr(s, b) is None),
+    )
 
 
 def immutable_message(field: str) -> str:
@@ -181,10 +229,10 @@ class EnvVarSource(Checked):
     """A key of a ConfigMap."""
 
     cel_rules = (
-        Rule(
-            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+        exactly_one(
+            "secretKeyRef",
+            "configMapKeyRef",
             "valueFrom needs exactly one of secretKeyRef or configMapKeyRef",
-            lambda s: (s.secret_key_ref is None) != (s.config_map_key_ref is None),
         ),
     )
 
@@ -206,6 +254,43 @@ class EnvVar(Checked):
             lambda s: not (s.value is not None and s.value_from is not None),
         ),
     )
+
+
+class EnvFromReference(Contract):
+    """A Secret or ConfigMap whose keys all become environment variables."""
+
+    name: DNSName
+    """Name of the Secret or ConfigMap."""
+    optional: bool = False
+    """Start the pod even when it is missing."""
+
+
+class EnvFromSource(Checked):
+    """Every key of a Secret or ConfigMap as environment variables (HF_TOKEN, tracking keys, ...)."""
+
+    secret_ref: EnvFromReference | None = None
+    """A Secret."""
+    config_map_ref: EnvFromReference | None = None
+    """A ConfigMap."""
+    prefix: Annotated[str, Field(max_length=253)] | None = None
+    """Prepended to every variable name."""
+
+    cel_rules = (
+        exactly_one("secretRef", "configMapRef", "envFrom needs exactly one of secretRef or configMapRef"),
+    )
+
+
+class VolumeMount(Contract):
+    """Where the workload container mounts one of `pod.volumes`."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    """Name of a volume in pod.volumes."""
+    mount_path: Annotated[str, Field(min_length=2, max_length=1024, pattern=r"^/")]
+    """Absolute path in the container."""
+    read_only: bool = False
+    """Mount read-only (e.g. local model weights)."""
+    sub_path: Annotated[str, Field(max_length=1024)] | None = None
+    """Mount only this path inside the volume."""
 
 
 class Toleration(Contract):
@@ -242,7 +327,7 @@ class Resources(Contract):
             return 0
 
 
-class PodSettings(Contract):
+class PodSettings(Checked):
     """How workload pods are scheduled and started."""
 
     image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
@@ -273,6 +358,49 @@ class PodSettings(Contract):
     """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64Mi default)."""
     cache_size: Quantity = "100Gi"
     """Size limit of the scratch volume holding the Hugging Face cache (verifier weights)."""
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+    """Secrets or ConfigMaps whose every key becomes an environment variable."""
+    volumes: list[Volume] = Field(default_factory=list, max_length=16)
+    """Extra pod volumes, as in the pod spec (a PVC of local weights, a CSI driver, a Secret, ...)."""
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=16)
+    """Where the workload container mounts the extra volumes."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=0, le=86400)] | None = None
+    """Seconds between SIGTERM (preemption, eviction, deletion) and SIGKILL; a trainer checkpoints in
+    them, so allow a checkpoint's time. Default: Kubernetes' 30."""
+    run_as_user: Annotated[int, Field(ge=1, le=2147483647)] = WORKLOAD_UID
+    """uid of the pods (never root); platforms with assigned uid ranges override it."""
+    run_as_group: Annotated[int, Field(ge=0, le=2147483647)] = WORKLOAD_UID
+    """Primary gid of the pods."""
+    fs_group: Annotated[int, Field(ge=0, le=2147483647)] = WORKLOAD_UID
+    """Group owning the volumes, so the pods can write the claims."""
+    fs_group_change_policy: Literal["OnRootMismatch", "Always"] = "OnRootMismatch"
+    """OnRootMismatch: chown a volume only when its root is not already right (Always walks every
+    file of a TiB data volume at each pod start)."""
+    ipc_lock: bool = False
+    """Add the IPC_LOCK capability (RDMA / GPUDirect pin memory); every other capability stays dropped."""
+    scheduler_name: Annotated[str, Field(max_length=253)] | None = None
+    """Scheduler of the pods (e.g. a gang scheduler); default: the cluster's."""
+    topology_spread_constraints: list[FreeForm] = Field(default_factory=list, max_length=8)
+    """Topology spread constraints, as in the pod spec; pods are labelled
+    app.kubernetes.io/instance=<name> and app.kubernetes.io/component=<generator|trainer|evaluator>."""
+
+    cel_rules = (
+        Rule(
+            "self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
+            "pod.volumeMounts: every name must be a volume in pod.volumes",
+            lambda s: all(any(v["name"] == m.name for v in s.volumes) for m in s.volume_mounts),
+        ),
+        Rule(
+            f"self.volumes.all(v, !(v.name in {_cel_list(RESERVED_VOLUMES)}))",
+            f"pod.volumes: the names {', '.join(RESERVED_VOLUMES)} are the operator's own volumes",
+            lambda s: all(v["name"] not in RESERVED_VOLUMES for v in s.volumes),
+        ),
+        Rule(
+            f"self.volumeMounts.all(m, !(m.mountPath in {_cel_list(RESERVED_PATHS)}))",
+            f"pod.volumeMounts: the paths {', '.join(RESERVED_PATHS)} are the operator's own mounts",
+            lambda s: all(m.mount_path not in RESERVED_PATHS for m in s.volume_mounts),
+        ),
+    )
 
 
 class StorageSpec(Checked):
@@ -281,23 +409,33 @@ class StorageSpec(Checked):
     size: Quantity | None = None
     """Capacity of a new claim, e.g. 500Gi."""
     storage_class_name: Annotated[str, Field(max_length=253)] | None = None
-    """StorageClass of a new claim; default: the cluster default."""
+    """StorageClass of a new claim; default: the cluster default (often ReadWriteOnce only)."""
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
         default=["ReadWriteMany"], min_length=1, max_length=4
     )
-    """Access modes of a new claim; ReadWriteMany lets pods on several nodes share it."""
+    """Access modes of a new claim. ReadWriteMany (required with several workers or nodes) lets pods on
+    several nodes share it and needs a storage class that provides it (EFS, Filestore, Azure Files,
+    CephFS, NFS); ReadWriteOnce suits one pod at a time on block storage."""
     existing_claim: DNSName | None = None
     """Use this existing claim instead of creating one (never deleted by the operator)."""
     retain: bool = True
     """Keep a created claim when the resource is deleted (data and checkpoints are expensive)."""
 
     cel_rules = (
-        Rule(
-            "has(self.size) != has(self.existingClaim)",
-            "storage needs exactly one of size (a new claim) or existingClaim",
-            lambda s: (s.size is None) != (s.existing_claim is None),
+        exactly_one(
+            "size", "existingClaim", "storage needs exactly one of size (a new claim) or existingClaim"
         ),
     )
+
+    def shared(self) -> bool:
+        """Pods on several nodes can mount it at once (what `SHARED_CEL` checks on the server)."""
+        return "ReadWriteMany" in self.access_modes
+
+
+SHARED_CEL = "'ReadWriteMany' in {}.accessModes"
+"""Several pods on one claim need ReadWriteMany: a ReadWriteOnce volume attaches to one node, and
+pods on other nodes hang in ContainerCreating (Multi-Attach error)."""
+ONE_NODE = "a ReadWriteOnce volume attaches to one node only"
 
 
 class VerifierArchitecture(Contract):
@@ -331,6 +469,7 @@ if TYPE_CHECKING:  # what mypy sees of the derived models: the fields the operat
     class DataGenWorkload(Checked):
         verifier: VerifierConfig
         datasets: list[DatasetSource]
+        processor: ProcessorConfig
         states: StatesConfig
         engine: EngineConfig
 
@@ -417,6 +556,11 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             "spec.workers must be <= spec.shards (a worker generates whole shards)",
             lambda s: s.workers <= s.shards,
         ),
+        Rule(
+            f"self.workers <= 1 || !has(self.storage) || {SHARED_CEL.format('self.storage')}",
+            f"spec.storage.accessModes must include ReadWriteMany when spec.workers > 1 ({ONE_NODE})",
+            lambda s: s.workers <= 1 or s.storage is None or s.storage.shared(),
+        ),
     )
 
 
@@ -471,15 +615,28 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Everything else is fixed once pods run: a Job cannot change its pod template."""
 
     cel_rules = (
-        Rule(
-            "has(self.dataGenRef) != has(self.dataGen)",
-            "spec needs exactly one of dataGenRef or dataGen",
-            lambda s: (s.data_gen_ref is None) != (s.data_gen is None),
-        ),
+        exactly_one("dataGenRef", "dataGen", "spec needs exactly one of dataGenRef or dataGen"),
         Rule(
             "!has(self.dataGen) || self.dataGen.mode != 'online' || has(self.maxSteps)",
             "spec.maxSteps is required when spec.dataGen.mode is online (a stream has no known length)",
             lambda s: s.data_gen is None or s.data_gen.mode != "online" or s.max_steps is not None,
+        ),
+        Rule(
+            f"self.nodes <= 1 || !has(self.storage) || {SHARED_CEL.format('self.storage')}",
+            f"spec.storage.accessModes must include ReadWriteMany when spec.nodes > 1 ({ONE_NODE})",
+            lambda s: s.nodes <= 1 or s.storage.shared(),
+        ),
+        Rule(
+            "self.nodes <= 1 || !has(self.dataGen) || !has(self.dataGen.storage) || "
+            + SHARED_CEL.format("self.dataGen.storage"),
+            "spec.dataGen.storage.accessModes must include ReadWriteMany when spec.nodes > 1 "
+            f"(every trainer pod mounts the data; {ONE_NODE})",
+            lambda s: (
+                s.nodes <= 1
+                or s.data_gen is None
+                or s.data_gen.storage is None
+                or s.data_gen.storage.shared()
+            ),
         ),
     )
 

@@ -40,6 +40,7 @@ from specops_operator.builders.training import (
 )
 from specops_operator.conditions import is_true, now_rfc3339, transitions
 from specops_operator.kube import PLURALS, ApiError, Kube
+from specops_operator.metrics import OperatorMetrics
 from specops_operator.status import (
     JobView,
     Observed,
@@ -82,6 +83,8 @@ class Context:
     """Seconds before a handler that hit an API error is retried."""
     reconciles: int = 0
     """Reconciles since start (shown by the liveness probe)."""
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    """Prometheus metrics (`--metrics-port`)."""
 
     @property
     def api(self) -> Kube:
@@ -345,7 +348,10 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         resource = (GROUP, VERSION, PLURALS[kind])
 
         def on_change(body: Any, patch: kopf.Patch, **_: Any) -> None:
-            _write(body, patch, reconcile(dict(body), ctx))
+            with ctx.metrics.reconciling(body["kind"]):
+                outcome = reconcile(dict(body), ctx)
+            ctx.metrics.record(body, outcome.status)
+            _write(body, patch, outcome)
 
         def on_suspend(body: Any, old: Any, new: Any, **_: Any) -> None:
             if bool(old) != bool(new):
@@ -358,10 +364,8 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
                     else "spec.suspend is false: Jobs resumed",
                 )
 
-        def on_timer(body: Any, patch: kopf.Patch, **_: Any) -> None:
-            _write(body, patch, reconcile(dict(body), ctx))
-
         def on_delete(body: Any, **_: Any) -> None:
+            ctx.metrics.forget(body)
             deleted = delete_children(ctx.api, dict(body))
             meta = body["metadata"]
             log.info("%s %s/%s: deleted %d children", body["kind"], meta["namespace"], meta["name"], deleted)
@@ -380,7 +384,7 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
             id="refresh",
             backoff=backoff,
             registry=registry,
-        )(on_timer)
+        )(on_change)
         kopf.on.delete(*resource, id="cleanup", backoff=backoff, registry=registry)(on_delete)
 
     @kopf.on.probe(registry=registry, id="reconciles")

@@ -6,7 +6,10 @@ status, where the operator (which may read pods) finds it. The `specops` command
 report line on stdout; this wrapper runs the command as a child, passes stdout/stderr through
 unchanged, forwards SIGTERM/SIGINT (so a preempted trainer still checkpoints), writes the last
 JSON object line into the termination file (trimmed to the kubelet's 4 KiB) and exits with the
-child's code. Standard library only: it runs in the workload image.
+child's code — or, when the child failed, with the first code a `specops` command recorded in
+`$SPECOPS_EXIT_FILE` (torchrun turns a worker's exit 2 into its own exit 1; the Job's
+`podFailurePolicy` needs the 2). Standard library and `specops.exitcodes` only: it runs in the
+workload image.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
+
+from specops import exitcodes
 
 MAX_BYTES = 4096
 """The kubelet keeps at most this much of a termination message."""
@@ -53,9 +59,20 @@ def fit(report: dict[str, Any], limit: int = MAX_BYTES) -> str:
 
 def run(command: Sequence[str], termination_path: str, out: Any = None) -> int:
     """Run `command`, echo its stdout to `out`, save its last report; returns the exit code."""
+    fd, exit_file = tempfile.mkstemp(prefix="specops-exit-")
+    os.close(fd)
+    try:
+        code = _supervise(command, termination_path, out, {**os.environ, exitcodes.EXIT_FILE_ENV: exit_file})
+        recorded = exitcodes.first_recorded(exit_file) if code else None
+    finally:
+        os.unlink(exit_file)
+    return code if recorded is None else recorded
+
+
+def _supervise(command: Sequence[str], termination_path: str, out: Any, env: dict[str, str]) -> int:
     out = out if out is not None else sys.stdout.buffer
     try:
-        child = subprocess.Popen(list(command), stdout=subprocess.PIPE)
+        child = subprocess.Popen(list(command), stdout=subprocess.PIPE, env=env)
     except OSError as exc:
         print(f"specops_operator.report: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127

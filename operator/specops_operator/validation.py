@@ -12,6 +12,7 @@ from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops_operator.api import SpeculatorDataGenSpec, SpeculatorTrainingSpec, VerifierArchitecture
 from specops_operator.builders.training import DataSource, procs_per_node
+from specops_operator.estimate import estimate_storage, quantity_bytes
 
 KNOWN_VERIFIERS: dict[str, VerifierArchitecture] = {
     name.lower(): VerifierArchitecture(num_layers=layers, hidden_size=hidden, vocab_size=vocab)
@@ -40,6 +41,7 @@ FINDING_REASONS = frozenset(
         "VerifierMismatch",
         "HiddenSizeMismatch",
         "DraftVocabTooLarge",
+        "StorageTooSmall",
     }
 )
 """Every reason a Finding may carry."""
@@ -78,6 +80,21 @@ def _storage(claim: str | None, claim_found: bool | None, field: str) -> list[Fi
     return []
 
 
+def _storage_size(spec: SpeculatorDataGenSpec, arch: VerifierArchitecture, field: str) -> list[Finding]:
+    """A new offline data claim smaller than the estimated hidden states would fill up mid-run."""
+    size = spec.storage.size if spec.storage is not None and spec.mode == "offline" else None
+    estimate = estimate_storage(spec, arch) if size is not None else None
+    if size is None or estimate is None or estimate.total_bytes <= quantity_bytes(size):
+        return []
+    return [
+        Finding(
+            "StorageTooSmall",
+            f"{field}.storage.size {size} is smaller than the estimated {estimate.describe()}; "
+            "raise the size or lower datasets[].maxSamples",
+        )
+    ]
+
+
 def check_datagen(
     spec: SpeculatorDataGenSpec, claim_found: bool | None = None, field: str = "spec"
 ) -> tuple[list[Finding], VerifierArchitecture | None]:
@@ -96,6 +113,7 @@ def check_datagen(
                     f"(allowed 0..{arch.num_layers})",
                 )
             )
+        findings += _storage_size(spec, arch, field)
     gpus = spec.pod.resources.gpus()
     engine = spec.engine
     needed = engine.tensor_parallel_size * (engine.data_parallel_size if engine.kind == "vllm" else 1)

@@ -351,3 +351,18 @@ async def test_missing_data_generator_waits_then_proceeds(api: Api, operator: Ru
     assert job["spec"]["completions"] == 2
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": f"{OFFLINE}-data", "readOnly": True}
+
+
+async def test_too_small_storage_stalls_with_the_estimate_before_any_child(
+    api: Api, operator: Runner
+) -> None:
+    await operator()
+    cr = example("datagen-offline.yaml")
+    cr["spec"]["storage"]["size"] = "500Gi"  # 50,000 conversations of Qwen3-8B states need ~1.5Ti
+    await api.create(cr)
+    await api.until(_condition(api, DG, OFFLINE, "Stalled"), what="Stalled")
+    compatible = _conditions(api.get(*DG, "ml", OFFLINE))["VerifierCompatible"]
+    assert compatible["status"] == "False" and compatible["reason"] == "StorageTooSmall"
+    assert "spec.storage.size 500Gi" in compatible["message"] and "= 1.5Ti" in compatible["message"]
+    await _settle(api)
+    assert api.children("Job") == [] and api.children("PersistentVolumeClaim") == []

@@ -127,12 +127,12 @@ def test_operator_default_command_parses(stages: dict[str, Stage]) -> None:
 def test_final_stages_run_as_the_pod_uid_and_copy_only_built_venvs(
     stages: dict[str, Stage], target: str
 ) -> None:
-    from specops_operator.builders.common import POD_SECURITY
+    from specops_operator.api import WORKLOAD_UID
 
     stage = stages[target]
     assert stage.base == "base"
     (user,) = stage.all("USER")
-    assert user == f"{POD_SECURITY['runAsUser']}:{POD_SECURITY['runAsGroup']}"
+    assert user == f"{WORKLOAD_UID}:{WORKLOAD_UID}"
     for arg in stage.all("COPY"):
         assert arg.startswith("--from=") and arg.endswith("/opt/venv /opt/venv"), arg
 

@@ -93,7 +93,7 @@ def test_another_producers_directory_is_refused(
     config = write_config(tmp_path, tiny_verifier_dir)
     assert run(config, capsys)[0] == 0
     code, out, err = run(config, capsys, **{"states.hidden_states.layers": [2, 4]})
-    assert code == 2 and out == ""
+    assert code == 3 and out == ""  # exitcodes.DATA: never retried
     assert "error:" in err and "layer_ids" in err
 
 

@@ -237,7 +237,12 @@ def test_metrics_service_and_service_monitor() -> None:
     service = one(docs, "Service")
     selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] == selector
-    assert service["spec"]["ports"][0]["targetPort"] == "health"
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"  # not kopf's /healthz-only port
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080, "metrics": 8081} and service["spec"]["ports"][0]["port"] == 8081
+    assert "--metrics-port=8081" in container["args"]
+    assert monitor_path(docs) == "/metrics"
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
@@ -246,8 +251,57 @@ def test_metrics_service_and_service_monitor() -> None:
     )
     assert not by_kind(render("defaults"), "ServiceMonitor")
     bare = render("no-metrics")
-    assert not by_kind(bare, "Service")
+    assert not by_kind(bare, "Service") and "--metrics-port=0" in _args(bare)
     assert [sa["metadata"]["name"] for sa in by_kind(bare, "ServiceAccount")] == ["rel-specops"]
+
+
+def monitor_path(docs: list[Obj]) -> str:
+    return str(one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["path"])
+
+
+def test_the_metrics_port_serves_what_the_service_monitor_scrapes(unused_tcp_port: int) -> None:
+    """The operator's `--metrics-port` (as the chart passes it) answers the ServiceMonitor's path."""
+    import urllib.request
+
+    from specops_operator.__main__ import build_parser
+    from specops_operator.metrics import OperatorMetrics
+
+    args = build_parser().parse_args(["run", f"--metrics-port={unused_tcp_port}"])
+    metrics = OperatorMetrics()
+    metrics.serve(args.metrics_port, "127.0.0.1")
+    with metrics.reconciling("SpeculatorDataGen"):
+        pass
+    url = f"http://127.0.0.1:{unused_tcp_port}{monitor_path(render('monitoring'))}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    assert 'specops_reconciles_total{kind="SpeculatorDataGen"} 1.0' in text
+
+
+def test_finalizer_update_for_owner_reference_permission_enforcement() -> None:
+    """Children set blockOwnerDeletion; that admission plugin then wants `update` on the owner's finalizers."""
+    for case in ("defaults", "namespaced"):
+        grants = granted(_rules(render(case)))
+        for plural in ("speculatordatagens", "speculatortrainings"):
+            assert ("specops.dev", f"{plural}/finalizers", "update") in grants, case
+
+
+FEATURES = {
+    "Job completionMode Indexed, suspend (GA)": "1.24",
+    "CRD x-kubernetes-validations (CEL, beta on by default)": "1.25",
+    "Job podFailurePolicy, DisruptionTarget (beta on by default)": "1.26",
+    "Job backoffLimitPerIndex (beta on by default)": "1.29",
+}
+"""What the operator's children and CRDs rely on, and the first release that has it on by default."""
+
+
+def test_kube_version_is_the_real_minimum() -> None:
+    minimum = max(FEATURES.values(), key=lambda v: tuple(map(int, v.split("."))))
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={minimum}.0-0"
+    major, minor = map(int, minimum.split("."))
+    older = run_helm("template", "rel", str(CHART), "--kube-version", f"{major}.{minor - 1}.0")
+    assert older.returncode != 0 and "kubeVersion" in older.stderr, older.stderr
+    assert run_helm("template", "rel", str(CHART), "--kube-version", f"{minimum}.0").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -263,3 +317,15 @@ def test_bad_values_are_rejected_naming_the_field(values: Obj, field: str) -> No
     result = run_helm("template", "rel", str(CHART), values=values)
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
+
+
+def test_docs_stop_the_installed_operator_before_a_local_one() -> None:
+    """Two standalone operators on one cluster fight over children: the README's release is scaled
+    to 0 first, by the name the chart gives its Deployment."""
+    install = "helm install specops helm/specops -n specops-system --create-namespace"
+    assert install in (ROOT / "README.md").read_text()
+    result = run_helm("template", "specops", str(CHART), "--namespace", "specops-system")
+    assert result.returncode == 0, result.stderr
+    deployment = one([d for d in yaml.safe_load_all(result.stdout) if d], "Deployment")
+    stop = f"kubectl -n specops-system scale deployment/{deployment['metadata']['name']} --replicas=0"
+    assert stop in (ROOT / "docs" / "operator.md").read_text()

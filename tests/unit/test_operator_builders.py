@@ -142,6 +142,89 @@ def test_pods_are_hardened() -> None:
         assert {"/dev/shm", "/tmp", "/cache"} <= mounts
 
 
+def test_volume_ownership_is_changed_only_when_the_root_needs_it() -> None:
+    """Without fsGroupChangePolicy the kubelet chowns every file of a TiB volume at each pod start."""
+    for name, pod in _pods():
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", name
+        assert "terminationGracePeriodSeconds" not in pod and "schedulerName" not in pod
+
+
+GPU_PLATFORM_POD = {
+    "terminationGracePeriodSeconds": 900,
+    "runAsUser": 2000,
+    "runAsGroup": 3000,
+    "fsGroup": 4000,
+    "fsGroupChangePolicy": "Always",
+    "ipcLock": True,
+    "schedulerName": "volcano",
+    "envFrom": [{"secretRef": {"name": "tracking"}, "prefix": "WANDB_"}, {"configMapRef": {"name": "nccl"}}],
+    "volumes": [
+        {"name": "weights", "persistentVolumeClaim": {"claimName": "llama-weights", "readOnly": True}}
+    ],
+    "volumeMounts": [{"name": "weights", "mountPath": "/models", "readOnly": True}],
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer"}},
+        }
+    ],
+}
+
+
+def _platform_training() -> list[Manifest]:
+    hass = _load("hass-train.yaml")
+    hass.spec.pod = type(hass.spec.pod).model_validate(
+        {**hass.spec.pod.model_dump(by_alias=True), **GPU_PLATFORM_POD}
+    )
+    return build_training(hass, DEFAULTS, _source("datagen-offline.yaml", status=COMPLETE), trained=True)
+
+
+def test_gpu_platform_pod_knobs_reach_every_workload_pod() -> None:
+    children = _platform_training()
+    jobs = [m for m in children if m["kind"] == "Job"]
+    assert len(jobs) == 2
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 900 and pod["schedulerName"] == "volcano"
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 2000,
+            "runAsGroup": 3000,
+            "fsGroup": 4000,
+            "fsGroupChangePolicy": "Always",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert pod["topologySpreadConstraints"] == GPU_PLATFORM_POD["topologySpreadConstraints"]
+        assert pod["volumes"][-1] == GPU_PLATFORM_POD["volumes"][0]
+        (container,) = pod["containers"]
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        assert container["envFrom"] == [
+            {"secretRef": {"name": "tracking", "optional": False}, "prefix": "WANDB_"},
+            {"configMapRef": {"name": "nccl", "optional": False}},
+        ]
+        assert container["volumeMounts"][-1] == {"name": "weights", "mountPath": "/models", "readOnly": True}
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.34"])
+def test_kubernetes_accepts_the_gpu_platform_pods(version: str) -> None:
+    for manifest in _platform_training():
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_the_broker_takes_the_ids_but_not_the_gpu_knobs() -> None:
+    online = _load("datagen-online.yaml")
+    online.spec.pod = type(online.spec.pod).model_validate(
+        {**online.spec.pod.model_dump(by_alias=True), **GPU_PLATFORM_POD}
+    )
+    broker = next(m for m in build_datagen(online, DEFAULTS) if m["kind"] == "StatefulSet")
+    pod = broker["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 2000 and pod["securityContext"]["fsGroup"] == 4000
+    assert "schedulerName" not in pod and "envFrom" not in pod["containers"][0]
+    assert {v["name"] for v in pod["volumes"]} == {"state", "tmp", "cache", "dshm"}
+
+
 def test_claim_volumes_say_read_only_only_when_it_is_true() -> None:
     """The API server drops `readOnly: false` (seen in e2e): a child must read back as built."""
     claims = [
@@ -165,8 +248,6 @@ def test_offline_generator_job() -> None:
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (8, 2, 2)
-    fail_fast = spec["podFailurePolicy"]["rules"][0]
-    assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [2]
     container = spec["template"]["spec"]["containers"][0]
     assert container["command"][:4] == ["python", "-m", "specops_operator.report", "--"]
     assert container["command"][4:] == [
@@ -180,6 +261,20 @@ def test_offline_generator_job() -> None:
     assert container["env"][0]["name"] == "JOB_COMPLETION_INDEX"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_every_job_fails_at_once_on_the_fatal_exit_codes_only() -> None:
+    """The exit-code contract: 2 config, 3 data, 4 evaluation verdict end the Job; 1 (a crash) and
+    143 (SIGTERM) are retried, also for the evaluator (whose exit 1 used to be terminal)."""
+    jobs = [m for m in _all() if m["kind"] == "Job"]
+    assert {m["metadata"]["name"].rsplit("-", 1)[-1] for m in jobs} == {"gen", "train", "eval"}
+    for job in jobs:
+        fail_fast, evicted = job["spec"]["podFailurePolicy"]["rules"]
+        assert fail_fast == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "workload", "operator": "In", "values": [2, 3, 4]},
+        }, job["metadata"]["name"]
+        assert evicted["action"] == "Ignore"
 
 
 def test_rendered_configs_are_valid_workload_configs() -> None:

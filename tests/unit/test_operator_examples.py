@@ -125,6 +125,56 @@ CROSS_FIELD = [
         _set("metadata.name", "x" * 41),
         "metadata.name must be at most 40 characters",
     ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.storage.accessModes", ["ReadWriteOnce"]),
+        "spec.storage.accessModes must include ReadWriteMany when spec.workers > 1",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.storage.accessModes", ["ReadWriteOncePod"]),
+        "spec.storage.accessModes must include ReadWriteMany when spec.nodes > 1",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.nodes", 2)(doc),
+            _set("spec.storage.accessModes", ["ReadWriteMany"])(doc),
+            _set("spec.dataGen.workers", 1)(doc),
+            _set("spec.dataGen.storage.accessModes", ["ReadWriteOnce"])(doc),
+        ),
+        "spec.dataGen.storage.accessModes must include ReadWriteMany when spec.nodes > 1",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.pod.volumeMounts", [{"name": "weights", "mountPath": "/models"}]),
+        "pod.volumeMounts: every name must be a volume in pod.volumes",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.pod.volumes", [{"name": "cache", "emptyDir": {}}]),
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm are the operator's own",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.pod.volumes", [{"name": "weights", "emptyDir": {}}])(doc),
+            _set("spec.pod.volumeMounts", [{"name": "weights", "mountPath": "/output"}])(doc),
+        ),
+        "pod.volumeMounts: the paths /etc/specops, /data, /output, /state, /tmp, /cache, /dev/shm",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.pod.envFrom", [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]),
+        "envFrom needs exactly one of secretRef or configMapRef",
+    ),
 ]
 
 

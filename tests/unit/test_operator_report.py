@@ -6,11 +6,20 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+from _operator_support import ROOT
+
+from specops import exitcodes
+from specops_operator.api import SpeculatorDataGen, load_resources
+from specops_operator.builders.common import Defaults
+from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.training import DataSource, build_training
 from specops_operator.report import MAX_BYTES, fit, main, parse_report, run
 
 CHILD = [sys.executable, "-c"]
@@ -85,3 +94,72 @@ def test_sigterm_reaches_the_child_and_its_report_is_kept(tmp_path: Path) -> Non
 
 def test_usage_without_a_command() -> None:
     assert main([]) == 2 and main(["--"]) == 2
+
+
+def test_a_failed_childs_recorded_code_wins_over_its_exit_status(tmp_path: Path) -> None:
+    """What torchrun does to a worker's code: the wrapper restores the first one recorded."""
+    relay = (
+        "import os, subprocess, sys\n"
+        "for code in (3, 143):\n"
+        "    subprocess.run([sys.executable, '-c', f'from specops import exitcodes; exitcodes.record({code})'])\n"
+        "sys.exit(1)\n"
+    )
+    assert run([*CHILD, relay], str(tmp_path / "term"), io.BytesIO()) == exitcodes.DATA
+    success = "from specops import exitcodes; exitcodes.record(2)"  # exit 0 stays 0
+    assert run([*CHILD, success], str(tmp_path / "term"), io.BytesIO()) == 0
+
+
+def test_a_config_error_under_torchrun_exits_2_at_the_pod_level(tmp_path: Path) -> None:
+    """The trainer pod's own command (report wrapper + torchrun + specops train) with a bad config:
+    torchrun alone exits 1, which the Job's podFailurePolicy would retry on 8-GPU pods."""
+    training = load_resources((ROOT / "examples" / "hass-train.yaml").read_text())[0]
+    training.metadata.namespace, training.metadata.uid = "ml", "uid"
+    source = _offline_source()
+    job = next(m for m in build_training(training, Defaults(), source, trained=False) if m["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    config = tmp_path / "config.yaml"
+    config.write_text("draft: {speculative_tokens: 0}\n")
+    command = [str(config) if arg == "/etc/specops/config.yaml" else arg for arg in container["command"]]
+    assert command[:5] == ["python", "-m", "specops_operator.report", "--", "torchrun"]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SPECOPS_TERMINATION_LOG": str(tmp_path / "term"),
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(_free_port()),
+    }
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == exitcodes.CONFIG, done.stderr[-3000:]
+    assert "specops train: error:" in done.stderr
+    assert "exitcode  : 2" in done.stderr  # torchrun saw the 2 and reported its own 1
+
+
+def _offline_source() -> DataSource:
+    datagen = load_resources((ROOT / "examples" / "datagen-offline.yaml").read_text())[0]
+    assert isinstance(datagen, SpeculatorDataGen)
+    ready = {"conditions": [{"type": "ShardsComplete", "status": "True"}]}
+    return DataSource(DataGenNames(datagen.metadata.name, "ml"), datagen.spec, ready)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_cli_records_each_nonzero_code_for_the_wrapper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specops.cli import main as specops_main
+
+    exit_file = tmp_path / "exit"
+    monkeypatch.setenv(exitcodes.EXIT_FILE_ENV, str(exit_file))
+    assert specops_main(["train", "--config", str(tmp_path / "missing.yaml")]) == exitcodes.CONFIG
+    assert specops_main(["train"]) == exitcodes.CONFIG  # argparse's usage error, recorded too
+    assert specops_main(["crds", "--out", str(tmp_path / "crds")]) == exitcodes.OK
+    assert exit_file.read_text() == "2\n2\n"
+    assert "specops train: error:" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from specops import local_run
+from specops import exitcodes, local_run
 from specops.commands import run
 
 
@@ -20,8 +20,8 @@ def verdict(better: bool, lossless: bool, evaluate: bool = True) -> dict[str, An
     ("report", "status"),
     [
         (verdict(better=True, lossless=True), 0),
-        (verdict(better=False, lossless=True), run.EXIT_NOT_BETTER),
-        (verdict(better=True, lossless=False), run.EXIT_NOT_BETTER),
+        (verdict(better=False, lossless=True), exitcodes.NOT_BETTER),
+        (verdict(better=True, lossless=False), exitcodes.NOT_BETTER),
         (verdict(better=False, lossless=False, evaluate=False), 0),  # nothing was evaluated
     ],
 )

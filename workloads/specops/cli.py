@@ -13,9 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from specops import exitcodes
 from specops.config import ConfigError, parse_override_value
-from specops.paths import PathNotAllowedError
-from specops.stores.streaming import StreamError
 
 COMMANDS: dict[str, str] = {
     "generate-data": "Run the verifier over datasets and store hidden states (disk, queue or broker).",
@@ -58,21 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         overrides = split_overrides(rest)
         return int(_module(args.command).main(args, overrides))
-    except (ConfigError, PathNotAllowedError, FileNotFoundError) as exc:
-        print(f"specops {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except StreamError as exc:  # a stream fault the run cannot recover from: one line, not a traceback
-        print(f"specops {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"specops {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exitcodes.INTERRUPTED
+    except Exception as exc:
+        if exitcodes.classify(exc) is None:
+            raise  # a bug: the traceback, exit 1 (retried)
+        return exitcodes.fail(args.command, exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes follow `specops.exitcodes`; nonzero ones are also recorded for the pod wrapper."""
+    try:
+        code = _run(argv)
+    except SystemExit as exc:  # argparse: 2 on a usage error, 0 for --help
+        code = (
+            exc.code if isinstance(exc.code, int) else exitcodes.OK if exc.code is None else exitcodes.FAILED
+        )
+    exitcodes.record(code)
+    return code
 
 
 if __name__ == "__main__":

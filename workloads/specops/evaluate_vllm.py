@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from specops import exitcodes
+
 DRAFTS = "vllm:spec_decode_num_drafts"
 ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
@@ -202,8 +204,7 @@ def main(args: argparse.Namespace) -> int:
             eos=eos,
         )
     except (SpeculatorFormatError, ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"specops evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.fail("evaluate", exc, default=exitcodes.CONFIG)
     report = {"engine": "vllm", "device": str(device), "vllm": served.to_dict(), "specops": ours.to_dict()}
     print(json.dumps(report))
     if args.output:
@@ -214,5 +215,5 @@ def main(args: argparse.Namespace) -> int:
             f"specops evaluate: speculative output differs from greedy decoding for prompts {ours.mismatched_prompts}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return exitcodes.NOT_BETTER
+    return exitcodes.OK

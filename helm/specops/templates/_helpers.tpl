@@ -49,7 +49,10 @@ app.kubernetes.io/component: operator
 {{/*
 What the operator does, verb by verb (tests/e2e/test_rbac.py checks each is used and none is missing):
 its resources (watch, patch finalizers/annotations, status), the children it creates and deletes,
-pods it reads for workload reports, Events it posts.
+pods it reads for workload reports, Events it posts. `update` on the finalizers subresource is no
+request the operator sends: with the OwnerReferencesPermissionEnforcement admission plugin
+(OpenShift, hardened clusters) a child whose ownerReference sets blockOwnerDeletion is refused
+unless its creator may update the owner's finalizers.
 */}}
 {{- define "specops.operatorRules" -}}
 - apiGroups: ["specops.dev"]
@@ -61,6 +64,9 @@ pods it reads for workload reports, Events it posts.
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens/status", "speculatortrainings/status"]
   verbs: ["patch"]
+- apiGroups: ["specops.dev"]
+  resources: ["speculatordatagens/finalizers", "speculatortrainings/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "create", "patch", "delete"]

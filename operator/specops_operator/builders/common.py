@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
+from specops import exitcodes
 from specops_operator import PREFIX
 from specops_operator.api import PodSettings, Resources, SpeculatorDataGen, SpeculatorTraining, StorageSpec
 
@@ -129,8 +133,12 @@ def index_env(name: str) -> Manifest:
     }
 
 
-def _user_env(pod: PodSettings) -> list[Manifest]:
-    return [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in pod.env]
+def _dump(items: Sequence[BaseModel], *, exclude_defaults: bool = False) -> list[Manifest]:
+    """Spec models as the pod spec writes them (camelCase, unset fields left out)."""
+    return [
+        item.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=exclude_defaults)
+        for item in items
+    ]
 
 
 BASE_ENV: list[Manifest] = [
@@ -141,19 +149,30 @@ BASE_ENV: list[Manifest] = [
     {"name": "PYTHONUNBUFFERED", "value": "1"},
 ]
 
-CONTAINER_SECURITY: Manifest = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-POD_SECURITY: Manifest = {
-    "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+
+def container_security(pod: PodSettings) -> Manifest:
+    """No privilege escalation, read-only root, every capability dropped (IPC_LOCK back only on request)."""
+    capabilities: Manifest = {"drop": ["ALL"]}
+    if pod.ipc_lock:
+        capabilities["add"] = ["IPC_LOCK"]
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": capabilities,
+    }
+
+
+def pod_security(pod: PodSettings) -> Manifest:
+    """Non-root ids (the spec's, default 1000) and a volume chown only when a volume's root needs it."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": pod.run_as_user,
+        "runAsGroup": pod.run_as_group,
+        "fsGroup": pod.fs_group,
+        "fsGroupChangePolicy": pod.fs_group_change_policy,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def scratch_volumes(pod: PodSettings) -> tuple[list[Manifest], list[Manifest]]:
@@ -212,12 +231,14 @@ def pod_template(owner: Owner, pod: PodSettings, defaults: Defaults, parts: PodP
         "image": pod.image or defaults.image,
         "imagePullPolicy": pod.image_pull_policy,
         "command": [*REPORT_WRAPPER, *parts.args] if parts.report else list(parts.args),
-        "env": [*parts.env, *BASE_ENV, *_user_env(pod)],
+        "env": [*parts.env, *BASE_ENV, *_dump(pod.env)],
         "resources": resources(parts.resources),
-        "securityContext": CONTAINER_SECURITY,
-        "volumeMounts": [*parts.mounts, *scratch_mounts],
+        "securityContext": container_security(pod),
+        "volumeMounts": [*parts.mounts, *scratch_mounts, *_dump(pod.volume_mounts, exclude_defaults=True)],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if pod.env_from:
+        container["envFrom"] = _dump(pod.env_from)
     if parts.ports:
         container["ports"] = list(parts.ports)
     if parts.readiness:
@@ -226,20 +247,23 @@ def pod_template(owner: Owner, pod: PodSettings, defaults: Defaults, parts: PodP
         "restartPolicy": parts.restart_policy,
         "automountServiceAccountToken": pod.service_account_name is not None,
         "enableServiceLinks": False,
-        "securityContext": POD_SECURITY,
+        "securityContext": pod_security(pod),
         "containers": [container],
-        "volumes": [*parts.volumes, *scratch],
+        "volumes": [*parts.volumes, *scratch, *pod.volumes],
     }
     if parts.subdomain:
         spec["subdomain"] = parts.subdomain
+    if pod.termination_grace_period_seconds is not None:  # 0 is a value
+        spec["terminationGracePeriodSeconds"] = pod.termination_grace_period_seconds
     optional: dict[str, Any] = {
         "serviceAccountName": pod.service_account_name,
         "priorityClassName": pod.priority_class_name,
         "nodeSelector": dict(pod.node_selector) or None,
-        "tolerations": [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in pod.tolerations]
-        or None,
+        "tolerations": _dump(pod.tolerations),
         "affinity": pod.affinity,
         "imagePullSecrets": [{"name": s.name} for s in pod.image_pull_secrets] or None,
+        "schedulerName": pod.scheduler_name,
+        "topologySpreadConstraints": pod.topology_spread_constraints,
     }
     spec.update({k: v for k, v in optional.items() if v})
     template_meta: Manifest = {"labels": labels(owner, parts.component)}
@@ -273,8 +297,9 @@ def claim(owner: Owner, name: str, component: str, size: int | str, storage: Sto
     }
 
 
-def failure_policy(*fatal_exit_codes: int) -> Manifest:
-    """Config errors (and other deterministic failures) fail the Job at once; evictions never count."""
+def failure_policy() -> Manifest:
+    """Exit codes no retry can change (`specops.exitcodes.FATAL`: config, data, evaluation verdict)
+    fail the Job at once; crashes (1) and SIGTERM (143) are retried; evictions never count."""
     return {
         "rules": [
             {
@@ -282,7 +307,7 @@ def failure_policy(*fatal_exit_codes: int) -> Manifest:
                 "onExitCodes": {
                     "containerName": CONTAINER,
                     "operator": "In",
-                    "values": list(fatal_exit_codes),
+                    "values": list(exitcodes.FATAL),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -302,7 +327,6 @@ def job(
     backoff: Manifest,
     deadline: int | None,
     ttl: int | None,
-    fatal_exit_codes: tuple[int, ...] = (2,),
 ) -> Manifest:
     """An Indexed Job; with a Kueue queue it always starts suspended (Kueue resumes it on admission)."""
     spec: Manifest = {
@@ -310,7 +334,7 @@ def job(
         "completions": completions,
         "parallelism": parallelism,
         **backoff,
-        "podFailurePolicy": failure_policy(*fatal_exit_codes),
+        "podFailurePolicy": failure_policy(),
         "suspend": suspend or owner.queue is not None,
         "template": template,
     }

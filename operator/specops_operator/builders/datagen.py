@@ -108,13 +108,17 @@ def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, def
 
 
 def _broker_pod(spec: SpeculatorDataGenSpec) -> PodSettings:
-    """The generators' image and pull settings, but none of their (GPU) scheduling."""
+    """The generators' image, pull settings and ids, but none of their (GPU) scheduling or volumes."""
     return PodSettings(
         image=spec.pod.image,
         image_pull_policy=spec.pod.image_pull_policy,
         image_pull_secrets=spec.pod.image_pull_secrets,
         service_account_name=spec.pod.service_account_name,
         priority_class_name=spec.pod.priority_class_name,
+        run_as_user=spec.pod.run_as_user,
+        run_as_group=spec.pod.run_as_group,
+        fs_group=spec.pod.fs_group,
+        fs_group_change_policy=spec.pod.fs_group_change_policy,
     )
 
 

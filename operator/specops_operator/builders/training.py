@@ -251,8 +251,6 @@ def _eval_job(
         backoff={"backoffLimit": 1},
         deadline=spec.active_deadline_seconds,
         ttl=spec.ttl_seconds_after_finished,
-        # 1 = speculative output differs from greedy decoding: a retry cannot fix it.
-        fatal_exit_codes=(1, 2),
     )
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from specops import exitcodes
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -36,14 +38,13 @@ def register(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if overrides:
         print(f"specops convert: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return 2
+        return exitcodes.CONFIG
     from specops.models.config import SpeculatorFormatError
 
     try:
         result = _run(args)
     except (SpeculatorFormatError, ValueError, KeyError) as exc:
-        print(f"specops convert {args.what}: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.fail(f"convert {args.what}", exc, default=exitcodes.CONFIG)
     print(json.dumps(result))
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from specops import exitcodes
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("crds"), help="directory to write the CRDs into")
@@ -15,7 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if overrides:
         print(f"specops crds: error: unknown options {sorted(overrides)}")
-        return 2
+        return exitcodes.CONFIG
     from specops_operator.crdgen import run
 
     return run(args.out, args.check)

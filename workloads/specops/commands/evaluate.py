@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from specops import exitcodes
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -55,19 +57,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Prints one JSON report line (acceptance_length, per_position, lossless, ...). "
-        "Exits 1 when the speculative output differs from the verifier's greedy output."
+        "Exit codes: 0 lossless, 4 the speculative output differs from the verifier's greedy output, "
+        "2 bad arguments or speculator, 3 no usable prompts, 1 anything else."
     )
 
 
 def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if overrides:
         print(f"specops evaluate: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return 2
+        return exitcodes.CONFIG
     for name in ("max_prompts", "max_new_tokens", "k", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"specops evaluate: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+            return exitcodes.CONFIG
     if args.engine == "vllm":
         from specops.evaluate_vllm import main as evaluate_with_vllm
 
@@ -88,8 +91,7 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             batch_size=args.batch_size,
         )
     except (SpeculatorFormatError, ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"specops evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.fail("evaluate", exc, default=exitcodes.CONFIG)
     print(json.dumps(report.to_dict()))
     if args.output:
         write_report(report, args.output)
@@ -99,8 +101,8 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             f"{report.mismatched_prompts}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return exitcodes.NOT_BETTER
+    return exitcodes.OK
 
 
 @dataclass
@@ -143,6 +145,6 @@ def load_inputs(args: argparse.Namespace) -> EvalInputs:
         limit=args.max_prompts,
     )
     if not prompts:
-        raise ValueError(f"--data: {args.data} holds no prompts")
+        raise exitcodes.DataError(f"--data: {args.data} holds no prompts")
     model = load_model(verifier, dtype=dtype, device=device, allowed_roots=roots)
     return EvalInputs(speculator_dir, device, dtype, draft, verifier, prompts, model)

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_NOT_BETTER = 3
-"""The trained draft did not beat the untrained one (or decoding was not lossless)."""
+from specops import exitcodes
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +26,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Stages: generate -> train -> evaluate -> report. Ctrl-C stops cleanly; rerunning resumes. "
-        f"Exit {EXIT_NOT_BETTER} when the trained draft is not better than an untrained one."
+        f"Exit {exitcodes.NOT_BETTER} when the trained draft is not better than an untrained one "
+        "(or not lossless); the other codes follow `specops.exitcodes`."
     )
 
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     if overrides:
         print("specops run: overrides are not supported; edit the YAML", file=sys.stderr)
-        return 2
+        return exitcodes.CONFIG
     plan = plan_local(args.file, args.out, args.nproc)
     report = run_local(plan)
     print(summary(report))
@@ -44,5 +44,5 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(
             "specops run: the trained speculator is not better than the untrained baseline", file=sys.stderr
         )
-        return EXIT_NOT_BETTER
-    return 0
+        return exitcodes.NOT_BETTER
+    return exitcodes.OK

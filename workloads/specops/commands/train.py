@@ -6,12 +6,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_INTERRUPTED = 143
-"""128 + SIGTERM: a preempted run is not a finished one (Kubernetes retries it; rerun resumes)."""
+from specops import exitcodes
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -20,22 +18,21 @@ def register(parser: argparse.ArgumentParser) -> None:
         "Any config field can be overridden as --section.field VALUE, e.g. --optim.lr 3e-4 "
         "--draft.algorithm hass. Run under `torchrun --nproc-per-node N` for "
         "data parallelism. Rerunning with the same output_dir resumes from its newest checkpoint. "
-        "Rank 0 prints one JSON result line on stdout; exit 143 = stopped by SIGTERM after a checkpoint."
+        "Rank 0 prints one JSON result line on stdout. Exit codes: 0 done, 2 config error, 3 unusable "
+        "data or checkpoint state, 143 stopped by SIGTERM after a checkpoint, 1 anything else."
     )
 
 
 def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from specops.config import TrainConfig, load_config
-    from specops.train.state_io import StateFormatError
     from specops.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(TrainConfig, args.config, overrides)
     try:
         result = train(cfg)
-    except (ValueError, KeyError, StateFormatError) as exc:
-        print(f"specops train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError) as exc:  # the trainer's checks of config against data
+        return exitcodes.fail("train", exc, default=exitcodes.CONFIG)
     if os.environ.get("RANK", "0") == "0":
         report = {
             "step": result.step,
@@ -46,4 +43,5 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             "best_val_loss": result.best_val_loss,
         }
         print(json.dumps(report), flush=True)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    # A preempted run is not a finished one: Kubernetes retries it and the rerun resumes.
+    return exitcodes.TERMINATED if result.interrupted else exitcodes.OK

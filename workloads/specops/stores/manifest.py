@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specops.config import format_validation_error
+from specops.exitcodes import DataError
 from specops.stores.atomic import write_bytes_atomic
 from specops.stores.base import StoreMeta
 from specops.stores.digests import DIGEST_PATTERN
@@ -28,11 +29,11 @@ SHARD_RE = re.compile(r"^shard-w(\d{5,})-(\d{5,})\.safetensors(\.zst)?$")
 M = TypeVar("M", bound=BaseModel)
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest or token-count file is unreadable or malformed; the message names the file."""
 
 
-class StoreMetaMismatchError(ValueError):
+class StoreMetaMismatchError(DataError):
     """The directory holds examples from a different producer than this run."""
 
 

@@ -32,6 +32,7 @@ from typing import IO, Any, BinaryIO, Literal, cast
 import torch
 
 from specops.example import ExampleDict
+from specops.exitcodes import DataError
 from specops.stores.base import StoreMeta
 from specops.stores.digests import Algorithm, new_hasher
 
@@ -62,7 +63,7 @@ _ST_NAMES: dict[torch.dtype, str] = {
 _ST_DTYPES: dict[str, torch.dtype] = {v: k for k, v in _ST_NAMES.items()}
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard file is missing, malformed or disagrees with its manifest; the message names the file."""
 
 

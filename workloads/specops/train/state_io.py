@@ -16,10 +16,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from specops.exitcodes import DataError
+
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
-class StateFormatError(ValueError):
+class StateFormatError(DataError):
     """A state file is missing, unreadable or does not match its JSON skeleton; names the file."""
 
 
