@@ -122,7 +122,8 @@ start apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_POR
   --service-account-signing-key-file "$STATE/pki/sa.key" --service-cluster-ip-range 10.96.0.0/16 \
   --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/audit.log" \
   --enable-priority-and-fairness=false --runtime-config api/beta=false \
-  --allow-privileged=true --event-ttl 10m --v 1
+  --allow-privileged=true --event-ttl 10m --v 1 \
+  --enable-admission-plugins OwnerReferencesPermissionEnforcement
 
 curl_api() { curl -ksf --max-time 2 -H "Authorization: Bearer $ADMIN_TOKEN" "$SERVER$1"; }
 deadline=$((SECONDS + TIMEOUT))
