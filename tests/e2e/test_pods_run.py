@@ -90,7 +90,7 @@ def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
                 "shards": 2,
                 "workers": 2,
                 "sync": {"shardSize": 8},
-                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
                 "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
             },
             "draft": {"draftVocabSize": 256},
@@ -104,7 +104,7 @@ def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
             "checkpointEvery": 4,
             "nodes": 2,
             "procsPerNode": 1,
-            "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+            "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
             "evaluation": {"maxPrompts": 4, "maxNewTokens": 16},
             "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
         },
@@ -181,3 +181,119 @@ def test_offline_flagship_runs_generation_two_node_training_and_evaluation(
     for type_ in ("Exported", "Evaluated", "Ready"):
         assert condition(status, type_)["status"] == "True", type_
     assert hub.downloads[TINY] > 0 and hub.refused == 0
+
+
+def broker_metrics(url: str) -> dict[str, float]:
+    """`specops_stream_*` samples of the broker's Prometheus endpoint, summed over labels."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("specops_stream_"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_online_stream_broker_two_generators_and_two_trainer_ranks(
+    control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
+) -> None:
+    """examples/datagen-online.yaml: broker StatefulSet + Service, 2 generators, a 2-rank training."""
+    plane, ns = control_plane, pods_ns
+    hub_secret(plane, ns)
+    tiny_vocab = json.loads((tiny_verifier() / "config.json").read_text())["vocab_size"]
+    datagen = merge_patch(
+        example("datagen-online.yaml", "SpeculatorDataGen"),
+        {
+            "spec": {
+                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
+                "datasets": [{"kind": "local", "path": SHAREGPT, "name": "sharegpt", "maxSamples": 24}],
+                "processor": {"maxLength": 128},
+                "engine": {
+                    "kind": "transformers",
+                    "batchSize": 4,
+                    "maxTokensPerBatch": 1024,
+                    "dtype": "float32",
+                },
+                "shards": 2,
+                "workers": 2,
+                "sync": {"queueSize": 4, "maxBrokerBytes": 268435456},
+                "broker": {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": None}},
+                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
+            }
+        },
+    )
+    training = merge_patch(
+        example("datagen-online.yaml", "SpeculatorTraining"),
+        {
+            "spec": {
+                "maxSteps": 1000,
+                "draft": {"draftVocabSize": tiny_vocab},
+                "tokensPerStep": 256,
+                "maxSeqLen": 128,
+                "precision": "fp32",
+                "checkpointEvery": 1000,
+                "nodes": 2,
+                "procsPerNode": 1,
+                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
+                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+            }
+        },
+    )
+    apply(plane, ns, datagen)
+    apply(plane, ns, training)
+    name = training["metadata"]["name"]
+    status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=900)
+    gen = DataGenNames(datagen["metadata"]["name"], ns)
+    generated = [last_json(text) for text in executor.pod_logs(ns, f"{gen.job}-").values()]
+    written = sum(r["written"] for r in generated)
+    broker = next(r for r in executor.pods.values() if r.namespace == ns and r.name.startswith(gen.broker))
+    counters = broker_metrics(
+        f"http://{broker.ip}:{datagen['spec']['broker'].get('metricsPort', 9100)}/metrics"
+    )
+    assert written > 0
+    assert counters["specops_stream_in_examples_total"] == written, counters
+    assert counters["specops_stream_delivered_examples_total"] == written, "every example taken once"
+    assert counters.get("specops_stream_duplicate_examples_total", 0) == 0
+    trainer_logs = executor.log(ns, f"{TrainingNames(name, ns).job}-")
+    assert "rank 1 of world size 2" in trainer_logs and "the stream ended after" in trainer_logs
+    assert condition(status, "Exported")["status"] == "True"
+    final = executor.claim_dir(ns, TrainingNames(name, ns).claim) / "final"
+    assert (final / "model.safetensors").is_file()
+    wait_complete(plane, executor, ns, "SpeculatorDataGen", gen.name, timeout=120)
+
+
+def test_a_killed_trainer_rank_resumes_from_its_checkpoint_to_the_same_step(
+    control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
+) -> None:
+    """kill -9 of rank 1 mid-training: the group fails, its replacements resume, the run completes."""
+    plane, ns = control_plane, pods_ns
+    hub_secret(plane, ns)
+    cr = tiny_flagship(hub, max_steps=40)
+    cr["spec"]["evaluation"] = {"enabled": False}
+    name = cr["metadata"]["name"]
+    names = TrainingNames(name, ns)
+    apply(plane, ns, cr)
+    output = executor.claim_dir(ns, names.claim)
+    until(
+        lambda: list((output / "checkpoints").glob("step-*")),
+        timeout=600,
+        what="a first checkpoint",
+        interval=0.5,
+    )
+    rank1 = next(
+        r
+        for r in executor.pods.values()
+        if r.namespace == ns and r.name.startswith(names.job) and r.hostname.endswith("-1")
+    )
+    executor.kill(ns, rank1.name)
+    status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=600)
+    assert status["progress"]["step"] == 40
+    exits = executor.exit_codes(ns, names.job)
+    assert 137 in exits and exits.count(0) == 2, exits
+    logs = executor.log(ns, f"{names.job}-")
+    assert "resum" in logs.lower(), logs[-3000:]
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert max(s.get("step", 0) for s in steps) == 40
