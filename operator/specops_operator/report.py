@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import tempfile
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from specops import exitcodes
 
@@ -69,10 +71,14 @@ def run(command: Sequence[str], termination_path: str, out: Any = None) -> int:
     return code if recorded is None else recorded
 
 
+ERROR_LINE = re.compile(r"^specops[\w .-]*: error: ")
+"""The one line every `specops` command prints on stderr for an error it understood."""
+
+
 def _supervise(command: Sequence[str], termination_path: str, out: Any, env: dict[str, str]) -> int:
     out = out if out is not None else sys.stdout.buffer
     try:
-        child = subprocess.Popen(list(command), stdout=subprocess.PIPE, env=env)
+        child = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     except OSError as exc:
         print(f"specops_operator.report: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127
@@ -82,6 +88,9 @@ def _supervise(command: Sequence[str], termination_path: str, out: Any, env: dic
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
+    errors: list[str] = []
+    echo = threading.Thread(target=_echo_stderr, args=(child.stderr, errors), daemon=True)
+    echo.start()
     report = None
     assert child.stdout is not None
     for line in child.stdout:
@@ -89,6 +98,11 @@ def _supervise(command: Sequence[str], termination_path: str, out: Any, env: dic
         out.flush()
         report = parse_report(line) or report
     code = child.wait()
+    echo.join(timeout=10)
+    if code != 0 and errors:
+        # The error line, not the log tail: under torchrun a worker's error is followed by the
+        # launcher's traceback, which would push it out of the kubelet's 2 KiB log fallback.
+        report = {**(report or {}), "error": errors[-1]}
     if report is not None:
         try:
             with open(termination_path, "w") as handle:
@@ -98,6 +112,17 @@ def _supervise(command: Sequence[str], termination_path: str, out: Any, env: dic
                 f"specops_operator.report: cannot write {termination_path}: {exc.strerror}", file=sys.stderr
             )
     return code if code >= 0 else 128 - code
+
+
+def _echo_stderr(stream: IO[bytes] | None, errors: list[str]) -> None:
+    """Pass the child's stderr through unchanged, keeping its `specops ...: error:` lines."""
+    assert stream is not None
+    for line in stream:
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+        text = line.decode("utf-8", "replace").strip()
+        if ERROR_LINE.match(text):
+            errors.append(text[: MAX_BYTES // 2])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,6 +131,9 @@ def failure_detail(pods: Sequence[Obj]) -> str:
     if not failed:
         return ""
     text = max(failed)[1]
+    report = parse_report(text)
+    if report is not None and report.get("error"):
+        return str(report["error"])[-MESSAGE_LIMIT:]  # the wrapper kept the command's error line
     lines = [line for line in text.splitlines() if "error" in line.lower()] or text.splitlines()
     return lines[-1][-MESSAGE_LIMIT:]
 

@@ -21,6 +21,7 @@ from specops_operator.builders.common import Defaults
 from specops_operator.builders.datagen import DataGenNames
 from specops_operator.builders.training import DataSource, build_training
 from specops_operator.report import MAX_BYTES, fit, main, parse_report, run
+from specops_operator.status import failure_detail
 
 CHILD = [sys.executable, "-c"]
 
@@ -136,6 +137,18 @@ def test_a_config_error_under_torchrun_exits_2_at_the_pod_level(tmp_path: Path) 
     assert done.returncode == exitcodes.CONFIG, done.stderr[-3000:]
     assert "specops train: error:" in done.stderr
     assert "exitcode  : 2" in done.stderr  # torchrun saw the 2 and reported its own 1
+    # The pod's termination message is the command's own error line, not torchrun's traceback
+    # (which follows it and would fill the kubelet's 2 KiB log fallback), and status reads it.
+    kept = json.loads((tmp_path / "term").read_text())
+    assert kept["error"].startswith("specops train: error: ") and "verifier: Field required" in kept["error"]
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {"name": "workload", "state": {"terminated": {"exitCode": 2, "message": fit(kept)}}}
+            ]
+        }
+    }
+    assert failure_detail([pod]) == kept["error"]
 
 
 def _offline_source() -> DataSource:
