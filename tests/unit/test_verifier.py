@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specops import exitcodes
 from specops.config import VerifierConfig
 from specops.paths import PathNotAllowedError
 from specops.testing.hub import FakeHub
@@ -103,7 +104,12 @@ def test_hub_id_is_downloaded_through_the_hub_api(random_llama_dir: Path, tmp_pa
     again = _resolve_in_child({**env, "HF_HUB_OFFLINE": "1"}, "acme/tiny-llama")
     assert again.returncode == 0 and Path(again.stdout.strip()) == snapshot
     absent = _resolve_in_child({**env, "HF_HUB_OFFLINE": "1"}, "acme/other")
-    assert absent.returncode == 2 and "not in the local Hugging Face cache" in absent.stderr
+    assert (
+        absent.returncode == 2 and "not in the local Hugging Face cache and HF_HUB_OFFLINE=1" in absent.stderr
+    )
+    down = _resolve_in_child(env, "acme/other")  # the endpoint is gone: an outage, retried
+    assert "the Hub at http://127.0.0.1" in down.stderr and "cannot be reached" in down.stderr
+    assert exitcodes.classify(ConnectionError()) == exitcodes.FAILED, "a Hub outage is retried, not fatal"
     assert downloads == len([p for p in repo.iterdir() if p.suffix != ".bin"])
 
 

@@ -50,7 +50,7 @@ def classify(exc: BaseException) -> int | None:
         return DATA
     if isinstance(exc, ConfigError | PathNotAllowedError | FileNotFoundError):
         return CONFIG
-    if isinstance(exc, StreamError):
+    if isinstance(exc, StreamError | ConnectionError):
         return FAILED
     return None
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specops.config import VerifierConfig
+from specops.config import ConfigError, VerifierConfig
 from specops.paths import PACKAGE_PREFIX, cache_dir, resolve_allowed
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
     `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline, only the cache
     answers. Failures name the field and the cause instead of the client's traceback.
     """
+    from huggingface_hub import constants as hub_constants
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -82,15 +83,21 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
     try:
         return str(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
     except GatedRepoError:
-        raise PermissionError(f"{where}: access refused (set HF_TOKEN to a token that may read it)") from None
+        raise ConfigError(f"{where}: access refused (set HF_TOKEN to a token that may read it)") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{where}: no such model on the Hub (or HF_TOKEN may not read it)") from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"{where}: no such revision") from None
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{where}: not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE=1): download it first or give a local directory"
+        if hub_constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{where}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1: "
+                "download it first or give a local directory"
+            ) from None
+        # Not a config error: a Hub outage passes, so the Job may retry (exit 1, not 2).
+        raise ConnectionError(
+            f"{where}: not in the local Hugging Face cache and the Hub at {hub_constants.ENDPOINT} "
+            "cannot be reached"
         ) from None
 
 
