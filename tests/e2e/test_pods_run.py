@@ -297,3 +297,66 @@ def test_a_killed_trainer_rank_resumes_from_its_checkpoint_to_the_same_step(
     assert "resum" in logs.lower(), logs[-3000:]
     steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert max(s.get("step", 0) for s in steps) == 40
+
+
+def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_naming_the_field(
+    control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
+) -> None:
+    """examples/datagen-offline.yaml + examples/hass-train.yaml (dataGenRef), patched for CPU; then a
+    second training on the same data whose error only shows in the trainer pods."""
+    plane, ns = control_plane, pods_ns
+    hub_secret(plane, ns)
+    datagen = merge_patch(
+        example("datagen-offline.yaml", "SpeculatorDataGen"),
+        {
+            "spec": {
+                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
+                "datasets": [{"kind": "local", "path": SHAREGPT, "format": "sharegpt", "maxSamples": 48}],
+                "processor": {"maxLength": 128},
+                "engine": {"batchSize": 8, "dtype": "float32"},
+                "shards": 2,
+                "workers": 2,
+                "sync": {"shardSize": 4},
+                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
+            }
+        },
+    )
+    tiny = {
+        "draft": {"draftVocabSize": 256},
+        "tttSteps": 2,
+        "epochs": 50,
+        "maxSteps": 6,
+        "tokensPerStep": 512,
+        "maxSeqLen": 128,
+        "precision": "fp32",
+        "procsPerNode": 1,
+        "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+        "evaluation": {"maxPrompts": 2, "maxNewTokens": 8},
+        "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+    }
+    hass = merge_patch(example("hass-train.yaml", "SpeculatorTraining"), {"spec": tiny})
+    apply(plane, ns, datagen)
+    apply(plane, ns, hass)
+    status = wait_complete(plane, executor, ns, "SpeculatorTraining", hass["metadata"]["name"], timeout=900)
+    assert status["progress"]["step"] == 6 and status["evaluation"]["prompts"] > 0
+    final = executor.claim_dir(ns, TrainingNames(hass["metadata"]["name"], ns).claim) / "final"
+    assert json.loads((final / "config.json").read_text())["speculators_config"]["algorithm"] in (
+        "hass",
+        "eagle3",
+    )
+
+    # A revision the Hub does not have is only found out inside the pods: every trainer rank exits
+    # 2 through torchrun, and status names the field and the cause (not torchrun's traceback).
+    pinned = {"verifier": {"nameOrPath": TINY, "revision": "no-such-tag"}, "backoffLimit": 1}
+    broken = merge_patch(hass, {"metadata": {"name": "bad-revision"}, "spec": pinned})
+    apply(plane, ns, broken)
+
+    def failed() -> Obj | None:
+        got = condition(status_of(plane, "SpeculatorTraining", ns, "bad-revision"), "Failed")
+        return got if got.get("status") == "True" else None
+
+    verdict = until(failed, timeout=600, what="bad-revision Failed", interval=1.0)
+    assert "verifier.name_or_path" in verdict["message"] and "no such revision" in verdict["message"], verdict
+    codes = executor.exit_codes(ns, TrainingNames("bad-revision", ns).job)
+    assert codes and set(codes) == {2}, f"every trainer pod exits with the config-error code: {codes}"
