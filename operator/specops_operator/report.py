@@ -20,8 +20,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import IO, Any
