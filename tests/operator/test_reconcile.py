@@ -130,7 +130,7 @@ async def test_kueue_jobs_start_suspended_and_kueue_resumes_them(api: Api, opera
         )
     )
     await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"spec": {"suspend": False}})  # Kueue admits
-    await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"status": {"active": 2}}, "status")
+    await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"status": {"active": 2, "ready": 2}}, "status")
     await api.until(_condition(api, DG, OFFLINE, "Running"), what="Running=True")
     await _settle(api)
     assert job()["spec"]["suspend"] is False, "the operator re-suspended an admitted Job"
@@ -218,7 +218,7 @@ async def test_status_follows_the_job_to_completion(api: Api, operator: Runner) 
     await api.create(example("datagen-offline.yaml"))
     job_name = f"{OFFLINE}-gen"
     await api.until(lambda: api.get("batch/v1", "Job", "ml", job_name))
-    await api.patch("batch/v1", "Job", "ml", job_name, {"status": {"active": 2, "succeeded": 3}}, "status")
+    await api.patch("batch/v1", "Job", "ml", job_name, {"status": {"active": 2, "ready": 2, "succeeded": 3}}, "status")
     await api.until(_condition(api, DG, OFFLINE, "Running"), what="Running")
     assert api.get(*DG, "ml", OFFLINE)["status"]["progress"]["shards"] == "3/8"  # type: ignore[index]
     for index in range(8):

@@ -95,9 +95,9 @@ def test_datagen_progress_counts_each_shard_once() -> None:
     cr = _cr("datagen-offline.yaml")
     report = json.dumps({"written": 10, "skipped": 2, "tokens": 1000, "seconds": 4.0})
     pods = (*(_pod(i, 0, report) for i in range(4)), _pod(5, 1, "specops: error"))
-    first = datagen_status(cr, {}, Observed(job=_job(active=2, succeeded=4), pods=pods), NOW)
+    first = datagen_status(cr, {}, Observed(job=_job(active=2, ready=2, succeeded=4), pods=pods), NOW)
     assert first["progress"]["examples"] == 48 and first["progress"]["countedIndexes"] == "0-3"
-    again = datagen_status(cr, first, Observed(job=_job(active=2, succeeded=4), pods=pods), NOW)
+    again = datagen_status(cr, first, Observed(job=_job(active=2, ready=2, succeeded=4), pods=pods), NOW)
     assert again["progress"] == first["progress"], "a refresh must not count a report twice"
     assert again["progress"]["tokensPerSecond"] == 250.0 and again["progress"]["shards"] == "4/8"
     assert _cond(again, "Running")["status"] == "True" and again["workers"] == 2
@@ -167,7 +167,9 @@ def test_training_phases() -> None:
     )
     failed = training_status(cr, {}, _data(Failed="True"), Observed(), NOW)
     assert _cond(failed, "Ready")["reason"] == "DataGenFailed"
-    running = training_status(cr, {}, _data(ShardsComplete="True"), Observed(job=_job(active=2)), NOW)
+    running = training_status(
+        cr, {}, _data(ShardsComplete="True"), Observed(job=_job(active=2, ready=2)), NOW
+    )
     assert _cond(running, "Running")["status"] == "True" and running["progress"]["nodesActive"] == 2
     report = json.dumps({"step": 900, "best_val_loss": 2.5})
     trained = training_status(
@@ -242,5 +244,5 @@ def test_terminal_and_retryable_failures() -> None:
     assert is_terminal(complete)
     settled = settled_status(3, complete)
     assert settled["observedGeneration"] == 3 and settled["conditions"][0]["observedGeneration"] == 3
-    waiting = waiting_status(1, {}, "not found", NOW)
+    waiting = waiting_status(1, {}, "not found", NOW, overdue=False)
     assert _cond(waiting, "Reconciling")["status"] == "True" and not is_terminal(waiting)
