@@ -263,10 +263,16 @@ def create_problem(job: Obj | None, events: Sequence[Obj]) -> tuple[Phase, str, 
 
 
 def started_phase(
-    what: str, job: Obj | None, seen: Observed, pods: Sequence[Obj], running: str, progress: str
+    what: str,
+    job: Obj | None,
+    seen: Observed,
+    pods: Sequence[Obj],
+    reasons: tuple[str, str],
+    progress: str = "",
 ) -> tuple[Phase, str, str]:
     """The phase of a stage whose Job exists, is not suspended and has not finished: running only
-    when pods run, else the most telling reason it does not (pod creation, storage, scheduling)."""
+    when pods run, else the most telling reason it does not (pod creation, storage, scheduling).
+    `reasons`: Ready's reason while running and while starting."""
     view = JobView.of(job)
     count = running_pods(view, pods)
     detail = pending_detail(pods)
@@ -274,14 +280,14 @@ def started_phase(
         pending = (
             f"; {view.active - count} not running ({detail[1]})" if detail and view.active > count else ""
         )
-        return Phase.RUNNING, running, f"{progress}{count} {what} pods running{pending}"[:MESSAGE_LIMIT]
+        return Phase.RUNNING, reasons[0], f"{progress}{count} {what} pods running{pending}"[:MESSAGE_LIMIT]
     for problem in (create_problem(job, seen.events), claim_problem(seen.claim, seen.events)):
         if problem is not None:
             return problem
     if detail is not None:
         return Phase.PENDING, detail[0], detail[1][:MESSAGE_LIMIT]
     pending = f"{view.active} {what} pods Pending" if view.active else f"waiting for {what} pods"
-    return Phase.PENDING, "Starting", f"{progress}{pending}"
+    return Phase.PENDING, reasons[1], f"{progress}{pending}"
 
 
 # --------------------------------------------------------------------------- data generation
@@ -346,7 +352,7 @@ def _datagen_phase(
     if job.suspended:
         waiting = "its Kueue queue admits it" if queued else "it is resumed"
         return Phase.PENDING, "WaitingForAdmission", f"the generator Job is suspended until {waiting}"
-    return started_phase("generator", seen.job, seen, seen.pods, "Generating", f"{shards}, ")
+    return started_phase("generator", seen.job, seen, seen.pods, ("Generating", "Starting"), f"{shards}, ")
 
 
 def datagen_status(
@@ -449,7 +455,9 @@ def _training_phase(
         if spec.suspend:
             return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
         if evaluator.exists and not evaluator.suspended:
-            return started_phase("evaluation", seen.eval_job, seen, seen.eval_pods, "Evaluating", "")
+            return started_phase(
+                "evaluation", seen.eval_job, seen, seen.eval_pods, ("Evaluating", "StartingEvaluation")
+            )
         return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
     if spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
@@ -467,7 +475,9 @@ def _training_phase(
         return Phase.PENDING, "Creating", "creating the trainer Job"
     if trainer.suspended:
         return Phase.PENDING, "WaitingForAdmission", "the trainer Job is suspended until it is admitted"
-    return started_phase("trainer", seen.job, seen, seen.pods, "Training", f"{spec.nodes} nodes: ")
+    return started_phase(
+        "trainer", seen.job, seen, seen.pods, ("Training", "Starting"), f"{spec.nodes} nodes: "
+    )
 
 
 def _evaluated(cr: SpeculatorTraining, data: DataSource, evaluator: JobView, result: Obj | None) -> Desired:

@@ -244,7 +244,7 @@ def test_stages_follow_the_data() -> None:
 
 
 def test_inline_generation_is_a_child_resource_that_inherits_suspend_and_queue() -> None:
-    eagle3 = _load("eagle3-train.yaml")
+    eagle3 = _load("eagle3-train.yaml", labels={"kueue.x-k8s.io/queue-name": "gpu-queue"})
     eagle3.spec.suspend = True
     children = build_training(eagle3, DEFAULTS, inline_source(eagle3, None), trained=False)
     child = children[0]
