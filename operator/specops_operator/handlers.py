@@ -150,7 +150,7 @@ def _refused(exc: ApiError, verb: str, desired: Manifest) -> Stall:
 
 
 def ensure(
-    kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool, fresh: bool, create: bool = True
+    kube: Kube, desired: Manifest, owner_uid: str, *, fresh: bool, create: bool = True
 ) -> Manifest | None:
     """Create the child, or check and converge the one that exists. AlreadyExists is success.
 
@@ -195,20 +195,15 @@ def ensure(
 
 
 def ensure_all(
-    kube: Kube, children: list[Manifest], owner_uid: str, suspend: bool, fresh: bool, prior: Manifest
+    kube: Kube, children: list[Manifest], owner_uid: str, prior: Manifest
 ) -> dict[tuple[str, str], Manifest]:
-    """Every child that exists now; a finished stage's Job is converged (its TTL) but never created."""
+    """Every child that exists now; a finished stage's Job is converged (its TTL) but never created.
+    `prior` is the status: none yet means a new resource."""
     finished = finished_components(prior)
     out: dict[tuple[str, str], Manifest] = {}
     for child in children:
-        got = ensure(
-            kube,
-            hold_ttl(child, finished),
-            owner_uid,
-            suspend=suspend,
-            fresh=fresh,
-            create=may_create(child, finished),
-        )
+        desired = hold_ttl(child, finished)
+        got = ensure(kube, desired, owner_uid, fresh=not prior, create=may_create(child, finished))
         if got is not None:
             out[(child["kind"], child["metadata"]["name"])] = got
     return out
@@ -238,6 +233,10 @@ def sync_kueue(kube: Kube, job: Manifest | None, suspend: bool) -> None:
     except ApiError as exc:
         if exc.status == 404:  # Kueue is not installed
             return
+        if exc.status == 403:
+            raise Stall(
+                "Forbidden", f"suspending a queued Job needs Kueue Workloads (chart: kueue.enabled): {exc}"
+            ) from None
         raise
     for workload in workloads:
         patch = workload_patch(workload, suspend=suspend)
@@ -272,7 +271,7 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         children = build_datagen(cr, ctx.defaults)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, not prior, prior)
+    existing = ensure_all(kube, children, meta.uid, prior)
     job = existing.get(("Job", names.job))
     if job is not None and KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
         sync_kueue(kube, job, cr.spec.suspend)
@@ -329,7 +328,7 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         children = build_training(cr, ctx.defaults, data, trained=trained)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, not prior, prior)
+    existing = ensure_all(kube, children, meta.uid, prior)
     if job is None or trained:  # else keep the read `trained` was decided on: status agrees with it
         job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
