@@ -54,10 +54,10 @@ pods it reads for workload reports, Events it posts.
 {{- define "specops.operatorRules" -}}
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens", "speculatortrainings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create", "delete"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens/status", "speculatortrainings/status"]
   verbs: ["patch"]
