@@ -27,6 +27,10 @@ class Phase(StrEnum):
     FAILED = "Failed"
     STALLED = "Stalled"
     """The spec cannot be run as written (a validation failure); nothing was created."""
+    BLOCKED = "Blocked"
+    """Cannot progress until something outside the run changes (an edit reverted, quota, storage,
+    a missing reference): Stalled, but nothing failed, so `kubectl wait --for=condition=Failed`
+    does not fire and the run goes on once the cause is fixed."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,12 @@ class Desired:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def elapsed(since: str, now: str) -> float:
+    """Seconds between two RFC 3339 timestamps (`creationTimestamp`, `now_rfc3339()`)."""
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(now) - parse(since)).total_seconds()
 
 
 def find(conditions: Iterable[Cond], type_: str) -> Cond | None:
@@ -89,7 +99,8 @@ def lifecycle(phase: Phase, reason: str, message: str = "") -> list[Desired]:
     (invalid spec or failed run), neither when it is settled (complete or suspended).
     """
     active = phase in (Phase.PENDING, Phase.RUNNING)
-    stuck = phase in (Phase.FAILED, Phase.STALLED)
+    stuck = phase in (Phase.FAILED, Phase.STALLED, Phase.BLOCKED)
+    failed = phase in (Phase.FAILED, Phase.STALLED)
     return [
         Desired("Ready", phase == Phase.COMPLETE, reason, message),
         Desired("Reconciling", active, reason if active else "Settled", message if active else ""),
@@ -99,7 +110,7 @@ def lifecycle(phase: Phase, reason: str, message: str = "") -> list[Desired]:
         ),
         Desired("Running", phase == Phase.RUNNING, reason if phase == Phase.RUNNING else "NotRunning"),
         Desired("Complete", phase == Phase.COMPLETE, reason if phase == Phase.COMPLETE else "NotComplete"),
-        Desired("Failed", stuck, reason if stuck else "NotFailed", message if stuck else ""),
+        Desired("Failed", failed, reason if failed else "NotFailed", message if failed else ""),
     ]
 
 
@@ -116,12 +127,16 @@ class Transition:
 
 _QUIET = frozenset({"Reconciling", "Stalled", "Suspended", "Running", "Complete", "Failed"})
 """Mirrors of `Ready`'s reason; one Event per phase change is enough."""
+WARNING_REASONS = frozenset({"Unschedulable", "PodsNotStarting", "WaitingForStorage"})
+"""Reasons of a run still Reconciling that need someone's attention (no GPU node, no volume):
+posted as Warnings although nothing is Stalled yet."""
 
 
 def transitions(before: Sequence[Cond], after: Sequence[Cond]) -> list[Transition]:
     """Changes worth an Event: Ready's reason (the phase) and every domain condition.
 
-    Events are Warnings while the resource is Stalled (invalid spec or failed run).
+    Events are Warnings while the resource is Stalled (invalid spec or failed run), and for the
+    `WARNING_REASONS` of a run that waits on the cluster.
     """
     stalled = is_true(after, "Stalled")
     events = []
@@ -132,7 +147,8 @@ def transitions(before: Sequence[Cond], after: Sequence[Cond]) -> list[Transitio
             old is not None and old.get("status") == cond["status"] and old.get("reason") == cond["reason"]
         ):
             continue
+        warning = stalled or str(cond["reason"]) in WARNING_REASONS
         events.append(
-            Transition(type_, str(cond["status"]), str(cond["reason"]), str(cond["message"]), stalled)
+            Transition(type_, str(cond["status"]), str(cond["reason"]), str(cond["message"]), warning)
         )
     return events

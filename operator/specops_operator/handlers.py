@@ -1,19 +1,21 @@
 """Thin kopf handlers: read the CR, ask the pure modules what should exist, make it so, write status.
 
-Every entry point (create, resume, update, the suspend field, the periodic timer) runs the same
-idempotent `reconcile`, so status is level-based: it is recomputed from the children as they
-are now, not only from events. Children are created with POST and changed with JSON merge
-patches (no server-side apply: a v1.20 server rejects it for Jobs with integer GPU limits).
-A finished run is never re-created: once Complete (or Failed by its workload), only status
-bookkeeping happens, even after a TTL deleted its Jobs.
+Every entry point (create, resume, update, the periodic timer, and watches of the child Jobs,
+StatefulSets and SpeculatorDataGens) runs the same idempotent `reconcile` on the resource as
+stored now, one at a time per resource, so status is level-based and follows a child within
+seconds. Children are created with POST and changed with JSON merge patches (no server-side
+apply: a v1.20 server rejects it for Jobs with integer GPU limits). A finished stage is never
+re-created: its completion is recorded in status before its Job gets a TTL, and once the run is
+Complete (or Failed by its workload), only status bookkeeping happens.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -27,9 +29,24 @@ from specops_operator.api import (
     immutable_changes,
     parse_resource,
 )
-from specops_operator.builders.common import COMPONENT_LABEL, INSTANCE_LABEL, KIND_LABEL, Defaults, Manifest
+from specops_operator.builders.common import (
+    COMPONENT_LABEL,
+    INSTANCE_LABEL,
+    KIND_LABEL,
+    KUEUE_QUEUE_LABEL,
+    Defaults,
+    Manifest,
+)
 from specops_operator.builders.datagen import GENERATOR, DataGenNames, build_datagen
-from specops_operator.builders.drift import Ownership, adoption_patch, mutable_patch, ownership
+from specops_operator.builders.drift import (
+    Ownership,
+    adoption_patch,
+    controller_of,
+    mutable_patch,
+    ownership,
+    queued_scaling,
+    workload_patch,
+)
 from specops_operator.builders.training import (
     EVALUATOR,
     TRAINER,
@@ -38,7 +55,7 @@ from specops_operator.builders.training import (
     build_training,
     inline_source,
 )
-from specops_operator.conditions import is_true, now_rfc3339, transitions
+from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitions
 from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.metrics import OperatorMetrics
 from specops_operator.status import (
@@ -46,7 +63,11 @@ from specops_operator.status import (
     Observed,
     compatible_condition,
     datagen_status,
+    finished_components,
+    hold_ttl,
     is_terminal,
+    looks_stuck,
+    may_create,
     parse_ranges,
     settled_status,
     stalled_status,
@@ -69,6 +90,9 @@ CHILD_KINDS = (
     (API_VERSION, DATAGEN_KIND),
 )
 """Every kind the operator creates; what `delete` cleans up (RBAC mirrors this list)."""
+KUEUE_WORKLOAD = ("kueue.x-k8s.io/v1beta1", "Workload")
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
+"""The label Kueue puts on the Workload it creates for a Job."""
 
 
 @dataclass
@@ -81,10 +105,20 @@ class Context:
     """Seconds between level-based status refreshes of each resource."""
     backoff: float = 10.0
     """Seconds before a handler that hit an API error is retried."""
+    data_grace: float = 120.0
+    """Seconds a `dataGenRef` may name a missing SpeculatorDataGen before the training is Stalled
+    (it may be applied in the same `kubectl apply` batch, just after)."""
     reconciles: int = 0
     """Reconciles since start (shown by the liveness probe)."""
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     """Prometheus metrics (`--metrics-port`)."""
+    locks: dict[tuple[str, str, str], threading.Lock] = field(default_factory=dict)
+    """One per resource: the timer, spec changes and child watches never reconcile it at once."""
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self.locks.setdefault((kind, namespace, name), threading.Lock())
 
     @property
     def api(self) -> Kube:
@@ -107,19 +141,37 @@ class Stall(Exception):
 # --------------------------------------------------------------------------- children
 
 
-def ensure(kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool, fresh: bool) -> Manifest:
+REFUSED = {403: "Forbidden", 422: "Invalid"}
+"""API answers that a retry cannot fix (quota, admission policy, an invalid field): Stalled with
+the server's message, re-tried by the refresh timer instead of kopf's endless backoff."""
+
+
+def _refused(exc: ApiError, verb: str, desired: Manifest) -> Stall:
+    meta = desired["metadata"]
+    what = f"{verb} {desired['kind']} {meta['namespace']}/{meta['name']}"
+    return Stall(REFUSED[exc.status], f"{what}: {exc.status} {exc.reason}: {exc.message}"[:1024])
+
+
+def ensure(
+    kube: Kube, desired: Manifest, owner_uid: str, *, fresh: bool, create: bool = True
+) -> Manifest | None:
     """Create the child, or check and converge the one that exists. AlreadyExists is success.
 
     `fresh` (the CR has no status yet): try creating first, one request per child in the common
-    case; otherwise read first, as the child almost always exists already.
+    case; otherwise read first, as the child almost always exists already. `create=False`: only
+    converge it if it exists (None if not).
     """
     meta = desired["metadata"]
     key = (desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
-    existing = None if fresh else kube.get(*key)
+    existing = None if fresh and create else kube.get(*key)
     if existing is None:
+        if not create:
+            return None
         try:
             return kube.create(desired)
         except ApiError as exc:
+            if exc.status in REFUSED:
+                raise _refused(exc, "create", desired) from None
             if exc.status != 409:
                 raise
             existing = kube.get(*key)
@@ -132,24 +184,67 @@ def ensure(kube: Kube, desired: Manifest, owner_uid: str, *, suspend: bool, fres
         raise Stall(
             "ChildConflict", f"{desired['kind']} {meta['name']!r} exists and is not owned by this resource"
         )
-    patch = mutable_patch(existing, desired, suspend=suspend)
+    patch = mutable_patch(existing, desired)
     if verdict is Ownership.ADOPT:
         patch.update(adoption_patch(desired))
-    return kube.patch(*key, patch) if patch else existing
+    if not patch:
+        return existing
+    try:
+        return kube.patch(*key, patch)
+    except ApiError as exc:
+        if exc.status in REFUSED:
+            raise _refused(exc, "patch", desired) from None
+        raise
 
 
 def ensure_all(
-    kube: Kube, children: list[Manifest], owner_uid: str, suspend: bool, fresh: bool
+    kube: Kube, children: list[Manifest], owner_uid: str, prior: Manifest
 ) -> dict[tuple[str, str], Manifest]:
-    return {
-        (c["kind"], c["metadata"]["name"]): ensure(kube, c, owner_uid, suspend=suspend, fresh=fresh)
-        for c in children
-    }
+    """Every child that exists now; a finished stage's Job is converged (its TTL) but never created.
+    `prior` is the status: none yet means a new resource."""
+    finished = finished_components(prior)
+    out: dict[tuple[str, str], Manifest] = {}
+    for child in children:
+        desired = hold_ttl(child, finished)
+        got = ensure(kube, desired, owner_uid, fresh=not prior, create=may_create(child, finished))
+        if got is not None:
+            out[(child["kind"], child["metadata"]["name"])] = got
+    return out
 
 
 def pods_of(kube: Kube, namespace: str, instance: str, kind: str, component: str) -> tuple[Manifest, ...]:
     labels = {INSTANCE_LABEL: instance, KIND_LABEL: kind, COMPONENT_LABEL: component}
     return tuple(kube.list("v1", "Pod", namespace, labels))
+
+
+def events_about(kube: Kube, namespace: str, *objects: Manifest | None) -> tuple[Manifest, ...]:
+    """Events of these objects (FailedCreate, ProvisioningFailed): read only for a stuck stage."""
+    out: list[Manifest] = []
+    for obj in filter(None, objects):
+        out += kube.events(namespace, obj["kind"], obj["metadata"]["name"])
+    return tuple(out)
+
+
+def sync_kueue(kube: Kube, job: Manifest | None, suspend: bool) -> None:
+    """With a Kueue queue, Kueue alone flips Job.suspend; `spec.suspend` (de)activates the Job's
+    Kueue Workload instead (`spec.active`), which makes Kueue evict or re-queue it."""
+    meta = (job or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return
+    try:
+        workloads = kube.list(*KUEUE_WORKLOAD, meta["namespace"], {KUEUE_JOB_UID: meta["uid"]})
+    except ApiError as exc:
+        if exc.status == 404:  # Kueue is not installed
+            return
+        if exc.status == 403:
+            raise Stall(
+                "Forbidden", f"suspending a queued Job needs Kueue Workloads (chart: kueue.enabled): {exc}"
+            ) from None
+        raise
+    for workload in workloads:
+        patch = workload_patch(workload, suspend=suspend)
+        if patch:
+            kube.patch(*KUEUE_WORKLOAD, meta["namespace"], workload["metadata"]["name"], patch)
 
 
 # --------------------------------------------------------------------------- reconcile
@@ -179,14 +274,29 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         children = build_datagen(cr, ctx.defaults)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, fresh=not prior)
-    job = existing[("Job", names.job)]
+    existing = ensure_all(kube, children, meta.uid, prior)
+    job = existing.get(("Job", names.job))
+    if job is not None and KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
+        sync_kueue(kube, job, cr.spec.suspend)
     view = JobView.of(job)
     counted = parse_ranges(str((prior.get("progress") or {}).get("countedIndexes") or ""))
     unread = view.succeeded > len(counted) or view.failed
-    pods = pods_of(kube, meta.namespace, meta.name, DATAGEN_KIND, GENERATOR) if unread else ()
-    seen = Observed(job=job, broker=existing.get(("StatefulSet", names.broker)), pods=pods)
+    pods = pods_of(kube, meta.namespace, meta.name, DATAGEN_KIND, GENERATOR) if unread or view.unsure else ()
+    data_claim = existing.get(("PersistentVolumeClaim", names.claim))
+    events = events_about(kube, meta.namespace, job, data_claim) if looks_stuck(view, pods) else ()
+    seen = Observed(
+        job=job,
+        broker=existing.get(("StatefulSet", names.broker)),
+        pods=pods,
+        claim=data_claim,
+        events=events,
+    )
     return datagen_status(cr, prior, seen, now, compatible_condition(findings, arch is not None))
+
+
+def _kueue_due(suspend: bool, prior: Manifest) -> bool:
+    """Kueue's Workload must be (kept) deactivated, or re-activated once after a resume."""
+    return suspend or is_true(prior.get("conditions") or [], "Suspended")
 
 
 def _data_source(cr: SpeculatorTraining, kube: Kube) -> DataSource:
@@ -221,17 +331,35 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         children = build_training(cr, ctx.defaults, data, trained=trained)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, cr.spec.suspend, fresh=not prior)
-    job = existing.get(("Job", names.job), job)
+    existing = ensure_all(kube, children, meta.uid, prior)
+    if job is None or trained:  # else keep the read `trained` was decided on: status agrees with it
+        job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
+    if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
+        for queued in (job, eval_job):
+            sync_kueue(kube, queued, cr.spec.suspend)
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
     read_trainer = (trainer.complete and not (prior.get("progress") or {}).get("step")) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
+    pods = (
+        pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, TRAINER)
+        if read_trainer or trainer.unsure
+        else ()
+    )
+    eval_pods = (
+        pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, EVALUATOR)
+        if read_eval or evaluator.unsure
+        else ()
+    )
+    output = existing.get(("PersistentVolumeClaim", names.claim))
+    stuck = [j for j, v, p in ((job, trainer, pods), (eval_job, evaluator, eval_pods)) if looks_stuck(v, p)]
     seen = Observed(
         job=job,
-        pods=pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, TRAINER) if read_trainer else (),
+        pods=pods,
         eval_job=eval_job,
-        eval_pods=pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, EVALUATOR) if read_eval else (),
+        eval_pods=eval_pods,
+        claim=output,
+        events=events_about(kube, meta.namespace, *stuck, output) if stuck else (),
     )
     return training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
 
@@ -253,21 +381,58 @@ def _applied_spec(body: Manifest) -> Manifest | None:
     return value if isinstance(value, dict) else None
 
 
+def _owner_gone(kube: Kube, body: Manifest) -> bool:
+    """The resource's controller (the training of an inline DataGen) is deleted or being deleted:
+    garbage collection takes this one too, so it must create nothing (not even a retained PVC that
+    would outlive both), e.g. when the operator restarts after the training was deleted."""
+    owner = controller_of(body)
+    if owner is None or owner.get("kind") != TRAINING_KIND:
+        return False
+    found = kube.get(API_VERSION, TRAINING_KIND, body["metadata"]["namespace"], owner["name"])
+    return (
+        found is None
+        or found["metadata"].get("uid") != owner.get("uid")
+        or bool(found["metadata"].get("deletionTimestamp"))
+    )
+
+
+def release_ttl(kube: Kube, body: Manifest) -> None:
+    """A finished run's Jobs get the CR's `ttlSecondsAfterFinished` now that status recorded them."""
+    ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+    if ttl is None:
+        return
+    meta = body["metadata"]
+    for job in kube.list(
+        "batch/v1", "Job", meta["namespace"], {INSTANCE_LABEL: meta["name"], KIND_LABEL: body["kind"]}
+    ):
+        if (job.get("spec") or {}).get("ttlSecondsAfterFinished") != ttl:
+            kube.patch(
+                "batch/v1",
+                "Job",
+                meta["namespace"],
+                job["metadata"]["name"],
+                {"spec": {"ttlSecondsAfterFinished": ttl}},
+            )
+
+
 def reconcile(body: Manifest, ctx: Context) -> Outcome:
     """Bring children in line with the CR; returns the status to write (never raises for bad specs).
 
-    Order matters: a finished run stays finished (its Jobs may be gone after their TTL); then the
-    spec is checked against the one the children were built from, because servers without CEL
-    accept any update and a refresh must never act on an illegal one.
+    Order matters: a resource being deleted (or whose owner is) creates nothing; a finished run
+    stays finished (its Jobs may be gone after their TTL); then the spec is checked against the
+    one the children were built from, because servers without CEL accept any update and a
+    refresh must never act on an illegal one.
     """
     prior = dict(body.get("status") or {})
-    generation = int((body.get("metadata") or {}).get("generation") or 0)
+    meta = body.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
     now = now_rfc3339()
     ctx.reconciles += 1
-    if (body.get("metadata") or {}).get("deletionTimestamp"):
-        return Outcome(prior)  # being deleted: the cleanup handler owns the children now
+    if meta.get("deletionTimestamp") or _owner_gone(ctx.api, body):
+        return Outcome(prior)  # being deleted: the cleanup handler (or the GC) owns the children now
     try:
         if is_terminal(prior):
+            release_ttl(ctx.api, body)
             return Outcome(settled_status(generation, prior))
         applied = _applied_spec(body)
         spec = body.get("spec") or {}
@@ -276,9 +441,10 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
                 changed = immutable_changes(applied, spec, body["kind"])
             except ValueError:
                 changed = []  # an unreadable record: the current spec is validated below
+            changed += queued_scaling(applied, spec, meta.get("labels") or {})
             if changed:
                 raise Stall("ImmutableFieldChanged", "; ".join(changed))
-        cr = parse_resource(body, f"{body['kind']} {body['metadata'].get('name')}")
+        cr = parse_resource(body, f"{body['kind']} {meta.get('name')}")
         if isinstance(cr, SpeculatorDataGen):
             status = reconcile_datagen(cr, prior, ctx, now)
         else:
@@ -290,28 +456,43 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
     except Stall as stall:
         return Outcome(stalled_status(generation, prior, stall.reason, stall.message, now, stall.domain))
     except Waiting as waiting:
-        return Outcome(waiting_status(generation, prior, str(waiting), now))
+        overdue = elapsed(str(meta.get("creationTimestamp") or now), now) > ctx.data_grace
+        return Outcome(waiting_status(generation, prior, str(waiting), now, overdue))
 
 
 # --------------------------------------------------------------------------- kopf glue
 
 
-def _write(body: Any, patch: kopf.Patch, outcome: Outcome) -> None:
+def write(kube: Kube, body: Manifest, outcome: Outcome) -> None:
     """Record the applied spec once, patch status when it changed, one Event per transition."""
+    meta = body["metadata"]
+    key = (API_VERSION, body["kind"], meta["namespace"], meta["name"])
     if outcome.applied is not None:
-        patch.metadata.annotations[APPLIED] = outcome.applied
+        kube.patch(*key, {"metadata": {"annotations": {APPLIED: outcome.applied}}})
     status = outcome.status
     prior = dict(body.get("status") or {})
     if status == {k: prior.get(k) for k in status}:
         return
-    patch["status"] = status
+    kube.patch(*key, {"status": status}, subresource="status")
     for change in transitions(prior.get("conditions") or [], status.get("conditions") or []):
         kopf.event(
-            body,
+            cast(kopf.Body, body),  # kopf reads only the object reference
             type="Warning" if change.warning else "Normal",
             reason=change.reason,
             message=f"{change.type}={change.status}: {change.message}"[:1024],
         )
+
+
+def refresh(ctx: Context, kind: str, namespace: str, name: str) -> None:
+    """Reconcile one resource as stored now and write its status; one at a time per resource,
+    so a watch-triggered refresh never writes a status older than the one it read."""
+    with ctx.lock(kind, namespace, name):
+        body = ctx.api.get(API_VERSION, kind, namespace, name)
+        if body is not None:
+            with ctx.metrics.reconciling(kind):
+                outcome = reconcile(body, ctx)
+            ctx.metrics.record(body, outcome.status)
+            write(ctx.api, body, outcome)
 
 
 def delete_children(kube: Kube, body: Manifest) -> int:
@@ -342,16 +523,21 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.background.cancellation_polling = 1.0
 
 
+def owner_of(child: Manifest) -> tuple[str, str] | None:
+    """(kind, name) of the SpecOps resource a child belongs to, from the labels every child carries."""
+    labels = (child.get("metadata") or {}).get("labels") or {}
+    kind, name = labels.get(KIND_LABEL), labels.get(INSTANCE_LABEL)
+    return (kind, name) if kind in (DATAGEN_KIND, TRAINING_KIND) and name else None
+
+
 def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
     """Attach every handler for both kinds to `registry` (tests use a registry of their own)."""
     for kind in (DATAGEN_KIND, TRAINING_KIND):
         resource = (GROUP, VERSION, PLURALS[kind])
 
-        def on_change(body: Any, patch: kopf.Patch, **_: Any) -> None:
-            with ctx.metrics.reconciling(body["kind"]):
-                outcome = reconcile(dict(body), ctx)
-            ctx.metrics.record(body, outcome.status)
-            _write(body, patch, outcome)
+        def on_change(body: Any, **_: Any) -> None:
+            meta = body["metadata"]
+            refresh(ctx, body["kind"], meta["namespace"], meta["name"])
 
         def on_suspend(body: Any, old: Any, new: Any, **_: Any) -> None:
             if bool(old) != bool(new):
@@ -368,6 +554,7 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
             ctx.metrics.forget(body)
             deleted = delete_children(ctx.api, dict(body))
             meta = body["metadata"]
+            ctx.locks.pop((body["kind"], meta["namespace"], meta["name"]), None)
             log.info("%s %s/%s: deleted %d children", body["kind"], meta["namespace"], meta["name"], deleted)
 
         backoff = ctx.backoff
@@ -386,6 +573,34 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
             registry=registry,
         )(on_change)
         kopf.on.delete(*resource, id="cleanup", backoff=backoff, registry=registry)(on_delete)
+
+    def on_child(body: Any, **_: Any) -> None:
+        """A child Job, StatefulSet or inline SpeculatorDataGen changed: its owner's status follows
+        now, not at the next timer tick."""
+        owner = owner_of(dict(body))
+        if owner is not None:
+            refresh(ctx, owner[0], body["metadata"]["namespace"], owner[1])
+
+    ours = {KIND_LABEL: kopf.PRESENT, INSTANCE_LABEL: kopf.PRESENT}
+    for group, version, plural in (
+        ("batch", "v1", "jobs"),
+        ("apps", "v1", "statefulsets"),
+        (GROUP, VERSION, PLURALS[DATAGEN_KIND]),
+    ):
+        kopf.on.event(group, version, plural, id=f"child-{plural}", labels=ours, registry=registry)(on_child)
+
+    @kopf.index(GROUP, VERSION, PLURALS[TRAINING_KIND], id="data_refs", registry=registry)
+    def data_refs(namespace: Any, name: Any, spec: Any, **_: Any) -> Any:
+        """(namespace, dataGenRef) -> the trainings that read it."""
+        ref = (spec.get("dataGenRef") or {}).get("name")
+        return {(namespace, ref): name} if ref else None
+
+    @kopf.on.event(GROUP, VERSION, PLURALS[DATAGEN_KIND], id="referenced", registry=registry)
+    def on_referenced(body: Any, **kwargs: Any) -> None:
+        """A SpeculatorDataGen changed: the trainings naming it in `dataGenRef` follow now."""
+        namespace = body["metadata"]["namespace"]
+        for training in kwargs["data_refs"].get((namespace, body["metadata"]["name"]), []):
+            refresh(ctx, TRAINING_KIND, namespace, training)
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def reconciles(**_: Any) -> int:

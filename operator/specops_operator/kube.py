@@ -24,6 +24,8 @@ PLURALS: dict[str, str] = {
     "StatefulSet": "statefulsets",
     "SpeculatorDataGen": "speculatordatagens",
     "SpeculatorTraining": "speculatortrainings",
+    "Event": "events",
+    "Workload": "workloads",
 }
 
 
@@ -122,6 +124,19 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    def events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events about one object (also filtered here: not every server honours field selectors)."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        data = self._call(
+            "GET", collection_path("v1", "Event", namespace), query=[("fieldSelector", selector)]
+        )
+        return [
+            item
+            for item in data.get("items") or []
+            if (item.get("involvedObject") or {}).get("kind") == kind
+            and (item.get("involvedObject") or {}).get("name") == name
+        ]
 
     def list(
         self, api_version: str, kind: str, namespace: str, labels: dict[str, str]

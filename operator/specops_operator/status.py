@@ -16,13 +16,24 @@ from typing import Any
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
 from specops_operator.builders.datagen import GENERATOR, DataGenNames
-from specops_operator.builders.training import FINAL_DIR, DataSource, TrainingNames, verifier_of
+from specops_operator.builders.training import (
+    EVALUATOR,
+    FINAL_DIR,
+    TRAINER,
+    DataSource,
+    TrainingNames,
+    verifier_of,
+)
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
 from specops_operator.report import parse_report
 from specops_operator.validation import FINDING_REASONS
 
 Obj = dict[str, Any]
 MESSAGE_LIMIT = 1024
+DATA = "data"
+"""Component label of a training's inline SpeculatorDataGen (`builders.training.child_datagen`)."""
+STAGE_KINDS = frozenset({"Job", "SpeculatorDataGen"})
+"""Children that do work: a finished one is never created again."""
 
 
 # --------------------------------------------------------------------------- small readers
@@ -54,12 +65,20 @@ class JobView:
     exists: bool = False
     suspended: bool = False
     active: int = 0
+    """Pods not finished, Pending ones included: not the pods running."""
+    ready: int | None = None
+    """Pods Ready (None on servers before v1.24, which do not count them)."""
     succeeded: int = 0
     failed_indexes: int = 0
     complete: bool = False
     failed: bool = False
     reason: str = ""
     message: str = ""
+
+    @property
+    def unsure(self) -> bool:
+        """Some unfinished pods may not be running: their pods must be read to tell."""
+        return self.active > (self.ready or 0)
 
     @classmethod
     def of(cls, job: Obj | None) -> JobView:
@@ -72,6 +91,7 @@ class JobView:
             exists=True,
             suspended=bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
             active=int(status.get("active") or 0),
+            ready=int(status["ready"]) if status.get("ready") is not None else None,
             succeeded=int(status.get("succeeded") or 0),
             failed_indexes=len(parse_ranges(status.get("failedIndexes") or "")),
             complete="Complete" in conditions,
@@ -147,6 +167,132 @@ def _failure(job: JobView, pods: Sequence[Obj], fatal_reason: str) -> tuple[str,
     return reason or "Failed", message or "the Job failed"
 
 
+# --------------------------------------------------------------------------- what the cluster says
+
+NOT_STARTING = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+    }
+)
+"""Container waiting reasons that do not go away by themselves."""
+
+
+def _live(pods: Sequence[Obj]) -> list[Obj]:
+    return [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+
+
+def running_pods(job: JobView, pods: Sequence[Obj]) -> int:
+    """Pods really running. Job.status.active counts Pending pods too, so it is not the answer;
+    without the pods, only the Ready count is trusted."""
+    live = _live(pods)
+    if live:
+        return sum(1 for p in live if (p.get("status") or {}).get("phase") == "Running")
+    return min(job.active, job.ready or 0)
+
+
+def looks_stuck(job: JobView, pods: Sequence[Obj]) -> bool:
+    """The Job should be running pods and runs none: worth reading its (and its claim's) Events."""
+    busy = job.complete or job.failed or job.suspended
+    return job.exists and not busy and running_pods(job, pods) == 0
+
+
+def pending_detail(pods: Sequence[Obj]) -> tuple[str, str] | None:
+    """(reason, message) naming a Pending pod and why it does not start: the scheduler's
+    Unschedulable message, or a container stuck waiting (image pull, missing Secret)."""
+    for pod in _live(pods):
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending":
+            continue
+        name = (pod.get("metadata") or {}).get("name", "")
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                return "Unschedulable", f"pod {name}: {cond.get('message') or 'unschedulable'}"
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in NOT_STARTING:
+                return "PodsNotStarting", f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}"
+    return None
+
+
+def _warnings(
+    events: Sequence[Obj], kind: str, name: str, reasons: frozenset[str] | None = None
+) -> list[str]:
+    about = [
+        e
+        for e in events
+        if e.get("type") == "Warning"
+        and (e.get("involvedObject") or {}).get("kind") == kind
+        and (e.get("involvedObject") or {}).get("name") == name
+        and (reasons is None or e.get("reason") in reasons)
+    ]
+    about.sort(key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return [str(e.get("message") or e.get("reason") or "") for e in about]
+
+
+def claim_problem(claim: Obj | None, events: Sequence[Obj]) -> tuple[Phase, str, str] | None:
+    """A data/output PVC that is not bound: Blocked when provisioning reported a Warning (no such
+    storage class, no RWX support), else still Pending (e.g. bound when the first pod schedules)."""
+    if claim is None or (claim.get("status") or {}).get("phase") != "Pending":
+        return None
+    meta = claim.get("metadata") or {}
+    what = f"PersistentVolumeClaim {meta.get('namespace')}/{meta.get('name')} is Pending"
+    warnings = _warnings(events, "PersistentVolumeClaim", str(meta.get("name")))
+    if warnings:
+        return Phase.BLOCKED, "StorageNotBound", f"{what}: {warnings[-1]}"[:MESSAGE_LIMIT]
+    return Phase.PENDING, "WaitingForStorage", f"{what} (not bound yet)"
+
+
+def create_problem(job: Obj | None, events: Sequence[Obj]) -> tuple[Phase, str, str] | None:
+    """The Job controller cannot create pods (a missing service account, quota, admission): Blocked
+    with its FailedCreate message; it retries by itself, so a fix unblocks the run."""
+    if job is None:
+        return None
+    meta = job.get("metadata") or {}
+    warnings = _warnings(events, "Job", str(meta.get("name")), frozenset({"FailedCreate"}))
+    if not warnings:
+        return None
+    message = f"Job {meta.get('namespace')}/{meta.get('name')} cannot create pods: {warnings[-1]}"
+    return Phase.BLOCKED, "FailedCreate", message[:MESSAGE_LIMIT]
+
+
+def started_phase(
+    what: str,
+    job: Obj | None,
+    seen: Observed,
+    pods: Sequence[Obj],
+    reasons: tuple[str, str],
+    progress: str = "",
+) -> tuple[Phase, str, str]:
+    """The phase of a stage whose Job exists, is not suspended and has not finished: running only
+    when pods run, else the most telling reason it does not (pod creation, storage, scheduling).
+    `reasons`: Ready's reason while running and while starting."""
+    view = JobView.of(job)
+    count = running_pods(view, pods)
+    detail = pending_detail(pods)
+    if count:
+        pending = (
+            f"; {view.active - count} not running ({detail[1]})" if detail and view.active > count else ""
+        )
+        return Phase.RUNNING, reasons[0], f"{progress}{count} {what} pods running{pending}"[:MESSAGE_LIMIT]
+    for problem in (create_problem(job, seen.events), claim_problem(seen.claim, seen.events)):
+        if problem is not None:
+            return problem
+    if detail is not None:
+        return Phase.PENDING, detail[0], detail[1][:MESSAGE_LIMIT]
+    pending = f"{view.active} {what} pods Pending" if view.active else f"waiting for {what} pods"
+    return Phase.PENDING, reasons[1], f"{progress}{pending}"
+
+
 # --------------------------------------------------------------------------- data generation
 
 
@@ -157,8 +303,13 @@ class Observed:
     job: Obj | None = None
     broker: Obj | None = None
     pods: tuple[Obj, ...] = ()
+    """Pods of the generator or trainer (read when reports are due or some may not run)."""
     eval_job: Obj | None = None
     eval_pods: tuple[Obj, ...] = ()
+    claim: Obj | None = None
+    """The PVC the running stage writes (data or output)."""
+    events: tuple[Obj, ...] = ()
+    """Events about the Job and the claim (read only while they look stuck)."""
 
 
 def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], prior: Obj) -> Obj:
@@ -189,11 +340,11 @@ def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], 
 
 
 def _datagen_phase(
-    cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], queued: bool
+    cr: SpeculatorDataGen, job: JobView, seen: Observed, queued: bool
 ) -> tuple[Phase, str, str]:
     shards = f"{job.succeeded}/{cr.spec.shards} shards"
     if job.failed:
-        reason, message = _failure(job, pods, "ConfigError")
+        reason, message = _failure(job, seen.pods, "ConfigError")
         return Phase.FAILED, reason, message
     if job.complete:
         return Phase.COMPLETE, "Complete", f"{shards} generated"
@@ -204,9 +355,7 @@ def _datagen_phase(
     if job.suspended:
         waiting = "its Kueue queue admits it" if queued else "it is resumed"
         return Phase.PENDING, "WaitingForAdmission", f"the generator Job is suspended until {waiting}"
-    if job.active:
-        return Phase.RUNNING, "Generating", f"{shards}, {job.active} pods running"
-    return Phase.PENDING, "Starting", f"{shards}, waiting for generator pods"
+    return started_phase("generator", seen.job, seen, seen.pods, ("Generating", "Starting"), f"{shards}, ")
 
 
 def datagen_status(
@@ -217,9 +366,7 @@ def datagen_status(
     assert meta.namespace is not None
     names = DataGenNames(meta.name, meta.namespace)
     job = JobView.of(seen.job)
-    phase, reason, message = _datagen_phase(
-        cr, job, seen.pods, bool(meta.labels.get(common.KUEUE_QUEUE_LABEL))
-    )
+    phase, reason, message = _datagen_phase(cr, job, seen, bool(meta.labels.get(common.KUEUE_QUEUE_LABEL)))
     desired = lifecycle(phase, reason, message)
     extra: Obj = {}
     if cr.spec.mode == "offline":
@@ -250,7 +397,7 @@ def datagen_status(
         "observedGeneration": generation,
         "conditions": merge(prior.get("conditions") or [], desired, generation, now),
         "progress": _datagen_progress(cr, job, seen.pods, prior),
-        "workers": job.active,
+        "workers": running_pods(job, seen.pods),
         "selector": selector,
         **extra,
     }
@@ -295,8 +442,8 @@ def _training_phase(
     cr: SpeculatorTraining, data: DataSource, trainer: JobView, evaluator: JobView, seen: Observed
 ) -> tuple[Phase, str, str]:
     spec = cr.spec
-    if not data.found:
-        return Phase.PENDING, "WaitingForData", f"SpeculatorDataGen {data.names.name!r} not found"
+    if not data.found:  # the inline child, created by this very reconcile
+        return Phase.PENDING, "WaitingForData", f"creating SpeculatorDataGen {data.names.name!r}"
     if trainer.failed:
         reason, message = _failure(trainer, seen.pods, "ConfigError")
         return Phase.FAILED, reason, message
@@ -310,21 +457,30 @@ def _training_phase(
             return Phase.FAILED, "EvaluationFailed", message
         if spec.suspend:
             return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
-        if evaluator.active:
-            return Phase.RUNNING, "Evaluating", "measuring acceptance length"
-        return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation pod"
+        if evaluator.exists and not evaluator.suspended:
+            return started_phase(
+                "evaluation", seen.eval_job, seen, seen.eval_pods, ("Evaluating", "StartingEvaluation")
+            )
+        return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
     if spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
     if not trainer.exists:
         if not data.ready:
-            progress = (data.status.get("progress") or {}).get("shards") or "not started"
-            return Phase.PENDING, "WaitingForData", f"SpeculatorDataGen {data.names.name!r}: {progress}"
+            if data.spec.mode != "offline":
+                return (
+                    Phase.PENDING,
+                    "WaitingForData",
+                    f"waiting for the broker of SpeculatorDataGen {data.names.name!r} to accept consumers",
+                )
+            shards = (data.status.get("progress") or {}).get("shards")
+            done = f"{shards} shards generated" if shards else "generation not started"
+            return Phase.PENDING, "WaitingForData", f"SpeculatorDataGen {data.names.name!r}: {done}"
         return Phase.PENDING, "Creating", "creating the trainer Job"
     if trainer.suspended:
         return Phase.PENDING, "WaitingForAdmission", "the trainer Job is suspended until it is admitted"
-    if trainer.active:
-        return Phase.RUNNING, "Training", f"{trainer.active}/{spec.nodes} trainer pods running"
-    return Phase.PENDING, "Starting", "waiting for trainer pods"
+    return started_phase(
+        "trainer", seen.job, seen, seen.pods, ("Training", "Starting"), f"{spec.nodes} nodes: "
+    )
 
 
 def _evaluated(cr: SpeculatorTraining, data: DataSource, evaluator: JobView, result: Obj | None) -> Desired:
@@ -366,8 +522,12 @@ def training_status(
     compatible: Desired | None = None,
 ) -> Obj:
     """The whole status of a SpeculatorTraining given its data source and children."""
-    trainer = JobView.of(seen.job)
-    evaluator = JobView.of(seen.eval_job)
+    trainer, evaluator = JobView.of(seen.job), JobView.of(seen.eval_job)
+    finished = finished_components(prior)
+    if TRAINER in finished and not trainer.complete:  # recorded; the TTL may have removed the Job
+        trainer = JobView(exists=True, complete=True)
+    if EVALUATOR in finished and not evaluator.complete:
+        evaluator = JobView(exists=True, complete=True)
     phase, reason, message = _training_phase(cr, data, trainer, evaluator, seen)
     result = _evaluation_result(seen) or prior.get("evaluation")
     desired = lifecycle(phase, reason, message)
@@ -386,7 +546,7 @@ def training_status(
     before = dict(prior.get("progress") or {})
     progress: Obj = {
         "step": max(int(report.get("step") or 0), int(before.get("step") or 0)),
-        "nodesActive": trainer.active,
+        "nodesActive": running_pods(trainer, seen.pods),
     }
     best = report.get("best_val_loss", before.get("bestValLoss"))
     if best is not None:
@@ -408,6 +568,10 @@ def training_status(
 
 STALL_REASONS = frozenset({"InvalidSpec", "ImmutableFieldChanged", "ChildConflict"}) | FINDING_REASONS
 """Failed because of the spec, not the workload: re-checked on every refresh (a fix unblocks it)."""
+BLOCKED_REASONS = frozenset(
+    {"ImmutableFieldChanged", "Forbidden", "Invalid", "FailedCreate", "StorageNotBound", "DataGenNotFound"}
+)
+"""Stalled by something outside the run (an edit, the cluster, a missing object): not Failed."""
 
 
 def is_terminal(status: Obj) -> bool:
@@ -419,15 +583,52 @@ def is_terminal(status: Obj) -> bool:
     )
 
 
+def finished_components(status: Obj) -> frozenset[str]:
+    """Stages whose outcome the status has recorded. Their Jobs are never created again, and get
+    their `ttlSecondsAfterFinished` only now, so the TTL controller cannot delete a finished Job
+    (and its pods' reports) before the status has seen it finish."""
+    if is_terminal(status):
+        return frozenset({GENERATOR, DATA, TRAINER, EVALUATOR})
+    conditions = status.get("conditions") or []
+    done = {GENERATOR} if is_true(conditions, "ShardsComplete") else set()
+    if is_true(conditions, "Exported"):
+        done |= {DATA, TRAINER}  # the inline data was consumed: a lost child is not generated again
+    if is_true(conditions, "Evaluated"):
+        done.add(EVALUATOR)
+    return frozenset(done)
+
+
+def component_of(child: Obj) -> str:
+    return str(((child.get("metadata") or {}).get("labels") or {}).get(common.COMPONENT_LABEL) or "")
+
+
+def may_create(child: Obj, finished: frozenset[str]) -> bool:
+    """False for the Job (or inline SpeculatorDataGen) of a stage that has finished: after its TTL
+    removed it, creating it again would redo hours of GPU work."""
+    return not (child.get("kind") in STAGE_KINDS and component_of(child) in finished)
+
+
+def hold_ttl(child: Obj, finished: frozenset[str]) -> Obj:
+    """The Job without `ttlSecondsAfterFinished` while its stage is unrecorded (see above)."""
+    spec = child.get("spec") or {}
+    if child.get("kind") != "Job" or component_of(child) in finished or "ttlSecondsAfterFinished" not in spec:
+        return child
+    return {**child, "spec": {k: v for k, v in spec.items() if k != "ttlSecondsAfterFinished"}}
+
+
 def settled_status(generation: int, prior: Obj) -> Obj:
     """A finished run's status with only the generation moved on (mutable knobs changed after the end)."""
     conditions = [{**c, "observedGeneration": generation} for c in prior.get("conditions") or []]
     return {**prior, "observedGeneration": generation, "conditions": conditions}
 
 
-def waiting_status(generation: int, prior: Obj, message: str, now: str) -> Obj:
-    """Nothing can be created yet (the referenced SpeculatorDataGen does not exist)."""
-    desired = lifecycle(Phase.PENDING, "WaitingForData", message)
+def waiting_status(generation: int, prior: Obj, message: str, now: str, overdue: bool) -> Obj:
+    """The referenced SpeculatorDataGen does not exist: waiting, then (`overdue`, after a grace
+    period) Stalled with a Warning, so a typo in `dataGenRef` does not wait silently forever."""
+    if overdue:
+        desired = lifecycle(Phase.BLOCKED, "DataGenNotFound", message)
+    else:
+        desired = lifecycle(Phase.PENDING, "WaitingForData", message)
     return {
         "observedGeneration": generation,
         "conditions": merge(prior.get("conditions") or [], desired, generation, now),
@@ -437,8 +638,10 @@ def waiting_status(generation: int, prior: Obj, message: str, now: str) -> Obj:
 def stalled_status(
     generation: int, prior: Obj, reason: str, message: str, now: str, domain: str | None
 ) -> Obj:
-    """Status of a spec that cannot run: Stalled, Failed, and the failing domain condition."""
-    desired = lifecycle(Phase.STALLED, reason, message)
+    """Status of a run that cannot go on: Stalled; Failed too when the spec itself cannot run
+    (not for `BLOCKED_REASONS`); and the failing domain condition."""
+    phase = Phase.BLOCKED if reason in BLOCKED_REASONS else Phase.STALLED
+    desired = lifecycle(phase, reason, message)
     if domain is not None:
         desired.append(Desired(domain, False, reason, message))
     return {
@@ -448,7 +651,8 @@ def stalled_status(
 
 
 def compatible_condition(findings: Sequence[Any], checked: bool) -> Desired:
-    """VerifierCompatible from validation findings (`checked` = the verifier dimensions were known)."""
+    """VerifierCompatible from validation findings (`checked` = the verifier dimensions were known).
+    Storage classes are not readable with namespaced RBAC: a claim that cannot bind shows in Ready."""
     if findings:
         return Desired(
             "VerifierCompatible", False, findings[0].reason, "; ".join(f.message for f in findings)
@@ -460,4 +664,4 @@ def compatible_condition(findings: Sequence[Any], checked: bool) -> Desired:
             "ArchitectureUnknown",
             "verifier dimensions unknown; set spec.verifierArchitecture to check layers and vocabulary",
         )
-    return Desired("VerifierCompatible", True, "Compatible", "layers, vocabulary, GPUs and storage checked")
+    return Desired("VerifierCompatible", True, "Compatible", "layers, vocabulary and GPUs checked")

@@ -166,12 +166,13 @@ async def operator(api: Api) -> AsyncIterator[Runner]:
     """Start the operator (our registry, short timings) against the emulator; stopped at teardown."""
     started: list[Running] = []
 
-    async def start(interval: float = 0.3) -> Running:
+    async def start(interval: float = 0.3, data_grace: float = 120.0) -> Running:
         ctx = Context(
             kube=Kube.for_host(api.url),
             defaults=Defaults(image="specops/workload:test"),
             interval=interval,
             backoff=0.2,
+            data_grace=data_grace,
         )
         registry = kopf.OperatorRegistry()
         register(registry, ctx)

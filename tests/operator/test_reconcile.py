@@ -130,7 +130,9 @@ async def test_kueue_jobs_start_suspended_and_kueue_resumes_them(api: Api, opera
         )
     )
     await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"spec": {"suspend": False}})  # Kueue admits
-    await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"status": {"active": 2}}, "status")
+    await api.patch(
+        "batch/v1", "Job", "ml", f"{OFFLINE}-gen", {"status": {"active": 2, "ready": 2}}, "status"
+    )
     await api.until(_condition(api, DG, OFFLINE, "Running"), what="Running=True")
     await _settle(api)
     assert job()["spec"]["suspend"] is False, "the operator re-suspended an admitted Job"
@@ -218,7 +220,9 @@ async def test_status_follows_the_job_to_completion(api: Api, operator: Runner) 
     await api.create(example("datagen-offline.yaml"))
     job_name = f"{OFFLINE}-gen"
     await api.until(lambda: api.get("batch/v1", "Job", "ml", job_name))
-    await api.patch("batch/v1", "Job", "ml", job_name, {"status": {"active": 2, "succeeded": 3}}, "status")
+    await api.patch(
+        "batch/v1", "Job", "ml", job_name, {"status": {"active": 2, "ready": 2, "succeeded": 3}}, "status"
+    )
     await api.until(_condition(api, DG, OFFLINE, "Running"), what="Running")
     assert api.get(*DG, "ml", OFFLINE)["status"]["progress"]["shards"] == "3/8"  # type: ignore[index]
     for index in range(8):
@@ -307,7 +311,7 @@ async def test_training_waits_for_data_then_trains_evaluates_and_exports(api: Ap
 
     await api.patch("batch/v1", "Job", "ml", f"{datagen}-gen", job_done(16), "status")
     trainer = await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{name}-train"), what="trainer Job")
-    assert trainer["spec"]["completions"] == 1 and trainer["spec"]["suspend"] is True  # Kueue label on the CR
+    assert trainer["spec"]["completions"] == 1 and trainer["spec"]["suspend"] is False
 
     report = {"step": 12000, "interrupted": False, "final": "/output/final", "best_val_loss": 1.25}
     await api.create(

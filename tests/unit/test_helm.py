@@ -185,14 +185,17 @@ def test_rbac_covers_every_child_kind_the_operator_creates() -> None:
         for verb in ("create", "get", "list", "patch", "delete"):
             assert (group, PLURALS[kind], verb) in grants, f"{verb} {kind}"
     for plural in ("speculatordatagens", "speculatortrainings"):
-        for verb in ("list", "watch", "patch"):
+        for verb in ("get", "list", "watch", "patch"):  # each reconcile reads the stored resource
             assert ("specops.dev", plural, verb) in grants
         assert ("specops.dev", f"{plural}/status", "patch") in grants
-    # A dataGenRef is read and an inline dataGen created; nothing reads a training by name.
-    for verb in ("get", "create", "delete"):
+    # An inline dataGen is created; no training is.
+    for verb in ("create", "delete"):
         assert ("specops.dev", "speculatordatagens", verb) in grants
-    assert ("specops.dev", "speculatortrainings", "get") not in grants
+    assert ("specops.dev", "speculatortrainings", "create") not in grants
+    for group, plural in (("batch", "jobs"), ("apps", "statefulsets")):
+        assert (group, plural, "watch") in grants, "status follows the children through watches"
     assert ("", "pods", "list") in grants and ("", "events", "create") in grants
+    assert ("", "events", "list") in grants, "a stuck Job's FailedCreate, a claim's ProvisioningFailed"
     assert not {g for g in grants if g[1] == "pods" and g[2] != "list"}, "pods are only read"
 
 
@@ -230,6 +233,9 @@ def test_kueue_local_queue_per_watched_namespace() -> None:
     assert queue["metadata"] == {**queue["metadata"], "name": "specops", "namespace": "ml"}
     assert queue["spec"] == {"clusterQueue": "a100"}
     assert not by_kind(render("defaults"), "LocalQueue")
+    # spec.suspend of a queued resource (de)activates its Kueue Workloads; no Kueue, no such right.
+    workloads = {("kueue.x-k8s.io", "workloads", verb) for verb in ("list", "patch")}
+    assert workloads <= granted(_rules(docs)) and not workloads & granted(_rules(render("defaults")))
 
 
 def test_metrics_service_and_service_monitor() -> None:

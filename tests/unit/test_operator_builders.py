@@ -17,7 +17,14 @@ from specops.config import DataGenConfig, TrainConfig, load_config
 from specops_operator.api import SpeculatorDataGen, load_resources
 from specops_operator.builders.common import Defaults
 from specops_operator.builders.datagen import DataGenNames, build_datagen
-from specops_operator.builders.drift import Ownership, adoption_patch, mutable_patch, ownership
+from specops_operator.builders.drift import (
+    Ownership,
+    adoption_patch,
+    mutable_patch,
+    ownership,
+    queued_scaling,
+    workload_patch,
+)
 from specops_operator.builders.training import DataSource, build_training, inline_source
 
 GOLDEN = Path(__file__).parent / "golden" / "operator"
@@ -332,7 +339,7 @@ def test_stages_follow_the_data() -> None:
 
 
 def test_inline_generation_is_a_child_resource_that_inherits_suspend_and_queue() -> None:
-    eagle3 = _load("eagle3-train.yaml")
+    eagle3 = _load("eagle3-train.yaml", labels={"kueue.x-k8s.io/queue-name": "gpu-queue"})
     eagle3.spec.suspend = True
     children = build_training(eagle3, DEFAULTS, inline_source(eagle3, None), trained=False)
     child = children[0]
@@ -428,14 +435,24 @@ def test_mutable_patch_touches_only_the_knobs() -> None:
     existing = copy.deepcopy(desired)
     existing["spec"]["parallelism"] = 1
     existing["spec"]["template"]["spec"]["containers"][0]["image"] = "drifted"
-    assert mutable_patch(existing, desired, suspend=False) == {"spec": {"parallelism": 2}}
-    assert mutable_patch(desired, desired, suspend=False) == {}
+    assert mutable_patch(existing, desired) == {"spec": {"parallelism": 2}}
+    assert mutable_patch(desired, desired) == {}
 
 
-def test_queued_jobs_are_only_ever_suspended_by_us() -> None:
+def test_kueue_alone_flips_suspend_and_parallelism_of_queued_jobs() -> None:
     desired = _job_manifest(**{"kueue.x-k8s.io/queue-name": "gpus"})
     desired["spec"]["suspend"] = True
     admitted = copy.deepcopy(desired)
-    admitted["spec"]["suspend"] = False
-    assert mutable_patch(admitted, desired, suspend=False) == {}  # Kueue admitted it: leave it running
-    assert mutable_patch(admitted, desired, suspend=True) == {"spec": {"suspend": True}}
+    admitted["spec"].update(suspend=False, parallelism=1)
+    assert mutable_patch(admitted, desired) == {}  # Kueue admitted it: never re-suspended by us
+    assert workload_patch({"spec": {"active": True}}, suspend=True) == {"spec": {"active": False}}
+    assert workload_patch({"spec": {}}, suspend=False) == {}
+    assert workload_patch({"spec": {"active": False}}, suspend=False) == {"spec": {"active": True}}
+
+
+def test_scaling_a_queued_resource_is_refused_with_a_message() -> None:
+    queued = {"kueue.x-k8s.io/queue-name": "gpus"}
+    assert queued_scaling({"workers": 2}, {"workers": 2}, queued) == []
+    assert queued_scaling({"workers": 2}, {"workers": 4}, {}) == []
+    (message,) = queued_scaling({"workers": 2}, {"workers": 4}, queued)
+    assert "queued in Kueue" in message and "'gpus'" in message

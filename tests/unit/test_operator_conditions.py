@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from specops_operator.api import Condition
-from specops_operator.conditions import Desired, Phase, find, lifecycle, merge, transitions, upsert
+from specops_operator.conditions import Desired, Phase, elapsed, find, lifecycle, merge, transitions, upsert
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
@@ -43,6 +43,7 @@ def _truth(phase: Phase) -> dict[str, str]:
         (Phase.COMPLETE, {"Ready", "Complete"}),
         (Phase.FAILED, {"Stalled", "Failed"}),
         (Phase.STALLED, {"Stalled", "Failed"}),
+        (Phase.BLOCKED, {"Stalled"}),  # stuck on the cluster or an edit: kubectl wait Failed stays quiet
     ],
 )
 def test_lifecycle_conditions_per_phase(phase: Phase, true: set[str]) -> None:
@@ -79,3 +80,14 @@ def test_transitions_become_events_once() -> None:
 
 def test_find_missing_condition() -> None:
     assert find([], "Ready") is None
+
+
+def test_pods_waiting_on_the_cluster_post_a_warning_while_still_reconciling() -> None:
+    before = merge([], lifecycle(Phase.PENDING, "Starting"), 1, T0)
+    after = merge(before, lifecycle(Phase.PENDING, "Unschedulable", "pod x-0: 0/3 nodes"), 1, T1)
+    (event,) = transitions(before, after)
+    assert event.warning and event.reason == "Unschedulable"
+
+
+def test_elapsed_between_timestamps() -> None:
+    assert elapsed(T0, T1) == 300.0

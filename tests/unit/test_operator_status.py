@@ -11,15 +11,22 @@ from _operator_support import ROOT
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining, load_resources
 from specops_operator.builders.datagen import DataGenNames
 from specops_operator.builders.training import DataSource
-from specops_operator.conditions import find
+from specops_operator.conditions import Phase, find
 from specops_operator.status import (
     JobView,
     Observed,
+    claim_problem,
+    create_problem,
     datagen_status,
     failure_detail,
+    finished_components,
     format_ranges,
+    hold_ttl,
     is_terminal,
+    may_create,
     parse_ranges,
+    pending_detail,
+    running_pods,
     settled_status,
     stalled_status,
     training_status,
@@ -95,9 +102,9 @@ def test_datagen_progress_counts_each_shard_once() -> None:
     cr = _cr("datagen-offline.yaml")
     report = json.dumps({"written": 10, "skipped": 2, "tokens": 1000, "seconds": 4.0})
     pods = (*(_pod(i, 0, report) for i in range(4)), _pod(5, 1, "specops: error"))
-    first = datagen_status(cr, {}, Observed(job=_job(active=2, succeeded=4), pods=pods), NOW)
+    first = datagen_status(cr, {}, Observed(job=_job(active=2, ready=2, succeeded=4), pods=pods), NOW)
     assert first["progress"]["examples"] == 48 and first["progress"]["countedIndexes"] == "0-3"
-    again = datagen_status(cr, first, Observed(job=_job(active=2, succeeded=4), pods=pods), NOW)
+    again = datagen_status(cr, first, Observed(job=_job(active=2, ready=2, succeeded=4), pods=pods), NOW)
     assert again["progress"] == first["progress"], "a refresh must not count a report twice"
     assert again["progress"]["tokensPerSecond"] == 250.0 and again["progress"]["shards"] == "4/8"
     assert _cond(again, "Running")["status"] == "True" and again["workers"] == 2
@@ -167,7 +174,9 @@ def test_training_phases() -> None:
     )
     failed = training_status(cr, {}, _data(Failed="True"), Observed(), NOW)
     assert _cond(failed, "Ready")["reason"] == "DataGenFailed"
-    running = training_status(cr, {}, _data(ShardsComplete="True"), Observed(job=_job(active=2)), NOW)
+    running = training_status(
+        cr, {}, _data(ShardsComplete="True"), Observed(job=_job(active=2, ready=2)), NOW
+    )
     assert _cond(running, "Running")["status"] == "True" and running["progress"]["nodesActive"] == 2
     report = json.dumps({"step": 900, "best_val_loss": 2.5})
     trained = training_status(
@@ -242,5 +251,102 @@ def test_terminal_and_retryable_failures() -> None:
     assert is_terminal(complete)
     settled = settled_status(3, complete)
     assert settled["observedGeneration"] == 3 and settled["conditions"][0]["observedGeneration"] == 3
-    waiting = waiting_status(1, {}, "not found", NOW)
+    waiting = waiting_status(1, {}, "not found", NOW, overdue=False)
     assert _cond(waiting, "Reconciling")["status"] == "True" and not is_terminal(waiting)
+
+
+def _live(name: str, phase: str, **status: Any) -> Obj:
+    return {"metadata": {"name": name}, "status": {"phase": phase, **status}}
+
+
+def test_only_running_pods_count_as_running() -> None:
+    cr = _cr("datagen-offline.yaml")
+    unschedulable = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/3 nodes",
+    }
+    pods = (_live("g-0", "Pending", conditions=[unschedulable]), _live("g-1", "Pending"))
+    job = _job(active=2)  # Job.status.active counts Pending pods
+    assert (
+        running_pods(JobView.of(job), pods) == 0
+        and running_pods(JobView.of(_job(active=2, ready=1)), ()) == 1
+    )
+    pending = datagen_status(cr, {}, Observed(job=job, pods=pods), NOW)
+    ready = _cond(pending, "Ready")
+    assert (ready["reason"], ready["message"]) == ("Unschedulable", "pod g-0: 0/3 nodes")
+    assert _cond(pending, "Running")["status"] == "False" and pending["workers"] == 0
+    half = datagen_status(cr, {}, Observed(job=job, pods=(_live("g-0", "Running"), pods[0])), NOW)
+    assert _cond(half, "Running")["status"] == "True" and half["workers"] == 1
+    assert "1 generator pods running; 1 not running (pod g-0: 0/3 nodes)" in _cond(half, "Ready")["message"]
+    pulling = {
+        "name": "workload",
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+    }
+    assert pending_detail([_live("g-2", "Pending", containerStatuses=[pulling])]) == (
+        "PodsNotStarting",
+        "pod g-2: ImagePullBackOff: no such image",
+    )
+
+
+def _event(kind: str, name: str, reason: str, message: str, type_: str = "Warning") -> Obj:
+    return {
+        "involvedObject": {"kind": kind, "name": name},
+        "type": type_,
+        "reason": reason,
+        "message": message,
+    }
+
+
+def test_claims_and_jobs_that_cannot_progress() -> None:
+    claim = {"metadata": {"name": "d-data", "namespace": "ml"}, "status": {"phase": "Pending"}}
+    waiting = claim_problem(
+        claim, [_event("PersistentVolumeClaim", "d-data", "WaitForFirstConsumer", "", "Normal")]
+    )
+    assert waiting is not None and waiting[1] == "WaitingForStorage"
+    missing = 'storageclass.storage.k8s.io "shared-rwx" not found'
+    blocked = claim_problem(claim, [_event("PersistentVolumeClaim", "d-data", "ProvisioningFailed", missing)])
+    assert blocked == (
+        Phase.BLOCKED,
+        "StorageNotBound",
+        f"PersistentVolumeClaim ml/d-data is Pending: {missing}",
+    )
+    assert claim_problem({**claim, "status": {"phase": "Bound"}}, []) is None
+    job = {"metadata": {"name": "d-gen", "namespace": "ml"}}
+    failed = create_problem(job, [_event("Job", "d-gen", "FailedCreate", 'serviceaccount "x" not found')])
+    assert (
+        failed is not None and failed[1] == "FailedCreate" and "Job ml/d-gen cannot create pods" in failed[2]
+    )
+    assert create_problem(job, [_event("Job", "other", "FailedCreate", "")]) is None
+
+
+def test_finished_stages_are_recorded_before_their_ttl_and_never_created_again() -> None:
+    trainer = {
+        "kind": "Job",
+        "metadata": {"labels": {"app.kubernetes.io/component": "trainer"}},
+        "spec": {"ttlSecondsAfterFinished": 60},
+    }
+    running: Obj = {"conditions": [{"type": "Exported", "status": "False"}]}
+    assert "ttlSecondsAfterFinished" not in hold_ttl(trainer, finished_components(running))["spec"]
+    assert may_create(trainer, finished_components(running))
+    exported: Obj = {"conditions": [{"type": "Exported", "status": "True", "lastTransitionTime": NOW}]}
+    assert hold_ttl(trainer, finished_components(exported)) == trainer
+    assert not may_create(trainer, finished_components(exported))
+    cr = _cr("hass-train.yaml")
+    after_ttl = training_status(
+        cr, {**exported, "progress": {"step": 9}}, _data(ShardsComplete="True"), Observed(), NOW
+    )
+    assert _cond(after_ttl, "Exported")["status"] == "True", "the record outlives the Job"
+    assert _cond(after_ttl, "Ready")["reason"] == "StartingEvaluation" and after_ttl["artifact"]
+
+
+def test_waiting_messages_say_what_is_awaited() -> None:
+    online = _cr("datagen-online.yaml", 1)
+    status = training_status(online, {}, _data("datagen-online.yaml"), Observed(), NOW)
+    assert "waiting for the broker" in _cond(status, "Ready")["message"]
+    missing = waiting_status(1, {}, "SpeculatorDataGen 'x' not found", NOW, overdue=True)
+    assert _cond(missing, "Stalled")["status"] == "True" and _cond(missing, "Failed")["status"] == "False"
+    assert _cond(missing, "Ready")["reason"] == "DataGenNotFound"
+    edited = stalled_status(2, {}, "ImmutableFieldChanged", "nodes is immutable", NOW, None)
+    assert _cond(edited, "Stalled")["status"] == "True" and _cond(edited, "Failed")["status"] == "False"

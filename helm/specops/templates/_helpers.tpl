@@ -57,10 +57,10 @@ unless its creator may update the owner's finalizers.
 {{- define "specops.operatorRules" -}}
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens", "speculatortrainings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create", "delete"]
 - apiGroups: ["specops.dev"]
   resources: ["speculatordatagens/status", "speculatortrainings/status"]
   verbs: ["patch"]
@@ -69,10 +69,10 @@ unless its creator may update the owner's finalizers.
   verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
   verbs: ["get", "list", "create", "patch", "delete"]
@@ -81,5 +81,10 @@ unless its creator may update the owner's finalizers.
   verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
+{{- end }}
 {{- end -}}

@@ -20,13 +20,14 @@ class Ownership(StrEnum):
     CONFLICT = "conflict"
 
 
-def _controller(obj: Manifest) -> dict[str, Any] | None:
+def controller_of(obj: Manifest) -> dict[str, Any] | None:
+    """The ownerReference marked `controller` (the object that manages this one), if any."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return next((r for r in refs if r.get("controller")), None)
 
 
 def ownership(existing: Manifest, desired: Manifest, owner_uid: str) -> Ownership:
-    controller = _controller(existing)
+    controller = controller_of(existing)
     if controller is not None:
         return Ownership.OURS if controller.get("uid") == owner_uid else Ownership.CONFLICT
     ours = (existing.get("metadata") or {}).get("labels") or {}
@@ -79,18 +80,42 @@ MUTABLE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
 """The only fields the operator changes on existing children: the CR's mutable knobs."""
 
 
-def mutable_patch(existing: Manifest, desired: Manifest, *, suspend: bool) -> Manifest:
+def mutable_patch(existing: Manifest, desired: Manifest) -> Manifest:
     """A merge patch bringing an existing child's mutable knobs to the desired values.
 
-    `suspend` is the CR's own wish. A Job in a Kueue queue is created suspended and resumed by
-    Kueue on admission, never by us: we only suspend it when the CR asks.
+    A Job in a Kueue queue is created suspended, and from then on
+    Kueue alone flips its `suspend` (admission, preemption) and owns its `parallelism` (what it
+    admitted): the CR's suspend reaches Kueue through the Workload (`workload_patch`).
     """
     patch: Manifest = {}
-    queued = KUEUE_QUEUE_LABEL in desired["metadata"]["labels"]
+    kueue = desired["kind"] == "Job" and KUEUE_QUEUE_LABEL in desired["metadata"]["labels"]
     for path in MUTABLE_PATHS.get(desired["kind"], ()):
+        if kueue and path in KUEUE_OWNED:
+            continue
         changed, value = _differs(existing, desired, path)
-        if path == ("spec", "suspend") and desired["kind"] == "Job" and queued:
-            changed, value = suspend and not existing["spec"].get("suspend"), True
         if changed:
             _merge(patch, _nest(path, value))
     return patch
+
+
+KUEUE_OWNED = (("spec", "suspend"), ("spec", "parallelism"))
+"""Fields of a queued Job that Kueue manages."""
+
+
+def workload_patch(workload: Manifest, *, suspend: bool) -> Manifest:
+    """Deactivate (or re-activate) a Job's Kueue Workload: Kueue then evicts and suspends the Job
+    (or queues it again), which is how a queued Job is suspended without a tug of war."""
+    active = (workload.get("spec") or {}).get("active", True)
+    return {"spec": {"active": not suspend}} if active == suspend else {}
+
+
+def queued_scaling(applied: Manifest, spec: Manifest, labels: dict[str, str]) -> list[str]:
+    """`workers` may change (`kubectl scale`) except under Kueue, which admitted the Job with its
+    parallelism: refused with a message rather than changed under Kueue's feet."""
+    queue = labels.get(KUEUE_QUEUE_LABEL)
+    if queue is None or applied.get("workers", 1) == spec.get("workers", 1):
+        return []
+    return [
+        f"workers cannot change while the resource is queued in Kueue (queue {queue!r}, admitted with "
+        f"workers={applied.get('workers', 1)}): set it back, or create a new resource"
+    ]
