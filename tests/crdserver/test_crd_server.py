@@ -326,6 +326,10 @@ def test_every_immutability_rule_refuses_its_transition(
         with_it["metadata"]["name"] = without["metadata"]["name"]
         error = _refused(lambda: client.apply(with_it, _path(with_it, ns)))
         assert error.mentions(immutable_message(field)), error.messages
+        # ... and removed from one created with it (apply drops what its manager no longer sets).
+        without["metadata"]["name"] = doc["metadata"]["name"]
+        error = _refused(lambda: client.apply(without, _path(without, ns)))
+        assert error.mentions(immutable_message(field)), error.messages
 
 
 # -- defaulting, pruning, subresources -------------------------------------------------------------
@@ -376,6 +380,28 @@ def test_status_subresource(client: Client, ns: str) -> None:
     bad["conditions"][0]["status"] = "Maybe"
     error = _refused(lambda: client.merge_patch(path, name, {"status": bad}, "status"))
     assert error.mentions("status.conditions[0].status"), error.messages
+
+
+def test_printer_columns_read_conditions_by_type(client: Client, ns: str) -> None:
+    """The columns' JSONPath filters, as the server evaluates them for `kubectl get` (Table)."""
+    doc = _example("hass-train.yaml")
+    path, name = _path(doc, ns), doc["metadata"]["name"]
+    _create(client, ns, doc)
+    status = _status(1)
+    stalled = {**status["conditions"][0], "type": "Stalled", "reason": "Other", "message": "m"}
+    status["conditions"].append(stalled)  # the last condition is not the Ready one
+    client.merge_patch(path, name, {"status": status}, "status")
+    table = client.session.get(
+        f"{client.server}{path}",
+        headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        verify=client.ca,
+        timeout=30,
+    ).json()
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
+    assert columns[:7] == ["Name", "Ready", "Reason", "Step", "Loss", "Acceptance", "Age"]
+    assert (row["Name"], row["Ready"], row["Reason"], row["Step"]) == (name, "False", "Training", 1200)
+    assert row["Algorithm"] == "hass"
 
 
 def test_scale_subresource(client: Client, ns: str) -> None:
