@@ -254,6 +254,15 @@ class PodExecutor:
     def watch(self, namespace: str) -> None:
         self.namespaces.add(namespace)
 
+    def release(self, namespace: str) -> None:
+        """Stop running the namespace's pods and kill its containers (as deleting the namespace
+        would): pods share the host's network, so a broker left running would answer for the
+        next test's broker on the same port."""
+        with self._lock:
+            self.namespaces.discard(namespace)
+            for uid in [uid for uid, r in self.pods.items() if r.namespace == namespace]:
+                self._forget(self.pods.pop(uid))
+
     def stop(self) -> None:
         """Kill every container and stop the loop (idempotent: the control plane stops right after)."""
         if self._stop.is_set():

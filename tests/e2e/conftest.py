@@ -129,8 +129,8 @@ def pods_ns(
     name = control_plane.namespace("run")
     executor.watch(name)
     yield name
-    report = request.node.stash.get(FAILED, None)
-    if report:
+    executor.release(name)
+    if request.node.stash.get(FAILED, None):
         print(executor.logs(name)[-30000:])
 
 

@@ -197,10 +197,17 @@ def broker_metrics(url: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["relay", "direct"])
 def test_online_stream_broker_two_generators_and_two_trainer_ranks(
-    control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
+    control_plane: ControlPlane,
+    operator: OperatorProcess,
+    executor: PodExecutor,
+    pods_ns: str,
+    hub: FakeHub,
+    direct: bool,
 ) -> None:
-    """examples/datagen-online.yaml: broker StatefulSet + Service, 2 generators, a 2-rank training."""
+    """examples/datagen-online.yaml: broker StatefulSet + Service, 2 generators, a 2-rank training
+    whose examples come through the broker (relay) or straight from the generators (direct)."""
     plane, ns = control_plane, pods_ns
     hub_secret(plane, ns)
     tiny_vocab = json.loads((tiny_verifier() / "config.json").read_text())["vocab_size"]
@@ -230,6 +237,7 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
         {
             "spec": {
                 "maxSteps": 1000,
+                "data": {"direct": direct},
                 "draft": {"draftVocabSize": tiny_vocab},
                 "tokensPerStep": 256,
                 "maxSeqLen": 128,
@@ -254,9 +262,11 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
         f"http://{broker.ip}:{datagen['spec']['broker'].get('metricsPort', 9100)}/metrics"
     )
     assert written > 0
-    assert counters["specops_stream_in_examples_total"] == written, counters
+    assert counters["specops_stream_out_examples_total"] == written, counters
     assert counters["specops_stream_delivered_examples_total"] == written, "every example taken once"
     assert counters.get("specops_stream_duplicate_examples_total", 0) == 0
+    relayed = counters["specops_stream_in_examples_total"]  # example bytes that passed the broker
+    assert relayed < written if direct else relayed == written, counters
     trainer_logs = executor.log(ns, f"{TrainingNames(name, ns).job}-")
     assert "rank 1 of world size 2" in trainer_logs and "the stream ended after" in trainer_logs
     assert condition(status, "Exported")["status"] == "True"
