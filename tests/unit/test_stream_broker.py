@@ -156,7 +156,7 @@ def test_dynamic_claims_hand_out_each_range_once_then_report_done(running: Runni
 def test_the_journal_survives_a_torn_tail_and_a_new_broker_resumes_from_it(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.set_stream(meta=META, ranges=2)
-    journal.deliver([("d/1/0", 0), ("d/2/0", 1)])
+    journal.deliver([("d/1/0", 0), ("d/2/0", 1)], "c1")
     journal.mark_complete(0)
     journal.close()
     with open(tmp_path / JOURNAL_FILE, "ab") as f:
@@ -164,8 +164,8 @@ def test_the_journal_survives_a_torn_tail_and_a_new_broker_resumes_from_it(tmp_p
     again = Journal(tmp_path)
     assert again.meta == META and again.ranges == 2
     assert again.delivered == {"d/1/0": 0, "d/2/0": 1} and again.complete == {0}
-    assert again.ids_in(1) == ["d/2/0"] and again.resumed
-    again.deliver([("d/3/0", 1)])
+    assert again.ids_in(1) == ["d/2/0"] and again.resumed and again.owner["d/2/0"] == "c1"
+    again.deliver([("d/3/0", 1)], "c2")
     again.close()
     assert Journal(tmp_path).ids_in(1) == ["d/2/0", "d/3/0"]
 
@@ -189,6 +189,7 @@ def test_the_first_consumer_to_take_an_example_gets_it_and_a_late_one_is_told_lo
         b = Session("b", "consumer", b"rb", now, credit=1)
         broker.sessions.update(a=a, b=b)
         broker.entries["x"] = Entry("x", 0, [], 10, lease="a")
+        broker.leased["x"] = (0, {"b", "a"})  # pushed to b, which was expired while alive, then to a
         broker.held_bytes = 10
         assert broker._take(b, [["x", 0]]) == (["x"], [])  # b took it while it was pushed to a
         assert a.credit == 1 and not a.leases and broker.held_bytes == 0

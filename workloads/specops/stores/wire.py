@@ -7,13 +7,16 @@ tensor frames. The protocol itself is described in docs/streaming.md.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from specops.stores.codec import MAX_ID_CHARS, is_int
 from specops.stores.streaming import StreamError
 
 if TYPE_CHECKING:
@@ -21,6 +24,13 @@ if TYPE_CHECKING:
 
 BROKER_KEY = "broker"
 CLIENT_KEY = "client"
+MAX_ITEMS = 4096
+"""Most entries in one list of a control message (offers, asks, claims, stats)."""
+MAX_RANGES = 1_000_000
+"""Most input ranges a stream may be split into (the bound of sync.claimRanges)."""
+MAX_CREDIT = 65536
+"""Most examples a consumer may ask the broker to push ahead."""
+MAX_SEQ = (1 << 63) - 1
 
 
 class ProtocolError(StreamError):
@@ -58,16 +68,156 @@ def unpack(raw: Any) -> dict[str, Any]:
     return obj
 
 
-def range_pair(value: Any) -> tuple[int, int]:
+def range_pair(value: Any, name: str = "range") -> tuple[int, int]:
     """`[index, count]` as sent on the wire, checked."""
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or not 0 <= value[0] < value[1]
+        or not all(is_int(v) for v in value)
+        or not 0 <= value[0] < value[1] <= MAX_RANGES
     ):
-        raise ProtocolError(f"a range must be [index, count] with 0 <= index < count, got {value!r}")
+        raise ProtocolError(
+            f"{name} must be [index, count] with 0 <= index < count <= {MAX_RANGES}, got {value!r:.80}"
+        )
     return int(value[0]), int(value[1])
+
+
+# --------------------------------------------------------------------------- requests to the broker
+
+Check = Callable[[Any, str], Any]
+"""Validates one field of a control message (value, name) and returns it normalized."""
+
+
+def integer(lo: int, hi: int) -> Check:
+    """An int (never a bool or float: `inf` and `5e6` are refused) in [lo, hi]."""
+
+    def check(value: Any, name: str) -> int:
+        if not is_int(value) or not lo <= value <= hi:
+            raise ProtocolError(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+        return value
+
+    return check
+
+
+def text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise ProtocolError(f"{name} must be a string of 1..{MAX_ID_CHARS} characters, got {value!r:.80}")
+    return value
+
+
+def optional(check: Check) -> Check:
+    return lambda value, name: None if value is None else check(value, name)
+
+
+def items(check: Check, width: int = 0) -> Check:
+    """A list of at most MAX_ITEMS entries, each checked; with `width`, each entry is a list of
+    that many values, checked as one tuple."""
+
+    def check_all(value: Any, name: str) -> list[Any]:
+        if not isinstance(value, list | tuple) or len(value) > MAX_ITEMS:
+            raise ProtocolError(f"{name} must be a list of at most {MAX_ITEMS} entries, got {value!r:.80}")
+        for i, item in enumerate(value):
+            if width and (not isinstance(item, list | tuple) or len(item) != width):
+                raise ProtocolError(f"{name}[{i}] must be a list of {width} values, got {item!r:.80}")
+        return [check(item, f"{name}[{i}]") for i, item in enumerate(value)]
+
+    return check_all
+
+
+def entry(*checks: Check) -> Check:
+    """A fixed-width list entry whose values are checked one by one."""
+    return lambda value, name: tuple(c(v, f"{name}[{i}]") for i, (c, v) in enumerate(zip(checks, value, strict=True)))
+
+
+def _meta_value(kind: str, value: Any) -> bool:
+    if kind == "int":
+        return is_int(value) and 0 <= value <= MAX_SEQ
+    if kind == "str":
+        return isinstance(value, str) and len(value) <= MAX_ID_CHARS
+    return isinstance(value, list) and len(value) <= MAX_ITEMS and all(is_int(v) for v in value)
+
+
+def store_meta(value: Any, name: str) -> dict[str, Any]:
+    """A StoreMeta's JSON form, every field of the type the dataclass declares (the first
+    producer's meta is persisted as the stream's, so nothing unchecked may get there)."""
+    from specops.stores.base import StoreMeta
+
+    kinds = {f.name: str(f.type) for f in fields(StoreMeta)}
+    required = {f.name for f in fields(StoreMeta) if f.default is MISSING}
+    if not isinstance(value, dict) or not required <= set(value) <= set(kinds):
+        raise ProtocolError(f"{name} must be a map of the StoreMeta fields {sorted(kinds)}, got {value!r:.80}")
+    for key, val in value.items():
+        if not _meta_value(kinds[key], val):
+            raise ProtocolError(f"{name}.{key} has the wrong type or size: {val!r:.80}")
+    return value
+
+
+def stats(value: Any, name: str) -> dict[str, float]:
+    """A client's heartbeat figures: at most MAX_ITEMS finite numbers by name."""
+    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
+        raise ProtocolError(f"{name} must be a map of at most {MAX_ITEMS} numbers")
+    out: dict[str, float] = {}
+    for key, val in value.items():
+        if not isinstance(val, int | float) or isinstance(val, bool) or not math.isfinite(val) or abs(val) > 1e18:
+            raise ProtocolError(f"{name}.{key!s:.40} must be a finite number, got {val!r:.80}")
+        out[text(key, f"{name} key")] = float(val)
+    return out
+
+
+def _role(value: Any, name: str) -> str:
+    if value not in ("producer", "consumer"):
+        raise ProtocolError(f"{name} must be 'producer' or 'consumer', got {value!r:.80}")
+    return str(value)
+
+
+SEQ = integer(0, MAX_SEQ)
+RANGE_OF_OFFER = integer(-1, MAX_RANGES - 1)
+"""An offer's range: -1 for an example written before any claim (kept for compatibility)."""
+ASK = entry(text, integer(-1, MAX_RANGES - 1))
+"""A consumer's ask to take an example: [id, range]."""
+REQUESTS: dict[str, dict[str, tuple[Check, bool]]] = {
+    "hello": {
+        "role": (_role, True),
+        "meta": (store_meta, False),
+        "claims": (items(range_pair, 2), False),
+        "completed": (items(range_pair, 2), False),
+        "taken": (items(ASK, 2), False),
+    },
+    "attach": {"credit": (integer(0, MAX_CREDIT), True), "direct": (optional(text), False)},
+    "offer": {"offers": (items(entry(SEQ, text, integer(0, MAX_SEQ), RANGE_OF_OFFER), 4), True)},
+    "data": {"seq": (SEQ, True), "id": (text, True)},
+    "claim": {
+        "req": (optional(SEQ), False),
+        "want": (optional(range_pair), False),
+        "count": (optional(integer(1, MAX_RANGES)), False),
+    },
+    "complete": {"range": (range_pair, True)},
+    "ids": {"req": (optional(SEQ), False), "range": (range_pair, True)},
+    "ack": {"taken": (items(ASK, 2), True)},
+    "hb": {"stats": (stats, False)},
+    "bye": {},
+}
+"""What a client may send the broker, field by field: (check, required). Fields not listed are
+dropped, so a handler sees only checked values."""
+
+
+def parse_request(raw: Any) -> dict[str, Any]:
+    """A client's control frame with every field checked (type, finiteness, bounds), or
+    ProtocolError naming the field: the broker decides nothing on an unchecked number."""
+    ctl = unpack(raw)
+    kind = ctl["t"]
+    spec = REQUESTS.get(kind)
+    if spec is None:
+        raise ProtocolError(f"unknown message type {kind!r:.40}")
+    out: dict[str, Any] = {"t": kind, "sid": text(ctl.get("sid"), "sid")}
+    for key, (check, required) in spec.items():
+        if key in ctl:
+            out[key] = check(ctl[key], f"{kind}.{key}")
+        elif required:
+            raise ProtocolError(f"{kind} needs {key!r}")
+    if kind == "claim" and out.get("want") is None and out.get("count") is None:
+        raise ProtocolError("claim needs 'want' or 'count'")
+    return out
 
 
 # --------------------------------------------------------------------------- CURVE
