@@ -274,6 +274,8 @@ class Broker:
         self.claimed_by: dict[int, set[str]] = {}
         """Range -> every producer session that claimed it in this broker's lifetime: only those
         may report it complete."""
+        self.completing: set[int] = set()
+        """Ranges one holder completed while others still held them: complete once none does."""
         self.held_bytes = 0
         self.reserved_bytes = 0
         self.eos_sent = False
@@ -513,7 +515,9 @@ class Broker:
             for index, count in ctl.get("claims", []):
                 if self.journal.ranges in (None, count):
                     self._hold(session, index)
-            refused = [r for pair in ctl.get("completed", []) if (r := self._complete_range(session, pair, True))]
+            refused = [
+                r for pair in ctl.get("completed", []) if (r := self._complete_range(session, pair, True))
+            ]
             self._send(rid, welcome)
             for text in refused:
                 self._send(rid, {"t": "error", "kind": "complete", "error": text})
@@ -546,6 +550,9 @@ class Broker:
         del self.sessions[session.sid]
         self.last_client_at = time.monotonic()
         if session.role == "producer":
+            for index in session.claims & self.completing:
+                if not any(index in s.claims for s in self.sessions.values()):
+                    self._finish_range(index)
             session.claims.clear()
             self.offers = deque(o for o in self.offers if o.sid != session.sid)
             for key in [k for k in self.reserved if k[0] == session.sid]:
@@ -741,7 +748,8 @@ class Broker:
         session that claimed the range may (or, in its hello to a broker restarted on a journal,
         one that finds the range unclaimed: its claim was the old broker's). The range is complete
         once no other session still holds a claim on it (two generators of one slice: the second
-        to finish completes it), so a stray completion cannot end the stream under a producer."""
+        to finish completes it, or the last to leave), so a stray completion cannot end the stream
+        under a producer that is still writing."""
         index, count = pair
         if self.journal.ranges not in (None, count):
             return f"range {list(pair)} does not match the stream's {self.journal.ranges} ranges"
@@ -753,12 +761,18 @@ class Broker:
                 "(did the broker restart without --state-dir?)"
             )
         session.claims.discard(index)
-        if not others:
-            if self.journal.ranges is None:
-                self.journal.set_stream(ranges=count)
-            self.journal.mark_complete(index)
-            self._check_eos()
+        if self.journal.ranges is None:
+            self.journal.set_stream(ranges=count)
+        if others:
+            self.completing.add(index)
+        else:
+            self._finish_range(index)
         return None
+
+    def _finish_range(self, index: int) -> None:
+        self.completing.discard(index)
+        self.journal.mark_complete(index)
+        self._check_eos()
 
     def _ids(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
         index = ctl["range"][0]
@@ -882,9 +896,8 @@ class Broker:
             self._send(consumer.rid, {"t": "eos"})
 
 
-def serve(config: BrokerConfig) -> int:
+def serve(broker: Broker) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT (or the end of the stream with exit_after_eos)."""
-    broker = Broker(config)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         broker.stop()

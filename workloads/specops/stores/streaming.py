@@ -133,7 +133,9 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(port: int | None, stats: list[StreamStats], host: str = "127.0.0.1") -> MetricsServer | None:
+def serve_metrics(
+    port: int | None, stats: list[StreamStats], host: str = "127.0.0.1"
+) -> MetricsServer | None:
     """Start the endpoint when a port is configured; log where it listens."""
     if port is None:
         return None

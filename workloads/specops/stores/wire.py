@@ -126,7 +126,9 @@ def items(check: Check, width: int = 0) -> Check:
 
 def entry(*checks: Check) -> Check:
     """A fixed-width list entry whose values are checked one by one."""
-    return lambda value, name: tuple(c(v, f"{name}[{i}]") for i, (c, v) in enumerate(zip(checks, value, strict=True)))
+    return lambda value, name: tuple(
+        c(v, f"{name}[{i}]") for i, (c, v) in enumerate(zip(checks, value, strict=True))
+    )
 
 
 def _meta_value(kind: str, value: Any) -> bool:
@@ -145,7 +147,9 @@ def store_meta(value: Any, name: str) -> dict[str, Any]:
     kinds = {f.name: str(f.type) for f in fields(StoreMeta)}
     required = {f.name for f in fields(StoreMeta) if f.default is MISSING}
     if not isinstance(value, dict) or not required <= set(value) <= set(kinds):
-        raise ProtocolError(f"{name} must be a map of the StoreMeta fields {sorted(kinds)}, got {value!r:.80}")
+        raise ProtocolError(
+            f"{name} must be a map of the StoreMeta fields {sorted(kinds)}, got {value!r:.80}"
+        )
     for key, val in value.items():
         if not _meta_value(kinds[key], val):
             raise ProtocolError(f"{name}.{key} has the wrong type or size: {val!r:.80}")
@@ -158,7 +162,12 @@ def stats(value: Any, name: str) -> dict[str, float]:
         raise ProtocolError(f"{name} must be a map of at most {MAX_ITEMS} numbers")
     out: dict[str, float] = {}
     for key, val in value.items():
-        if not isinstance(val, int | float) or isinstance(val, bool) or not math.isfinite(val) or abs(val) > 1e18:
+        if (
+            not isinstance(val, int | float)
+            or isinstance(val, bool)
+            or not math.isfinite(val)
+            or abs(val) > 1e18
+        ):
             raise ProtocolError(f"{name}.{key!s:.40} must be a finite number, got {val!r:.80}")
         out[text(key, f"{name} key")] = float(val)
     return out

@@ -31,7 +31,7 @@ import zmq
 
 from specops.paths import resolve_allowed
 from specops.stores.base import StoreMeta
-from specops.stores.codec import decode, encode
+from specops.stores.codec import CodecError, decode, encode
 from specops.stores.streaming import StreamError, StreamStats
 from specops.stores.wire import (
     CurveKeys,
@@ -782,9 +782,14 @@ class ZmqSource(_Link):
                 log.warning("%s: %s went to another consumer meanwhile; dropping this copy", self.url, ex_id)
                 self.stats.inc("lost_examples")
                 continue
-            ex = decode(frames[0].buffer, [f.buffer for f in frames[1:]])
-            if ex["id"] != ex_id:
-                raise StreamError(f"{self.url}: message for {ex_id} carries example {ex['id']}")
+            try:
+                ex = decode(frames[0].buffer, [f.buffer for f in frames[1:]])
+                if ex["id"] != ex_id:
+                    raise CodecError(f"the message for {ex_id} carries example {ex['id']}")
+            except CodecError as exc:  # a broken or hostile producer must not stop training
+                log.error("%s: dropping %s, which is not a valid example: %s", self.url, ex_id, exc)
+                self.stats.inc("bad_examples")
+                continue
             self.stats.count("received", sum(len(f) for f in frames))
             yield ex
 
