@@ -65,3 +65,28 @@ def test_train_config_defaults() -> None:
 
 def test_apply_overrides_creates_levels() -> None:
     assert apply_overrides({"a": 1}, {"b.c.d": 2}) == {"a": 1, "b": {"c": {"d": 2}}}
+
+
+TRAIN = {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o"}
+
+
+@pytest.mark.parametrize(
+    ("optim", "field"),
+    [
+        ("weightDecay: .inf", r"optim\.(weightDecay|weight_decay):"),
+        ("weightDecay: 1e308", r"optim\.(weightDecay|weight_decay):"),
+        ("betas: [2, -1]", r"optim\.betas\.0"),
+        ("betas: [0.9, 1.0]", r"optim\.betas\.1"),
+        ("lr: .nan", r"optim\.lr"),
+        ("eps: 0", r"optim\.eps"),
+        ("gradClip: .inf", r"optim\.(gradClip|grad_clip):"),
+        ("warmupSteps: 100000000000000000000", r"optim\.(warmupSteps|warmup_steps):"),
+    ],
+)
+def test_optimizer_fields_are_bounded_at_validation(tmp_path: Path, optim: str, field: str) -> None:
+    """`weightDecay: .inf` used to pass and train a draft of inf tensors (exit 0); bad betas failed
+    only after the verifier and data had loaded."""
+    path = tmp_path / "train.yaml"
+    path.write_text(f"verifier: {{nameOrPath: m}}\ndata: {{path: d}}\noutputDir: o\noptim: {{{optim}}}\n")
+    with pytest.raises(ConfigError, match=field):
+        load_config(TrainConfig, path)

@@ -19,10 +19,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Contract(BaseModel):
-    """Base for every config model: unknown fields are errors, camelCase aliases on the wire."""
+    """Base for every config model: unknown fields are errors, camelCase aliases on the wire, and
+    no number is infinite or NaN (`.inf` would pass any lower bound)."""
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         alias_generator=to_camel,
         validate_by_name=True,
         validate_by_alias=True,
@@ -278,12 +280,20 @@ class DraftConfig(Contract):
     see docs/training.md)."""
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""An Adam moment decay: 1 or more never forgets (or diverges), below 0 is not a decay."""
+
+
 class OptimConfig(Contract):
+    """AdamW; every field is bounded, so a bad value fails at validation, before anything loads."""
+
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: Annotated[float, Field(gt=0.0)] = 0.5
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Decoupled: each step scales the weights by 1 - lr x weight_decay."""
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-8
+    grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    warmup_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
 
 
