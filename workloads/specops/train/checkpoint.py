@@ -91,9 +91,13 @@ class NonFiniteError(RuntimeError):
     """Training diverged (an inf or NaN): the run stops instead of publishing a broken draft."""
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], directory: Path) -> None:
+def check_finite(tensors: Mapping[str, Any], directory: Path) -> None:
     """Refuse to write `directory` when a floating-point tensor holds an inf or NaN (naming it)."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         raise NonFiniteError(
             f"{directory}: not written, the model is not finite in {', '.join(bad[:4])}"
