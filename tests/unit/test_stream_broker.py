@@ -18,7 +18,7 @@ from specops.stores.base import DataSink, StoreMeta, StreamSource
 from specops.stores.broker import JOURNAL_FILE, Broker, BrokerConfig, Entry, Journal, Session
 from specops.stores.manifest import StoreMetaMismatchError
 from specops.stores.streaming import StreamError
-from specops.stores.wire import Timing, client_keys, write_keys
+from specops.stores.wire import Timing, broker_keys, client_keys, write_keys
 from specops.stores.zmq import Claim, ZmqSource, ZmqStore
 
 FAST = Timing(heartbeat_s=0.1, timeout_s=1.0)
@@ -201,14 +201,15 @@ def test_the_first_consumer_to_take_an_example_gets_it_and_a_late_one_is_told_lo
 
 
 def test_curve_clients_with_keys_stream_and_others_are_not_served(tmp_path: Path) -> None:
-    from specops.stores.wire import broker_keys
-
     write_keys(tmp_path / "keys")
     secured = Running(curve=broker_keys(tmp_path / "keys"), max_bytes=1 << 20)
     try:
-        keys = client_keys(tmp_path / "keys")
-        writer = _produce(secured.url, range(5), (0, 1), keys=keys)
-        source = ZmqSource(secured.url, keys=keys, timeout_s=10)
+        producer, consumer = (
+            client_keys(tmp_path / "keys", "producer"),
+            client_keys(tmp_path / "keys", "consumer"),
+        )
+        writer = _produce(secured.url, range(5), (0, 1), keys=producer)
+        source = ZmqSource(secured.url, keys=consumer, timeout_s=10)
         assert sorted(ex["id"] for ex in source) == [f"d/{i}/0" for i in range(5)]
         writer.join(10)
         source.close()
@@ -216,10 +217,32 @@ def test_curve_clients_with_keys_stream_and_others_are_not_served(tmp_path: Path
         with pytest.raises(StreamError, match=r"no example for 1\.0 s"):
             next(iter(stranger))
         stranger._shutdown(bye=False)
+        with pytest.raises(StreamError, match="CURVE key may not act as a producer"):
+            ZmqStore(secured.url, META, keys=consumer, slice_claim=(0, 1))  # a consumer cannot offer
+        wrong = ZmqSource(secured.url, keys=producer, timeout_s=5)  # nor a producer take
+        with pytest.raises(StreamError, match="CURVE key may not act as a consumer"):
+            next(iter(wrong))
+        wrong._shutdown(bye=False)
     finally:
         secured.stop()
-    with pytest.raises(FileNotFoundError, match=r"curve_key_dir: .*client\.key_secret is missing"):
-        client_keys(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"curve_key_dir: .*consumer\.key_secret is missing"):
+        client_keys(tmp_path, "consumer")
+
+
+def test_a_key_directory_from_before_keys_per_role_still_serves_both_roles(tmp_path: Path) -> None:
+    import zmq.auth
+
+    for name in ("broker", "client"):
+        zmq.auth.create_certificates(str(tmp_path), name)
+    secured = Running(curve=broker_keys(tmp_path), max_bytes=1 << 20)
+    try:
+        writer = _produce(secured.url, range(3), (0, 1), keys=client_keys(tmp_path, "producer"))
+        source = ZmqSource(secured.url, keys=client_keys(tmp_path, "consumer"), timeout_s=10, direct=True)
+        assert sorted(ex["id"] for ex in source) == [f"d/{i}/0" for i in range(3)]
+        writer.join(10)
+        source.close()
+    finally:
+        secured.stop()
 
 
 def test_metrics_are_served_for_prometheus(tmp_path: Path) -> None:

@@ -45,7 +45,16 @@ import zmq
 from specops.stores.atomic import write_json_atomic
 from specops.stores.base import StoreMeta
 from specops.stores.streaming import MetricsServer, StreamStats, serve_metrics
-from specops.stores.wire import MAX_SEQ, CurveKeys, ProtocolError, Timing, pack, parse_request, secure_server
+from specops.stores.wire import (
+    MAX_SEQ,
+    ROLES,
+    CurveKeys,
+    ProtocolError,
+    Timing,
+    pack,
+    parse_request,
+    secure_server,
+)
 
 log = logging.getLogger(__name__)
 STREAM_FILE = "stream.json"
@@ -425,11 +434,18 @@ class Broker:
             return
         rid = frames[0].bytes
         try:
-            self._route(rid, parse_request(frames[1].buffer), frames[2:])
+            self._route(rid, parse_request(frames[1].buffer), frames[2:], self._roles(frames[1]))
         except OSError:
             raise  # the broker's own disk or sockets, not the peer's doing
         except Exception as exc:
             self._reject(rid, exc)
+
+    def _roles(self, frame: zmq.Frame) -> frozenset[str]:
+        """The roles the sender may take: what its CURVE key allows (any without CURVE)."""
+        if self.config.curve is None:
+            return ROLES
+        user = frame.get("User-Id")
+        return self.config.curve.roles.get(str(user), ROLES)
 
     def _reject(self, rid: bytes, exc: Exception) -> None:
         log.warning(
@@ -444,8 +460,15 @@ class Broker:
             self._end_session(session)
         self._send(rid, {"t": "reset"})
 
-    def _route(self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+    def _route(
+        self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame], roles: frozenset[str]
+    ) -> None:
         kind, sid = ctl["t"], ctl["sid"]
+        role = "consumer" if kind == "attach" else ctl.get("role")
+        if role is not None and role not in roles:  # every other message comes on a hello's connection
+            text = f"this client's CURVE key may not act as a {role}; use the {role}'s key pair"
+            self._send(rid, {"t": "error", "kind": "role", "error": text})
+            return
         if kind == "hello":
             self._hello(rid, sid, ctl)
             return
@@ -459,7 +482,7 @@ class Broker:
                 self._send(rid, {"t": "reset"})  # e.g. this broker restarted: say hello again
             return
         session.last_seen = time.monotonic()
-        role, handler = {
+        needed, handler = {
             "hb": (session.role, self._heartbeat),
             "bye": (session.role, self._bye),
             "offer": ("producer", self._offer),
@@ -469,7 +492,7 @@ class Broker:
             "ids": ("producer", self._ids),
             "ack": ("consumer", self._ack),
         }[kind]
-        if role != session.role:
+        if needed != session.role:
             raise ProtocolError(f"a {session.role} may not send {kind!r}")
         handler(session, ctl, payload)
 

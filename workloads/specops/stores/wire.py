@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     import zmq
 
 BROKER_KEY = "broker"
+ROLES = frozenset({"producer", "consumer"})
+"""Each role has its own key pair (`producer.key`, `consumer.key`), so a consumer cannot offer
+and a producer cannot take examples."""
 CLIENT_KEY = "client"
+"""The key pair all clients shared before there was one per role: it may still take either."""
 MAX_ITEMS = 4096
 """Most entries in one list of a control message (offers, asks, claims, stats)."""
 MAX_RANGES = 1_000_000
@@ -239,17 +243,22 @@ class CurveKeys:
     public: bytes
     secret: bytes
     server_public: bytes | None = None
+    peer_public: bytes | None = None
+    """Clients: the other role's public key, for the direct path (a producer connects to a direct
+    consumer's endpoint with it as the server key; the consumer admits only that key)."""
     directory: Path | None = None
     """Where authorized client public keys (`*.key`) live; broker side only."""
+    roles: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Broker side: Z85 public key -> the roles its holder may take (keys not listed: either)."""
 
 
 def write_keys(directory: Path) -> list[Path]:
-    """Create `broker.key[_secret]` and `client.key[_secret]` in `directory` (secrets mode 0600)."""
+    """Create the broker's and each role's key pair in `directory` (secrets mode 0600)."""
     import zmq.auth
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in (BROKER_KEY, CLIENT_KEY):
+    for name in (BROKER_KEY, *sorted(ROLES)):
         public, secret = zmq.auth.create_certificates(str(directory), name)
         os.chmod(secret, 0o600)
         written += [Path(public), Path(secret)]
@@ -271,18 +280,31 @@ def _load(directory: Path, name: str, secret: bool) -> tuple[bytes, bytes | None
 
 
 def broker_keys(directory: Path) -> CurveKeys:
-    """The broker's key pair; every `*.key` public key in the directory may connect."""
+    """The broker's key pair; every `*.key` public key in the directory may connect, and the
+    holder of `producer.key` or `consumer.key` only in that role."""
     public, secret = _load(directory, BROKER_KEY, secret=True)
     assert secret is not None
-    return CurveKeys(public=public, secret=secret, directory=directory)
+    roles = {
+        _load(directory, role, secret=False)[0].decode("ascii"): frozenset({role})
+        for role in ROLES
+        if (directory / f"{role}.key").is_file()
+    }
+    return CurveKeys(public=public, secret=secret, directory=directory, roles=roles)
 
 
-def client_keys(directory: Path) -> CurveKeys:
-    """A client's key pair and the broker's public key."""
-    public, secret = _load(directory, CLIENT_KEY, secret=True)
+def client_keys(directory: Path, role: str) -> CurveKeys:
+    """The key pair of `role` (`<role>.key_secret`; or the shared `client.key_secret` of a
+    directory made before keys per role), the broker's public key, and the other role's."""
+    shared = (
+        not (directory / f"{role}.key_secret").is_file()
+        and (directory / f"{CLIENT_KEY}.key_secret").is_file()
+    )
+    public, secret = _load(directory, CLIENT_KEY if shared else role, secret=True)
     server, _ = _load(directory, BROKER_KEY, secret=False)
     assert secret is not None
-    return CurveKeys(public=public, secret=secret, server_public=server)
+    (other,) = ROLES - {role}
+    peer = public if shared else _load(directory, other, secret=False)[0]
+    return CurveKeys(public=public, secret=secret, server_public=server, peer_public=peer)
 
 
 def secure_client(sock: zmq.Socket[Any], keys: CurveKeys | None) -> None:
