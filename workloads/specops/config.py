@@ -8,11 +8,20 @@ Kubernetes API accept both spellings on input; CRDs and dumps use camelCase).
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel, to_snake
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -31,6 +40,26 @@ class Contract(BaseModel):
         validate_default=True,
         use_attribute_docstrings=True,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field takes no boolean (YAML's `true` is not 1) and no integer beyond 64
+        bits (it would fail far from its field, in the API server or in a seed)."""
+        kinds = _scalar_types(cls.model_fields[str(info.field_name)].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"must be a number, not the boolean {value}")
+        if type(value) is int and int in kinds and not -(2**63) <= value < 2**63:
+            raise ValueError(f"{value} does not fit in 64 bits")
+        return value
+
+
+def _scalar_types(annotation: Any) -> set[Any]:
+    """The plain types a field annotation admits (through Optional, unions and Annotated)."""
+    if get_origin(annotation) in (Union, types.UnionType, Annotated):
+        args = get_args(annotation)[:1] if get_origin(annotation) is Annotated else get_args(annotation)
+        return set().union(*(_scalar_types(a) for a in args))
+    return {annotation}
 
 
 # --------------------------------------------------------------------------- data generation
@@ -402,11 +431,16 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field."""
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `source: field.path: message`."""
+def format_validation_error(
+    err: ValidationError, source: str, spelled: dict[tuple[Any, ...], str] | None = None
+) -> str:
+    """One line per problem: `source: field.path: message`, each key as the input spelled it
+    (`spelled`: snake_case path -> the key in the file; see `_snake_keys`)."""
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "<root>"
+        path = item["loc"]
+        names = [(spelled or {}).get(tuple(path[: i + 1]), str(part)) for i, part in enumerate(path)]
+        loc = ".".join(names) or "<root>"
         msg = item["msg"]
         ctx = item.get("ctx") or {}
         if "expected" in ctx:
@@ -415,9 +449,37 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a 452-byte alias bomb expands to gigabytes) and without duplicate
+    keys (where the last would silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+
+
 def parse_override_value(raw: str) -> Any:
     """`--engine.batch_size 4` -> 4; YAML scalars and flow lists/maps are accepted."""
-    return yaml.safe_load(raw) if raw != "" else ""
+    return _load_yaml(raw) if raw != "" else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -449,16 +511,17 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"{label}: cannot read config: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{label}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{label}: top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(_snake_keys(data), overrides or {})
+    spelled: dict[tuple[Any, ...], str] = {}
+    data = apply_overrides(_snake_keys(data, label, spelled), overrides or {})
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, label)) from None
+        raise ConfigError(format_validation_error(exc, label, spelled)) from None
 
 
 def dump_config(config: BaseModel) -> str:
@@ -466,13 +529,28 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
 
 
-def _snake_keys(data: Any) -> Any:
-    """Normalize camelCase keys so snake_case overrides land on the same key.
+def _snake_keys(
+    data: Any, label: str, spelled: dict[tuple[Any, ...], str], path: tuple[Any, ...] = ()
+) -> Any:
+    """Normalize camelCase keys so snake_case overrides land on the same key, recording how
+    the input spelled each one (for messages) and refusing two spellings of one field.
 
     Workload configs hold no free-form maps, so every key is a field name.
     """
     if isinstance(data, dict):
-        return {to_snake(str(k)): _snake_keys(v) for k, v in data.items()}
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            key = to_snake(str(k))
+            where = (*path, key)
+            if key in out:
+                field = ".".join(spelled.get(where[: i + 1], str(p)) for i, p in enumerate(where[:-1]))
+                raise ConfigError(
+                    f"{label}: {field + '.' if field else ''}{spelled[where]} and {k} are the same "
+                    "field set twice; keep one"
+                )
+            spelled[where] = str(k)
+            out[key] = _snake_keys(v, label, spelled, where)
+        return out
     if isinstance(data, list):
-        return [_snake_keys(v) for v in data]
+        return [_snake_keys(v, label, spelled, (*path, i)) for i, v in enumerate(data)]
     return data
