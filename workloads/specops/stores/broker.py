@@ -81,9 +81,8 @@ def meta_differences(stored: StoreMeta, offered: StoreMeta) -> str:
 class Journal:
     """What must survive a broker restart: the stream's StoreMeta and range count, the complete
     ranges and every delivered id (with its range and the consumer session it went to). Kept in
-    memory; with a directory, also
-    appended to `journal.msgpack` before the broker acks anything (kill -9 safe: one write()
-    per record batch; an fsync every `fsync_every_s` covers power loss)."""
+    memory; with a directory, also appended to `journal.msgpack` before the broker acks anything
+    (kill -9 safe: one write() per record batch; an fsync every `fsync_every_s` covers power loss)."""
 
     def __init__(self, directory: Path | None, fsync_every_s: float = 1.0) -> None:
         self.directory = directory

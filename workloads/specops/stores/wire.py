@@ -28,10 +28,13 @@ ROLES = frozenset({"producer", "consumer"})
 and a producer cannot take examples."""
 CLIENT_KEY = "client"
 """The key pair all clients shared before there was one per role: it may still take either."""
-MAX_ITEMS = 4096
-"""Most entries in one list of a control message (offers, asks, claims, stats)."""
+MAX_ITEMS = 65536
+"""Most entries in one list of a control message (offers, asks, claims): a producer
+offers its whole window (sync.queueSize, at most 65,536) at once after a reconnect."""
 MAX_RANGES = 1_000_000
 """Most input ranges a stream may be split into (the bound of sync.claimRanges)."""
+MAX_STATS = 64
+"""Most figures a client reports in one heartbeat."""
 MAX_CREDIT = 65536
 """Most examples a consumer may ask the broker to push ahead."""
 MAX_SEQ = (1 << 63) - 1
@@ -161,9 +164,9 @@ def store_meta(value: Any, name: str) -> dict[str, Any]:
 
 
 def stats(value: Any, name: str) -> dict[str, float]:
-    """A client's heartbeat figures: at most MAX_ITEMS finite numbers by name."""
-    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
-        raise ProtocolError(f"{name} must be a map of at most {MAX_ITEMS} numbers")
+    """A client's heartbeat figures: a few finite numbers by name."""
+    if not isinstance(value, dict) or len(value) > MAX_STATS:
+        raise ProtocolError(f"{name} must be a map of at most {MAX_STATS} numbers")
     out: dict[str, float] = {}
     for key, val in value.items():
         if (
