@@ -181,15 +181,15 @@ def stats(value: Any, name: str) -> dict[str, float]:
 
 
 def _role(value: Any, name: str) -> str:
-    if value not in ("producer", "consumer"):
+    if value not in ROLES:
         raise ProtocolError(f"{name} must be 'producer' or 'consumer', got {value!r:.80}")
     return str(value)
 
 
 SEQ = integer(0, MAX_SEQ)
-RANGE_OF_OFFER = integer(-1, MAX_RANGES - 1)
-"""An offer's range: -1 for an example written before any claim (kept for compatibility)."""
-ASK = entry(text, integer(-1, MAX_RANGES - 1))
+RANGE_INDEX = integer(-1, MAX_RANGES - 1)
+"""The range an example belongs to (-1: written before its producer claimed one)."""
+ASK = entry(text, RANGE_INDEX)
 """A consumer's ask to take an example: [id, range]."""
 REQUESTS: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {
@@ -200,7 +200,7 @@ REQUESTS: dict[str, dict[str, tuple[Check, bool]]] = {
         "taken": (items(ASK, 2), False),
     },
     "attach": {"credit": (integer(0, MAX_CREDIT), True), "direct": (optional(text), False)},
-    "offer": {"offers": (items(entry(SEQ, text, integer(0, MAX_SEQ), RANGE_OF_OFFER), 4), True)},
+    "offer": {"offers": (items(entry(SEQ, text, integer(0, MAX_SEQ), RANGE_INDEX), 4), True)},
     "data": {"seq": (SEQ, True), "id": (text, True)},
     "claim": {
         "req": (optional(SEQ), False),

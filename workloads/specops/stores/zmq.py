@@ -652,7 +652,8 @@ class ZmqStore(_Link):
             if self._keys is not None:  # a direct consumer serves CURVE with its own key pair
                 secure_client(peer, replace(self._keys, server_public=self._keys.peer_public))
             peer.connect(endpoint)
-        peer.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
+        # no session id: it is this producer's credential with the broker, and consumers need none
+        peer.send_multipart([pack(ctl), *payload], zmq.NOBLOCK, copy=False)
 
     def _report(self) -> dict[str, float]:
         with self._cond:
