@@ -116,6 +116,7 @@ i: [*h,*h,*h,*h,*h,*h,*h,*h,*h]
         ),
         ("engine: {seed: 1180591620717411303424}\n", r"engine\.seed: .*does not fit in 64 bits"),
         ("engine: {maxSeqLen: 8}\n", r"engine\.maxSeqLen: Input should be greater than or equal to 16"),
+        ('run: {allowedRoots: ["/tmp\\0x"]}\n', r"run\.allowedRoots: .*contains a NUL byte"),
     ],
 )
 def test_surprising_yaml_is_refused_naming_the_field_as_spelled(

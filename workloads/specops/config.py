@@ -43,9 +43,12 @@ class Contract(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _plain_values(cls, value: Any, info: ValidationInfo) -> Any:
         """A number field takes no boolean (YAML's `true` is not 1) and no integer beyond 64
-        bits (it would fail far from its field, in the API server or in a seed)."""
+        bits, and no text holds a NUL byte: each would otherwise fail far from its field (in the
+        API server, a seed, or as a traceback from the first path operation)."""
+        if any("\x00" in v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)):
+            raise ValueError("contains a NUL byte")
         kinds = _scalar_types(cls.model_fields[str(info.field_name)].annotation)
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise ValueError(f"must be a number, not the boolean {value}")
