@@ -439,3 +439,23 @@ def test_generate_data_with_its_broker_gone_fails_in_one_line(
     err = capsys.readouterr().err
     assert f"specops generate-data: error: producer: no word from the broker at {url}" in err
     assert "Traceback" not in err
+
+
+def test_a_restarted_broker_confirms_a_delivered_id_only_to_the_consumer_that_took_it(tmp_path: Path) -> None:
+    """The journal records who took each id; records from before it did (no owner) are
+    confirmed to whoever asks, as they always were."""
+    import msgpack
+
+    journal = Journal(tmp_path)
+    journal.deliver([("x", 0)], "a")
+    journal.close()
+    with open(tmp_path / JOURNAL_FILE, "ab") as f:
+        f.write(msgpack.packb(["d", "old", 0]))
+    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path, timing=FAST))
+    try:
+        now = time.monotonic()
+        a, b = Session("a", "consumer", b"ra", now), Session("b", "consumer", b"rb", now)
+        assert broker._take(a, [("x", 0)]) == (["x"], [])
+        assert broker._take(b, [("x", 0), ("old", 0), ("never", 0)]) == (["old"], ["x", "never"])
+    finally:
+        broker.close()
