@@ -65,3 +65,68 @@ def test_train_config_defaults() -> None:
 
 def test_apply_overrides_creates_levels() -> None:
     assert apply_overrides({"a": 1}, {"b.c.d": 2}) == {"a": 1, "b": {"c": {"d": 2}}}
+
+
+TRAIN = {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o"}
+
+
+@pytest.mark.parametrize(
+    ("optim", "field"),
+    [
+        ("weightDecay: .inf", r"optim\.weightDecay:"),
+        ("weightDecay: 1e308", r"optim\.weightDecay:"),
+        ("betas: [2, -1]", r"optim\.betas\.0"),
+        ("betas: [0.9, 1.0]", r"optim\.betas\.1"),
+        ("lr: .nan", r"optim\.lr"),
+        ("eps: 0", r"optim\.eps"),
+        ("gradClip: .inf", r"optim\.gradClip:"),
+        ("warmupSteps: 100000000000000000000", r"optim\.warmupSteps:"),
+    ],
+)
+def test_optimizer_fields_are_bounded_at_validation(tmp_path: Path, optim: str, field: str) -> None:
+    """`weightDecay: .inf` used to pass and train a draft of inf tensors (exit 0); bad betas failed
+    only after the verifier and data had loaded."""
+    path = tmp_path / "train.yaml"
+    path.write_text(f"verifier: {{nameOrPath: m}}\ndata: {{path: d}}\noutputDir: o\noptim: {{{optim}}}\n")
+    with pytest.raises(ConfigError, match=field):
+        load_config(TrainConfig, path)
+
+
+BOMB = """a: &a ["x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BOMB, r"aliases \(\*a\) are not allowed"),  # ~400 MB once expanded (_snake_keys copied it all)
+        ("verifier: {nameOrPath: m}\nverifier: {nameOrPath: n}\n", r"duplicate key 'verifier'"),
+        ("engine: {batchSize: true}\n", r"engine\.batchSize: .*not the boolean True"),
+        (
+            "engine: {batchSize: 2, batch_size: 3}\n",
+            r"engine\.batchSize and batch_size are the same field set twice",
+        ),
+        ("engine: {seed: 1180591620717411303424}\n", r"engine\.seed: .*does not fit in 64 bits"),
+        ("engine: {maxSeqLen: 8}\n", r"engine\.maxSeqLen: Input should be greater than or equal to 16"),
+        ('run: {allowedRoots: ["/tmp\\0x"]}\n', r"run\.allowedRoots: .*contains a NUL byte"),
+    ],
+)
+def test_surprising_yaml_is_refused_naming_the_field_as_spelled(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Each of these used to pass silently (aliases, last duplicate wins, `true` as 1, one
+    spelling wins), exhaust memory, or fail far from the field (seed: 2**70)."""
+    path = tmp_path / "datagen.yaml"
+    path.write_text("datasets: [{kind: hf, path: p}]\nsync: {kind: disk, path: out}\n" + text)
+    if "verifier" not in text:
+        path.write_text(path.read_text() + "verifier: {nameOrPath: m}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(DataGenConfig, path)

@@ -18,7 +18,7 @@ from specops.stores.base import DataSink, StoreMeta, StreamSource
 from specops.stores.broker import JOURNAL_FILE, Broker, BrokerConfig, Entry, Journal, Session
 from specops.stores.manifest import StoreMetaMismatchError
 from specops.stores.streaming import StreamError
-from specops.stores.wire import Timing, client_keys, write_keys
+from specops.stores.wire import Timing, broker_keys, client_keys, write_keys
 from specops.stores.zmq import Claim, ZmqSource, ZmqStore
 
 FAST = Timing(heartbeat_s=0.1, timeout_s=1.0)
@@ -156,7 +156,7 @@ def test_dynamic_claims_hand_out_each_range_once_then_report_done(running: Runni
 def test_the_journal_survives_a_torn_tail_and_a_new_broker_resumes_from_it(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.set_stream(meta=META, ranges=2)
-    journal.deliver([("d/1/0", 0), ("d/2/0", 1)])
+    journal.deliver([("d/1/0", 0), ("d/2/0", 1)], "c1")
     journal.mark_complete(0)
     journal.close()
     with open(tmp_path / JOURNAL_FILE, "ab") as f:
@@ -164,8 +164,8 @@ def test_the_journal_survives_a_torn_tail_and_a_new_broker_resumes_from_it(tmp_p
     again = Journal(tmp_path)
     assert again.meta == META and again.ranges == 2
     assert again.delivered == {"d/1/0": 0, "d/2/0": 1} and again.complete == {0}
-    assert again.ids_in(1) == ["d/2/0"] and again.resumed
-    again.deliver([("d/3/0", 1)])
+    assert again.ids_in(1) == ["d/2/0"] and again.resumed and again.owner["d/2/0"] == "c1"
+    again.deliver([("d/3/0", 1)], "c2")
     again.close()
     assert Journal(tmp_path).ids_in(1) == ["d/2/0", "d/3/0"]
 
@@ -189,6 +189,7 @@ def test_the_first_consumer_to_take_an_example_gets_it_and_a_late_one_is_told_lo
         b = Session("b", "consumer", b"rb", now, credit=1)
         broker.sessions.update(a=a, b=b)
         broker.entries["x"] = Entry("x", 0, [], 10, lease="a")
+        broker.leased["x"] = (0, {"b", "a"})  # pushed to b, which was expired while alive, then to a
         broker.held_bytes = 10
         assert broker._take(b, [["x", 0]]) == (["x"], [])  # b took it while it was pushed to a
         assert a.credit == 1 and not a.leases and broker.held_bytes == 0
@@ -200,14 +201,15 @@ def test_the_first_consumer_to_take_an_example_gets_it_and_a_late_one_is_told_lo
 
 
 def test_curve_clients_with_keys_stream_and_others_are_not_served(tmp_path: Path) -> None:
-    from specops.stores.wire import broker_keys
-
     write_keys(tmp_path / "keys")
     secured = Running(curve=broker_keys(tmp_path / "keys"), max_bytes=1 << 20)
     try:
-        keys = client_keys(tmp_path / "keys")
-        writer = _produce(secured.url, range(5), (0, 1), keys=keys)
-        source = ZmqSource(secured.url, keys=keys, timeout_s=10)
+        producer, consumer = (
+            client_keys(tmp_path / "keys", "producer"),
+            client_keys(tmp_path / "keys", "consumer"),
+        )
+        writer = _produce(secured.url, range(5), (0, 1), keys=producer)
+        source = ZmqSource(secured.url, keys=consumer, timeout_s=10)
         assert sorted(ex["id"] for ex in source) == [f"d/{i}/0" for i in range(5)]
         writer.join(10)
         source.close()
@@ -215,10 +217,32 @@ def test_curve_clients_with_keys_stream_and_others_are_not_served(tmp_path: Path
         with pytest.raises(StreamError, match=r"no example for 1\.0 s"):
             next(iter(stranger))
         stranger._shutdown(bye=False)
+        with pytest.raises(StreamError, match="CURVE key may not act as a producer"):
+            ZmqStore(secured.url, META, keys=consumer, slice_claim=(0, 1))  # a consumer cannot offer
+        wrong = ZmqSource(secured.url, keys=producer, timeout_s=5)  # nor a producer take
+        with pytest.raises(StreamError, match="CURVE key may not act as a consumer"):
+            next(iter(wrong))
+        wrong._shutdown(bye=False)
     finally:
         secured.stop()
-    with pytest.raises(FileNotFoundError, match=r"curve_key_dir: .*client\.key_secret is missing"):
-        client_keys(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"curve_key_dir: .*consumer\.key_secret is missing"):
+        client_keys(tmp_path, "consumer")
+
+
+def test_a_key_directory_from_before_keys_per_role_still_serves_both_roles(tmp_path: Path) -> None:
+    import zmq.auth
+
+    for name in ("broker", "client"):
+        zmq.auth.create_certificates(str(tmp_path), name)
+    secured = Running(curve=broker_keys(tmp_path), max_bytes=1 << 20)
+    try:
+        writer = _produce(secured.url, range(3), (0, 1), keys=client_keys(tmp_path, "producer"))
+        source = ZmqSource(secured.url, keys=client_keys(tmp_path, "consumer"), timeout_s=10, direct=True)
+        assert sorted(ex["id"] for ex in source) == [f"d/{i}/0" for i in range(3)]
+        writer.join(10)
+        source.close()
+    finally:
+        secured.stop()
 
 
 def test_metrics_are_served_for_prometheus(tmp_path: Path) -> None:
@@ -415,3 +439,23 @@ def test_generate_data_with_its_broker_gone_fails_in_one_line(
     err = capsys.readouterr().err
     assert f"specops generate-data: error: producer: no word from the broker at {url}" in err
     assert "Traceback" not in err
+
+
+def test_a_restarted_broker_confirms_a_delivered_id_only_to_the_consumer_that_took_it(tmp_path: Path) -> None:
+    """The journal records who took each id; records from before it did (no owner) are
+    confirmed to whoever asks, as they always were."""
+    import msgpack
+
+    journal = Journal(tmp_path)
+    journal.deliver([("x", 0)], "a")
+    journal.close()
+    with open(tmp_path / JOURNAL_FILE, "ab") as f:
+        f.write(msgpack.packb(["d", "old", 0]))
+    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path, timing=FAST))
+    try:
+        now = time.monotonic()
+        a, b = Session("a", "consumer", b"ra", now), Session("b", "consumer", b"rb", now)
+        assert broker._take(a, [("x", 0)]) == (["x"], [])
+        assert broker._take(b, [("x", 0), ("old", 0), ("never", 0)]) == (["old"], ["x", "never"])
+    finally:
+        broker.close()

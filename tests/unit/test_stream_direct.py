@@ -187,20 +187,20 @@ def test_bad_direct_settings_fail_naming_the_field(running: Running) -> None:
     source.close()
 
 
-def test_with_curve_the_direct_endpoint_serves_only_holders_of_the_client_keys(tmp_path: Path) -> None:
+def test_with_curve_the_direct_endpoint_serves_only_holders_of_the_producer_key(tmp_path: Path) -> None:
     write_keys(tmp_path / "keys")
     secured = Running(curve=broker_keys(tmp_path / "keys"), max_bytes=1 << 20)
     try:
-        keys = client_keys(tmp_path / "keys")
+        keys = client_keys(tmp_path / "keys", "consumer")
         source = ZmqSource(secured.url, keys=keys, timeout_s=10, direct=True)
         _wait(lambda: _attached(secured, 1))
         strangers: list[zmq.Socket[bytes]] = [zmq.Context.instance().socket(zmq.PUSH) for _ in range(2)]
-        public, secret = zmq.curve_keypair()  # the second knows the endpoint's key, but not the client's
+        public, secret = zmq.curve_keypair()  # the second knows the endpoint's key, but not the producers'
         secure_client(strangers[1], CurveKeys(public=public, secret=secret, server_public=keys.public))
         for stranger in strangers:
             stranger.connect(str(source.direct_endpoint))
             stranger.send_multipart([pack({"t": "data", "id": "d/99/0", "range": 0}), b"header", b"tensor"])
-        writer = _produce(secured.url, range(5), (0, 1), keys=keys)
+        writer = _produce(secured.url, range(5), (0, 1), keys=client_keys(tmp_path / "keys", "producer"))
         assert _drain([source]) == Counter(f"d/{i}/0" for i in range(5))
         assert source.stats.counters["direct_examples"] == 5
         writer.join(10)

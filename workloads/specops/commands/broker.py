@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from specops.config import ConfigError
 
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+"""Loopback unless asked: a broker without CURVE serves anyone who reaches its port."""
+_BIND = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.*-]+):(\d{1,5})", re.ASCII)
+
+
+def bind_host(bind: str) -> str:
+    """The host part of `--bind` (`*` is every interface), after checking the endpoint's form and
+    port, so a typo is a one-line error rather than a ZeroMQ traceback or some other port."""
+    match = _BIND.fullmatch(bind)
+    if match is None or int(match[2]) > 65535:
+        raise ConfigError(
+            f"--bind: {bind!r} is not tcp://HOST:PORT with a port in 0..65535 (e.g. {DEFAULT_BIND})"
+        )
+    host = match[1].strip("[]")
+    return "0.0.0.0" if host == "*" else host
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--bind", default="tcp://0.0.0.0:5555", help="ZeroMQ endpoint for generators and trainers"
+        "--bind",
+        default=DEFAULT_BIND,
+        help="ZeroMQ endpoint for generators and trainers (tcp://0.0.0.0:PORT for every interface)",
     )
     parser.add_argument(
         "--max-bytes", type=int, default=2 << 30, help="example bytes held at once (sync.maxBrokerBytes)"
@@ -24,6 +43,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ranges", type=int, help="split the input into this many claimable ranges")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument(
+        "--metrics-host", help="address the metrics server listens on (default: the host of --bind)"
+    )
     parser.add_argument(
         "--curve-key-dir", type=Path, help="require CURVE: broker.key_secret + authorized *.key"
     )
@@ -50,9 +72,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import zmq
+
     from specops.paths import resolve_allowed
-    from specops.stores.broker import BrokerConfig, serve
-    from specops.stores.wire import Timing, broker_keys, write_keys
+    from specops.stores.broker import Broker, BrokerConfig, serve
+    from specops.stores.wire import MAX_RANGES, Timing, broker_keys, write_keys
 
     if overrides:
         raise ConfigError(f"specops broker takes no config overrides, got {sorted(overrides)}")
@@ -64,6 +88,11 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         return 0
     if args.max_bytes < 1 << 20:
         raise ConfigError(f"--max-bytes: {args.max_bytes} is below the 1 MiB minimum")
+    host = bind_host(args.bind)
+    if args.ranges is not None and not 1 <= args.ranges <= MAX_RANGES:
+        raise ConfigError(f"--ranges: {args.ranges} is not in 1..{MAX_RANGES}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port: {args.metrics_port} is not in 0..65535")
     try:
         timing = Timing(args.heartbeat_s, args.timeout_s)
     except ValueError as exc:
@@ -78,6 +107,11 @@ def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.curve_key_dir
         else None,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or host,
         exit_after_eos=args.exit_after_eos,
     )
-    return serve(config)
+    try:
+        broker = Broker(config)
+    except (zmq.ZMQError, OSError) as exc:
+        raise ConfigError(f"--bind/--metrics-port: cannot listen on {config.bind}: {exc}") from None
+    return serve(broker)

@@ -45,13 +45,27 @@ import zmq
 from specops.stores.atomic import write_json_atomic
 from specops.stores.base import StoreMeta
 from specops.stores.streaming import MetricsServer, StreamStats, serve_metrics
-from specops.stores.wire import CurveKeys, ProtocolError, Timing, pack, range_pair, secure_server, unpack
+from specops.stores.wire import (
+    MAX_SEQ,
+    ROLES,
+    CurveKeys,
+    ProtocolError,
+    Timing,
+    pack,
+    parse_request,
+    secure_server,
+)
 
 log = logging.getLogger(__name__)
 STREAM_FILE = "stream.json"
 JOURNAL_FILE = "journal.msgpack"
 MAX_BATCH = 256
 """Messages handled per poll before housekeeping runs."""
+FRAME_SLACK = 1 << 20
+"""Bytes a frame may exceed `max_bytes` by (control maps and example headers are small): a peer
+sending a larger frame is disconnected by ZeroMQ before the broker buffers it."""
+RCVHWM = 1024
+"""Messages queued per connection before ZeroMQ stops reading from it (TCP backpressure)."""
 
 
 def meta_differences(stored: StoreMeta, offered: StoreMeta) -> str:
@@ -66,9 +80,9 @@ def meta_differences(stored: StoreMeta, offered: StoreMeta) -> str:
 
 class Journal:
     """What must survive a broker restart: the stream's StoreMeta and range count, the complete
-    ranges and every delivered id (with its range). Kept in memory; with a directory, also
-    appended to `journal.msgpack` before the broker acks anything (kill -9 safe: one write()
-    per record batch; an fsync every `fsync_every_s` covers power loss)."""
+    ranges and every delivered id (with its range and the consumer session it went to). Kept in
+    memory; with a directory, also appended to `journal.msgpack` before the broker acks anything
+    (kill -9 safe: one write() per record batch; an fsync every `fsync_every_s` covers power loss)."""
 
     def __init__(self, directory: Path | None, fsync_every_s: float = 1.0) -> None:
         self.directory = directory
@@ -76,6 +90,9 @@ class Journal:
         self.ranges: int | None = None
         self.complete: set[int] = set()
         self.delivered: dict[str, int] = {}
+        self.owner: dict[str, str] = {}
+        """Delivered id -> the consumer session that took it (absent in journals written before
+        owners were recorded: such an id may be confirmed to any consumer that asks)."""
         self._fd: int | None = None
         self._fsync_every_s = fsync_every_s
         self._last_fsync = time.monotonic()
@@ -102,10 +119,13 @@ class Journal:
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(path.read_bytes())
         good = 0
+        sids: dict[str, str] = {}  # one string per consumer session, not one per id
         try:
             for record in unpacker:
                 if record[0] == "d":
                     self.delivered[record[1]] = int(record[2])
+                    if len(record) > 3:
+                        self.owner[record[1]] = sids.setdefault(record[3], record[3])
                 elif record[0] == "c":
                     self.complete.add(int(record[1]))
                 good = unpacker.tell()
@@ -130,12 +150,14 @@ class Journal:
                 {"meta": self.meta.to_json() if self.meta else None, "ranges": self.ranges},
             )
 
-    def deliver(self, items: list[tuple[str, int]]) -> None:
+    def deliver(self, items: list[tuple[str, int]], owner: str) -> None:
+        """Record `items` (id, range) as taken by consumer session `owner`."""
         fresh = [(ex_id, rng) for ex_id, rng in items if ex_id not in self.delivered]
         if not fresh:
             return
-        self._append(b"".join(msgpack.packb(["d", ex_id, rng]) for ex_id, rng in fresh))
+        self._append(b"".join(msgpack.packb(["d", ex_id, rng, owner]) for ex_id, rng in fresh))
         self.delivered.update(fresh)
+        self.owner.update((ex_id, owner) for ex_id, _ in fresh)
 
     def mark_complete(self, index: int) -> None:
         if index not in self.complete:
@@ -221,7 +243,7 @@ class Session:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    bind: str = "tcp://0.0.0.0:5555"
+    bind: str = "tcp://127.0.0.1:5555"
     max_bytes: int = 2 << 30
     """Bytes of example frames held plus promised to producers, at most."""
     state_dir: Path | None = None
@@ -231,6 +253,7 @@ class BrokerConfig:
     timing: Timing = field(default_factory=Timing)
     curve: CurveKeys | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     exit_after_eos: bool = False
     """Exit once the stream has ended and no client has been connected for `timing.timeout_s`
     (local runs and tests): a generator that starts late still hears that the stream is done
@@ -253,8 +276,14 @@ class Broker:
         self.offers: deque[Offer] = deque()
         self.reserved: dict[tuple[str, int], Offer] = {}
         self.sessions: dict[str, Session] = {}
-        self.delivered_to: dict[str, str] = {}
-        """Example id -> the consumer session it went to (this broker's lifetime)."""
+        self.leased: dict[str, tuple[int, set[str]]] = {}
+        """Example id -> (range, every consumer session it was pushed or sent to in this broker's
+        lifetime), until it is delivered: only those may take it."""
+        self.claimed_by: dict[int, set[str]] = {}
+        """Range -> every producer session that claimed it in this broker's lifetime: only those
+        may report it complete."""
+        self.completing: set[int] = set()
+        """Ranges one holder completed while others still held them: complete once none does."""
         self.held_bytes = 0
         self.reserved_bytes = 0
         self.eos_sent = False
@@ -270,14 +299,17 @@ class Broker:
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.SNDHWM, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, RCVHWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, min(config.max_bytes + FRAME_SLACK, MAX_SEQ))
         self.socket.setsockopt(zmq.LINGER, 0)
         if config.curve is not None:
             self._start_auth(config.curve)
         secure_server(self.socket, config.curve)
         self.socket.bind(config.bind)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._metrics: MetricsServer | None = serve_metrics(config.metrics_port, [self.stats])
+        self._metrics: MetricsServer | None = serve_metrics(
+            config.metrics_port, [self.stats], config.metrics_host
+        )
         log.info(
             "broker %s on %s: max %d MiB held, state %s",
             self.instance[:8],
@@ -394,51 +426,88 @@ class Broker:
             return False
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        """One message, inside its own error boundary: whatever a peer sends, the broker goes on
+        serving the others. Fields are checked before anything changes (`parse_request`); a
+        message that still fails resets its sender, which starts over with a hello."""
         if len(frames) < 2:
             return
         rid = frames[0].bytes
         try:
-            ctl = unpack(frames[1].buffer)
-            self._route(rid, ctl, frames[2:])
-        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
-            log.warning("dropping a bad message from client %r: %s", rid.hex()[:8], exc)
+            self._route(rid, parse_request(frames[1].buffer), frames[2:], self._roles(frames[1]))
+        except OSError:
+            raise  # the broker's own disk or sockets, not the peer's doing
+        except Exception as exc:
+            self._reject(rid, exc)
 
-    def _route(self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        kind, sid = ctl["t"], str(ctl.get("sid", ""))
+    def _roles(self, frame: zmq.Frame) -> frozenset[str]:
+        """The roles the sender may take: what its CURVE key allows (any without CURVE)."""
+        if self.config.curve is None:
+            return ROLES
+        user = frame.get("User-Id")
+        return self.config.curve.roles.get(str(user), ROLES)
+
+    def _reject(self, rid: bytes, exc: Exception) -> None:
+        log.warning(
+            "client %s sent a bad message (%s); resetting it",
+            rid.hex()[:8],
+            exc,
+            exc_info=not isinstance(exc, ProtocolError),  # anything else is a broker bug to see
+        )
+        self.stats.inc("rejected_messages")
+        session = next((s for s in self.sessions.values() if rid in (s.rid, s.data_rid)), None)
+        if session is not None:
+            self._end_session(session)
+        self._send(rid, {"t": "reset"})
+
+    def _route(
+        self, rid: bytes, ctl: dict[str, Any], payload: list[zmq.Frame], roles: frozenset[str]
+    ) -> None:
+        kind, sid = ctl["t"], ctl["sid"]
+        role = "consumer" if kind == "attach" else ctl.get("role")
+        if role is not None and role not in roles:  # every other message comes on a hello's connection
+            text = f"this client's CURVE key may not act as a {role}; use the {role}'s key pair"
+            self._send(rid, {"t": "error", "kind": "role", "error": text})
+            return
         if kind == "hello":
             self._hello(rid, sid, ctl)
             return
         session = self.sessions.get(sid)
         if kind == "attach":  # a relay consumer's data connection, or a direct consumer's endpoint
             if session is not None and session.role == "consumer":
-                session.direct = str(ctl["direct"]) if ctl.get("direct") else None
-                session.data_rid = None if session.direct else rid
-                session.credit = max(0, int(ctl["credit"]))
-                session.attached = True
+                self._attach(session, rid, ctl)
             return
         if session is None or session.rid != rid:
             if session is None and kind != "bye":
                 self._send(rid, {"t": "reset"})  # e.g. this broker restarted: say hello again
             return
         session.last_seen = time.monotonic()
-        handler = {
-            "hb": self._heartbeat,
-            "bye": self._bye,
-            "offer": self._offer,
-            "data": self._data,
-            "claim": self._claim,
-            "complete": self._complete,
-            "ids": self._ids,
-            "ack": self._ack,
-        }.get(kind)
-        if handler is None:
-            raise ProtocolError(f"unknown message type {kind!r}")
+        needed, handler = {
+            "hb": (session.role, self._heartbeat),
+            "bye": (session.role, self._bye),
+            "offer": ("producer", self._offer),
+            "data": ("producer", self._data),
+            "claim": ("producer", self._claim),
+            "complete": ("producer", self._complete),
+            "ids": ("producer", self._ids),
+            "ack": ("consumer", self._ack),
+        }[kind]
+        if needed != session.role:
+            raise ProtocolError(f"a {session.role} may not send {kind!r}")
         handler(session, ctl, payload)
 
+    def _attach(self, session: Session, rid: bytes, ctl: dict[str, Any]) -> None:
+        direct = ctl.get("direct")
+        if direct is not None and not direct.startswith("tcp://"):
+            raise ProtocolError(f"attach.direct must be a tcp:// endpoint, got {direct!r:.80}")
+        session.direct = direct
+        session.data_rid = None if direct else rid
+        session.credit = max(0, ctl["credit"] - len(session.leases))  # a repeated attach adds nothing
+        session.attached = True
+
     def _hello(self, rid: bytes, sid: str, ctl: dict[str, Any]) -> None:
-        role = ctl.get("role")
-        if not sid or role not in ("producer", "consumer"):
-            raise ProtocolError("hello needs a sid and a role")
+        role = ctl["role"]
+        if role == "producer" and ctl.get("meta") is None:
+            raise ProtocolError("a producer's hello needs its meta")
         old = self.sessions.get(sid)
         if old is not None:
             self._end_session(old)
@@ -455,7 +524,7 @@ class Broker:
                 )
                 self._send(rid, {"t": "error", "kind": "meta", "error": text})
                 return
-        session = Session(sid=sid, role=str(role), rid=rid, last_seen=time.monotonic())
+        session = Session(sid=sid, role=role, rid=rid, last_seen=time.monotonic())
         self.sessions[sid] = session
         welcome = {
             "t": "welcome",
@@ -465,13 +534,15 @@ class Broker:
             "meta": self.journal.meta.to_json() if self.journal.meta else None,
         }
         if role == "producer":
-            for pair in ctl.get("claims", []):
-                index, count = range_pair(pair)
+            for index, count in ctl.get("claims", []):
                 if self.journal.ranges in (None, count):
-                    session.claims.add(index)
-            for pair in ctl.get("completed", []):
-                self._mark_complete(range_pair(pair))
+                    self._hold(session, index)
+            refused = [
+                r for pair in ctl.get("completed", []) if (r := self._complete_range(session, pair, True))
+            ]
             self._send(rid, welcome)
+            for text in refused:
+                self._send(rid, {"t": "error", "kind": "complete", "error": text})
         else:
             ok, lost = self._take(session, ctl.get("taken", []))
             self._rr.append(sid)
@@ -501,6 +572,9 @@ class Broker:
         del self.sessions[session.sid]
         self.last_client_at = time.monotonic()
         if session.role == "producer":
+            for index in session.claims & self.completing:
+                if not any(index in s.claims for s in self.sessions.values()):
+                    self._finish_range(index)
             session.claims.clear()
             self.offers = deque(o for o in self.offers if o.sid != session.sid)
             for key in [k for k in self.reserved if k[0] == session.sid]:
@@ -569,7 +643,7 @@ class Broker:
 
     def _offer(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
         for seq, ex_id, nbytes, rng in ctl["offers"]:
-            offer = Offer(session.sid, int(seq), str(ex_id), int(nbytes), int(rng))
+            offer = Offer(session.sid, seq, ex_id, nbytes, rng)
             if offer.nbytes > self.config.max_bytes:
                 text = (
                     f"example {offer.id} is {offer.nbytes} bytes, more than the broker may hold "
@@ -617,6 +691,8 @@ class Broker:
             if used and used + offer.nbytes > self.config.max_bytes:
                 break
             self.offers.popleft()
+            if (offer.sid, offer.seq) in self.reserved:
+                continue  # offered twice: one go, and its bytes reserved once
             self.reserved[(offer.sid, offer.seq)] = offer
             self.reserved_bytes += offer.nbytes
             grants.setdefault(offer.sid, []).append(offer.seq)
@@ -626,20 +702,16 @@ class Broker:
                 self._send(session.rid, {"t": "go", "seqs": seqs})
 
     def _data(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        seq, ex_id = int(ctl["seq"]), str(ctl["id"])
-        offer = self.reserved.pop((session.sid, seq), None)
-        if offer is None or offer.id != ex_id:
-            log.warning(
-                "producer %s sent %s (seq %d) without a go; asking it to start over",
-                session.sid[:8],
-                ex_id,
-                seq,
-            )
-            self._send(session.rid, {"t": "reset"})
-            self._end_session(session)
-            return
-        self.reserved_bytes -= offer.nbytes
+        seq, ex_id = ctl["seq"], ctl["id"]
         nbytes = sum(len(f) for f in payload)
+        offer = self.reserved.get((session.sid, seq))
+        if offer is None or offer.id != ex_id or offer.nbytes != nbytes:
+            raise ProtocolError(
+                f"{ex_id:.80} (seq {seq}, {nbytes} bytes) came without a go for it: "
+                f"{'none' if offer is None else f'{offer.id:.80}, {offer.nbytes} bytes'} was granted"
+            )
+        del self.reserved[(session.sid, seq)]
+        self.reserved_bytes -= offer.nbytes
         self.stats.count("in", nbytes)
         if ex_id in self.journal.delivered:
             self._send(session.rid, {"t": "ack", "seqs": [seq]})
@@ -656,7 +728,7 @@ class Broker:
     def _claim(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
         req = ctl.get("req")
         want = ctl.get("want")
-        count = range_pair(want)[1] if want is not None else int(ctl["count"])
+        count = want[1] if want is not None else ctl["count"]
         reply: dict[str, Any] = {"t": "claim", "req": req}
         if self.journal.ranges is None:
             self.journal.set_stream(ranges=self.config.ranges or count)
@@ -668,37 +740,64 @@ class Broker:
                 "every generator must use the same run.num_shards x run.num_workers (or claim ranges)"
             )
         elif want is not None:
-            index = range_pair(want)[0]
-            session.claims.add(index)
-            reply.update(range=[index, ranges], complete=index in self.journal.complete)
+            self._hold(session, want[0])
+            reply.update(range=[want[0], ranges], complete=want[0] in self.journal.complete)
         elif len(self.journal.complete) == ranges:
             reply["done"] = True
         else:
             taken = {i for s in self.sessions.values() for i in s.claims} | self.journal.complete
-            free = [i for i in range(ranges) if i not in taken]
-            if free and time.monotonic() >= self.grace_until:
-                session.claims.add(free[0])
-                reply["range"] = [free[0], ranges]
+            free = next((i for i in range(ranges) if i not in taken), None)
+            if free is not None and time.monotonic() >= self.grace_until:
+                self._hold(session, free)
+                reply["range"] = [free, ranges]
             else:
                 reply["wait"] = True
         self._send(session.rid, reply)
 
-    def _complete(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        pair = range_pair(ctl["range"])
-        self._mark_complete(pair)
-        session.claims.discard(pair[0])
-        self._send(session.rid, {"t": "completed", "range": list(pair)})
+    def _hold(self, session: Session, index: int) -> None:
+        session.claims.add(index)
+        self.claimed_by.setdefault(index, set()).add(session.sid)
 
-    def _mark_complete(self, pair: tuple[int, int]) -> None:
+    def _complete(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        refused = self._complete_range(session, ctl["range"], False)
+        if refused:
+            self._send(session.rid, {"t": "error", "kind": "complete", "error": refused})
+        else:
+            self._send(session.rid, {"t": "completed", "range": list(ctl["range"])})
+
+    def _complete_range(self, session: Session, pair: tuple[int, int], in_hello: bool) -> str | None:
+        """A producer reports a range complete; returns why it is refused, if it is. Only a
+        session that claimed the range may (or, in its hello to a broker restarted on a journal,
+        one that finds the range unclaimed: its claim was the old broker's). The range is complete
+        once no other session still holds a claim on it (two generators of one slice: the second
+        to finish completes it, or the last to leave), so a stray completion cannot end the stream
+        under a producer that is still writing."""
+        index, count = pair
+        if self.journal.ranges not in (None, count):
+            return f"range {list(pair)} does not match the stream's {self.journal.ranges} ranges"
+        others = {s.sid for s in self.sessions.values() if index in s.claims} - {session.sid}
+        restarted = in_hello and not others and time.monotonic() < self.grace_until
+        if session.sid not in self.claimed_by.get(index, ()) and not restarted:
+            return (
+                f"range {list(pair)}: this generator never claimed it, so it cannot complete it "
+                "(did the broker restart without --state-dir?)"
+            )
+        session.claims.discard(index)
         if self.journal.ranges is None:
-            self.journal.set_stream(ranges=pair[1])
-        if pair[1] != self.journal.ranges:
-            raise ProtocolError(f"range {pair} does not match the stream's {self.journal.ranges} ranges")
-        self.journal.mark_complete(pair[0])
+            self.journal.set_stream(ranges=count)
+        if others:
+            self.completing.add(index)
+        else:
+            self._finish_range(index)
+        return None
+
+    def _finish_range(self, index: int) -> None:
+        self.completing.discard(index)
+        self.journal.mark_complete(index)
         self._check_eos()
 
     def _ids(self, session: Session, ctl: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        index = range_pair(ctl["range"])[0]
+        index = ctl["range"][0]
         self._send(session.rid, {"t": "ids", "req": ctl.get("req"), "ids": self.journal.ids_in(index)})
 
     # ------------------------------------------------------------------ consumers
@@ -707,15 +806,26 @@ class Broker:
         ok, lost = self._take(session, ctl["taken"])
         self._send(session.rid, {"t": "acked", "ok": ok, "lost": lost})
 
-    def _take(self, session: Session, taken: list[Any]) -> tuple[list[str], list[str]]:
+    def _take(self, session: Session, taken: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
         """A consumer asks to hand these (id, range) examples to its trainer. Each goes to the
-        first consumer that asks: those are journaled as delivered before their producers (and
-        the consumer) hear of it; a later ask for the same id is answered `lost`."""
+        first consumer that asks among those it was pushed or sent to: those are journaled as
+        delivered (to that consumer) before their producers (and the consumer) hear of it; any
+        other ask is answered `lost`. An id this broker never leased to the asker (forged, or
+        leased by a broker that restarted before journaling it) is `lost` too: its producer
+        still holds it and offers it again, so refusing loses nothing."""
         ok: list[str] = []
         lost: list[str] = []
         done: list[tuple[str, int]] = []
-        for item in taken:
-            ex_id, rng = str(item[0]), int(item[1])
+        for ex_id in dict.fromkeys(ex_id for ex_id, _ in taken):
+            if ex_id in self.journal.delivered:
+                mine = self.journal.owner.get(ex_id, session.sid) == session.sid
+                (ok if mine else lost).append(ex_id)
+                continue
+            leased = self.leased.get(ex_id)
+            if leased is None or session.sid not in leased[1]:
+                self.stats.inc("refused_asks")
+                lost.append(ex_id)
+                continue
             entry = self.entries.get(ex_id)
             if entry is not None:
                 session.direct_ok |= entry.frames is None and entry.lease == session.sid
@@ -723,18 +833,12 @@ class Broker:
                     log.warning(
                         "%s: taken by %s while pushed to %s", ex_id, session.sid[:8], str(entry.lease)[:8]
                     )
-                done.append((ex_id, entry.range))
-            elif ex_id in self.journal.delivered:
-                if self.delivered_to.get(ex_id, session.sid) != session.sid:
-                    lost.append(ex_id)
-                    continue
-            else:  # this consumer holds it; its producer offers it again after a broker restart
-                done.append((ex_id, rng))
+            done.append((ex_id, leased[0]))
             ok.append(ex_id)
-        self.journal.deliver(done)  # durable before anyone hears of it
+        self.journal.deliver(done, session.sid)  # durable before anyone hears of it
         producer_acks: dict[str, list[int]] = {}
         for ex_id, _ in done:
-            self.delivered_to[ex_id] = session.sid
+            del self.leased[ex_id]
             self.stats.inc("delivered_examples")
             entry = self.entries.pop(ex_id, None)
             if entry is None:
@@ -793,6 +897,7 @@ class Broker:
         else:
             return False
         entry.lease = session.sid
+        self.leased.setdefault(entry.id, (entry.range, set()))[1].add(session.sid)
         session.leases.add(entry.id)
         session.credit -= 1
         self.stats.count("out", entry.nbytes)
@@ -813,9 +918,8 @@ class Broker:
             self._send(consumer.rid, {"t": "eos"})
 
 
-def serve(config: BrokerConfig) -> int:
+def serve(broker: Broker) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT (or the end of the stream with exit_after_eos)."""
-    broker = Broker(config)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         broker.stop()

@@ -104,7 +104,7 @@ class Header:
         if data.get("v") != FORMAT_VERSION:
             raise CodecError(f"{ex_id}: header version {data.get('v')!r}, this reader knows {FORMAT_VERSION}")
         layer_ids = data.get("layer_ids")
-        if not isinstance(layer_ids, list) or not all(_is_int(k) and k >= 0 for k in layer_ids):
+        if not isinstance(layer_ids, list) or not all(is_int(k) and k >= 0 for k in layer_ids):
             raise CodecError(f"{ex_id}: layer_ids must be a list of non-negative ints, got {layer_ids!r}")
         tensors = data.get("tensors")
         if not isinstance(tensors, list):
@@ -119,7 +119,7 @@ class Header:
         return cls(id=ex_id, layer_ids=tuple(layer_ids), tensors=specs)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -134,7 +134,7 @@ def _tensor_spec(ex_id: str, item: Any) -> TensorSpec:
     if (
         not isinstance(shape, list)
         or not 1 <= len(shape) <= MAX_DIMS
-        or not all(_is_int(d) and d >= 0 for d in shape)
+        or not all(is_int(d) and d >= 0 for d in shape)
     ):
         raise CodecError(f"{ex_id}: {name}: shape must be 1..{MAX_DIMS} non-negative ints, got {shape!r}")
     if not isinstance(compressed, bool):

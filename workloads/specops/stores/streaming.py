@@ -116,9 +116,10 @@ class _Collector:
 
 
 class MetricsServer:
-    """A Prometheus endpoint on `port` (0 = any free port) serving the given StreamStats."""
+    """A Prometheus endpoint on `addr`:`port` (0 = any free port) serving the given StreamStats;
+    loopback unless asked, so the figures are not published to every network the host is on."""
 
-    def __init__(self, port: int, stats: list[StreamStats], addr: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, stats: list[StreamStats], addr: str = "127.0.0.1") -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
@@ -132,10 +133,12 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(port: int | None, stats: list[StreamStats]) -> MetricsServer | None:
+def serve_metrics(
+    port: int | None, stats: list[StreamStats], host: str = "127.0.0.1"
+) -> MetricsServer | None:
     """Start the endpoint when a port is configured; log where it listens."""
     if port is None:
         return None
-    server = MetricsServer(port, stats)
-    log.info("stream metrics on :%d/metrics", server.port)
+    server = MetricsServer(port, stats, host)
+    log.info("stream metrics on %s:%d/metrics", host, server.port)
     return server

@@ -31,7 +31,7 @@ import zmq
 
 from specops.paths import resolve_allowed
 from specops.stores.base import StoreMeta
-from specops.stores.codec import decode, encode
+from specops.stores.codec import CodecError, decode, encode
 from specops.stores.streaming import StreamError, StreamStats
 from specops.stores.wire import (
     CurveKeys,
@@ -54,12 +54,12 @@ log = logging.getLogger(__name__)
 
 
 def load_client_keys(
-    directory: str | None, allowed_roots: Sequence[str | Path], field: str
+    directory: str | None, allowed_roots: Sequence[str | Path], field: str, role: str
 ) -> CurveKeys | None:
-    """CURVE keys from `directory` (under an allowed root), or None for a plain connection."""
+    """`role`'s CURVE keys from `directory` (under an allowed root), or None for a plain connection."""
     if not directory:
         return None
-    return client_keys(resolve_allowed(directory, allowed_roots, field))
+    return client_keys(resolve_allowed(directory, allowed_roots, field), role)
 
 
 def route_address(url: str) -> str:
@@ -84,9 +84,9 @@ def _is_data(ctl: dict[str, Any], frames: list[zmq.Frame]) -> bool:
     )
 
 
-class _SameKey:
-    """ZAP check for a direct consumer's endpoint: admit peers whose public key is the client key
-    every generator and trainer of this stream holds."""
+class _OneKey:
+    """ZAP check for a direct consumer's endpoint: admit peers whose public key is the producers'
+    (with a shared client key pair: that key)."""
 
     def __init__(self, public: bytes) -> None:
         self.public = public
@@ -444,7 +444,7 @@ class ZmqStore(_Link):
             meta,
             window=sync.queue_size,
             compress=sync.compression == "zstd",
-            keys=load_client_keys(sync.curve_key_dir, run.allowed_roots, "sync.curve_key_dir"),
+            keys=load_client_keys(sync.curve_key_dir, run.allowed_roots, "sync.curve_key_dir", "producer"),
             slice_claim=None if sync.claim_ranges else (run.shard_index, run.num_shards),
             give_up_s=sync.broker_timeout_s,
         )
@@ -649,10 +649,11 @@ class ZmqStore(_Link):
             peer = self._peers[endpoint] = self._ctx.socket(zmq.PUSH)
             for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.IPV6, 1), (zmq.RECONNECT_IVL, 100)):
                 peer.setsockopt(option, value)
-            if self._keys is not None:  # a direct consumer serves CURVE with the client key pair
-                secure_client(peer, replace(self._keys, server_public=self._keys.public))
+            if self._keys is not None:  # a direct consumer serves CURVE with its own key pair
+                secure_client(peer, replace(self._keys, server_public=self._keys.peer_public))
             peer.connect(endpoint)
-        peer.send_multipart([pack({**ctl, "sid": self.sid}), *payload], zmq.NOBLOCK, copy=False)
+        # no session id: it is this producer's credential with the broker, and consumers need none
+        peer.send_multipart([pack(ctl), *payload], zmq.NOBLOCK, copy=False)
 
     def _report(self) -> dict[str, float]:
         with self._cond:
@@ -714,7 +715,7 @@ class ZmqSource(_Link):
     def from_config(cls, data: TrainDataConfig, allowed_roots: Sequence[str | Path]) -> ZmqSource:
         if not data.url:
             raise ValueError("data.url is required for kind zmq")
-        keys = load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir")
+        keys = load_client_keys(data.curve_key_dir, allowed_roots, "data.curve_key_dir", "consumer")
         return cls(
             data.url,
             keys=keys,
@@ -734,7 +735,9 @@ class ZmqSource(_Link):
 
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve_callback("*", credentials_provider=_SameKey(self._keys.public))
+            self._auth.configure_curve_callback(
+                "*", credentials_provider=_OneKey(self._keys.peer_public or b"")
+            )
             secure_server(sock, self._keys)
         address = f"tcp://[{host}]:{port or '*'}" if ":" in host else f"tcp://{host}:{port or '*'}"
         try:
@@ -782,9 +785,14 @@ class ZmqSource(_Link):
                 log.warning("%s: %s went to another consumer meanwhile; dropping this copy", self.url, ex_id)
                 self.stats.inc("lost_examples")
                 continue
-            ex = decode(frames[0].buffer, [f.buffer for f in frames[1:]])
-            if ex["id"] != ex_id:
-                raise StreamError(f"{self.url}: message for {ex_id} carries example {ex['id']}")
+            try:
+                ex = decode(frames[0].buffer, [f.buffer for f in frames[1:]])
+                if ex["id"] != ex_id:
+                    raise CodecError(f"the message for {ex_id} carries example {ex['id']}")
+            except CodecError as exc:  # a broken or hostile producer must not stop training
+                log.error("%s: dropping %s, which is not a valid example: %s", self.url, ex_id, exc)
+                self.stats.inc("bad_examples")
+                continue
             self.stats.count("received", sum(len(f) for f in frames))
             yield ex
 

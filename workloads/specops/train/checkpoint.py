@@ -8,7 +8,9 @@
     <output_dir>/best/, <output_dir>/final/   model-only directories to serve
 
 Every directory is built under a `.tmp-` name and renamed when complete, so a process killed at
-any moment leaves either the previous checkpoint or the new one, never half of one.
+any moment leaves either the previous checkpoint or the new one, never half of one. A model with
+an inf or NaN in any tensor is never written (`NonFiniteError`): nothing downstream gets a
+diverged draft to serve.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +87,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged (an inf or NaN): the run stops instead of publishing a broken draft."""
+
+
+def check_finite(tensors: Mapping[str, Any], directory: Path) -> None:
+    """Refuse to write `directory` when a floating-point tensor holds an inf or NaN (naming it)."""
+    bad = [
+        name
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise NonFiniteError(
+            f"{directory}: not written, the model is not finite in {', '.join(bad[:4])}"
+            f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''} (training diverged)"
+        )
+
+
 def save_model(draft: SpeculatorModel, env: DistEnv, strategy: Strategy, directory: Path) -> None:
     """Write the speculators-format model (collective under FSDP; only rank 0 writes)."""
     if strategy == "fsdp" and env.distributed:
         full = get_model_state_dict(draft, options=_FULL)
         if env.is_main:
+            check_finite(full, directory)
             plain = type(draft)(draft.config)
             plain.load_state_dict(full, strict=True)
             plain.save_pretrained(directory)
     elif env.is_main:
+        check_finite(draft.state_dict(), directory)
         draft.save_pretrained(directory)
 
 

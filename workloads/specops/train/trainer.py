@@ -34,7 +34,7 @@ from specops.models.vocab import build_vocab_mapping
 from specops.paths import resolve_allowed
 from specops.serving import vllm_serve_command
 from specops.stores.base import DataSource, StoreMeta, StreamSource
-from specops.train.checkpoint import Checkpointer, latest_checkpoint, remove_partial
+from specops.train.checkpoint import Checkpointer, NonFiniteError, latest_checkpoint, remove_partial
 from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
 from specops.train.distributed import DistEnv, all_reduce, barrier, init_distributed, shutdown, wrap
 from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_counts, summarize
@@ -46,6 +46,9 @@ from specops.verifier import load_verifier_config, resolve_verifier
 log = logging.getLogger(__name__)
 
 Source = DataSource | StreamSource | StreamFactory
+MAX_NONFINITE_STEPS = 3
+"""Steps in a row with an inf/NaN gradient norm (from the loss or the weights) that are skipped
+before the run stops with NonFiniteError: one bad batch is survivable, a diverged run is not."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class Trainer:
         self.best_step: int | None = None
         self.total_steps = 0
         self._last_grad_norm = 0.0
+        self._nonfinite_steps = 0
         if resume_from is not None:
             self._restore(resume_from)
         else:
@@ -333,8 +337,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            self._nonfinite_steps = 0
         else:
+            self._nonfinite_steps += 1
             self.monitor.write(f"step {self.step}: non-finite gradient norm, update skipped")
+            if self._nonfinite_steps >= MAX_NONFINITE_STEPS:
+                raise NonFiniteError(
+                    f"step {self.step}: the gradient was not finite {MAX_NONFINITE_STEPS} steps in a row, "
+                    "so training diverged; no model is published (lower optim.lr or optim.weightDecay, "
+                    "or check the data)"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         self._last_grad_norm = float(grad_norm)
         return sums
