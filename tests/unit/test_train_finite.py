@@ -10,6 +10,7 @@ import pytest
 import torch
 from _train_support import build_verifier, make_examples, train_config, write_store
 
+from specops import exitcodes
 from specops.train.checkpoint import NonFiniteError, complete_checkpoints
 from specops.train.distributed import DistEnv
 from specops.train.trainer import MAX_NONFINITE_STEPS, Trainer, train
@@ -28,8 +29,9 @@ def test_a_diverging_run_stops_with_an_error_and_publishes_nothing(world: dict[s
     any divergence would be) used to exit 0 with `final/model.safetensors` full of inf."""
     cfg = train_config(world["root"], world["verifier"], world["data"], "diverge", max_steps=12)
     cfg.optim.weight_decay = float("inf")
-    with pytest.raises(NonFiniteError, match=rf"not finite {MAX_NONFINITE_STEPS} steps in a row"):
+    with pytest.raises(NonFiniteError, match=rf"not finite {MAX_NONFINITE_STEPS} steps in a row") as raised:
         train(cfg)
+    assert exitcodes.classify(raised.value) == exitcodes.CONFIG, "a one-line error, exit 2: no retry"
     out = Path(cfg.output_dir)
     assert not (out / "final").exists() and not complete_checkpoints(out)
 

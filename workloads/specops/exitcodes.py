@@ -36,6 +36,11 @@ FATAL = (CONFIG, DATA, NOT_BETTER)
 EXIT_FILE_ENV = "SPECOPS_EXIT_FILE"
 
 
+class Diverged(RuntimeError):
+    """Training produced an inf or NaN: exit 2, since a rerun resumes into the same divergence and
+    only a change of the spec (learning rate, clipping, precision) helps."""
+
+
 class DataError(ValueError):
     """Input data cannot be used as it is (corrupt, mismatched or empty): exit 3, never retried."""
 
@@ -48,7 +53,7 @@ def classify(exc: BaseException) -> int | None:
 
     if isinstance(exc, DataError):
         return DATA
-    if isinstance(exc, ConfigError | PathNotAllowedError | FileNotFoundError):
+    if isinstance(exc, ConfigError | PathNotAllowedError | FileNotFoundError | Diverged):
         return CONFIG
     if isinstance(exc, StreamError | ConnectionError):
         return FAILED

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from specops import exitcodes
 from specops.models.base import SpeculatorModel
 from specops.train.distributed import DistEnv, Strategy, barrier
 from specops.train.state_io import StateFormatError, load_tree, read_json, save_tree, write_json
@@ -87,7 +88,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(exitcodes.Diverged):
     """Training diverged (an inf or NaN): the run stops instead of publishing a broken draft."""
 
 
