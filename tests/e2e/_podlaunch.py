@@ -86,10 +86,6 @@ def build_root(plan: dict[str, Any]) -> Path:
         elif host.is_dir():
             (root / name).mkdir()
             bind(str(host), root / name, read_only=True)
-    for directory in plan["image_dirs"]:
-        target = inside(root, directory)
-        target.mkdir(parents=True, exist_ok=True)
-        bind(directory, target, read_only=True)
     (root / "proc").mkdir()
     mount("-t", "proc", "proc", str(root / "proc"))
     (root / "sys").mkdir()
@@ -138,6 +134,12 @@ def build_root(plan: dict[str, Any]) -> Path:
                 root, item["target"], plan["image_dirs"], is_file=Path(item["source"]).is_file()
             )
             bind(item["source"], target, read_only=bool(item.get("readOnly")))
+    # The image directories last: the repository may live under a path a volume covers (a CI
+    # clone under /tmp, where every pod mounts an emptyDir), and must stay visible above it.
+    for directory in plan["image_dirs"]:
+        target = inside(root, directory)
+        target.mkdir(parents=True, exist_ok=True)
+        bind(directory, target, read_only=True)
     if plan.get("termination"):
         bind(
             plan["termination"],

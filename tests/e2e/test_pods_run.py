@@ -172,6 +172,9 @@ def test_offline_flagship_runs_generation_two_node_training_and_evaluation(
     final = output / "final"
     config = json.loads((final / "config.json").read_text())
     assert config["speculators_model_type"] == "eagle3" and (final / "model.safetensors").is_file()
+    # vLLM serves the directory alone: it must name the verifier by its Hub id, not the pod's cache.
+    assert config["speculators_config"]["verifier"]["name_or_path"] == TINY
+    assert f"vllm serve {TINY} " in status["artifact"]["vllmServeCommand"]
     assert status["progress"]["step"] == 12
     # Evaluation: the artifact loaded in the evaluator pod, and status carries what it printed.
     printed = last_json(executor.log(ns, f"{names.eval_job}-"))

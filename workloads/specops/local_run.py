@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from specops.config import ConfigError, DataGenConfig, EngineConfig, TrainConfig, dump_config
 from specops.serving import vllm_serve_command, vllm_serve_short
-from specops.verifier import resolve_verifier
+from specops.verifier import resolve_verifier, verifier_reference
 
 if TYPE_CHECKING:
     from specops.evaluate import EvalReport
@@ -305,7 +305,11 @@ def _report(
         "serve": {
             "short": vllm_serve_short(str(speculator)),
             "long": vllm_serve_command(
-                resolve_verifier(plan.train.verifier, plan.train.allowed_roots), str(speculator), k
+                verifier_reference(
+                    plan.train.verifier, resolve_verifier(plan.train.verifier, plan.train.allowed_roots)
+                ),
+                str(speculator),
+                k,
             ),
         },
     }

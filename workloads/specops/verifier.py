@@ -64,6 +64,12 @@ def resolve_verifier(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> 
     return str(path)
 
 
+def verifier_reference(cfg: VerifierConfig, resolved: str) -> str:
+    """How checkpoints and `vllm serve` name the verifier: a Hub id as written (the snapshot path
+    is local to the machine that downloaded it), else the resolved local directory."""
+    return resolved if is_local(cfg.name_or_path) else cfg.name_or_path
+
+
 def hub_snapshot(repo_id: str, revision: str | None) -> str:
     """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
 

@@ -41,7 +41,7 @@ from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_count
 from specops.train.monitor import LogHook, Monitor
 from specops.train.optim import build_optimizer, lr_at, set_lr, trainable_parameters
 from specops.train.packing import PackedBatch, batches, count_batches
-from specops.verifier import load_verifier_config, resolve_verifier
+from specops.verifier import load_verifier_config, resolve_verifier, verifier_reference
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class Trainer:
             verifier_config,
             t2d,
             d2t,
-            verifier_name_or_path=verifier_path,
+            verifier_name_or_path=verifier_reference(cfg.verifier, verifier_path),
+            verifier_weights=verifier_path,
             algorithm=cfg.draft.algorithm,
             num_layers=cfg.draft.num_layers,
             layer_style=cfg.draft.layer_style,
@@ -432,7 +433,12 @@ class Trainer:
             self.monitor.write(f"done: {self.step} steps; model in {final}")
             served = self.output_dir / "best" if self.best_step is not None else final
             k = self.cfg.draft.speculative_tokens
-            self.monitor.write("serve it: " + vllm_serve_command(self.verifier_path, str(served), k))
+            self.monitor.write(
+                "serve it: "
+                + vllm_serve_command(
+                    verifier_reference(self.cfg.verifier, self.verifier_path), str(served), k
+                )
+            )
         if self.best_step is not None and (self.output_dir / "best").is_dir():
             best = self.output_dir / "best"
         return TrainResult(self.step, interrupted, latest, final, best, self.best_val_loss)
