@@ -83,6 +83,7 @@ ARGO_BY_PHASE = {
     Phase.SUSPENDED: "Suspended",
     Phase.FAILED: "Degraded",
     Phase.STALLED: "Degraded",
+    Phase.BLOCKED: "Degraded",  # stuck on something outside the run (quota, storage, a reference)
 }
 
 
@@ -143,6 +144,7 @@ FLUX_BY_PHASE = {
     Phase.SUSPENDED: "InProgress",  # not done: a suspended run holds dependents back
     Phase.FAILED: "Failed",
     Phase.STALLED: "Failed",
+    Phase.BLOCKED: "Failed",  # kstatus: Stalled=True, whatever Failed says
 }
 
 
@@ -207,6 +209,7 @@ KSTATUS_BY_PHASE = {
     Phase.SUSPENDED: "Current",
     Phase.FAILED: "Failed",
     Phase.STALLED: "Failed",
+    Phase.BLOCKED: "Failed",  # kstatus: Stalled=True, whatever Failed says
 }
 
 
@@ -221,13 +224,18 @@ def test_kstatus_of_every_operator_phase(phase: Phase) -> None:
 def test_operator_status_writers_record_the_generation_they_saw() -> None:
     prior = phase_status(Phase.RUNNING, 1)
     for written in (
-        waiting_status(7, prior, "SpeculatorDataGen 'd' not found", NOW),
+        waiting_status(7, prior, "SpeculatorDataGen 'd' not found", NOW, overdue=False),
+        waiting_status(7, prior, "SpeculatorDataGen 'd' not found", NOW, overdue=True),
         stalled_status(7, prior, "InvalidSpec", "spec.x: bad", NOW, None),
         settled_status(7, phase_status(Phase.COMPLETE, 1)),
     ):
         assert written["observedGeneration"] == 7
         assert {c["observedGeneration"] for c in written["conditions"]} == {7}
-    assert kstatus(resource(waiting_status(7, prior, "waiting", NOW), generation=7)) == "InProgress"
+    assert (
+        kstatus(resource(waiting_status(7, prior, "waiting", NOW, overdue=False), generation=7))
+        == "InProgress"
+    )
+    assert kstatus(resource(waiting_status(7, prior, "waiting", NOW, overdue=True), generation=7)) == "Failed"
     assert (
         kstatus(resource(stalled_status(7, prior, "InvalidSpec", "bad", NOW, None), generation=7)) == "Failed"
     )
