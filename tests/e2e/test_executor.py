@@ -82,6 +82,12 @@ def create(plane: ControlPlane, ns: str, *objects: Obj) -> None:
         plane.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(obj))
 
 
+def claim(name: str, mode: str) -> Obj:
+    """A 1Gi claim of the default class (the executor provisions it)."""
+    spec = {"accessModes": [mode], "resources": {"requests": {"storage": "1Gi"}}}
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec}
+
+
 def pods(plane: ControlPlane, ns: str, selector: str) -> list[Obj]:
     listing = plane.get_json("pods", "-n", ns, "-l", selector) or {}
     return list(listing.get("items") or [])
@@ -101,12 +107,7 @@ def test_indexed_pods_get_env_volumes_dns_user_and_a_read_only_root(
         ns,
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting": "hello"}},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"}, "stringData": {"token": "s3cret"}},
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "shared"},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
+        claim("shared", "ReadWriteMany"),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -151,8 +152,8 @@ def test_indexed_pods_get_env_volumes_dns_user_and_a_read_only_root(
         timeout=90,
         what="both probe pods to succeed",
     )
-    claim = executor.claim_dir(ns, "shared")
-    outs = {i: json.loads((claim / f"out-{i}.json").read_text()) for i in ("0", "1")}
+    shared = executor.claim_dir(ns, "shared")
+    outs = {i: json.loads((shared / f"out-{i}.json").read_text()) for i in ("0", "1")}
     ips = {}
     for index, out in outs.items():
         assert out["hostname"] == f"probe-{index}"
@@ -215,16 +216,7 @@ def test_unschedulable_and_multi_attach_are_reported_as_a_cluster_would(
     control_plane: ControlPlane, executor: PodExecutor, pods_ns: str
 ) -> None:
     plane, ns = control_plane, pods_ns
-    create(
-        plane,
-        ns,
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "single"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
-    )
+    create(plane, ns, claim("single", "ReadWriteOnce"))
     greedy = job("greedy", ["python", "-c", "pass"])
     greedy["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": 99}}
     volume = {"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "single"}}]}

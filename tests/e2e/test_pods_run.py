@@ -69,6 +69,24 @@ def hub_secret(plane: ControlPlane, ns: str) -> None:
 
 
 CPU_POD = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": None}
+RWX = {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]}
+
+
+def tiny_generation(hub: FakeHub, samples: int) -> Obj:
+    """What every scenario patches into a DataGen spec: the tiny Hub verifier, ShareGPT rows, CPU pods."""
+    return {
+        "verifier": {"nameOrPath": TINY, "dtype": "float32"},
+        "datasets": [{"kind": "local", "path": SHAREGPT, "format": "sharegpt", "maxSamples": samples}],
+        "processor": {"maxLength": 128},
+        "engine": {"kind": "transformers", "batchSize": 8, "maxTokensPerBatch": 2048, "dtype": "float32"},
+        "shards": 2,
+        "workers": 2,
+        "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
+    }
+
+
+def trainer_pod(hub: FakeHub) -> Obj:
+    return {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"}
 
 
 def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
@@ -77,21 +95,10 @@ def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
         "metadata": {"labels": None},
         "spec": {
             "dataGen": {
-                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
-                "datasets": [{"kind": "local", "path": SHAREGPT, "name": "sharegpt", "maxSamples": 48}],
-                "processor": {"maxLength": 128},
+                **tiny_generation(hub, 48),
                 "states": None,
-                "engine": {
-                    "kind": "transformers",
-                    "batchSize": 8,
-                    "maxTokensPerBatch": 2048,
-                    "dtype": "float32",
-                },
-                "shards": 2,
-                "workers": 2,
                 "sync": {"shardSize": 8},
-                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
-                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
+                "storage": RWX,
             },
             "draft": {"draftVocabSize": 256},
             "optim": {"lr": 3.0e-3, "warmupSteps": 2},
@@ -104,9 +111,9 @@ def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
             "checkpointEvery": 4,
             "nodes": 2,
             "procsPerNode": 1,
-            "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
+            "storage": RWX,
             "evaluation": {"maxPrompts": 4, "maxNewTokens": 16},
-            "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+            "pod": trainer_pod(hub),
         },
     }
     return merge_patch(example("eagle3-train.yaml", "SpeculatorTraining"), patch)
@@ -218,20 +225,9 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
         example("datagen-online.yaml", "SpeculatorDataGen"),
         {
             "spec": {
-                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
-                "datasets": [{"kind": "local", "path": SHAREGPT, "name": "sharegpt", "maxSamples": 24}],
-                "processor": {"maxLength": 128},
-                "engine": {
-                    "kind": "transformers",
-                    "batchSize": 4,
-                    "maxTokensPerBatch": 1024,
-                    "dtype": "float32",
-                },
-                "shards": 2,
-                "workers": 2,
+                **tiny_generation(hub, 24),
                 "sync": {"queueSize": 4, "maxBrokerBytes": 268435456},
                 "broker": {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": None}},
-                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
             }
         },
     )
@@ -248,8 +244,8 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
                 "checkpointEvery": 1000,
                 "nodes": 2,
                 "procsPerNode": 1,
-                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx", "accessModes": ["ReadWriteMany"]},
-                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+                "storage": RWX,
+                "pod": trainer_pod(hub),
             }
         },
     )
@@ -321,19 +317,7 @@ def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_nam
     hub_secret(plane, ns)
     datagen = merge_patch(
         example("datagen-offline.yaml", "SpeculatorDataGen"),
-        {
-            "spec": {
-                "verifier": {"nameOrPath": TINY, "dtype": "float32"},
-                "datasets": [{"kind": "local", "path": SHAREGPT, "format": "sharegpt", "maxSamples": 48}],
-                "processor": {"maxLength": 128},
-                "engine": {"batchSize": 8, "dtype": "float32"},
-                "shards": 2,
-                "workers": 2,
-                "sync": {"shardSize": 4},
-                "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
-                "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "64Mi", "cacheSize": "2Gi"},
-            }
-        },
+        {"spec": {**tiny_generation(hub, 48), "sync": {"shardSize": 4}, "storage": RWX}},
     )
     tiny = {
         "draft": {"draftVocabSize": 256},
@@ -344,9 +328,9 @@ def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_nam
         "maxSeqLen": 128,
         "precision": "fp32",
         "procsPerNode": 1,
-        "storage": {"size": "1Gi", "storageClassName": "e2e-rwx"},
+        "storage": RWX,
         "evaluation": {"maxPrompts": 2, "maxNewTokens": 8},
-        "pod": {"resources": CPU_POD, "env": hub_env(hub), "shmSize": "256Mi", "cacheSize": "2Gi"},
+        "pod": trainer_pod(hub),
     }
     hass = merge_patch(example("hass-train.yaml", "SpeculatorTraining"), {"spec": tiny})
     apply(plane, ns, datagen)
