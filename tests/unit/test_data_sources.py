@@ -258,6 +258,26 @@ def test_text_files_one_example_per_file(tmp_path: Path) -> None:
         _read(DatasetSource(kind="text", path=str(tmp_path / "none")), tmp_path)
 
 
+def test_a_text_file_linked_out_of_the_dataset_directory_is_refused(tmp_path: Path) -> None:
+    """`kind: text` resolves every file: a symlink inside an allowed directory must not smuggle in
+    a file from outside it (it was ingested into a shard before)."""
+    docs, secret = tmp_path / "root" / "docs", tmp_path / "elsewhere" / "secret.txt"
+    docs.mkdir(parents=True)
+    secret.parent.mkdir()
+    secret.write_text("not yours")
+    (docs / "a.txt").write_text("alpha")
+    (docs / "b.txt").symlink_to(secret)
+    with pytest.raises(
+        PathNotAllowedError, match=r"datasets\[0\]\.path: .*b\.txt links to .*secret\.txt, outside"
+    ):
+        _read(DatasetSource(kind="text", path=str(docs)), tmp_path / "root")
+    (docs / "b.txt").unlink()
+    (docs / "c.txt").symlink_to(docs / "a.txt")  # a link that stays inside is fine
+    assert [c.text for c in _read(DatasetSource(kind="text", path=str(docs)), tmp_path / "root")] == [
+        "alpha"
+    ] * 2
+
+
 def test_path_outside_roots_missing_file_and_unknown_type(tmp_path: Path) -> None:
     with pytest.raises(PathNotAllowedError, match=r"datasets\[2\]\.path: .* outside the allowed roots"):
         list(iter_conversations(DatasetSource(path="/etc/passwd"), 2, [str(tmp_path)]))

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from specops.config import ConfigError, DatasetSource
 from specops.data.records import Conversation, Message
-from specops.paths import resolve_allowed
+from specops.paths import PathNotAllowedError, resolve_allowed
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,10 @@ def _text_rows(path: Path, field: str) -> Iterator[Any]:
     else:
         files = [path]
     for file in files:
+        target = file.resolve()
+        if path.is_dir() and not target.is_relative_to(path):
+            # `path` passed the allowed-roots check; a link inside it must not lead elsewhere.
+            raise PathNotAllowedError(f"{field}.path: {file} links to {target}, outside {path}")
         relative = file.relative_to(path).with_suffix("") if path.is_dir() else Path(file.stem)
         yield {"text": file.read_text(encoding="utf-8", errors="replace"), "id": relative.as_posix()}
 
