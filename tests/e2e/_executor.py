@@ -304,7 +304,7 @@ class PodExecutor:
                 ]:
                     self._forget(self.pods.pop(uid))
                 self._probe(namespace)
-                self._write_hosts(namespace, services)
+                self._write_hosts(namespace, services, pods)
 
     def _step(self, pod: Obj) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -984,7 +984,7 @@ class PodExecutor:
 
     # ------------------------------------------------------------------ DNS
 
-    def _write_hosts(self, namespace: str, services: list[Obj]) -> None:
+    def _write_hosts(self, namespace: str, services: list[Obj], pods: list[Obj]) -> None:
         """Each pod's /etc/hosts: its own name, pods by hostname.subdomain, Services by their backends."""
         lines = ["127.0.0.1 localhost"]
         mine = [r for r in self.pods.values() if r.namespace == namespace and not r.finished]
@@ -994,14 +994,13 @@ class PodExecutor:
             if subdomain:
                 base = f"{running.hostname}.{subdomain}"
                 lines.append(f"{running.ip} {base}.{domain} {base}.{namespace}.svc {base}.{namespace} {base}")
-        pods_by_labels = self.raw("GET", f"/api/v1/namespaces/{namespace}/pods").get("items") or []
         for service in services:
             selector = (service.get("spec") or {}).get("selector") or {}
             if not selector:
                 continue
             public = bool(service["spec"].get("publishNotReadyAddresses"))
             name = service["metadata"]["name"]
-            for pod in pods_by_labels:
+            for pod in pods:
                 labels = pod["metadata"].get("labels") or {}
                 running = self.pods.get(pod["metadata"]["uid"])
                 if (
