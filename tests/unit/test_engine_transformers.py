@@ -189,8 +189,8 @@ def test_mean_reduce_averages_aux_slots_and_keeps_the_last(
 
 
 def test_bad_inputs_name_the_problem(pipeline_factory: Callable[..., TransformersPipeline]) -> None:
-    with pytest.raises(ValueError, match=r"states.hidden_states.layers: \[9\] out of range"):
-        pipeline_factory(layer_ids=[1, 9])
+    with pytest.raises(ConfigError, match=r"states.hidden_states.layers: \[9\] out of range"):
+        pipeline_factory(layer_ids=[1, 9])  # ConfigError: the CLI's one line and exit 2
     with pytest.raises(ValueError, match="reduce: 'mean' needs at least two layers"):
         pipeline_factory(layer_ids=[2], reduce="mean")
     pipeline = pipeline_factory(max_seq_len=32)

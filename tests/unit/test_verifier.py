@@ -79,8 +79,9 @@ def _resolve_in_child(
 def test_hub_id_is_downloaded_through_the_hub_api(random_llama_dir: Path, tmp_path: Path) -> None:
     """A Hub id with an empty cache (a fresh pod) is fetched with the real client, then loads offline."""
     assert not is_local("meta-llama/Llama-3.1-8B-Instruct")
-    with pytest.raises(ValueError, match="neither an existing local path nor a Hub id"):
+    with pytest.raises(ValueError, match="neither an existing local path nor a Hub id") as bad_id:
         resolve_verifier(VerifierConfig(name_or_path="bad id with spaces"))
+    assert exitcodes.classify(bad_id.value) == exitcodes.CONFIG, "one line and exit 2, not a traceback"
     repo = tmp_path / "repo"
     shutil.copytree(random_llama_dir, repo)
     (repo / "pytorch_model.bin").write_bytes(b"a pickle we must never fetch")

@@ -50,9 +50,9 @@ def resolve_verifier(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> 
     """
     if not is_local(cfg.name_or_path):
         if not _HF_ID.match(cfg.name_or_path):
-            raise ValueError(f"{FIELD}: {cfg.name_or_path!r} is neither an existing local path nor a Hub id")
+            raise ConfigError(f"{FIELD}: {cfg.name_or_path!r} is neither an existing local path nor a Hub id")
         if cfg.gguf_file:
-            raise ValueError("verifier.gguf_file: GGUF verifiers must be local files (download them first)")
+            raise ConfigError("verifier.gguf_file: GGUF verifiers must be local files (download them first)")
         return hub_snapshot(cfg.name_or_path, cfg.revision)
     path = resolve_allowed(cfg.name_or_path, allowed_roots, FIELD)
     if path.is_file() and path.suffix == ".gguf":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, Self
 
-from specops.config import DataGenConfig
+from specops.config import ConfigError, DataGenConfig
 from specops.data.records import TokenizedExample
 from specops.example import ExampleDict
 
@@ -20,7 +20,7 @@ def resolve_layer_ids(requested: list[int] | None, num_layers: int) -> list[int]
     layer_ids = list(requested) if requested else default_layer_ids(num_layers)
     bad = [k for k in layer_ids if not 0 <= k <= num_layers]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"states.hidden_states.layers: {bad} out of range for a verifier with {num_layers} layers "
             f"(allowed 0..{num_layers}; {num_layers} = final output before the norm)"
         )
