@@ -61,6 +61,7 @@ Quantity = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
+            "minimum": 0,  # the integer branch (pattern applies to strings only)
             "x-kubernetes-int-or-string": True,
         }
     ),

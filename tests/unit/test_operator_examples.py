@@ -217,6 +217,12 @@ SCHEMA = [
         "does not match",
         "spec.pod.resources.limits.memory",
     ),
+    (
+        "hass-train.yaml",
+        _set("spec.pod.shmSize", -5),  # the CRD's integer branch had no minimum
+        "less than the minimum",
+        r"spec\.pod\.shmSize: Input should be greater than or equal to 0$",  # no union tags
+    ),
     ("hass-train.yaml", _set("spec.draft.algorithm", "medusa"), "is not one of", "spec.draft.algorithm"),
     (
         "hass-train.yaml",

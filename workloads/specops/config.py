@@ -8,6 +8,7 @@ Kubernetes API accept both spellings on input; CRDs and dumps use camelCase).
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
@@ -439,17 +440,31 @@ def format_validation_error(
 ) -> str:
     """One line per problem: `source: field.path: message`, each key as the input spelled it
     (`spelled`: snake_case path -> the key in the file; see `_snake_keys`)."""
-    lines = []
+    problems: dict[str, list[str]] = {}
     for item in err.errors():
         path = item["loc"]
-        names = [(spelled or {}).get(tuple(path[: i + 1]), str(part)) for i, part in enumerate(path)]
+        names = [
+            (spelled or {}).get(tuple(path[: i + 1]), str(part))
+            for i, part in enumerate(path)
+            if not _UNION_TAG.match(str(part))
+        ]
         loc = ".".join(names) or "<root>"
         msg = item["msg"]
         ctx = item.get("ctx") or {}
         if "expected" in ctx:
             msg = f"{msg} (allowed: {ctx['expected']})"
-        lines.append(f"{source}: {loc}: {msg}")
+        problems.setdefault(loc, []).append(msg)
+    lines = []
+    for loc, messages in problems.items():
+        # A union (e.g. a quantity: integer or string) reports each branch; the branch whose type
+        # the value has says what is wrong with it.
+        meant = [m for m in messages if not m.startswith("Input should be a valid ")] or messages
+        lines.append(f"{source}: {loc}: {' or '.join(dict.fromkeys(meant))}")
     return "\n".join(lines)
+
+
+_UNION_TAG = re.compile(r"^(constrained-)?(int|str|float|bool|bytes)$|^[a-z]+(-[a-z]+)*\[.*\]$")
+"""Path parts pydantic adds for the branches of a union (`constrained-int`, `str`, ...): not fields."""
 
 
 class _StrictLoader(yaml.SafeLoader):
