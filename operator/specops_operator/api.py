@@ -450,7 +450,7 @@ class VerifierArchitecture(Contract):
     """Vocabulary size."""
 
 
-class BrokerSpec(Contract):
+class BrokerSpec(Checked):
     """The ZeroMQ broker between online generators and trainers (one StatefulSet pod)."""
 
     port: Annotated[int, Field(ge=1024, le=65535)] = 5555
@@ -461,6 +461,14 @@ class BrokerSpec(Contract):
         default_factory=lambda: Resources(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
     )
     """Broker container resources; memory must exceed sync.maxBrokerBytes."""
+
+    cel_rules = (
+        Rule(
+            "!has(self.port) || !has(self.metricsPort) || self.port != self.metricsPort",
+            "broker.port and broker.metricsPort must differ (one socket cannot serve both)",
+            lambda s: s.port != s.metrics_port,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- workload parts
