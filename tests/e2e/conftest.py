@@ -110,8 +110,8 @@ def executor(
     request: pytest.FixtureRequest, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PodExecutor]:
     """Two Nodes whose pods really run (tests/e2e/_executor.py); it acts only in namespaces it watches."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("the pod executor needs root and unshare(1) for per-pod mount namespaces")
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("the pod executor needs root (unshare(2) namespaces) and mount(8) for pod volumes")
     running = PodExecutor(control_plane.kube(), tmp_path_factory.mktemp("executor")).start()
     request.config.stash.setdefault(RUNNING, []).append(running)
     try:
