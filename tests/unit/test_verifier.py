@@ -60,13 +60,15 @@ def test_local_dir_outside_roots_is_refused(random_llama_dir: Path, tmp_path: Pa
 
 
 def _resolve_in_child(
-    env: dict[str, str], name: str, revision: str | None = None
+    env: dict[str, str], name: str, revision: str | None = None, times: int = 1
 ) -> subprocess.CompletedProcess[str]:
     """resolve_verifier in a fresh process: huggingface_hub reads HF_ENDPOINT/HF_HOME at import."""
     code = (
         "import sys; from specops.config import VerifierConfig; from specops.verifier import resolve_verifier\n"
         "try:\n"
-        f"    print(resolve_verifier(VerifierConfig(name_or_path={name!r}, revision={revision!r})))\n"
+        f"    for _ in range({times}):\n"
+        f"        found = resolve_verifier(VerifierConfig(name_or_path={name!r}, revision={revision!r}))\n"
+        "    print(found)\n"
         "except (OSError, ValueError) as exc:\n"
         "    print(exc, file=sys.stderr); sys.exit(2)\n"
     )
@@ -96,6 +98,12 @@ def test_hub_id_is_downloaded_through_the_hub_api(random_llama_dir: Path, tmp_pa
         assert snapshot == tmp_path / "hf" / "hub" / "models--acme--tiny-llama" / "snapshots" / commit
         assert (snapshot / "config.json").is_file() and (snapshot / "model.safetensors").is_file()
         assert not (snapshot / "pytorch_model.bin").exists()
+        # A process resolving its verifier again (config, tokenizer, weights) asks the Hub once.
+        before = hub.requests
+        _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/tiny-llama")
+        once = hub.requests - before
+        _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/tiny-llama", times=3)
+        assert hub.requests - before - once == once > 0
         wrong = _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/tiny-llama", revision="v9")
         assert wrong.returncode == 2 and "at revision 'v9': no such revision" in wrong.stderr
         missing = _resolve_in_child({**env, "HF_TOKEN": "secret"}, "acme/nothing")

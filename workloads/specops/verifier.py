@@ -7,6 +7,7 @@ plain `from_pretrained(dir)`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -74,9 +75,19 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
     """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
 
     `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline, only the cache
-    answers. Failures name the field and the cause instead of the client's traceback.
+    answers. Failures name the field and the cause instead of the client's traceback. A process
+    resolves its verifier several times (config, tokenizer, weights, the head): each asks the Hub
+    once, not once per call (keyed by where the client looks, so a changed cache asks again).
     """
     from huggingface_hub import constants as hub_constants
+
+    key = (hub_constants.ENDPOINT, hub_constants.HF_HUB_CACHE, bool(hub_constants.HF_HUB_OFFLINE))
+    return _hub_snapshot(repo_id, revision, *key)
+
+
+@functools.cache
+def _hub_snapshot(repo_id: str, revision: str | None, endpoint: str, cache: str, offline: bool) -> str:
+    del cache  # part of the memo key only: the client reads it itself
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -95,15 +106,14 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
     except RevisionNotFoundError:
         raise FileNotFoundError(f"{where}: no such revision") from None
     except LocalEntryNotFoundError:
-        if hub_constants.HF_HUB_OFFLINE:
+        if offline:
             raise FileNotFoundError(
                 f"{where}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1: "
                 "download it first or give a local directory"
             ) from None
         # Not a config error: a Hub outage passes, so the Job may retry (exit 1, not 2).
         raise ConnectionError(
-            f"{where}: not in the local Hugging Face cache and the Hub at {hub_constants.ENDPOINT} "
-            "cannot be reached"
+            f"{where}: not in the local Hugging Face cache and the Hub at {endpoint} cannot be reached"
         ) from None
 
 

@@ -5,7 +5,7 @@ it): repository info (`/api/models/<id>/revision/<rev>`), the recursive tree lis
 (`/api/models/<id>/tree/<rev>`) and file downloads (`/<id>/resolve/<rev>/<path>`, with the
 `X-Repo-Commit`, `ETag` and size headers the client reads). So the real client code path runs:
 revision resolution, snapshot layout in the cache, token headers. It binds loopback only, can
-require a bearer token (gated models), and counts the file downloads per repository.
+require a bearer token (gated models), and counts requests and the file downloads per repository.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class FakeHub:
         self.token = token
         self.downloads: Counter[str] = Counter()
         self.refused = 0
+        self.requests = 0
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +91,7 @@ class FakeHub:
         return None
 
     def answer(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests += 1
         path = unquote(urlsplit(request.path).path)
         parts = [p for p in path.split("/") if p]
         if parts[:2] != ["api", "models"] and "resolve" not in parts:
