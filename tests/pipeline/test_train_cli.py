@@ -52,8 +52,11 @@ def env() -> dict[str, str]:
 
 
 def records(output: Path) -> list[dict[str, float]]:
+    """The complete lines of metrics.jsonl: polled while the trainer appends, the last line may be
+    half written (a finished file ends with a newline, so nothing is dropped from it)."""
     path = output / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [json.loads(line) for line in lines if line]
 
 
 def interrupt_at(cmd: list[str], output: Path, step: int, sig: signal.Signals) -> tuple[int, str]:
