@@ -64,16 +64,20 @@ from specops_operator.kube import ApiError, Kube
 
 Obj = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(sys.prefix)
+"""The virtualenv running the tests: the image's /opt/venv (in a git worktree it lies outside ROOT)."""
 LAUNCHER = Path(__file__).with_name("_podlaunch.py")
 IMAGE_ENV = {
-    "PATH": f"{ROOT}/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PYTHONPATH": f"{ROOT}/workloads:{ROOT}/operator",
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONUNBUFFERED": "1",
     "LANG": "C.UTF-8",
 }
-"""The workload image's environment (Dockerfile `ENV`), with the repository's venv as /opt/venv."""
+"""The workload image's environment (Dockerfile `ENV`), with the test run's venv as /opt/venv and
+this checkout's packages first on the path (the venv's editable install may point at another one)."""
 IMAGE_WORKDIR = "/home/specops"
-IMAGE_DIRS = sorted({str(ROOT), sys.base_prefix, str(Path(sys.base_prefix).resolve())})
+IMAGE_DIRS = sorted({str(ROOT), str(VENV), sys.base_prefix, str(Path(sys.base_prefix).resolve())})
 """Host directories every container sees read-only at their own paths: the repository with its
 virtualenv, and the Python installation the virtualenv points into."""
 CLUSTER_DOMAIN = "cluster.local"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 from _controlplane import (
@@ -55,6 +57,13 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
             running.stop()
 
 
+def exclusive_lock(path: Path) -> TextIO:
+    """Wait for an exclusive flock on `path`; closing the returned handle releases it."""
+    handle = path.open("a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 @pytest.fixture(scope="session")
 def tools() -> Path:
     """The helm/kubectl directory (hack/tools.sh); the control plane was built at collection."""
@@ -65,7 +74,13 @@ def tools() -> Path:
 def control_plane(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tools: Path
 ) -> Iterator[ControlPlane]:
-    """etcd + kube-apiserver (RBAC) + kube-controller-manager, with crds/ applied and established."""
+    """etcd + kube-apiserver (RBAC) + kube-controller-manager, with crds/ applied and established.
+
+    One e2e session per machine at a time (an exclusive lock, waited for): pods of two executors would
+    share loopback addresses and the broker's host ports.
+    """
+    lock = exclusive_lock(Path(os.environ.get("SPECOPS_E2E_LOCK", "/tmp/specops-e2e.lock")))
+    request.addfinalizer(lock.close)
     state = tmp_path_factory.mktemp("control-plane")
     plane = ControlPlane.start(state, tools, owner=os.getpid())
     request.config.stash.setdefault(RUNNING, []).append(plane)
