@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -376,6 +377,14 @@ class TrainDataConfig(Contract):
         return self
 
 
+def _each_once(items: list[str]) -> list[str]:
+    """A list that is a set (`x-kubernetes-list-type: set` in the CRD): no value twice."""
+    twice = sorted({item for item in items if items.count(item) > 1})
+    if twice:
+        raise ValueError(f"lists {', '.join(twice)} more than once")
+    return items
+
+
 class TrainConfig(Contract):
     """A training run: GeneratedDataset -> draft with TTT steps -> speculators checkpoint."""
 
@@ -401,7 +410,19 @@ class TrainConfig(Contract):
     checkpoint_every: Annotated[int, Field(ge=1)] = 500
     eval_every: Annotated[int, Field(ge=1)] = 500
     log_every: Annotated[int, Field(ge=1)] = 10
-    tensorboard: bool = False
+    report_to: Annotated[
+        list[Literal["tensorboard", "wandb", "mlflow", "trackio"]], AfterValidator(_each_once)
+    ] = Field(default_factory=list, max_length=4, json_schema_extra={"x-kubernetes-list-type": "set"})
+    """Experiment trackers that also get every logged step and evaluation (rank 0), plus the resolved
+    config once; any subset. Each needs its package (`pip install 'specops[tracking]'`, in the
+    workload image) and takes its credentials and destination from its own environment variables
+    (docs/training.md); metrics.jsonl is written either way."""
+    run_name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """The run's name in the trackers; default: the output directory's name."""
+    run_tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
+    """Tags on the trackers' run (W&B tags, MLflow tags)."""
     hass_topk: Annotated[int, Field(ge=1, le=1024)] = 10
     """HASS only: top-k of the verifier distribution distilled."""
     hass_topk_weight: Annotated[float, Field(ge=0.0)] = 1.0

@@ -41,6 +41,7 @@ from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_count
 from specops.train.monitor import LogHook, Monitor
 from specops.train.optim import build_optimizer, lr_at, set_lr, trainable_parameters
 from specops.train.packing import PackedBatch, batches, count_batches
+from specops.train.tracking import Trackers, check_installed
 from specops.verifier import load_verifier_config, resolve_verifier, verifier_reference
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Trainer:
         self.stop = stop or threading.Event()
         roots = cfg.allowed_roots
         self.output_dir = resolve_allowed(cfg.output_dir, roots, "output_dir")
+        check_installed(cfg.report_to)
         self._seed_everything()
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
 
@@ -193,13 +195,22 @@ class Trainer:
             enabled=env.is_main,
             total_steps=self.total_steps,
             start_step=self.step,
-            tensorboard=cfg.tensorboard,
+            trackers=self._trackers if cfg.report_to else None,
             hook=on_log,
         )
         if resume_from is not None:
             self.monitor.write(f"resumed from {resume_from} at step {self.step} (epoch {self.epoch})")
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _trackers(self) -> Trackers:
+        return Trackers(
+            self.cfg.report_to,
+            self.output_dir,
+            run_name=self.cfg.run_name or self.output_dir.name,
+            tags=self.cfg.run_tags,
+            config=self.cfg.model_dump(mode="json", by_alias=True),
+        )
 
     def _seed_everything(self) -> None:
         """Same seed on every rank: identical draft initialization before DDP even broadcasts it."""
