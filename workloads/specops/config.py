@@ -385,6 +385,16 @@ def _each_once(items: list[str]) -> list[str]:
     return items
 
 
+class ProgressMetricsConfig(Contract):
+    """Each rank's live progress (step, loss and accuracy per TTT step, tokens/s, ETA) as
+    Prometheus metrics, served while it trains (specops.train.progress)."""
+
+    port: Annotated[int, Field(ge=0, le=65000)] | None = None
+    """Port of local rank 0; local rank r serves port + r. 0 = any free port; null = off."""
+    host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
+    """Address to bind; loopback unless asked (in pods the operator binds the pod's IP)."""
+
+
 class TrainConfig(Contract):
     """A training run: GeneratedDataset -> draft with TTT steps -> speculators checkpoint."""
 
@@ -417,6 +427,8 @@ class TrainConfig(Contract):
     config once; any subset. Each needs its package (`pip install 'specops[tracking]'`, in the
     workload image) and takes its credentials and destination from its own environment variables
     (docs/training.md); metrics.jsonl is written either way."""
+    metrics: ProgressMetricsConfig = Field(default_factory=lambda: ProgressMetricsConfig())
+    """Live progress as Prometheus metrics while the run goes on (the operator sets it in pods)."""
     run_name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     """The run's name in the trackers; default: the output directory's name."""
     run_tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
