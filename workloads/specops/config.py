@@ -365,7 +365,12 @@ class TrainDataConfig(Contract):
     """Streams only: held-out examples (by id hash) kept in memory for validation."""
     vocab_from: Annotated[str, Field(max_length=1024)] | None = None
     """DiskStore directory whose token counts choose the draft vocabulary; default: the training
-    data's own. Streams need it unless draft.draft_vocab_size covers the verifier vocabulary."""
+    data's own (for a stream: its first window, see vocab_window_tokens)."""
+    vocab_window_tokens: Annotated[int, Field(ge=1, le=1 << 30)] = 131072
+    """Streams without vocab_from: each rank holds its first streamed examples in memory until they
+    reach this many tokens, the loss-masked token counts of every rank's window (summed, so all ranks
+    agree) choose the draft vocabulary, and those examples are then trained on like any other. Memory:
+    tokens x the bytes per token of the hidden states (an 8B verifier with 4 slots in bf16: 32 KiB)."""
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Self:
