@@ -183,7 +183,7 @@ class EngineConfig(Contract):
     max_tokens_per_batch: Annotated[int, Field(ge=16)] = 16384
     """Maximum padded tokens per forward; batches are grouped by length."""
     dtype: DType = "auto"
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", max_length=16)] = "auto"
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
     seed: int = 0
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
@@ -444,16 +444,18 @@ def format_validation_error(
     err: ValidationError, source: str, spelled: dict[tuple[Any, ...], str] | None = None
 ) -> str:
     """One line per problem: `source: field.path: message`, each key as the input spelled it
-    (`spelled`: snake_case path -> the key in the file; see `_snake_keys`)."""
+    (`spelled`: snake_case path -> the key in the file; see `_snake_keys`) and list positions as
+    `[i]`, as Kubernetes and the API server name them (`spec.optim.betas[0]`)."""
     problems: dict[str, list[str]] = {}
     for item in err.errors():
         path = item["loc"]
-        names = [
-            (spelled or {}).get(tuple(path[: i + 1]), str(part))
-            for i, part in enumerate(path)
-            if not _UNION_TAG.match(str(part))
-        ]
-        loc = ".".join(names) or "<root>"
+        loc = ""
+        for i, part in enumerate(path):
+            if isinstance(part, int):
+                loc += f"[{part}]"
+            elif not _UNION_TAG.match(part):
+                loc += ("." if loc else "") + (spelled or {}).get(tuple(path[: i + 1]), part)
+        loc = loc or "<root>"
         msg = item["msg"]
         ctx = item.get("ctx") or {}
         if "expected" in ctx:
