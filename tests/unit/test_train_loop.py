@@ -253,6 +253,35 @@ def test_a_stream_without_vocab_from_picks_its_vocabulary_from_the_first_window(
     assert not torch.equal(expected_t2d, build_vocab_mapping(count_tokens(examples), VOCAB, 48)[0])
 
 
+def test_a_resumed_stream_keeps_its_checkpoint_vocabulary_and_takes_no_window(world: dict[str, Any]) -> None:
+    """A restarted rank must not wait for (or hold) a new window: its checkpoint carries d2t/t2d."""
+    examples: list[ExampleDict] = world["examples"]
+    out = world["root"] / "stream-resume"
+    first = train(config(world, out.name, max_steps=2, checkpoint_every=1), source=ListStream(examples[:20]))
+    assert first.step == 2 and first.final is not None
+
+    class Counted(ListStream):
+        pulled = 0
+
+        def __iter__(self) -> Iterator[ExampleDict]:
+            for ex in self.examples:
+                Counted.pulled += 1
+                yield ex
+
+    later = Counted(examples[20:])  # other examples: a window of them would choose other tokens
+    assert not torch.equal(
+        build_vocab_mapping(count_tokens(examples[20:]), VOCAB, 48)[0],
+        build_vocab_mapping(count_tokens(examples[:20]), VOCAB, 48)[0],
+    )
+    trainer = Trainer(config(world, out.name, max_steps=4, checkpoint_every=1), DistEnv(), source=later)
+    assert Counted.pulled == 0 and trainer.step == 2
+    result = trainer.run()
+    assert result.step == 4 and result.final is not None
+    before = SpeculatorModel.from_pretrained(first.final)
+    after = SpeculatorModel.from_pretrained(result.final)
+    assert torch.equal(before.t2d, after.t2d) and torch.equal(before.d2t, after.d2t)  # type: ignore[attr-defined]
+
+
 def test_a_draft_vocab_beyond_the_verifier_is_a_config_error(world: dict[str, Any]) -> None:
     with pytest.raises(
         ConfigError, match=rf"draft\.draftVocabSize: 1000 exceeds the verifier vocabulary \({VOCAB} tokens\)"
