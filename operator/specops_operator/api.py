@@ -14,13 +14,13 @@ local runs); tests check both agree on every bad example.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_snake
+from typing_extensions import TypedDict
 
 from specops.config import (
     ConfigError,
@@ -39,6 +40,7 @@ from specops.config import (
     DraftConfig,
     EngineConfig,
     ProcessorConfig,
+    RegenerateConfig,
     StatesConfig,
     SyncConfig,
     TrainConfig,
@@ -55,13 +57,20 @@ used as label values at 63 characters."""
 
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
+INT64_MAX = 2**63 - 1
+"""The API server stores integers as int64; the models refuse larger ones too."""
+
 Quantity = Annotated[
-    Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
+    Annotated[int, Field(ge=0, le=INT64_MAX)]
+    | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
     WithJsonSchema(
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
-            "minimum": 0,  # the integer branch (pattern applies to strings only)
+            "maxLength": 64,
+            # The integer branch; int64 is the server's own limit (a `maximum` of 2**63 - 1 would
+            # be read as a float and overflow there). pattern and maxLength apply to strings only.
+            "minimum": 0,
             "x-kubernetes-int-or-string": True,
         }
     ),
@@ -78,16 +87,15 @@ FreeForm = Annotated[
 ]
 
 
-def _named(value: dict[str, Any]) -> dict[str, Any]:
-    name = value.get("name")
-    if not isinstance(name, str) or not 0 < len(name) <= 63:
-        raise ValueError("needs a name of 1 to 63 characters")
-    return value
+class _NamedVolume(TypedDict):
+    """A volume's `name` validated as a field (errors name `pod.volumes[i].name`); the rest free."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    name: Annotated[str, Field(min_length=1, max_length=63)]
 
 
 Volume = Annotated[
-    dict[str, Any],
-    AfterValidator(_named),
+    _NamedVolume,
     WithJsonSchema(
         {
             "type": "object",
@@ -107,6 +115,12 @@ RESERVED_VOLUMES = ("config", "data", "output", "state", "tmp", "cache", "dshm")
 """Volume names the operator gives its own volumes."""
 RESERVED_PATHS = ("/etc/specops", "/data", "/output", "/state", "/tmp", "/cache", "/dev/shm")
 """Mount paths of those volumes."""
+
+
+TRAVERSAL = re.compile(r"(^|/)\.\.(/|$)")
+"""A `..` path segment: a path that climbs out of where it claims to be (`../../etc/passwd`)."""
+TRAVERSAL_RE2 = "(^|/)[.][.](/|$)"
+"""The same as an RE2 pattern inside a CEL string (no backslashes to escape)."""
 
 
 def _cel_list(items: Iterable[str]) -> str:
@@ -481,6 +495,7 @@ if TYPE_CHECKING:  # what mypy sees of the derived models: the fields the operat
         processor: ProcessorConfig
         states: StatesConfig
         engine: EngineConfig
+        regenerate: RegenerateConfig | None
 
     class TrainWorkload(Checked):
         draft: DraftConfig
@@ -577,6 +592,34 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             f"self.workers <= 1 || !has(self.storage) || {SHARED_CEL.format('self.storage')}",
             f"spec.storage.accessModes must include ReadWriteMany when spec.workers > 1 ({ONE_NODE})",
             lambda s: s.workers <= 1 or s.storage is None or s.storage.shared(),
+        ),
+        Rule(
+            f"self.datasets.all(d, !d.path.matches('{TRAVERSAL_RE2}'))",
+            "spec.datasets[].path must not contain '..' (name the file by its absolute path or package:NAME/path)",
+            lambda s: not any(TRAVERSAL.search(d.path) for d in s.datasets),
+        ),
+        Rule(
+            f"!has(self.regenerate) || !has(self.regenerate.path) || !self.regenerate.path.matches('{TRAVERSAL_RE2}')",
+            "spec.regenerate.path must not contain '..' (give an absolute path)",
+            lambda s: (
+                s.regenerate is None or s.regenerate.path is None or not TRAVERSAL.search(s.regenerate.path)
+            ),
+        ),
+        # The rendered DataGenConfig's own rules, so they refuse the CR instead of its pods.
+        Rule(
+            "self.mode == 'online' || !has(self.sync.claimRanges)",
+            "spec.sync.claimRanges needs spec.mode online (the broker hands out the ranges)",
+            lambda s: s.mode == "online" or s.sync.claim_ranges is None,
+        ),
+        Rule(
+            "!has(self.regenerate) || !has(self.sync.claimRanges)",
+            "spec.regenerate is not supported with spec.sync.claimRanges (each generator regenerates its own slice)",
+            lambda s: s.regenerate is None or s.sync.claim_ranges is None,
+        ),
+        Rule(
+            "self.mode != 'online' || !has(self.regenerate) || has(self.regenerate.path)",
+            "spec.regenerate.path is required for mode online (there is no shard volume to keep the answers on)",
+            lambda s: s.mode != "online" or s.regenerate is None or s.regenerate.path is not None,
         ),
     )
 

@@ -93,10 +93,7 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec") -
         elif key == "items":
             out[key] = structural(value, defs, f"{path}[]")
         elif key == "prefixItems":
-            kinds = {structural(v, defs, path).get("type") for v in value}
-            if len(kinds) != 1:
-                raise CRDGenError(f"{path}: tuples of mixed types have no structural schema")
-            out["items"] = {"type": kinds.pop()}
+            out["items"] = _tuple_items(value, defs, path)
         elif key == "additionalProperties":
             out[key] = structural(value, defs, f"{path}.*")
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -112,6 +109,15 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec") -
         del out["properties"]
     _bound(out, path)
     return dict(sorted(out.items()))
+
+
+def _tuple_items(items: list[dict[str, Any]], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    """A tuple's positions as one `items` schema (a structural schema has no per-position ones), so
+    their bounds must agree; they used to be dropped (`optim.betas` lost its [0, 1) in the CRD)."""
+    schemas = [structural(item, defs, f"{path}[{i}]") for i, item in enumerate(items)]
+    if any(schema != schemas[0] for schema in schemas[1:]):
+        raise CRDGenError(f"{path}: tuple positions of different schemas have no structural schema")
+    return schemas[0]
 
 
 def _property(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
+from specops.paths import PACKAGE_PREFIX
 from specops_operator.api import SpeculatorDataGenSpec, SpeculatorTrainingSpec, VerifierArchitecture
+from specops_operator.builders.common import ALLOWED_ROOTS
 from specops_operator.builders.training import DataSource, procs_per_node
 from specops_operator.estimate import estimate_storage, quantity_bytes
 
@@ -42,6 +44,7 @@ FINDING_REASONS = frozenset(
         "HiddenSizeMismatch",
         "DraftVocabTooLarge",
         "StorageTooSmall",
+        "PathNotAllowed",
     }
 )
 """Every reason a Finding may carry."""
@@ -127,7 +130,32 @@ def check_datagen(
         )
     if spec.storage is not None:
         findings += _storage(spec.storage.existing_claim, claim_found, f"{field}.storage.existingClaim")
+    findings += _pod_paths(spec, field)
     return findings, arch
+
+
+def _in_pod(path: str) -> bool:
+    """Whether a workload pod may read `path`: under its volumes, or data shipped in a package."""
+    return path.startswith(PACKAGE_PREFIX) or any(
+        path == r or path.startswith(r + "/") for r in ALLOWED_ROOTS
+    )
+
+
+def _pod_paths(spec: SpeculatorDataGenSpec, field: str) -> list[Finding]:
+    """Local paths the pods would refuse at start (the CRD already refuses `..`): the models take
+    any path, as `specops run --local` reads host files, but a pod reads only its own volumes."""
+    named = [(f"{field}.datasets[{i}].path", d.path) for i, d in enumerate(spec.datasets) if d.kind != "hf"]
+    if spec.regenerate is not None and spec.regenerate.path is not None:
+        named.append((f"{field}.regenerate.path", spec.regenerate.path))
+    roots = ", ".join(ALLOWED_ROOTS)
+    return [
+        Finding(
+            "PathNotAllowed",
+            f"{name}: {path!r} is outside the pods' volumes ({roots}); put the file there or use package:NAME/path",
+        )
+        for name, path in named
+        if not _in_pod(path)
+    ]
 
 
 def check_training(

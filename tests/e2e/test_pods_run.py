@@ -18,6 +18,7 @@ import pytest
 from _controlplane import ControlPlane, OperatorProcess, until
 from _executor import PodExecutor
 from _resources import apply, condition, example, status_of
+from safetensors import safe_open
 
 from specops.testing.hub import FakeHub
 from specops.testing.tiny import tiny_verifier
@@ -217,10 +218,15 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     direct: bool,
 ) -> None:
     """examples/datagen-online.yaml: broker StatefulSet + Service, 2 generators, a 2-rank training
-    whose examples come through the broker (relay) or straight from the generators (direct)."""
+    whose examples come through the broker (relay) or straight from the generators (direct).
+
+    The draft vocabulary is reduced as in the example (32000 of 128256, so a quarter of the tiny
+    578): it used to fail at trainer start, as streams carry no token counts; now each rank's first
+    streamed window counts them and the ranks sum their counts."""
     plane, ns = control_plane, pods_ns
     hub_secret(plane, ns)
     tiny_vocab = json.loads((tiny_verifier() / "config.json").read_text())["vocab_size"]
+    draft_vocab = tiny_vocab * 32000 // 128256
     datagen = merge_patch(
         example("datagen-online.yaml", "SpeculatorDataGen"),
         {
@@ -236,8 +242,8 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
         {
             "spec": {
                 "maxSteps": 1000,
-                "data": {"direct": direct},
-                "draft": {"draftVocabSize": tiny_vocab},
+                "data": {"direct": direct, "vocabWindowTokens": 512},  # a few examples per rank
+                "draft": {"draftVocabSize": draft_vocab},
                 "tokensPerStep": 256,
                 "maxSeqLen": 128,
                 "precision": "fp32",
@@ -268,9 +274,19 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     assert relayed < written if direct else relayed == written, counters
     trainer_logs = executor.log(ns, f"{TrainingNames(name, ns).job}-")
     assert "rank 1 of world size 2" in trainer_logs and "the stream ended after" in trainer_logs
+    chosen = {
+        line.split("data: ", 1)[1]
+        for text in executor.pod_logs(ns, f"{TrainingNames(name, ns).job}-").values()
+        for line in text.splitlines()
+        if "data: draft vocabulary" in line
+    }
+    assert len(chosen) == 1 and f"({draft_vocab} of {tiny_vocab})" in chosen.pop()  # one choice, both ranks
     assert condition(status, "Exported")["status"] == "True"
     final = executor.claim_dir(ns, TrainingNames(name, ns).claim) / "final"
-    assert (final / "model.safetensors").is_file()
+    assert json.loads((final / "config.json").read_text())["draft_vocab_size"] == draft_vocab
+    with safe_open(str(final / "model.safetensors"), "pt") as weights:
+        assert weights.get_slice("d2t").get_shape() == [draft_vocab]
+        assert weights.get_slice("lm_head.weight").get_shape()[0] == draft_vocab
     wait_complete(plane, executor, ns, "SpeculatorDataGen", gen.name, timeout=120)
 
 

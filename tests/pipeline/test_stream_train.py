@@ -1,5 +1,6 @@
 """Online training end to end on CPU: `specops generate-data` (2 workers claiming ranges) -> `specops
 broker` -> a trainer consuming the stream (stream-then-cache), against offline training on the same data.
+The draft vocabulary is reduced: the online run chooses it from its first streamed window.
 
 The first epoch streams (each example once), later epochs replay the cache; the offline run trains
 on the cache directory with the same steps and seed. Both must learn, and end within noise of each other.
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from specops.config import TrainConfig, load_config
+from specops.models.base import SpeculatorModel
 from specops.stores.disk import DiskStore
 from specops.testing.net import free_port
 from specops.testing.synthetic import make_conversations, write_jsonl
@@ -24,6 +27,8 @@ from specops.train.trainer import train
 
 CLI = [sys.executable, "-m", "specops.cli"]
 STEPS = 40
+DRAFT_VOCAB = 256
+"""Fewer than the tiny verifier's 578 tokens: the online run picks them from its stream window."""
 
 
 def train_config(root: Path, verifier: Path, output: str, data: dict[str, Any]) -> TrainConfig:
@@ -32,7 +37,7 @@ def train_config(root: Path, verifier: Path, output: str, data: dict[str, Any]) 
         {
             "verifier": {"name_or_path": str(verifier)},
             "data": {"validation_fraction": 0.0, "prefetch": 0, **data},
-            "draft": {"draft_vocab_size": 1024},  # the whole tiny vocabulary: no token counts needed
+            "draft": {"draft_vocab_size": DRAFT_VOCAB},
             "optim": {"lr": 3e-3, "warmup_steps": 2, "grad_clip": 1.0},
             "output_dir": str(root / output),
             "ttt_steps": 2,
@@ -115,6 +120,10 @@ def test_online_training_from_two_generators_matches_offline(
         )
     )
     assert online.step == offline.step == STEPS
+    # The window held the whole (short) stream, so it chose what the cache's token counts choose.
+    drafts = [SpeculatorModel.from_pretrained(run.final) for run in (online, offline) if run.final]
+    assert [d.config.draft_vocab_size for d in drafts] == [DRAFT_VOCAB] * 2  # type: ignore[attr-defined]
+    assert torch.equal(drafts[0].t2d, drafts[1].t2d)  # type: ignore[attr-defined]
     on, off = losses(tmp_path / "online"), losses(tmp_path / "offline")
     tail_on, tail_off = sum(on[-10:]) / 10, sum(off[-10:]) / 10
     assert tail_on < 0.5 * on[0] and tail_off < 0.5 * off[0]  # both learn

@@ -121,6 +121,9 @@ def cel_errors(schema: dict[str, Any], obj: Any, old: Any = None, path: str = ""
 def server_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Everything an API server (with CEL) and kubectl --validate=strict would reject."""
     schema = crd_schema(obj["kind"])
+    overflow = int64_errors(obj)
+    if overflow:  # the server's integers are int64; CEL cannot even hold such a value
+        return overflow
     defaulted = apply_defaults(schema, obj)
     old_defaulted = apply_defaults(schema, old) if old is not None else None
     return (
@@ -128,3 +131,14 @@ def server_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> lis
         + [f"unknown field {f}" for f in unknown_fields(schema, obj)]
         + cel_errors(schema, defaulted, old_defaulted)
     )
+
+
+def int64_errors(obj: Any, path: str = "") -> list[str]:
+    """Integers the API server cannot store (it decodes JSON integers as int64)."""
+    if isinstance(obj, dict):
+        return [e for key, value in obj.items() for e in int64_errors(value, f"{path}.{key}")]
+    if isinstance(obj, list):
+        return [e for i, value in enumerate(obj) for e in int64_errors(value, f"{path}.{i}")]
+    if type(obj) is int and not -(2**63) <= obj < 2**63:
+        return [f"{path.lstrip('.')}: {obj} is beyond int64"]
+    return []

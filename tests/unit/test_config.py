@@ -75,8 +75,8 @@ TRAIN = {"verifier": {"nameOrPath": "m"}, "data": {"path": "d"}, "outputDir": "o
     [
         ("weightDecay: .inf", r"optim\.weightDecay:"),
         ("weightDecay: 1e308", r"optim\.weightDecay:"),
-        ("betas: [2, -1]", r"optim\.betas\.0"),
-        ("betas: [0.9, 1.0]", r"optim\.betas\.1"),
+        ("betas: [2, -1]", r"optim\.betas\[0\]"),
+        ("betas: [0.9, 1.0]", r"optim\.betas\[1\]"),
         ("lr: .nan", r"optim\.lr"),
         ("eps: 0", r"optim\.eps"),
         ("gradClip: .inf", r"optim\.gradClip:"),

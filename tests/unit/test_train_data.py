@@ -121,3 +121,37 @@ def test_trains_from_a_local_queue(tmp_path: Path) -> None:
     result = train(cfg)
     producer.join(timeout=60)
     assert 0 < result.step < 50 and not result.interrupted  # trained until the producers finished
+
+
+WORLD_COUNTS = """import json, sys
+from specops.train.data import world_token_counts
+from specops.train.distributed import init_distributed, shutdown
+env = init_distributed("cpu", timeout_s=60)
+mine = {0: {3: 2, 7: 1}, 1: {7: 4, 9: 5}}[env.rank]
+print(json.dumps(sorted(world_token_counts(mine, 12, env).items())))
+shutdown(env)
+"""
+
+
+def test_every_rank_of_a_gloo_world_gets_the_summed_window_counts(tmp_path: Path) -> None:
+    """Each rank's stream window differs; the draft vocabulary must not (one mapping for DDP)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORLD_COUNTS],
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONPATH": os.pathsep.join(sys.path)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert [json.loads(out.splitlines()[-1]) for out, _ in outs] == [[[3, 2], [7, 5], [9, 5]]] * 2

@@ -18,9 +18,10 @@ from specops.config import ConfigError
 from specops.example import ExampleDict
 from specops.models.base import SpeculatorModel
 from specops.models.ttt import step_targets
+from specops.models.vocab import build_vocab_mapping
 from specops.stores.base import StoreMeta
 from specops.stores.disk import DiskStore
-from specops.train.data import TrainData, is_validation
+from specops.train.data import TrainData, count_tokens, is_validation
 from specops.train.distributed import DistEnv
 from specops.train.losses import draft_loss, step_valid_counts
 from specops.train.packing import batches
@@ -210,9 +211,6 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
         data.epoch(1)
 
     out = world["root"] / "stream"
-    cfg = config(world, out.name, max_steps=50, eval_every=3, data__validation_fraction=0.25)
-    with pytest.raises(ConfigError, match=r"data\.vocab_from: streamed data carries no token counts"):
-        train(cfg, source=ListStream(examples))
     cfg = config(
         world,
         out.name,
@@ -224,6 +222,71 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
     result = train(cfg, source=ListStream(examples))
     assert 0 < result.step < 50 and not result.interrupted  # the stream ended first
     assert losses(out, "eval")
+
+
+def test_stream_window_holds_its_examples_for_epoch_zero_once_each(world: dict[str, Any]) -> None:
+    examples: list[ExampleDict] = world["examples"]
+    data = TrainData(ListStream(examples), DistEnv(), validation_fraction=0.25, seed=0)
+    trained = [ex for ex in examples if not is_validation(ex["id"], 0.25)]
+    sizes = [int(ex["token_ids"].numel()) for ex in trained]
+    budget = sum(sizes[:5]) - 1  # the fifth training example crosses it
+    assert data.window_counts(budget) == count_tokens(trained[:5])
+    assert [ex["id"] for ex in data.epoch(0)] == [ex["id"] for ex in trained]  # nothing lost or repeated
+    with pytest.raises(ValueError, match="taken once"):
+        data.window_counts(budget)
+
+
+def test_a_stream_without_vocab_from_picks_its_vocabulary_from_the_first_window(
+    world: dict[str, Any],
+) -> None:
+    """Streams used to fail at trainer start (no token counts) unless the whole vocab was drafted."""
+    examples: list[ExampleDict] = world["examples"]
+    out = world["root"] / "stream-window"
+    budget = sum(int(ex["token_ids"].numel()) for ex in examples[:10])
+    cfg = config(world, out.name, max_steps=500, data__vocab_window_tokens=budget)
+    result = train(cfg, source=ListStream(examples))
+    assert 0 < result.step < 500 and result.final is not None  # trained to the end of the stream
+    saved = SpeculatorModel.from_pretrained(result.final)
+    expected_t2d, expected_d2t = build_vocab_mapping(count_tokens(examples[:10]), VOCAB, 48)
+    assert saved.config.draft_vocab_size == 48  # type: ignore[attr-defined]
+    assert torch.equal(saved.d2t, expected_d2t) and torch.equal(saved.t2d, expected_t2d)  # type: ignore[attr-defined]
+    assert not torch.equal(expected_t2d, build_vocab_mapping(count_tokens(examples), VOCAB, 48)[0])
+
+
+def test_a_resumed_stream_keeps_its_checkpoint_vocabulary_and_takes_no_window(world: dict[str, Any]) -> None:
+    """A restarted rank must not wait for (or hold) a new window: its checkpoint carries d2t/t2d."""
+    examples: list[ExampleDict] = world["examples"]
+    out = world["root"] / "stream-resume"
+    first = train(config(world, out.name, max_steps=2, checkpoint_every=1), source=ListStream(examples[:20]))
+    assert first.step == 2 and first.final is not None
+
+    class Counted(ListStream):
+        pulled = 0
+
+        def __iter__(self) -> Iterator[ExampleDict]:
+            for ex in self.examples:
+                Counted.pulled += 1
+                yield ex
+
+    later = Counted(examples[20:])  # other examples: a window of them would choose other tokens
+    assert not torch.equal(
+        build_vocab_mapping(count_tokens(examples[20:]), VOCAB, 48)[0],
+        build_vocab_mapping(count_tokens(examples[:20]), VOCAB, 48)[0],
+    )
+    trainer = Trainer(config(world, out.name, max_steps=4, checkpoint_every=1), DistEnv(), source=later)
+    assert Counted.pulled == 0 and trainer.step == 2
+    result = trainer.run()
+    assert result.step == 4 and result.final is not None
+    before = SpeculatorModel.from_pretrained(first.final)
+    after = SpeculatorModel.from_pretrained(result.final)
+    assert torch.equal(before.t2d, after.t2d) and torch.equal(before.d2t, after.d2t)  # type: ignore[attr-defined]
+
+
+def test_a_draft_vocab_beyond_the_verifier_is_a_config_error(world: dict[str, Any]) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"draft\.draftVocabSize: 1000 exceeds the verifier vocabulary \({VOCAB} tokens\)"
+    ):
+        train(config(world, "too-big", max_steps=1, draft__draft_vocab_size=1000))
 
 
 def test_stream_then_cache_replays_the_first_pass(world: dict[str, Any]) -> None:

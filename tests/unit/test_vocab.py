@@ -27,9 +27,15 @@ def test_unseen_tokens_fill_by_id_and_zero_counts_are_unseen() -> None:
     assert select_draft_tokens({6: 3, 0: 0}, 8, 4) == [0, 1, 2, 6]
 
 
-def test_draft_vocab_is_clipped_to_the_verifier_vocab() -> None:
-    t2d, d2t = build_vocab_mapping({1: 1}, 5, 32000)
+def test_a_draft_vocab_of_the_whole_verifier_vocab_is_the_identity() -> None:
+    t2d, d2t = build_vocab_mapping({1: 1}, 5, 5)
     assert t2d.all() and d2t.tolist() == [0] * 5
+
+
+def test_a_draft_vocab_larger_than_the_verifier_vocab_is_refused() -> None:
+    """It used to be clipped silently: 32000 of a 578-token verifier exported a 578-token draft."""
+    with pytest.raises(ValueError, match=r"draft_vocab_size 32000 must be in 1\.\.5 "):
+        build_vocab_mapping({1: 1}, 5, 32000)
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,7 @@ class EngineConfig(Contract):
     max_tokens_per_batch: Annotated[int, Field(ge=16)] = 16384
     """Maximum padded tokens per forward; batches are grouped by length."""
     dtype: DType = "auto"
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", max_length=16)] = "auto"
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
     seed: int = 0
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
@@ -366,7 +366,12 @@ class TrainDataConfig(Contract):
     """Streams only: held-out examples (by id hash) kept in memory for validation."""
     vocab_from: Annotated[str, Field(max_length=1024)] | None = None
     """DiskStore directory whose token counts choose the draft vocabulary; default: the training
-    data's own. Streams need it unless draft.draft_vocab_size covers the verifier vocabulary."""
+    data's own (for a stream: its first window, see vocab_window_tokens)."""
+    vocab_window_tokens: Annotated[int, Field(ge=1, le=1 << 30)] = 131072
+    """Streams without vocab_from: each rank holds its first streamed examples in memory until they
+    reach this many tokens, the loss-masked token counts of every rank's window (summed, so all ranks
+    agree) choose the draft vocabulary, and those examples are then trained on like any other. Memory:
+    tokens x the bytes per token of the hidden states (an 8B verifier with 4 slots in bf16: 32 KiB)."""
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Self:
@@ -472,16 +477,18 @@ def format_validation_error(
     err: ValidationError, source: str, spelled: dict[tuple[Any, ...], str] | None = None
 ) -> str:
     """One line per problem: `source: field.path: message`, each key as the input spelled it
-    (`spelled`: snake_case path -> the key in the file; see `_snake_keys`)."""
+    (`spelled`: snake_case path -> the key in the file; see `_snake_keys`) and list positions as
+    `[i]`, as Kubernetes and the API server name them (`spec.optim.betas[0]`)."""
     problems: dict[str, list[str]] = {}
     for item in err.errors():
         path = item["loc"]
-        names = [
-            (spelled or {}).get(tuple(path[: i + 1]), str(part))
-            for i, part in enumerate(path)
-            if not _UNION_TAG.match(str(part))
-        ]
-        loc = ".".join(names) or "<root>"
+        loc = ""
+        for i, part in enumerate(path):
+            if isinstance(part, int):
+                loc += f"[{part}]"
+            elif not _UNION_TAG.match(part):
+                loc += ("." if loc else "") + (spelled or {}).get(tuple(path[: i + 1]), part)
+        loc = loc or "<root>"
         msg = item["msg"]
         ctx = item.get("ctx") or {}
         if "expected" in ctx:

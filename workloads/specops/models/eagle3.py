@@ -392,10 +392,8 @@ class Eagle3DraftModel(SpeculatorModel):
         """
         check_vocab_mapping(t2d, d2t)
         text = verifier_config.get_text_config()
-        if draft_vocab_size is not None and min(draft_vocab_size, int(text.vocab_size)) != d2t.numel():
-            raise ValueError(
-                f"draft_vocab_size {draft_vocab_size} (clipped to the vocab) != len(d2t) {d2t.numel()}"
-            )
+        if draft_vocab_size is not None and draft_vocab_size != d2t.numel():
+            raise ValueError(f"draft_vocab_size {draft_vocab_size} != len(d2t) {d2t.numel()}")
         if t2d.numel() != int(text.vocab_size):
             raise ValueError(f"t2d has {t2d.numel()} entries but the verifier vocab is {text.vocab_size}")
         layer_ids = (

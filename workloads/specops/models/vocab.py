@@ -4,6 +4,8 @@ The draft predicts over `draft_vocab_size` ids: the top tokens by (-frequency, i
 loss-masked tokens of the training data, sorted ascending. `d2t[i] = target_id(i) - i` (int64
 offsets, so a draft id maps back with `i + d2t[i]`), `t2d[v]` is true when target id v is in the
 draft vocabulary (bool [V]). When fewer distinct tokens were seen, unseen ids fill by id order.
+A draft vocabulary larger than the verifier's is refused: clipping it would export a draft whose
+size differs from the configured one without saying so.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import torch
 
 
 def select_draft_tokens(counts: Mapping[int, int], vocab_size: int, draft_vocab_size: int) -> list[int]:
-    """The draft vocabulary as ascending target ids (draft_vocab_size clipped to vocab_size)."""
+    """The draft vocabulary as ascending target ids."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    if draft_vocab_size < 1:
-        raise ValueError(f"draft_vocab_size must be >= 1, got {draft_vocab_size}")
-    size = min(draft_vocab_size, vocab_size)
+    if not 1 <= draft_vocab_size <= vocab_size:
+        raise ValueError(
+            f"draft_vocab_size {draft_vocab_size} must be in 1..{vocab_size} (the verifier vocabulary)"
+        )
+    size = draft_vocab_size
     for token, count in counts.items():
         if not 0 <= int(token) < vocab_size:
             raise ValueError(f"token counts: id {token} outside the verifier vocabulary 0..{vocab_size - 1}")

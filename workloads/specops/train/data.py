@@ -5,7 +5,10 @@ epoch reshuffles it through `GeneratedDataset`, the validation split holds out w
 (`split_partitions`), and resume fast-forwards by counting examples. A `StreamSource` (queue,
 broker) is read once: examples whose id hashes under `validation_fraction` are diverted into a
 bounded in-memory validation set, and with `cache` the first pass is teed into a DiskStore that
-later epochs replay. Everything downstream sees only iterables of ExampleDict.
+later epochs replay. A stream carries no token counts, so its draft vocabulary comes from a window:
+each rank holds its first examples, the ranks sum their counts (every rank then picks the same
+vocabulary), and epoch 0 yields the held examples before the rest of the stream, so each is trained
+on exactly once. Everything downstream sees only iterables of ExampleDict.
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
+
+import torch
 
 from specops.config import ConfigError, TrainConfig, TrainDataConfig
 from specops.dataset import GeneratedDataset, split_partitions
 from specops.example import ExampleDict
 from specops.stores.base import DataSink, DataSource, StoreMeta, StreamSource
-from specops.train.distributed import DistEnv, barrier
+from specops.train.distributed import DistEnv, all_reduce, barrier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,9 +112,14 @@ def stream_cache(
 
 
 def vocab_counts(
-    cfg: TrainConfig, data: TrainData, vocab_size: int, allowed_roots: Sequence[str]
+    cfg: TrainConfig, data: TrainData, vocab_size: int, allowed_roots: Sequence[str], *, resumed: bool
 ) -> dict[int, int]:
-    """Token counts that pick the draft vocabulary: data.vocab_from, else the training data's own."""
+    """Token counts that pick the draft vocabulary: data.vocab_from, else the training data's own
+    (for a stream: every rank's first window, summed over ranks).
+
+    A resumed stream takes no window: its checkpoint carries d2t/t2d and they are loaded with the
+    weights, so the counts only have to give the right sizes.
+    """
     if cfg.data.vocab_from:
         from specops.stores.disk import DiskStore
 
@@ -117,12 +127,33 @@ def vocab_counts(
     counts = data.token_counts()
     if counts is not None:
         return counts
-    if cfg.draft.draft_vocab_size >= vocab_size:
-        return {}  # the draft covers the whole verifier vocabulary: nothing to choose
-    raise ConfigError(
-        f"data.vocab_from: streamed data carries no token counts to choose {cfg.draft.draft_vocab_size} of "
-        f"{vocab_size} tokens; point it at a DiskStore of similar data or raise draft.draft_vocab_size"
+    if cfg.draft.draft_vocab_size >= vocab_size or resumed:
+        return {}  # the draft covers the whole verifier vocabulary, or the checkpoint's is loaded
+    local = data.window_counts(cfg.data.vocab_window_tokens)
+    world = world_token_counts(local, vocab_size, data.env)
+    log.info(
+        "data: draft vocabulary (%d of %d) from the first streamed examples of %d rank(s): %d tokens",
+        cfg.draft.draft_vocab_size,
+        vocab_size,
+        data.env.world_size,
+        sum(world.values()),
     )
+    return world
+
+
+def world_token_counts(counts: Mapping[int, int], vocab_size: int, env: DistEnv) -> dict[int, int]:
+    """Sum token counts over all ranks (dense over the verifier vocabulary), so every rank chooses
+    the same draft vocabulary from the same numbers."""
+    dense = torch.zeros(vocab_size, dtype=torch.long)
+    if counts:
+        ids = torch.tensor(list(counts), dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            bad = next(t for t in counts if not 0 <= t < vocab_size)
+            raise ValueError(f"token counts: id {bad} outside the verifier vocabulary 0..{vocab_size - 1}")
+        dense[ids] = torch.tensor(list(counts.values()), dtype=torch.long)
+    all_reduce(dense, env)
+    seen = torch.nonzero(dense).flatten()
+    return dict(zip(seen.tolist(), dense[seen].tolist(), strict=True))
 
 
 class TrainData:
@@ -159,6 +190,9 @@ class TrainData:
         self._held_out: list[ExampleDict] = []
         self._train: GeneratedDataset | None = None
         self._val: GeneratedDataset | None = None
+        self._window: deque[ExampleDict] | None = None
+        self._rest: Iterator[ExampleDict] | None = None
+        self._window_taken = False
         if isinstance(source, DataSource):
             self._split(source)
 
@@ -205,6 +239,24 @@ class TrainData:
             return count_tokens(ex for p in self.source.partitions() for ex in self.source.read(p))
         return None
 
+    def window_counts(self, max_tokens: int) -> dict[int, int]:
+        """Streams: hold this rank's first training examples (until they reach `max_tokens` tokens
+        or the stream ends) for epoch 0, and return their loss-masked token counts."""
+        if self._train is not None or self._window_taken:
+            raise ValueError("data: a token window is taken once, from a stream, before epoch 0")
+        self._window_taken = True
+        rest = self._stream()
+        window: deque[ExampleDict] = deque()
+        tokens = 0
+        while tokens < max_tokens:
+            example = next(rest, None)
+            if example is None:
+                break
+            window.append(example)
+            tokens += int(example["token_ids"].numel())
+        self._window, self._rest = window, rest
+        return count_tokens(window)
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[ExampleDict]:
         """This rank's training examples of `epoch`; `skip` leaves out the first ones (resume).
 
@@ -216,6 +268,9 @@ class TrainData:
         if epoch == 0:
             if skip:
                 log.info("data: resuming a live stream; it continues where the producer is")
+            if self._window is not None and self._rest is not None:
+                window, rest, self._window, self._rest = self._window, self._rest, None, None
+                return itertools.chain(_drain(window), rest)
             return self._stream()
         replay = self._cached()
         replay.set_epoch(epoch)
@@ -266,6 +321,12 @@ class TrainData:
             held = (ex for ex in self._cached() if is_validation(ex["id"], self.validation_fraction))
             self._held_out = list(itertools.islice(held, self.max_validation_examples))
         return list(self._held_out)
+
+
+def _drain(window: deque[ExampleDict]) -> Iterator[ExampleDict]:
+    """Yield and let go of each held example (a window can hold gigabytes of hidden states)."""
+    while window:
+        yield window.popleft()
 
 
 class Prefetcher(Iterator[T]):

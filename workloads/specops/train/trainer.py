@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from specops.config import TrainConfig, dump_config
+from specops.config import ConfigError, TrainConfig, dump_config
 from specops.engines.base import default_layer_ids
 from specops.models.batch import DraftBatch
 from specops.models.eagle3 import Eagle3DraftModel
@@ -148,9 +148,18 @@ class Trainer:
         verifier_config = load_verifier_config(cfg.verifier, roots)
         aux_layer_ids = _aux_layer_ids(self.data.meta(), verifier_config, cfg.verifier.name_or_path)
 
+        # Resume point (known before the vocabulary: a resumed stream keeps its checkpoint's).
+        self.checkpointer = Checkpointer(self.output_dir, env, cfg.distributed, cfg.keep_checkpoints)
+        resume_from = self._resume_point()
+
         # The draft: vocabulary from token counts, frozen parts copied from the verifier.
         vocab_size = int(verifier_config.get_text_config().vocab_size)
-        counts = vocab_counts(cfg, self.data, vocab_size, roots)
+        if cfg.draft.draft_vocab_size > vocab_size:
+            raise ConfigError(
+                f"draft.draftVocabSize: {cfg.draft.draft_vocab_size} exceeds the verifier vocabulary "
+                f"({vocab_size} tokens); set it to at most {vocab_size}"
+            )
+        counts = vocab_counts(cfg, self.data, vocab_size, roots, resumed=resume_from is not None)
         t2d, d2t = build_vocab_mapping(counts, vocab_size, cfg.draft.draft_vocab_size)
         self.draft = Eagle3DraftModel.from_training_args(
             verifier_config,
@@ -172,9 +181,7 @@ class Trainer:
             cfg.draft.algorithm, cfg.ttt_step_loss_decay, cfg.hass_topk, cfg.hass_topk_weight
         )
 
-        # Resume point: weights go into the plain module before any wrapper shards or copies it.
-        self.checkpointer = Checkpointer(self.output_dir, env, cfg.distributed, cfg.keep_checkpoints)
-        resume_from = self._resume_point()
+        # Resumed weights (d2t/t2d included) go into the plain module before any wrapper shards it.
         if resume_from is not None:
             self.draft.load_weights(resume_from / "model.safetensors")
         self.draft.to(env.device)
