@@ -10,8 +10,9 @@ ServiceAccount of the namespace. The operator refuses a CR that names one outsid
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from specops.config import ConfigError
 from specops_operator.api import PodSettings, Resource, SpeculatorTraining
@@ -67,34 +68,33 @@ def _pods(cr: Resource) -> Iterator[tuple[str, PodSettings]]:
         yield "spec.dataGen.pod", cr.spec.data_gen.pod
 
 
+PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+
+
+def _json_list(
+    raw: str | None, option: str, item_ok: Callable[[Any], bool], expected: str
+) -> tuple[Any, ...]:
+    """A JSON list setting of the operator (empty or unset: none); one-line error naming `option`."""
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(item_ok(v) for v in value):
+        raise ConfigError(f"{option}: expected a JSON list of {expected}, got {raw!r:.200}")
+    return tuple(value)
+
+
 def _strings(raw: str | None, option: str) -> tuple[str, ...]:
-    if not raw:
-        return ()
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{option}: expected a JSON list of non-empty strings, got {raw!r:.200}")
-    return tuple(value)
+    return _json_list(raw, option, lambda v: isinstance(v, str) and bool(v), "non-empty strings")
 
 
-def parse_peers(raw: str | None, option: str) -> tuple[dict[str, object], ...]:
+def parse_peers(raw: str | None, option: str) -> tuple[dict[str, Any], ...]:
     """NetworkPolicy peers (`podSelector` / `namespaceSelector` / `ipBlock` objects) as JSON."""
-    if not raw:
-        return ()
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    keys = {"podSelector", "namespaceSelector", "ipBlock"}
-    if not isinstance(value, list) or not all(_peer(v, keys) for v in value):
-        raise ConfigError(
-            f"{option}: expected a JSON list of NetworkPolicy peers (objects with {', '.join(sorted(keys))}), "
-            f"got {raw!r:.200}"
-        )
-    return tuple(value)
-
-
-def _peer(value: object, keys: Sequence[str] | set[str]) -> bool:
-    return isinstance(value, dict) and bool(value) and set(value) <= set(keys)
+    return _json_list(
+        raw,
+        option,
+        lambda v: isinstance(v, dict) and bool(v) and set(v) <= PEER_KEYS,
+        f"NetworkPolicy peers (objects with {', '.join(sorted(PEER_KEYS))})",
+    )

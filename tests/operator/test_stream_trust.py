@@ -286,3 +286,24 @@ async def test_images_and_accounts_inside_the_allow_list_run(api: Api, operator:
 )
 def test_image_prefixes_match_at_path_boundaries(image: str, prefix: str, allowed: bool) -> None:
     assert image_allowed(image, prefix) is allowed
+
+
+@pytest.mark.parametrize(
+    ("images", "accounts", "peers", "option"),
+    [
+        ("ghcr.io/acme/", None, None, "--allowed-images"),
+        ('[""]', None, None, "--allowed-images"),
+        (None, '{"a": 1}', None, "--allowed-service-accounts"),
+        (None, None, '[{"from": "anywhere"}]', "--stream-metrics-from"),
+        (None, None, "[{}]", "--stream-metrics-from"),
+    ],
+)
+def test_bad_operator_settings_name_the_option(
+    images: str | None, accounts: str | None, peers: str | None, option: str
+) -> None:
+    from specops.config import ConfigError
+    from specops_operator.trust import parse_peers
+
+    with pytest.raises(ConfigError, match=f"^{option}: expected a JSON list"):
+        AllowList.parse(images, accounts)
+        parse_peers(peers, "--stream-metrics-from")
