@@ -273,7 +273,14 @@ def ensure_stream_keys(kube: Kube, cr: SpeculatorDataGen) -> None:
     """The stream's CURVE key Secret: created once with fresh keys; an existing one is only checked
     (never re-keyed, as running pods hold the keys they mounted). Keys are never logged."""
     owner = Owner.of(cr)
-    if ensure(kube, stream.key_secret(owner), owner.uid, fresh=False, create=False) is None:
+    identity = stream.key_secret(owner)
+    try:
+        found = ensure(kube, identity, owner.uid, fresh=False, create=False)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        raise _refused(exc, "get", identity) from None  # RBAC without Secrets (an older chart)
+    if found is None:
         ensure(kube, stream.key_secret(owner, stream_keys.generate()), owner.uid, fresh=True)
 
 

@@ -211,6 +211,31 @@ async def test_offline_data_has_no_stream_secret_or_policy(api: Api, operator: R
     assert api.children("Secret") == [] and api.children("NetworkPolicy") == []
 
 
+async def test_rbac_without_secrets_stalls_forbidden_naming_the_secret(api: Api, operator: Runner) -> None:
+    """An operator upgraded without the chart's new grant: Stalled with the server's answer, no
+    broker or generators (they could not start without their keys), not an endless retry."""
+
+    def secret_get(request: kmock.Request) -> bool:
+        return (
+            request.method == kmock.method.GET
+            and request.resource is not None
+            and request.resource.plural == "secrets"
+        )
+
+    (
+        api.server[secret_get]
+        << 403
+        << {"kind": "Status", "reason": "Forbidden", "message": "secrets is forbidden"}
+    )
+    await operator()
+    await api.create(example("datagen-online.yaml"))
+    stalled = await api.until(lambda: _stalled(api, DG, ONLINE), what="Stalled")
+    assert stalled["reason"] == "Forbidden"
+    assert stalled["message"].startswith(f"get Secret ml/{KEYS}: 403 Forbidden: secrets is forbidden")
+    await asyncio.sleep(0.6)  # refreshes keep it so
+    assert api.children("StatefulSet") == [] and api.children("Job") == []
+
+
 # --------------------------------------------------------------------------- allow-list
 
 ALLOW = AllowList(images=("registry.example/ml/",), service_accounts=("specops-workload",))
