@@ -49,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("SPECOPS_METRICS_PORT", "0")),
         help="port of the Prometheus /metrics endpoint (default 0: none; the chart sets 8081)",
     )
+    run.add_argument(
+        "--allowed-images",
+        default=os.environ.get("SPECOPS_ALLOWED_IMAGES"),
+        help="JSON list of image prefixes CRs may name in pod.image, e.g. '[\"ghcr.io/acme/\"]' "
+        "(env SPECOPS_ALLOWED_IMAGES; default: any image)",
+    )
+    run.add_argument(
+        "--allowed-service-accounts",
+        default=os.environ.get("SPECOPS_ALLOWED_SERVICE_ACCOUNTS"),
+        help="JSON list of ServiceAccounts CRs may name in pod.serviceAccountName "
+        "(env SPECOPS_ALLOWED_SERVICE_ACCOUNTS; default: any)",
+    )
+    run.add_argument(
+        "--stream-metrics-from",
+        default=os.environ.get("SPECOPS_STREAM_METRICS_FROM"),
+        help="JSON list of NetworkPolicy peers that may scrape stream brokers' metrics port "
+        "(env SPECOPS_STREAM_METRICS_FROM; default: none)",
+    )
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -56,15 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
 def run_operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from specops_operator.builders.common import Defaults
+    from specops.config import ConfigError
+    from specops_operator.builders.common import DEFAULT_IMAGE, Defaults
     from specops_operator.handlers import Context, configure, register
+    from specops_operator.trust import AllowList, parse_peers
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    defaults = Defaults(image=args.workload_image) if args.workload_image else Defaults()
-    ctx = Context(defaults=defaults, interval=args.refresh_interval)
+    try:
+        allow = AllowList.parse(args.allowed_images, args.allowed_service_accounts)
+        metrics_from = parse_peers(args.stream_metrics_from, "--stream-metrics-from")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    defaults = Defaults(image=args.workload_image or DEFAULT_IMAGE, metrics_from=metrics_from)
+    ctx = Context(defaults=defaults, allow=allow, interval=args.refresh_interval)
     if args.metrics_port:
         ctx.metrics.serve(args.metrics_port)
     registry = kopf.OperatorRegistry()

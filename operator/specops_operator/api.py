@@ -111,9 +111,21 @@ Volume = Annotated[
 
 WORKLOAD_UID = 1000
 """uid and gid of workload pods unless a spec overrides them (the workload image's user)."""
-RESERVED_VOLUMES = ("config", "data", "output", "state", "tmp", "cache", "dshm")
+STREAM_KEYS_VOLUME = "stream-keys"
+STREAM_KEYS_DIR = "/var/run/specops/stream-keys"
+"""Where a stream's pods mount their role's CURVE keys (operator-made Secret `<name>-stream-keys`)."""
+RESERVED_VOLUMES = ("config", "data", "output", "state", "tmp", "cache", "dshm", STREAM_KEYS_VOLUME)
 """Volume names the operator gives its own volumes."""
-RESERVED_PATHS = ("/etc/specops", "/data", "/output", "/state", "/tmp", "/cache", "/dev/shm")
+RESERVED_PATHS = (
+    "/etc/specops",
+    "/data",
+    "/output",
+    "/state",
+    "/tmp",
+    "/cache",
+    "/dev/shm",
+    STREAM_KEYS_DIR,
+)
 """Mount paths of those volumes."""
 
 
@@ -475,6 +487,11 @@ class BrokerSpec(Checked):
         default_factory=lambda: Resources(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
     )
     """Broker container resources; memory must exceed sync.maxBrokerBytes."""
+    curve: bool = True
+    """Encrypt and authenticate the stream with ZeroMQ CURVE: the operator generates a broker, a
+    producer and a consumer key pair into the Secret `<name>-stream-keys` and mounts into each pod
+    only its own role's keys. false = plaintext, for a network you trust (the NetworkPolicy is still
+    rendered, but many CNIs do not enforce it)."""
 
     cel_rules = (
         Rule(

@@ -20,7 +20,7 @@ from typing import Any, cast
 import kopf
 
 from specops.config import ConfigError
-from specops_operator import API_VERSION, GROUP, PREFIX, VERSION
+from specops_operator import API_VERSION, GROUP, PREFIX, VERSION, stream_keys
 from specops_operator.api import (
     DATAGEN_KIND,
     TRAINING_KIND,
@@ -29,6 +29,7 @@ from specops_operator.api import (
     immutable_changes,
     parse_resource,
 )
+from specops_operator.builders import stream
 from specops_operator.builders.common import (
     COMPONENT_LABEL,
     INSTANCE_LABEL,
@@ -36,6 +37,7 @@ from specops_operator.builders.common import (
     KUEUE_QUEUE_LABEL,
     Defaults,
     Manifest,
+    Owner,
 )
 from specops_operator.builders.datagen import GENERATOR, DataGenNames, build_datagen
 from specops_operator.builders.drift import (
@@ -74,6 +76,7 @@ from specops_operator.status import (
     training_status,
     waiting_status,
 )
+from specops_operator.trust import AllowList
 from specops_operator.validation import check_datagen, check_training
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,11 @@ CHILD_KINDS = (
     ("v1", "PersistentVolumeClaim"),
     (API_VERSION, DATAGEN_KIND),
 )
-"""Every kind the operator creates; what `delete` cleans up (RBAC mirrors this list)."""
+"""Every kind the operator creates and lists; what `delete` cleans up (RBAC mirrors this list)."""
+COLLECTED_KINDS = (("v1", "Secret"), ("networking.k8s.io/v1", "NetworkPolicy"))
+"""Kinds the operator only creates and reads (a stream's key Secret and NetworkPolicy): never
+listed, patched or deleted by it, so it needs no broader right on Secrets; the garbage collector
+removes them with their owner."""
 KUEUE_WORKLOAD = ("kueue.x-k8s.io/v1beta1", "Workload")
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 """The label Kueue puts on the Workload it creates for a Job."""
@@ -101,6 +108,8 @@ class Context:
 
     kube: Kube | None = None
     defaults: Defaults = field(default_factory=Defaults)
+    allow: AllowList = field(default_factory=AllowList)
+    """Images and ServiceAccounts CRs may name (empty: any)."""
     interval: float = 30.0
     """Seconds between level-based status refreshes of each resource."""
     backoff: float = 10.0
@@ -260,6 +269,21 @@ def _claim_found(kube: Kube, namespace: str, claim: str | None) -> bool | None:
     return kube.get("v1", "PersistentVolumeClaim", namespace, claim) is not None
 
 
+def ensure_stream_keys(kube: Kube, cr: SpeculatorDataGen) -> None:
+    """The stream's CURVE key Secret: created once with fresh keys; an existing one is only checked
+    (never re-keyed, as running pods hold the keys they mounted). Keys are never logged."""
+    owner = Owner.of(cr)
+    identity = stream.key_secret(owner)
+    try:
+        found = ensure(kube, identity, owner.uid, fresh=False, create=False)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        raise _refused(exc, "get", identity) from None  # RBAC without Secrets (an older chart)
+    if found is None:
+        ensure(kube, stream.key_secret(owner, stream_keys.generate()), owner.uid, fresh=True)
+
+
 def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now: str) -> Manifest:
     kube = ctx.api
     meta = cr.metadata
@@ -274,6 +298,8 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         children = build_datagen(cr, ctx.defaults)
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
+    if stream.curve_on(cr.spec):
+        ensure_stream_keys(kube, cr)
     existing = ensure_all(kube, children, meta.uid, prior)
     job = existing.get(("Job", names.job))
     if job is not None and KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
@@ -445,6 +471,9 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
             if changed:
                 raise Stall("ImmutableFieldChanged", "; ".join(changed))
         cr = parse_resource(body, f"{body['kind']} {meta.get('name')}")
+        refused = ctx.allow.refusals(cr)
+        if refused:
+            raise Stall("NotAllowed", "; ".join(refused))
         if isinstance(cr, SpeculatorDataGen):
             status = reconcile_datagen(cr, prior, ctx, now)
         else:

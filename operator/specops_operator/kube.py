@@ -26,6 +26,8 @@ PLURALS: dict[str, str] = {
     "SpeculatorTraining": "speculatortrainings",
     "Event": "events",
     "Workload": "workloads",
+    "Secret": "secrets",
+    "NetworkPolicy": "networkpolicies",
 }
 
 

@@ -74,10 +74,16 @@ def owner_references(kube: Kube, api_version: str, kind: str, ns: str, name: str
 def exercise(plane: ControlPlane, kubelet: FakeKubelet, ns: str) -> None:
     """Every kind of work the operator does: create, read, patch, adopt, suspend, delete."""
     kube = plane.kube()
-    # Online generation: ConfigMap, broker StatefulSet + Service, generator Job; a training on it.
+    # Online generation: ConfigMap, CURVE key Secret, broker StatefulSet + Service + NetworkPolicy,
+    # generator Job; a training on it.
     plane.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" / "datagen-online.yaml"))
     online = "llama32-1b-online"
     until(lambda: kube.get("apps/v1", "StatefulSet", ns, f"{online}-broker"), what="broker StatefulSet")
+    until(lambda: kube.get("v1", "Secret", ns, f"{online}-stream-keys"), what="stream key Secret")
+    until(
+        lambda: kube.get("networking.k8s.io/v1", "NetworkPolicy", ns, f"{online}-broker"),
+        what="NetworkPolicy",
+    )
     until(lambda: kube.get("v1", "PersistentVolumeClaim", ns, f"{online}-output"), what="training output PVC")
     # Adoption: children that lost their ownerReference are patched back.
     for api_version, kind, child in (
@@ -173,10 +179,13 @@ def test_helm_install_least_privilege_and_uninstall(
     kubeconfig = plane.kubeconfig_for("specops-operator", service_account_token(plane, release_ns, "specops"))
     whoami = plane.kubectl("auth", "can-i", "create", "jobs", "--all-namespaces", kubeconfig=kubeconfig)
     assert whoami.stdout.strip() == "yes"
-    denied = plane.kubectl(
-        "auth", "can-i", "get", "secrets", "-n", release_ns, kubeconfig=kubeconfig, check=False
-    )
-    assert denied.stdout.strip() == "no"
+    # Secrets: a stream's key Secret is created and read back by name; no Secret is listed,
+    # watched, changed or deleted by the operator.
+    for verb in ("list", "watch", "patch", "update", "delete"):
+        denied = plane.kubectl(
+            "auth", "can-i", verb, "secrets", "-n", release_ns, kubeconfig=kubeconfig, check=False
+        )
+        assert denied.stdout.strip() == "no", verb
 
     ns = plane.namespace("ml")
     running = OperatorProcess(kubeconfig, tmp_path / "operator.log").start()

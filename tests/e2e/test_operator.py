@@ -230,9 +230,19 @@ def test_deleting_a_resource_garbage_collects_its_children(
     }
     until(lambda: expected <= set(children(kube, ns, name, DATAGEN)), what=f"children {expected}")
     until(lambda: pods_of(kube, ns, name, DATAGEN), what="broker and generator pods")
+    # Made and read only (never listed or deleted by the operator): the garbage collector takes them.
+    collected = [
+        ("v1", "Secret", f"{name}-stream-keys"),
+        ("networking.k8s.io/v1", "NetworkPolicy", f"{name}-broker"),
+    ]
+    assert all(kube.get(api_version, kind, ns, child) for api_version, kind, child in collected)
     plane.kubectl("delete", "-n", ns, f"speculatordatagen/{name}", "--timeout=30s")
     until(lambda: not children(kube, ns, name, DATAGEN), what="children deleted")
     until(lambda: not pods_of(kube, ns, name, DATAGEN), what="their pods deleted")
+    until(
+        lambda: not any(kube.get(api_version, kind, ns, child) for api_version, kind, child in collected),
+        what="key Secret and NetworkPolicy collected",
+    )
 
     operator.stop()
     datagen = small_datagen("orphan-check")

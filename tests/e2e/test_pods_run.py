@@ -9,9 +9,11 @@ the way they would on a cluster. Assertions read what the pods produced, not onl
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from safetensors import safe_open
 from specops.testing.hub import FakeHub
 from specops.testing.tiny import tiny_verifier
 from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.stream import Role
 from specops_operator.builders.training import TrainingNames
 
 pytestmark = pytest.mark.e2e
@@ -208,6 +211,48 @@ def broker_metrics(url: str) -> dict[str, float]:
     return out
 
 
+def handshake(endpoint: str, keys: Any, timeout: float = 10.0) -> bool:
+    """Whether a ZeroMQ client with `keys` (None: plaintext) completes the handshake with
+    `endpoint`, read from the socket's monitor events; the client sends no message."""
+    import zmq
+    import zmq.utils.monitor
+
+    from specops.stores.wire import secure_client
+
+    failed = (
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    secure_client(sock, keys)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | failed)
+    sock.connect(endpoint)
+    try:
+        assert monitor.poll(int(timeout * 1000)), f"no handshake with {endpoint}"
+        event = zmq.utils.monitor.recv_monitor_message(monitor)
+        return bool(event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+
+
+def stream_keys_of(plane: ControlPlane, ns: str, gen: DataGenNames, role: Role, directory: Path) -> Any:
+    """`role`'s keys as its pods mount them: the items of the operator's Secret that role gets."""
+    from specops.stores.wire import client_keys
+    from specops_operator.builders.stream import KEY_FILES, secret_name
+
+    secret = plane.kube().get("v1", "Secret", ns, secret_name(gen.name))
+    assert secret is not None, "the operator made no key Secret for the stream"
+    directory.mkdir()
+    for key in KEY_FILES[role]:
+        (directory / key).write_bytes(base64.b64decode(secret["data"][key]))
+    return client_keys(directory, role)
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["relay", "direct"])
 def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     control_plane: ControlPlane,
@@ -216,9 +261,11 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     pods_ns: str,
     hub: FakeHub,
     direct: bool,
+    tmp_path: Path,
 ) -> None:
     """examples/datagen-online.yaml: broker StatefulSet + Service, 2 generators, a 2-rank training
-    whose examples come through the broker (relay) or straight from the generators (direct).
+    whose examples come through the broker (relay) or straight from the generators (direct), every
+    connection (direct ones too) under CURVE with the keys of the operator-made Secret.
 
     The draft vocabulary is reduced as in the example (32000 of 128256, so a quarter of the tiny
     578): it used to fail at trainer start, as streams carry no token counts; now each rank's first
@@ -272,6 +319,21 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     assert counters.get("specops_stream_duplicate_examples_total", 0) == 0
     relayed = counters["specops_stream_in_examples_total"]  # example bytes that passed the broker
     assert relayed < written if direct else relayed == written, counters
+    # The broker only speaks CURVE, and only to the keys of the operator's Secret: the producers'
+    # (as mounted) complete a handshake, a plaintext client and a stranger's key pair do not.
+    import zmq
+
+    from specops.stores.wire import CurveKeys
+
+    endpoint = f"tcp://{broker.ip}:{datagen['spec']['broker'].get('port', 5555)}"
+    producer = stream_keys_of(plane, ns, gen, "producer", tmp_path / "producer")
+    assert handshake(endpoint, producer)
+    assert not handshake(endpoint, None)
+    public, secret = zmq.curve_keypair()
+    assert not handshake(
+        endpoint, CurveKeys(public=public, secret=secret, server_public=producer.server_public)
+    )
+    assert "CURVE" in executor.log(ns, f"{gen.broker}-")
     trainer_logs = executor.log(ns, f"{TrainingNames(name, ns).job}-")
     assert "rank 1 of world size 2" in trainer_logs and "the stream ended after" in trainer_logs
     chosen = {

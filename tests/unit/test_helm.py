@@ -39,6 +39,18 @@ CASES: dict[str, Obj] = {
         "watchNamespaces": ["ml"],
         "metrics": {"podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
     },
+    "trust": {
+        "allowList": {
+            "images": ["registry.example/ml/", "ghcr.io/specops/workload"],
+            "serviceAccountNames": ["trainer"],
+        },
+        "streams": {
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]
+        },
+    },
+    "allow-all": {"allowList": {"images": [], "serviceAccountNames": []}},
 }
 
 
@@ -167,7 +179,10 @@ def test_rbac_verbs_are_enumerated(case: str) -> None:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], f"wildcard in {key}: {rule}"
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-        assert rule["resources"] != ["secrets"], "the operator never reads Secrets"
+        if "secrets" in rule["resources"]:
+            assert rule["resources"] == ["secrets"] and sorted(rule["verbs"]) == ["create", "get"], (
+                "Secrets: only a stream's key Secret is created and read back, never listed or changed"
+            )
 
 
 def granted(rules: list[Obj]) -> set[tuple[str, str, str]]:
@@ -202,6 +217,11 @@ def test_rbac_covers_every_child_kind_the_operator_creates() -> None:
     assert ("", "pods", "list") in grants and ("", "events", "create") in grants
     assert ("", "events", "list") in grants, "a stuck Job's FailedCreate, a claim's ProvisioningFailed"
     assert not {g for g in grants if g[1] == "pods" and g[2] != "list"}, "pods are only read"
+    from specops_operator.handlers import COLLECTED_KINDS
+
+    for api_version, kind in COLLECTED_KINDS:  # made once, read back; the GC deletes them
+        group = api_version.rpartition("/")[0]
+        assert {v for g, r, v in grants if (g, r) == (group, PLURALS[kind])} == {"create", "get"}, kind
 
 
 def test_workload_service_account_has_no_rights_and_no_token() -> None:
@@ -345,6 +365,10 @@ def test_kube_version_is_the_real_minimum() -> None:
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"operator": {"refreshSeconds": 0}}, "refreshSeconds"),
         ({"replicas": 2}, "replicas"),
+        ({"allowList": {"images": [""]}}, "images"),
+        ({"allowList": {"serviceAccountNames": ["Not_An_Account"]}}, "serviceAccountNames"),
+        ({"allowList": {"registries": ["x/"]}}, "registries"),
+        ({"streams": {"metricsFrom": [{"from": "anywhere"}]}}, "metricsFrom"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(values: Obj, field: str) -> None:
@@ -363,3 +387,34 @@ def test_docs_stop_the_installed_operator_before_a_local_one() -> None:
     deployment = one([d for d in yaml.safe_load_all(result.stdout) if d], "Deployment")
     stop = f"kubectl -n specops-system scale deployment/{deployment['metadata']['name']} --replicas=0"
     assert stop in (ROOT / "docs" / "operator.md").read_text()
+
+
+def _operator_env(case: str) -> dict[str, str]:
+    (container,) = one(render(case), "Deployment")["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+@pytest.mark.parametrize(
+    ("case", "images", "accounts", "peers"),
+    [
+        ("defaults", ("ghcr.io/specops/",), ("specops-workload",), ()),
+        (
+            "trust",
+            ("registry.example/ml/", "ghcr.io/specops/workload"),
+            ("trainer",),
+            ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},),
+        ),
+        ("allow-all", (), (), ()),
+    ],
+)
+def test_the_allow_list_reaches_the_operator_as_it_parses_it(
+    case: str, images: tuple[str, ...], accounts: tuple[str, ...], peers: tuple[Obj, ...]
+) -> None:
+    """Secure by default: the chart admits only its own workload images and ServiceAccount; an
+    empty list (an explicit choice) admits any."""
+    from specops_operator.trust import AllowList, parse_peers
+
+    env = _operator_env(case)
+    allow = AllowList.parse(env["SPECOPS_ALLOWED_IMAGES"], env["SPECOPS_ALLOWED_SERVICE_ACCOUNTS"])
+    assert (allow.images, allow.service_accounts) == (images, accounts)
+    assert parse_peers(env["SPECOPS_STREAM_METRICS_FROM"], "metricsFrom") == peers

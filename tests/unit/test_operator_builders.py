@@ -229,7 +229,7 @@ def test_the_broker_takes_the_ids_but_not_the_gpu_knobs() -> None:
     pod = broker["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == 2000 and pod["securityContext"]["fsGroup"] == 4000
     assert "schedulerName" not in pod and "envFrom" not in pod["containers"][0]
-    assert {v["name"] for v in pod["volumes"]} == {"state", "tmp", "cache", "dshm"}
+    assert {v["name"] for v in pod["volumes"]} == {"state", "stream-keys", "tmp", "cache", "dshm"}
 
 
 def test_claim_volumes_say_read_only_only_when_it_is_true() -> None:

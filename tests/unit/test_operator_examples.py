@@ -165,7 +165,13 @@ CROSS_FIELD = [
         "hass-train.yaml",
         0,
         _set("spec.pod.volumes", [{"name": "cache", "emptyDir": {}}]),
-        "pod.volumes: the names config, data, output, state, tmp, cache, dshm are the operator's own",
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, stream-keys are the operator's own",
+    ),
+    (
+        "datagen-online.yaml",
+        0,
+        _set("spec.pod.volumes", [{"name": "stream-keys", "emptyDir": {}}]),
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, stream-keys are the operator's own",
     ),
     (
         "hass-train.yaml",
@@ -174,7 +180,8 @@ CROSS_FIELD = [
             _set("spec.pod.volumes", [{"name": "weights", "emptyDir": {}}])(doc),
             _set("spec.pod.volumeMounts", [{"name": "weights", "mountPath": "/output"}])(doc),
         ),
-        "pod.volumeMounts: the paths /etc/specops, /data, /output, /state, /tmp, /cache, /dev/shm",
+        "pod.volumeMounts: the paths /etc/specops, /data, /output, /state, /tmp, /cache, /dev/shm, "
+        "/var/run/specops/stream-keys",
     ),
     (
         "hass-train.yaml",

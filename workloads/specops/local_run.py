@@ -88,7 +88,9 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
     datagen = pod_datagen.model_copy(
         update={
             "engine": local_engine(pod_datagen.engine, "kind" in datagen_spec.engine.model_fields_set),
-            "sync": pod_datagen.sync.model_copy(update={"kind": "disk", "path": str(out / "data")}),
+            "sync": pod_datagen.sync.model_copy(
+                update={"kind": "disk", "path": str(out / "data"), "curve_key_dir": None}
+            ),
             "run": pod_datagen.run.model_copy(
                 update={
                     "num_workers": datagen_spec.workers,

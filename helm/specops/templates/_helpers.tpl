@@ -79,6 +79,14 @@ unless its creator may update the owner's finalizers.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+{{- /* A stream's CURVE key Secret and its broker's NetworkPolicy: made once, read back to check
+  ownership, never listed, patched or deleted (the garbage collector removes them with their owner). */}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,6 +42,9 @@ class Defaults:
 
     image: str = DEFAULT_IMAGE
     """Workload image used when a CR names none."""
+    metrics_from: tuple[Manifest, ...] = ()
+    """NetworkPolicy peers admitted to a stream broker's metrics port (where Prometheus runs);
+    none: the port is closed to every other pod."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ class PodParts:
     subdomain: str | None = None
     restart_policy: str = "Never"
     readiness: Manifest | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    """Extra pod labels (a stream's pods carry its name and their role)."""
 
 
 def pod_template(owner: Owner, pod: PodSettings, defaults: Defaults, parts: PodParts) -> Manifest:
@@ -266,7 +271,7 @@ def pod_template(owner: Owner, pod: PodSettings, defaults: Defaults, parts: PodP
         "topologySpreadConstraints": pod.topology_spread_constraints,
     }
     spec.update({k: v for k, v in optional.items() if v})
-    template_meta: Manifest = {"labels": labels(owner, parts.component)}
+    template_meta: Manifest = {"labels": {**parts.labels, **labels(owner, parts.component)}}
     if pod.annotations:
         template_meta["annotations"] = dict(pod.annotations)
     return {"metadata": template_meta, "spec": spec}

@@ -11,7 +11,7 @@ from typing import Any
 
 from specops.config import DataGenConfig, dump_config, load_config
 from specops_operator.api import PodSettings, SpeculatorDataGen, SpeculatorDataGenSpec
-from specops_operator.builders import common
+from specops_operator.builders import common, stream
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 
 GENERATOR = "generator"
@@ -58,14 +58,16 @@ def workload_fields(spec: SpeculatorDataGenSpec) -> dict[str, Any]:
 def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenConfig:
     """The DataGenConfig every generator pod reads; raises ConfigError naming the field."""
     sync: dict[str, Any] = spec.sync.model_dump(mode="json")
+    keys = stream.access(names.name, spec, "producer")
     if spec.mode == "offline":
         sync.update(kind="disk", path=common.SHARDS_DIR)
     else:
-        sync.update(kind="zmq", url=names.broker_url(spec))
+        sync.update(kind="zmq", url=names.broker_url(spec), **keys.settings)
+    roots = [*common.ALLOWED_ROOTS, *keys.roots]
     data = {
         **workload_fields(spec),
         "sync": sync,
-        "run": {"num_workers": 1, "num_shards": spec.shards, "allowed_roots": common.ALLOWED_ROOTS},
+        "run": {"num_workers": 1, "num_shards": spec.shards, "allowed_roots": roots},
     }
     return load_config(DataGenConfig, data)
 
@@ -73,7 +75,8 @@ def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenCo
 def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults) -> Manifest:
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
-    volumes, mounts = [config_volume], [config_mount]
+    keys = stream.access(names.name, spec, "producer")
+    volumes, mounts = [config_volume, *keys.volumes], [config_mount, *keys.mounts]
     if spec.mode == "offline":
         data_volume, data_mount = common.claim_volume("data", names.claim_for(spec), common.DATA_ROOT)
         volumes.append(data_volume)
@@ -92,6 +95,7 @@ def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, def
         volumes=volumes,
         mounts=mounts,
         resources=spec.pod.resources,
+        labels=keys.labels,
     )
     return common.job(
         owner,
@@ -128,6 +132,7 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
         {"name": "zmq", "containerPort": spec.broker.port, "protocol": "TCP"},
         {"name": "metrics", "containerPort": spec.broker.metrics_port, "protocol": "TCP"},
     )
+    keys = stream.access(names.name, spec, "broker")
     parts = PodParts(
         component=BROKER,
         args=[
@@ -143,11 +148,12 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
             BROKER_STATE,
             "--allowed-root",
             BROKER_STATE,
+            *keys.args,
         ],
         env=[],
         # The journal outlives container restarts, so a restarted broker continues the stream.
-        volumes=[{"name": "state", "emptyDir": {"sizeLimit": "1Gi"}}],
-        mounts=[{"name": "state", "mountPath": BROKER_STATE}],
+        volumes=[{"name": "state", "emptyDir": {"sizeLimit": "1Gi"}}, *keys.volumes],
+        mounts=[{"name": "state", "mountPath": BROKER_STATE}, *keys.mounts],
         resources=spec.broker.resources,
         report=False,
         ports=ports,
@@ -184,7 +190,7 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
             ],
         },
     }
-    return [statefulset, service]
+    return [statefulset, service, stream.network_policy(owner, spec, selector, defaults.metrics_from)]
 
 
 def build_datagen(cr: SpeculatorDataGen, defaults: Defaults) -> list[Manifest]:

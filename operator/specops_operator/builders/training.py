@@ -21,7 +21,7 @@ from specops_operator.api import (
     SpeculatorTrainingSpec,
     VerifierConfig,
 )
-from specops_operator.builders import common
+from specops_operator.builders import common, stream
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 from specops_operator.builders.datagen import DataGenNames
 from specops_operator.conditions import is_true
@@ -106,6 +106,11 @@ class DataSource:
     def url(self) -> str:
         return self.names.broker_url(self.spec)
 
+    @property
+    def access(self) -> stream.StreamAccess:
+        """What a consumer of this data needs to reach its stream (nothing for offline data)."""
+        return stream.access(self.names.name, self.spec, "consumer")
+
     @classmethod
     def of(cls, obj: dict[str, Any]) -> DataSource:
         """From a SpeculatorDataGen object read from the API server (spec already validated there)."""
@@ -122,16 +127,17 @@ def render_config(spec: SpeculatorTrainingSpec, data: DataSource) -> TrainConfig
     """The TrainConfig every trainer rank reads; raises ConfigError naming the field."""
     fields = (set(TrainConfig.model_fields) & set(type(spec).model_fields)) - {"verifier", "data"}
     source: dict[str, Any] = spec.data.model_dump(mode="json")
+    keys = data.access
     if data.spec.mode == "offline":
         source.update(kind="disk", path=common.SHARDS_DIR)
     else:
-        source.update(kind="zmq", url=data.url)
+        source.update(kind="zmq", url=data.url, **keys.settings)
     config = {
         **spec.model_dump(mode="json", include=fields, exclude_none=True),
         "verifier": verifier_of(spec, data).model_dump(mode="json", exclude_none=True),
         "data": source,
         "output_dir": common.OUTPUT_ROOT,
-        "allowed_roots": common.ALLOWED_ROOTS,
+        "allowed_roots": [*common.ALLOWED_ROOTS, *keys.roots],
         "device": "auto",
         "resume": "auto",
         "metrics": {"port": METRICS_PORT},  # bound to the pod's IP by the container's args
@@ -161,6 +167,7 @@ def _trainer_job(
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
     volumes, mounts = _volumes(spec, names, data)
+    keys = data.access
     rendezvous = [
         ("PET_NNODES", str(spec.nodes)),
         ("PET_NPROC_PER_NODE", str(procs_per_node(spec))),
@@ -181,14 +188,15 @@ def _trainer_job(
             common.index_env("PET_NODE_RANK"),
             *({"name": k, "value": v} for k, v in rendezvous),
         ],
-        volumes=[config_volume, *volumes],
-        mounts=[config_mount, *mounts],
+        volumes=[config_volume, *volumes, *keys.volumes],
+        mounts=[config_mount, *mounts, *keys.mounts],
         resources=spec.pod.resources,
         ports=(
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ),
         subdomain=names.service,
+        labels=keys.labels,
     )
     return common.job(
         owner,

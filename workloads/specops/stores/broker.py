@@ -311,11 +311,14 @@ class Broker:
             config.metrics_port, [self.stats], config.metrics_host
         )
         log.info(
-            "broker %s on %s: max %d MiB held, state %s",
+            "broker %s on %s: max %d MiB held, state %s, %s",
             self.instance[:8],
             self.endpoint,
             config.max_bytes >> 20,
             config.state_dir or "in memory only (a restart starts a new stream)",
+            "plaintext (no CURVE)"
+            if config.curve is None
+            else f"CURVE required (client keys in {config.curve.directory})",
         )
 
     def _start_auth(self, keys: CurveKeys) -> None:
