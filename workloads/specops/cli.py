@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "Train an EAGLE-3 or HASS speculator.",
     "evaluate": "Measure acceptance length of a speculator against its verifier.",
     "convert": "Import research checkpoints or upstream data into SpecOps formats.",
+    "fetch-verifier": "Download a Hub verifier once into a shared model cache (spec.modelCache).",
     "run": "Execute a SpeculatorTraining YAML locally (the same file kubectl takes).",
     "crds": "Write the CustomResourceDefinitions generated from the API models.",
 }
