@@ -164,7 +164,7 @@ CROSS_FIELD = [
         "hass-train.yaml",
         0,
         _set("spec.pod.volumes", [{"name": "cache", "emptyDir": {}}]),
-        "pod.volumes: the names config, data, output, state, tmp, cache, dshm are the operator's own",
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, model-cache are the operator's",
     ),
     (
         "hass-train.yaml",
@@ -180,6 +180,63 @@ CROSS_FIELD = [
         0,
         _set("spec.pod.envFrom", [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]),
         "envFrom needs exactly one of secretRef or configMapRef",
+    ),
+    (
+        "datagen-offline.yaml",  # 2 workers
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadWriteOnce"]}),
+        "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when spec.workers > 1",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadOnlyMany"]}),
+        "modelCache.accessModes: a new claim needs a writable mode",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "existingClaim": "models"}),
+        "exactly one of size (a new claim) or existingClaim",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"existingClaim": "models"})(doc),
+            _set("spec.verifier.nameOrPath", "/weights/qwen3-8b")(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.dataGen.modelCache", {"size": "40Gi"}),
+        "spec.dataGen.modelCache: set spec.modelCache instead",
+    ),
+    (
+        "eagle3-train.yaml",  # 4 generator pods read it at once
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadWriteOnce"]}),
+        "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when several pods read it",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"size": "40Gi"})(doc),
+            _set("spec.dataGen.verifier.ggufFile", "model.Q4.gguf")(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.dataGen.verifier.nameOrPath must be a Hub id",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"size": "40Gi"})(doc),
+            _set("spec.verifier", {"nameOrPath": "./weights"})(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
     ),
 ]
 

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+"""A Hub model id (`org/name`); RE2-compatible, so the CRD's CEL rules use it too."""
+_HF_ID = re.compile(HUB_ID_PATTERN)
 FIELD = "verifier.name_or_path"
 
 
