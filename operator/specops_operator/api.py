@@ -482,8 +482,11 @@ def hub_verifier_rule(path: str, verifier: Callable[[Any], VerifierConfig | None
     """`spec.modelCache` needs a Hub verifier (at `path`, when set): local paths and GGUF files are
     not downloaded, so there is nothing to cache."""
     cel = f"self.{path}"
+    parts = path.split(".")
+    # has() of a nested field errors when a parent is absent: guard each level.
+    absent = " || ".join(f"!has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
     return Rule(
-        f"!has(self.modelCache) || !has({cel}) || "
+        f"!has(self.modelCache) || {absent} || "
         f"({cel}.nameOrPath.matches('{HUB_ID_PATTERN}') && !has({cel}.ggufFile))",
         f"spec.modelCache holds Hub models only: spec.{path}.nameOrPath must be a Hub id (org/name), "
         "without ggufFile",
