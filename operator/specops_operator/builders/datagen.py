@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specops.config import DataGenConfig, dump_config, load_config
-from specops_operator.api import DATAGEN_KIND, PodSettings, SpeculatorDataGen, SpeculatorDataGenSpec
+from specops_operator.api import DATAGEN_KIND, SpeculatorDataGen, SpeculatorDataGenSpec
 from specops_operator.builders import common
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 from specops_operator.builders.modelcache import CacheNames, ModelCache, build_cache, reader_parts
@@ -119,21 +119,6 @@ def _generator_job(
     )
 
 
-def _broker_pod(spec: SpeculatorDataGenSpec) -> PodSettings:
-    """The generators' image, pull settings and ids, but none of their (GPU) scheduling or volumes."""
-    return PodSettings(
-        image=spec.pod.image,
-        image_pull_policy=spec.pod.image_pull_policy,
-        image_pull_secrets=spec.pod.image_pull_secrets,
-        service_account_name=spec.pod.service_account_name,
-        priority_class_name=spec.pod.priority_class_name,
-        run_as_user=spec.pod.run_as_user,
-        run_as_group=spec.pod.run_as_group,
-        fs_group=spec.pod.fs_group,
-        fs_group_change_policy=spec.pod.fs_group_change_policy,
-    )
-
-
 def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults) -> list[Manifest]:
     spec = cr.spec
     ports = (
@@ -176,7 +161,7 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
             "replicas": 0 if spec.suspend else 1,
             "serviceName": names.broker,
             "selector": {"matchLabels": selector},
-            "template": common.pod_template(owner, _broker_pod(spec), defaults, parts),
+            "template": common.pod_template(owner, common.support_pod(spec.pod), defaults, parts),
         },
     }
     service = {

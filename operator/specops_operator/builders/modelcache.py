@@ -67,23 +67,10 @@ def reader_parts(cache: ModelCache | None) -> tuple[list[Manifest], list[Manifes
 
 
 def _fetch_pod(pod: PodSettings) -> PodSettings:
-    """The readers' image, pull settings, ids and env (HF_TOKEN, HF_ENDPOINT) without their GPUs,
-    scheduling or extra volumes: the download needs the network and the claim only."""
-    return PodSettings(
-        image=pod.image,
-        image_pull_policy=pod.image_pull_policy,
-        image_pull_secrets=pod.image_pull_secrets,
-        service_account_name=pod.service_account_name,
-        priority_class_name=pod.priority_class_name,
-        env=pod.env,
-        env_from=pod.env_from,
-        run_as_user=pod.run_as_user,
-        run_as_group=pod.run_as_group,
-        fs_group=pod.fs_group,
-        fs_group_change_policy=pod.fs_group_change_policy,
-        cache_size="1Gi",
-        shm_size="64Mi",
-    )
+    """A helper pod with the readers' env (HF_TOKEN, HF_ENDPOINT): the download needs the network
+    and the claim only, no GPU, and little scratch space (it writes into the claim)."""
+    update = {"env": pod.env, "env_from": pod.env_from, "cache_size": "1Gi", "shm_size": "64Mi"}
+    return common.support_pod(pod).model_copy(update=update)
 
 
 def fetch_args(verifier: VerifierConfig) -> list[str]:
