@@ -348,3 +348,13 @@ def test_mutable_fields_may_change(example: str, change: Callable[[Doc], None]) 
     change(new)
     assert server_errors(new, old) == []
     assert immutable_changes(old["spec"], new["spec"], old["kind"]) == []
+
+
+def test_a_model_cache_several_nodes_read_may_be_read_only_many_beside_a_writable_mode() -> None:
+    """ReadWriteOnce + ReadOnlyMany: the download Job writes it on one node, then the readers (all
+    mounting it read-only) attach it on many, as the attach/detach controller allows."""
+    doc = _example("datagen-offline.yaml")  # 2 workers
+    doc["spec"]["modelCache"] = {"size": "40Gi", "accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}
+    assert server_errors(doc) == []
+    cr = parse_resource(doc)
+    assert cr.spec.model_cache is not None and cr.spec.model_cache.shared()
