@@ -217,3 +217,36 @@ async def test_a_model_cache_smaller_than_the_weights_stalls_before_any_child(
     message = _ready(api, DG, OFFLINE)["message"]
     assert "spec.modelCache.size 10Gi is smaller than Qwen/Qwen3-8B's weights" in message, message
     assert _job(api, FETCH) is None and api.get("v1", "PersistentVolumeClaim", "ml", CLAIM) is None
+
+
+async def test_a_failed_download_of_an_inline_data_generation_reaches_the_trainings_status(
+    api: Api, operator: Runner
+) -> None:
+    await operator()
+    cr = example("eagle3-train.yaml")
+    cr["spec"]["modelCache"] = {"size": "40Gi"}
+    await api.create(cr)
+    child_fetch = f"{CHILD}-gen-fetch"
+    await api.until(lambda: _job(api, child_fetch), what="the child's download Job")
+    error = "specops fetch-verifier: error: verifier.name_or_path: 'meta-llama/Llama-3.1-8B-Instruct': no such revision"
+    await api.create(fake_pod(CHILD, "SpeculatorDataGen", "fetcher", 0, exit_code=2, message=error))
+    await api.patch(
+        "batch/v1",
+        "Job",
+        "ml",
+        child_fetch,
+        job_failed("PodFailurePolicy", "Container workload exited 2"),
+        "status",
+    )
+    await api.until(
+        lambda: _conditions(api.get(*TR, "ml", TRAINING)).get("Failed", {}).get("status") == "True",
+        what="the training Failed",
+    )
+    conditions = _conditions(api.get(*TR, "ml", TRAINING))
+    assert conditions["Failed"]["reason"] == "DataGenFailed"
+    assert (
+        "DownloadFailed" in conditions["Failed"]["message"]
+        and "no such revision" in conditions["Failed"]["message"]
+    )
+    assert conditions["ModelCached"]["reason"] == "DownloadFailed"
+    assert _job(api, f"{CHILD}-gen") is None and _job(api, f"{TRAINING}-train") is None
