@@ -42,6 +42,32 @@ def _ready(api: Api, kind: tuple[str, str], name: str) -> Obj:
     return _conditions(api.get(*kind, "ml", name)).get("Ready", {})
 
 
+async def _fail_fetch(
+    api: Api, instance: str, job: str, error: str, failed: tuple[tuple[str, str], str]
+) -> dict[str, Obj]:
+    """The download pod exits 2 with `error` and its Job fails; returns the conditions of
+    `failed` (kind, name) once it is Failed."""
+    await api.create(fake_pod(instance, "SpeculatorDataGen", "fetcher", 0, exit_code=2, message=error))
+    await api.patch("batch/v1", "Job", "ml", job, job_failed("PodFailurePolicy", "exited 2"), "status")
+    kind, name = failed
+    await api.until(
+        lambda: _conditions(api.get(*kind, "ml", name)).get("Failed", {}).get("status") == "True",
+        what=f"{name} Failed",
+    )
+    return _conditions(api.get(*kind, "ml", name))
+
+
+async def _inline_training(api: Api, operator: Runner) -> str:
+    """examples/eagle3-train.yaml with a model cache, once its child's download Job exists (its name)."""
+    await operator()
+    cr = example("eagle3-train.yaml")
+    cr["spec"]["modelCache"] = {"size": "40Gi"}
+    await api.create(cr)
+    child_fetch = f"{CHILD}-gen-fetch"
+    await api.until(lambda: _job(api, child_fetch), what="the child's download Job")
+    return child_fetch
+
+
 async def _finish_fetch(api: Api, instance: str, kind: str, job: str) -> None:
     await api.create(fake_pod(instance, kind, "fetcher", 0, exit_code=0, message=json.dumps(REPORT)))
     await api.patch("batch/v1", "Job", "ml", job, job_done(1), "status")
@@ -112,20 +138,7 @@ async def test_a_failed_download_fails_the_run_with_its_cause_and_starts_no_gene
         "specops fetch-verifier: error: verifier.name_or_path: 'Qwen/Qwen3-8B': access refused "
         "(set HF_TOKEN to a token that may read it)"
     )
-    await api.create(fake_pod(OFFLINE, "SpeculatorDataGen", "fetcher", 0, exit_code=2, message=error))
-    await api.patch(
-        "batch/v1",
-        "Job",
-        "ml",
-        FETCH,
-        job_failed("PodFailurePolicy", "Container workload exited 2"),
-        "status",
-    )
-    await api.until(
-        lambda: _conditions(api.get(*DG, "ml", OFFLINE)).get("Failed", {}).get("status") == "True",
-        what="Failed=True",
-    )
-    conditions = _conditions(api.get(*DG, "ml", OFFLINE))
+    conditions = await _fail_fetch(api, OFFLINE, FETCH, error, (DG, OFFLINE))
     assert conditions["Failed"]["reason"] == "DownloadFailed"
     assert "access refused (set HF_TOKEN" in conditions["Failed"]["message"]
     assert conditions["ModelCached"]["reason"] == "DownloadFailed"
@@ -136,12 +149,7 @@ async def test_a_failed_download_fails_the_run_with_its_cause_and_starts_no_gene
 async def test_an_inline_data_generation_shares_the_trainings_cache_and_the_trainer_waits_for_it(
     api: Api, operator: Runner
 ) -> None:
-    await operator()
-    cr = example("eagle3-train.yaml")
-    cr["spec"]["modelCache"] = {"size": "40Gi"}
-    await api.create(cr)
-    child_fetch = f"{CHILD}-gen-fetch"
-    await api.until(lambda: _job(api, child_fetch), what="the child's download Job")
+    child_fetch = await _inline_training(api, operator)
     child = api.get(*DG, "ml", CHILD)
     assert child is not None and child["spec"]["modelCache"] == {"size": "40Gi"}
     await api.until(
@@ -222,27 +230,9 @@ async def test_a_model_cache_smaller_than_the_weights_stalls_before_any_child(
 async def test_a_failed_download_of_an_inline_data_generation_reaches_the_trainings_status(
     api: Api, operator: Runner
 ) -> None:
-    await operator()
-    cr = example("eagle3-train.yaml")
-    cr["spec"]["modelCache"] = {"size": "40Gi"}
-    await api.create(cr)
-    child_fetch = f"{CHILD}-gen-fetch"
-    await api.until(lambda: _job(api, child_fetch), what="the child's download Job")
+    child_fetch = await _inline_training(api, operator)
     error = "specops fetch-verifier: error: verifier.name_or_path: 'meta-llama/Llama-3.1-8B-Instruct': no such revision"
-    await api.create(fake_pod(CHILD, "SpeculatorDataGen", "fetcher", 0, exit_code=2, message=error))
-    await api.patch(
-        "batch/v1",
-        "Job",
-        "ml",
-        child_fetch,
-        job_failed("PodFailurePolicy", "Container workload exited 2"),
-        "status",
-    )
-    await api.until(
-        lambda: _conditions(api.get(*TR, "ml", TRAINING)).get("Failed", {}).get("status") == "True",
-        what="the training Failed",
-    )
-    conditions = _conditions(api.get(*TR, "ml", TRAINING))
+    conditions = await _fail_fetch(api, CHILD, child_fetch, error, (TR, TRAINING))
     assert conditions["Failed"]["reason"] == "DataGenFailed"
     assert (
         "DownloadFailed" in conditions["Failed"]["message"]
