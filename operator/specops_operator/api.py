@@ -4,7 +4,8 @@ One source of truth: these models generate the CRD schemas (`crdgen`), validate 
 operator and in `specops run --local`, and their workload parts are the `specops.config`
 contracts the pods parse. Workload fields are *derived* from `DataGenConfig` / `TrainConfig`
 (minus what the operator decides: paths, URLs, slices), so a field added there appears in the
-CRD without a copy here. Pure: imports pydantic and `specops.config` only.
+CRD without a copy here. Pure: imports pydantic, `specops.config` and `specops.verifier`'s Hub id
+pattern only.
 
 Cross-field rules are declared once as `Rule`s: the API server enforces them as CEL
 `x-kubernetes-validations`, pydantic enforces the same rule (for servers without CEL and for
@@ -48,6 +49,7 @@ from specops.config import (
     VerifierConfig,
     format_validation_error,
 )
+from specops.verifier import HUB_ID_PATTERN
 
 DATAGEN_KIND = "SpeculatorDataGen"
 TRAINING_KIND = "SpeculatorTraining"
@@ -114,7 +116,17 @@ WORKLOAD_UID = 1000
 STREAM_KEYS_VOLUME = "stream-keys"
 STREAM_KEYS_DIR = "/var/run/specops/stream-keys"
 """Where a stream's pods mount their role's CURVE keys (operator-made Secret `<name>-stream-keys`)."""
-RESERVED_VOLUMES = ("config", "data", "output", "state", "tmp", "cache", "dshm", STREAM_KEYS_VOLUME)
+RESERVED_VOLUMES = (
+    "config",
+    "data",
+    "output",
+    "state",
+    "tmp",
+    "cache",
+    "dshm",
+    "model-cache",
+    STREAM_KEYS_VOLUME,
+)
 """Volume names the operator gives its own volumes."""
 RESERVED_PATHS = (
     "/etc/specops",
@@ -124,6 +136,7 @@ RESERVED_PATHS = (
     "/tmp",
     "/cache",
     "/dev/shm",
+    "/model-cache",
     STREAM_KEYS_DIR,
 )
 """Mount paths of those volumes."""
@@ -448,7 +461,7 @@ class StorageSpec(Checked):
     retain: bool = True
     """Keep a created claim when the resource is deleted (data and checkpoints are expensive)."""
 
-    cel_rules = (
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
         exactly_one(
             "size", "existingClaim", "storage needs exactly one of size (a new claim) or existingClaim"
         ),
@@ -463,6 +476,64 @@ SHARED_CEL = "'ReadWriteMany' in {}.accessModes"
 """Several pods on one claim need ReadWriteMany: a ReadWriteOnce volume attaches to one node, and
 pods on other nodes hang in ContainerCreating (Multi-Attach error)."""
 ONE_NODE = "a ReadWriteOnce volume attaches to one node only"
+
+
+class ModelCacheSpec(StorageSpec):
+    """A claim holding the verifier's Hub snapshot: filled once by a download Job, then mounted
+    read-only by every generator, trainer and evaluator pod, so a run pulls the weights once."""
+
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
+        default=["ReadWriteMany"], min_length=1, max_length=4
+    )
+    """Access modes of a new claim. The download Job writes it (a writable mode is required); several
+    pods reading it at once from several nodes need ReadWriteMany, or ReadOnlyMany beside ReadWriteOnce
+    where the storage attaches a volume read-only to many nodes (e.g. GCE persistent disks)."""
+    retain: bool = False
+    """Keep a created claim when the resource is deleted (off: the Hub still has the weights; name an
+    existingClaim to share one cache between runs)."""
+    backoff_limit: Annotated[int, Field(ge=0, le=20)] = 4
+    """Retries of the download when the Hub cannot be reached; a refused token, a missing model or a
+    missing revision fail at once."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        *StorageSpec.cel_rules,
+        Rule(
+            "!has(self.size) || self.accessModes.exists(m, m != 'ReadOnlyMany')",
+            "modelCache.accessModes: a new claim needs a writable mode (ReadWriteMany or ReadWriteOnce), "
+            "since the download Job fills it",
+            lambda s: s.size is None or any(m != "ReadOnlyMany" for m in s.access_modes),
+        ),
+    )
+
+    def shared(self) -> bool:
+        """Pods on several nodes can mount it read-only at once (what `CACHE_SHARED_CEL` checks)."""
+        return "ReadWriteMany" in self.access_modes or "ReadOnlyMany" in self.access_modes
+
+
+CACHE_SHARED_CEL = "('ReadWriteMany' in {0}.accessModes || 'ReadOnlyMany' in {0}.accessModes)"
+"""The attach/detach controller lets a volume attach to several nodes only with either mode."""
+
+
+def hub_verifier_rule(path: str, verifier: Callable[[Any], VerifierConfig | None]) -> Rule:
+    """`spec.modelCache` needs a Hub verifier (at `path`, when set): local paths and GGUF files are
+    not downloaded, so there is nothing to cache."""
+    cel = f"self.{path}"
+    parts = path.split(".")
+    # has() of a nested field errors when a parent is absent: guard each level.
+    absent = " || ".join(f"!has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+    return Rule(
+        f"!has(self.modelCache) || {absent} || "
+        f"({cel}.nameOrPath.matches('{HUB_ID_PATTERN}') && !has({cel}.ggufFile))",
+        f"spec.modelCache holds Hub models only: spec.{path}.nameOrPath must be a Hub id (org/name), "
+        "without ggufFile",
+        lambda s: s.model_cache is None or _is_hub(verifier(s)),
+    )
+
+
+def _is_hub(verifier: VerifierConfig | None) -> bool:
+    return verifier is None or (
+        re.match(HUB_ID_PATTERN, verifier.name_or_path) is not None and verifier.gguf_file is None
+    )
 
 
 class VerifierArchitecture(Contract):
@@ -574,6 +645,9 @@ class SpeculatorDataGenSpec(DataGenWorkload):
     """Shard size, compression and broker budgets."""
     storage: StorageSpec | None = None
     """Where offline shards go (required for mode offline)."""
+    model_cache: ModelCacheSpec | None = None
+    """A shared cache of the Hub verifier, downloaded once before the generators start; default:
+    none, every pod downloads the verifier into its own scratch cache."""
     broker: BrokerSpec = Field(default_factory=BrokerSpec)
     """The broker of mode online."""
     pod: PodSettings = Field(default_factory=PodSettings)
@@ -638,6 +712,13 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             "spec.regenerate.path is required for mode online (there is no shard volume to keep the answers on)",
             lambda s: s.mode != "online" or s.regenerate is None or s.regenerate.path is not None,
         ),
+        hub_verifier_rule("verifier", lambda s: s.verifier),
+        Rule(
+            f"self.workers <= 1 || !has(self.modelCache) || {CACHE_SHARED_CEL.format('self.modelCache')}",
+            "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when spec.workers > 1 "
+            f"(every generator pod mounts it; {ONE_NODE})",
+            lambda s: s.workers <= 1 or s.model_cache is None or s.model_cache.shared(),
+        ),
     )
 
 
@@ -671,6 +752,9 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Ranks per pod; default: the pod's nvidia.com/gpu limit, or 1 without GPUs."""
     storage: StorageSpec
     """Where checkpoints and the exported speculator go."""
+    model_cache: ModelCacheSpec | None = None
+    """A shared cache of the Hub verifier, downloaded once before any pod loads it (an inline
+    dataGen's generators share it); default: none, every pod downloads into its own scratch cache."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Evaluation after training."""
     pod: PodSettings = Field(default_factory=PodSettings)
@@ -713,6 +797,29 @@ class SpeculatorTrainingSpec(TrainWorkload):
                 or s.data_gen is None
                 or s.data_gen.storage is None
                 or s.data_gen.storage.shared()
+            ),
+        ),
+        hub_verifier_rule("verifier", lambda s: s.verifier),
+        hub_verifier_rule("dataGen.verifier", lambda s: s.data_gen.verifier if s.data_gen else None),
+        Rule(
+            "!has(self.dataGen) || !has(self.dataGen.modelCache)",
+            "spec.dataGen.modelCache: set spec.modelCache instead (the inline data generation shares "
+            "the training's cache)",
+            lambda s: s.data_gen is None or s.data_gen.model_cache is None,
+        ),
+        Rule(
+            f"!has(self.modelCache) || {CACHE_SHARED_CEL.format('self.modelCache')} || (self.nodes <= 1 && "
+            "(!has(self.dataGen) || (self.dataGen.workers <= 1 && self.dataGen.mode == 'offline')))",
+            "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when several pods "
+            "read it at once (spec.nodes > 1, spec.dataGen.workers > 1 or spec.dataGen.mode online; "
+            f"{ONE_NODE})",
+            lambda s: (
+                s.model_cache is None
+                or s.model_cache.shared()
+                or (
+                    s.nodes <= 1
+                    and (s.data_gen is None or (s.data_gen.workers <= 1 and s.data_gen.mode == "offline"))
+                )
             ),
         ),
     )

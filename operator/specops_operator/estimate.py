@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from specops.config import DatasetSource
+from specops.config import DatasetSource, VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops_operator.api import Quantity, SpeculatorDataGenSpec, VerifierArchitecture
 
@@ -143,3 +143,28 @@ def estimate_storage(spec: SpeculatorDataGenSpec, arch: VerifierArchitecture) ->
         examples=sum(known),
         tokens_per_example=min(spec.processor.max_length, MEAN_TOKENS_PER_EXAMPLE),
     )
+
+
+KNOWN_PARAMETERS: dict[str, int] = {
+    "meta-llama/llama-3.1-8b-instruct": 8_030_261_248,
+    "meta-llama/llama-3.1-70b-instruct": 70_553_706_496,
+    "meta-llama/llama-3.3-70b-instruct": 70_553_706_496,
+    "meta-llama/llama-3.2-1b-instruct": 1_235_814_400,
+    "meta-llama/llama-3.2-3b-instruct": 3_212_749_824,
+    "qwen/qwen3-8b": 8_190_735_360,
+    "qwen/qwen3-14b": 14_768_307_200,
+    "qwen/qwen3-32b": 32_762_123_264,
+    "qwen/qwen2.5-7b-instruct": 7_615_616_512,
+    "huggingfacetb/smollm2-135m-instruct": 134_515_008,
+}
+"""Parameters of common verifiers (their model cards); their Hub weights are bf16 safetensors."""
+HUB_WEIGHT_BYTES = 2
+"""Bytes per parameter in those repositories (bf16), whatever dtype the run loads them in."""
+HUB_EXTRA_BYTES = 64 * 2**20
+"""Config, tokenizer and chat template files beside the weights (a Llama-3 tokenizer is ~9 MB)."""
+
+
+def verifier_bytes(verifier: VerifierConfig) -> int | None:
+    """The bytes a model cache needs for this Hub verifier, or None when it is not a known one."""
+    parameters = KNOWN_PARAMETERS.get(verifier.name_or_path.lower())
+    return None if parameters is None else parameters * HUB_WEIGHT_BYTES + HUB_EXTRA_BYTES

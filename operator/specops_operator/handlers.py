@@ -49,6 +49,7 @@ from specops_operator.builders.drift import (
     queued_scaling,
     workload_patch,
 )
+from specops_operator.builders.modelcache import FETCHER, CacheNames
 from specops_operator.builders.training import (
     EVALUATOR,
     TRAINER,
@@ -61,6 +62,7 @@ from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitio
 from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.metrics import OperatorMetrics
 from specops_operator.status import (
+    CACHED,
     JobView,
     Observed,
     compatible_condition,
@@ -284,6 +286,43 @@ def ensure_stream_keys(kube: Kube, cr: SpeculatorDataGen) -> None:
         ensure(kube, stream.key_secret(owner, stream_keys.generate()), owner.uid, fresh=True)
 
 
+def _fetch_job(kube: Kube, cr: SpeculatorDataGen | SpeculatorTraining) -> Manifest | None:
+    """The `modelCache` download Job, as read before building (whether it succeeded decides which
+    children are built); None without a model cache of this resource's own."""
+    meta = cr.metadata
+    assert meta.namespace
+    return kube.get("batch/v1", "Job", meta.namespace, CacheNames.of(cr.kind, meta.name).job)
+
+
+def _fetched(job: Manifest | None, prior: Manifest) -> bool:
+    """The download succeeded: its Job says so, or status recorded it (the Job may be gone by TTL)."""
+    return JobView.of(job).complete or is_true(prior.get("conditions") or [], CACHED)
+
+
+def observe_fetch(
+    kube: Kube,
+    cr: SpeculatorDataGen | SpeculatorTraining,
+    job: Manifest | None,
+    claim: Manifest | None,
+    prior: Manifest,
+) -> Observed:
+    """The download stage as status needs it: its pods only for a report, a failure or pods that may
+    not run, and Events only while it looks stuck."""
+    meta = cr.metadata
+    assert meta.namespace
+    view = JobView.of(job)
+    recorded = is_true(prior.get("conditions") or [], CACHED)
+    unread = (view.complete and not recorded) or view.failed or view.unsure
+    pods = pods_of(kube, meta.namespace, meta.name, cr.kind, FETCHER) if unread else ()
+    stuck = not recorded and looks_stuck(view, pods)
+    return Observed(
+        job=job,
+        pods=pods,
+        claim=claim,
+        events=events_about(kube, meta.namespace, job, claim) if stuck else (),
+    )
+
+
 def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now: str) -> Manifest:
     kube = ctx.api
     meta = cr.metadata
@@ -294,16 +333,20 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
     findings, arch = check_datagen(cr.spec, _claim_found(kube, meta.namespace, claim))
     if findings:
         raise Stall(findings[0].reason, "; ".join(f.message for f in findings), "VerifierCompatible")
+    cache = CacheNames.of(cr.kind, meta.name)
+    fetch = _fetch_job(kube, cr) if cr.spec.model_cache is not None else None
     try:
-        children = build_datagen(cr, ctx.defaults)
+        children = build_datagen(cr, ctx.defaults, cache_ready=_fetched(fetch, prior))
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
     if stream.curve_on(cr.spec):
         ensure_stream_keys(kube, cr)
     existing = ensure_all(kube, children, meta.uid, prior)
     job = existing.get(("Job", names.job))
-    if job is not None and KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
-        sync_kueue(kube, job, cr.spec.suspend)
+    fetch = existing.get(("Job", cache.job), fetch)
+    if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
+        for queued in (fetch, job):
+            sync_kueue(kube, queued, cr.spec.suspend)
     view = JobView.of(job)
     counted = parse_ranges(str((prior.get("progress") or {}).get("countedIndexes") or ""))
     unread = view.succeeded > len(counted) or view.failed
@@ -316,6 +359,9 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         pods=pods,
         claim=data_claim,
         events=events,
+        fetch=None
+        if cr.spec.model_cache is None
+        else observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior),
     )
     return datagen_status(cr, prior, seen, now, compatible_condition(findings, arch is not None))
 
@@ -353,16 +399,20 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         raise Stall(findings[0].reason, "; ".join(f.message for f in findings), "VerifierCompatible")
     job = kube.get("batch/v1", "Job", meta.namespace, names.job)
     trained = JobView.of(job).complete or is_true(prior.get("conditions") or [], "Exported")
+    own_cache = cr.spec.model_cache is not None and cr.spec.data_gen is None
+    cache = CacheNames.of(cr.kind, meta.name)
+    fetch = _fetch_job(kube, cr) if own_cache else None
     try:
-        children = build_training(cr, ctx.defaults, data, trained=trained)
+        children = build_training(cr, ctx.defaults, data, trained=trained, fetched=_fetched(fetch, prior))
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
     existing = ensure_all(kube, children, meta.uid, prior)
     if job is None or trained:  # else keep the read `trained` was decided on: status agrees with it
         job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
+    fetch = existing.get(("Job", cache.job), fetch)
     if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
-        for queued in (job, eval_job):
+        for queued in (fetch, job, eval_job):
             sync_kueue(kube, queued, cr.spec.suspend)
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
     read_trainer = (trainer.complete and not (prior.get("progress") or {}).get("step")) or trainer.failed
@@ -386,6 +436,9 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         eval_pods=eval_pods,
         claim=output,
         events=events_about(kube, meta.namespace, *stuck, output) if stuck else (),
+        fetch=observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior)
+        if own_cache
+        else None,
     )
     return training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
 

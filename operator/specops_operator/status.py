@@ -16,6 +16,7 @@ from typing import Any
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
 from specops_operator.builders.datagen import GENERATOR, DataGenNames
+from specops_operator.builders.modelcache import FETCHER, CacheNames
 from specops_operator.builders.training import (
     EVALUATOR,
     FINAL_DIR,
@@ -25,6 +26,7 @@ from specops_operator.builders.training import (
     verifier_of,
 )
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
+from specops_operator.estimate import human
 from specops_operator.report import parse_report
 from specops_operator.validation import FINDING_REASONS
 
@@ -310,6 +312,57 @@ class Observed:
     """The PVC the running stage writes (data or output)."""
     events: tuple[Obj, ...] = ()
     """Events about the Job and the claim (read only while they look stuck)."""
+    fetch: Observed | None = None
+    """The `modelCache` download stage (its Job, pods, claim and Events), when this run has one."""
+
+
+# --------------------------------------------------------------------------- model cache
+
+CACHED = "ModelCached"
+"""Domain condition: the run's `modelCache` holds the verifier (present only with a model cache)."""
+
+
+def model_cached(fetch: Observed, prior: Obj, verifier: str, claim: str) -> Desired:
+    """Whether the download Job filled the cache: Downloaded (with what its report says),
+    DownloadingModel, or DownloadFailed with the pod's error line (refused token, no such model or
+    revision; an unreachable Hub only after the Job's retries)."""
+    before = find(prior.get("conditions") or [], CACHED) or {}
+    if before.get("status") == "True":
+        return Desired(CACHED, True, "Downloaded", str(before.get("message") or ""))
+    view = JobView.of(fetch.job)
+    if view.complete:
+        report = latest_report(fetch.pods) or {}
+        at = f" at {str(report['revision'])[:12]}" if report.get("revision") else ""
+        size = f": {report.get('files')} files, {human(int(report['bytes']))}" if "bytes" in report else ""
+        return Desired(CACHED, True, "Downloaded", f"{verifier}{at} in claim {claim}{size}")
+    if view.failed:
+        return Desired(CACHED, False, "DownloadFailed", _failure(view, fetch.pods, "DownloadFailed")[1])
+    return Desired(CACHED, False, "DownloadingModel", f"downloading {verifier} into claim {claim}")
+
+
+def _waiting_download(cached: Desired) -> tuple[Phase, str, str] | None:
+    """The phase while another resource (the inline child DataGen) fills the cache."""
+    if cached.status:
+        return None
+    return (
+        (Phase.FAILED if cached.reason == "DownloadFailed" else Phase.PENDING),
+        cached.reason,
+        cached.message,
+    )
+
+
+def download_phase(fetch: Observed, cached: Desired) -> tuple[Phase, str, str] | None:
+    """The phase while the model cache is not filled yet (None once it is): no generator or
+    trainer pod exists before, so this is what the run is doing."""
+    if cached.status:
+        return None
+    if cached.reason == "DownloadFailed":
+        return Phase.FAILED, "DownloadFailed", cached.message
+    view = JobView.of(fetch.job)
+    if view.exists and not view.suspended:
+        reasons = ("DownloadingModel", "DownloadingModel")
+        return started_phase("download", fetch.job, fetch, fetch.pods, reasons, f"{cached.message}: ")
+    return Phase.PENDING, "DownloadingModel", cached.message
 
 
 def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], prior: Obj) -> Obj:
@@ -340,7 +393,7 @@ def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], 
 
 
 def _datagen_phase(
-    cr: SpeculatorDataGen, job: JobView, seen: Observed, queued: bool
+    cr: SpeculatorDataGen, job: JobView, seen: Observed, queued: bool, cached: Desired | None
 ) -> tuple[Phase, str, str]:
     shards = f"{job.succeeded}/{cr.spec.shards} shards"
     if job.failed:
@@ -348,8 +401,13 @@ def _datagen_phase(
         return Phase.FAILED, reason, message
     if job.complete:
         return Phase.COMPLETE, "Complete", f"{shards} generated"
+    downloading = download_phase(seen.fetch, cached) if seen.fetch and cached else None
+    if downloading and downloading[0] == Phase.FAILED:
+        return downloading
     if cr.spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
+    if downloading:
+        return downloading
     if not job.exists:
         return Phase.PENDING, "Creating", "creating the generator Job"
     if job.suspended:
@@ -366,8 +424,15 @@ def datagen_status(
     assert meta.namespace is not None
     names = DataGenNames(meta.name, meta.namespace)
     job = JobView.of(seen.job)
-    phase, reason, message = _datagen_phase(cr, job, seen, bool(meta.labels.get(common.KUEUE_QUEUE_LABEL)))
+    cached = None
+    if cr.spec.model_cache is not None and seen.fetch is not None:
+        claim = CacheNames.of(cr.kind, meta.name).claim_for(cr.spec.model_cache)
+        cached = model_cached(seen.fetch, prior, cr.spec.verifier.name_or_path, claim)
+    queued = bool(meta.labels.get(common.KUEUE_QUEUE_LABEL))
+    phase, reason, message = _datagen_phase(cr, job, seen, queued, cached)
     desired = lifecycle(phase, reason, message)
+    if cached is not None:
+        desired.append(cached)
     extra: Obj = {}
     if cr.spec.mode == "offline":
         done = job.complete or job.succeeded >= cr.spec.shards
@@ -438,8 +503,32 @@ def _evaluation_skipped(cr: SpeculatorTraining, data: DataSource) -> str | None:
     return None
 
 
+def _training_cached(cr: SpeculatorTraining, data: DataSource, seen: Observed, prior: Obj) -> Desired | None:
+    """ModelCached of a training: its own download's, or the inline child DataGen's (which
+    downloads for generators, trainer and evaluator alike)."""
+    if cr.spec.model_cache is None:
+        return None
+    verifier = verifier_of(cr.spec, data).name_or_path
+    if seen.fetch is not None:
+        claim = CacheNames.of(cr.kind, cr.metadata.name).claim_for(cr.spec.model_cache)
+        return model_cached(seen.fetch, prior, verifier, claim)
+    child = find(data.conditions, CACHED)
+    if child is None:
+        return Desired(
+            CACHED, False, "DownloadingModel", f"SpeculatorDataGen {data.names.name!r} downloads {verifier}"
+        )
+    return Desired(
+        CACHED, child.get("status") == "True", str(child.get("reason")), str(child.get("message") or "")
+    )
+
+
 def _training_phase(
-    cr: SpeculatorTraining, data: DataSource, trainer: JobView, evaluator: JobView, seen: Observed
+    cr: SpeculatorTraining,
+    data: DataSource,
+    trainer: JobView,
+    evaluator: JobView,
+    seen: Observed,
+    cached: Desired | None,
 ) -> tuple[Phase, str, str]:
     spec = cr.spec
     if not data.found:  # the inline child, created by this very reconcile
@@ -448,7 +537,15 @@ def _training_phase(
         reason, message = _failure(trainer, seen.pods, "ConfigError")
         return Phase.FAILED, reason, message
     if not trainer.exists and data.failed:
-        return Phase.FAILED, "DataGenFailed", f"SpeculatorDataGen {data.names.name!r} failed"
+        failed = find(data.conditions, "Failed") or {}
+        cause = f": {failed.get('reason')}: {failed.get('message')}" if failed.get("message") else ""
+        message = f"SpeculatorDataGen {data.names.name!r} failed{cause}"
+        return Phase.FAILED, "DataGenFailed", message[:MESSAGE_LIMIT]
+    downloading = None
+    if cached is not None and not trainer.exists:
+        downloading = download_phase(seen.fetch, cached) if seen.fetch else _waiting_download(cached)
+    if downloading and downloading[0] == Phase.FAILED:
+        return downloading
     if trainer.complete:
         if _evaluation_skipped(cr, data) is not None or evaluator.complete:
             return Phase.COMPLETE, "Complete", f"speculator exported to {FINAL_DIR}"
@@ -464,6 +561,8 @@ def _training_phase(
         return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
     if spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
+    if downloading:
+        return downloading
     if not trainer.exists:
         if not data.ready:
             if data.spec.mode != "offline":
@@ -528,9 +627,12 @@ def training_status(
         trainer = JobView(exists=True, complete=True)
     if EVALUATOR in finished and not evaluator.complete:
         evaluator = JobView(exists=True, complete=True)
-    phase, reason, message = _training_phase(cr, data, trainer, evaluator, seen)
+    cached = _training_cached(cr, data, seen, prior)
+    phase, reason, message = _training_phase(cr, data, trainer, evaluator, seen, cached)
     result = _evaluation_result(seen) or prior.get("evaluation")
     desired = lifecycle(phase, reason, message)
+    if cached is not None:
+        desired.append(cached)
     desired.append(
         Desired(
             "Exported",
@@ -588,9 +690,11 @@ def finished_components(status: Obj) -> frozenset[str]:
     their `ttlSecondsAfterFinished` only now, so the TTL controller cannot delete a finished Job
     (and its pods' reports) before the status has seen it finish."""
     if is_terminal(status):
-        return frozenset({GENERATOR, DATA, TRAINER, EVALUATOR})
+        return frozenset({FETCHER, GENERATOR, DATA, TRAINER, EVALUATOR})
     conditions = status.get("conditions") or []
     done = {GENERATOR} if is_true(conditions, "ShardsComplete") else set()
+    if is_true(conditions, CACHED):
+        done.add(FETCHER)
     if is_true(conditions, "Exported"):
         done |= {DATA, TRAINER}  # the inline data was consumed: a lost child is not generated again
     if is_true(conditions, "Evaluated"):

@@ -11,10 +11,15 @@ from dataclasses import dataclass
 from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops.paths import PACKAGE_PREFIX
-from specops_operator.api import SpeculatorDataGenSpec, SpeculatorTrainingSpec, VerifierArchitecture
+from specops_operator.api import (
+    ModelCacheSpec,
+    SpeculatorDataGenSpec,
+    SpeculatorTrainingSpec,
+    VerifierArchitecture,
+)
 from specops_operator.builders.common import ALLOWED_ROOTS
 from specops_operator.builders.training import DataSource, procs_per_node
-from specops_operator.estimate import estimate_storage, quantity_bytes
+from specops_operator.estimate import estimate_storage, human, quantity_bytes, verifier_bytes
 
 KNOWN_VERIFIERS: dict[str, VerifierArchitecture] = {
     name.lower(): VerifierArchitecture(num_layers=layers, hidden_size=hidden, vocab_size=vocab)
@@ -98,6 +103,20 @@ def _storage_size(spec: SpeculatorDataGenSpec, arch: VerifierArchitecture, field
     ]
 
 
+def _cache_size(cache: ModelCacheSpec | None, verifier: VerifierConfig, field: str) -> list[Finding]:
+    """A new model cache claim smaller than the verifier's Hub weights would fail the download."""
+    needed = verifier_bytes(verifier) if cache is not None and cache.size is not None else None
+    if cache is None or cache.size is None or needed is None or needed <= quantity_bytes(cache.size):
+        return []
+    return [
+        Finding(
+            "StorageTooSmall",
+            f"{field}.modelCache.size {cache.size} is smaller than {verifier.name_or_path}'s weights "
+            f"and tokenizer ({human(needed)} in bf16 safetensors); raise the size",
+        )
+    ]
+
+
 def check_datagen(
     spec: SpeculatorDataGenSpec, claim_found: bool | None = None, field: str = "spec"
 ) -> tuple[list[Finding], VerifierArchitecture | None]:
@@ -131,6 +150,7 @@ def check_datagen(
     if spec.storage is not None:
         findings += _storage(spec.storage.existing_claim, claim_found, f"{field}.storage.existingClaim")
     findings += _pod_paths(spec, field)
+    findings += _cache_size(spec.model_cache, spec.verifier, field)
     return findings, arch
 
 
@@ -201,4 +221,5 @@ def check_training(
         inline, _ = check_datagen(spec.data_gen, field="spec.dataGen")
         findings += inline
     findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
+    findings += _cache_size(spec.model_cache, verifier, "spec")
     return findings, arch

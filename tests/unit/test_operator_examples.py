@@ -165,13 +165,13 @@ CROSS_FIELD = [
         "hass-train.yaml",
         0,
         _set("spec.pod.volumes", [{"name": "cache", "emptyDir": {}}]),
-        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, stream-keys are the operator's own",
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, model-cache, stream-keys are the operator's own",
     ),
     (
         "datagen-online.yaml",
         0,
         _set("spec.pod.volumes", [{"name": "stream-keys", "emptyDir": {}}]),
-        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, stream-keys are the operator's own",
+        "pod.volumes: the names config, data, output, state, tmp, cache, dshm, model-cache, stream-keys are the operator's own",
     ),
     (
         "hass-train.yaml",
@@ -196,6 +196,33 @@ CROSS_FIELD = [
         0,
         _set("spec.datasets", [{"kind": "local", "path": "../../etc/passwd"}]),
         "spec.datasets[].path must not contain '..'",
+    ),
+    (
+        "datagen-offline.yaml",  # 2 workers
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadWriteOnce"]}),
+        "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when spec.workers > 1",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadOnlyMany"]}),
+        "modelCache.accessModes: a new claim needs a writable mode",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "existingClaim": "models"}),
+        "exactly one of size (a new claim) or existingClaim",
+    ),
+    (
+        "datagen-offline.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"existingClaim": "models"})(doc),
+            _set("spec.verifier.nameOrPath", "/weights/qwen3-8b")(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
     ),
     (
         "eagle3-train.yaml",
@@ -230,6 +257,36 @@ CROSS_FIELD = [
         0,
         _set("spec.regenerate", {}),
         "spec.regenerate.path is required for mode online",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.dataGen.modelCache", {"size": "40Gi"}),
+        "spec.dataGen.modelCache: set spec.modelCache instead",
+    ),
+    (
+        "eagle3-train.yaml",  # 4 generator pods read it at once
+        0,
+        _set("spec.modelCache", {"size": "40Gi", "accessModes": ["ReadWriteOnce"]}),
+        "spec.modelCache.accessModes must include ReadWriteMany or ReadOnlyMany when several pods read it",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"size": "40Gi"})(doc),
+            _set("spec.dataGen.verifier.ggufFile", "model.Q4.gguf")(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.dataGen.verifier.nameOrPath must be a Hub id",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.modelCache", {"size": "40Gi"})(doc),
+            _set("spec.verifier", {"nameOrPath": "./weights"})(doc),
+        ),
+        "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
     ),
 ]
 
@@ -378,3 +435,13 @@ def test_mutable_fields_may_change(example: str, change: Callable[[Doc], None]) 
     change(new)
     assert server_errors(new, old) == []
     assert immutable_changes(old["spec"], new["spec"], old["kind"]) == []
+
+
+def test_a_model_cache_several_nodes_read_may_be_read_only_many_beside_a_writable_mode() -> None:
+    """ReadWriteOnce + ReadOnlyMany: the download Job writes it on one node, then the readers (all
+    mounting it read-only) attach it on many, as the attach/detach controller allows."""
+    doc = _example("datagen-offline.yaml")  # 2 workers
+    doc["spec"]["modelCache"] = {"size": "40Gi", "accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}
+    assert server_errors(doc) == []
+    cr = parse_resource(doc)
+    assert cr.spec.model_cache is not None and cr.spec.model_cache.shared()

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "Measure acceptance length of a speculator against its verifier.",
     "convert": "Import research checkpoints or upstream data into SpecOps formats.",
     "push": "Upload a trained speculator with a generated model card to the Hugging Face Hub.",
+    "fetch-verifier": "Download a Hub verifier once into a shared model cache (spec.modelCache).",
     "run": "Execute a SpeculatorTraining YAML locally (the same file kubectl takes).",
     "crds": "Write the CustomResourceDefinitions generated from the API models.",
 }

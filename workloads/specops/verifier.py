@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+"""A Hub model id (`org/name`); RE2-compatible, so the CRD's CEL rules use it too."""
+_HF_ID = re.compile(HUB_ID_PATTERN)
 FIELD = "verifier.name_or_path"
 
 
@@ -71,26 +74,67 @@ def verifier_reference(cfg: VerifierConfig, resolved: str) -> str:
     return resolved if is_local(cfg.name_or_path) else cfg.name_or_path
 
 
+MODEL_CACHE_ENV = "SPECOPS_MODEL_CACHE"
+"""A Hub cache directory filled once by `specops fetch-verifier` (the operator's `spec.modelCache`,
+mounted read-only into every pod). Set, Hub verifiers resolve from it alone and are never
+downloaded; other Hub traffic (datasets) still uses the ordinary writable cache and network."""
+
+
 def hub_snapshot(repo_id: str, revision: str | None, field: str = FIELD) -> str:
     """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
 
-    `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline, only the cache
-    answers. Failures name the field and the cause instead of the client's traceback. A process
-    resolves its verifier several times (config, tokenizer, weights, the head): each asks the Hub
-    once, not once per call (keyed by where the client looks, so a changed cache asks again).
-    Speculators load through here too (`field` names what the user set).
+    `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline (or with
+    `$SPECOPS_MODEL_CACHE`), only the cache answers. Failures name the field and the cause instead
+    of the client's traceback. A process resolves its verifier several times (config, tokenizer,
+    weights, the head): each asks the Hub once, not once per call (keyed by where the client
+    looks, so a changed cache asks again). Speculators load through here too (`field` names what
+    the user set).
     """
     from huggingface_hub import constants as hub_constants
 
+    shared = os.environ.get(MODEL_CACHE_ENV)
+    if shared:
+        return _hub_snapshot(repo_id, revision, field, hub_constants.ENDPOINT, shared, True)
     key = (hub_constants.ENDPOINT, hub_constants.HF_HUB_CACHE, bool(hub_constants.HF_HUB_OFFLINE))
     return _hub_snapshot(repo_id, revision, field, *key)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What `fetch_snapshot` put in (or found in) a cache: the `specops fetch-verifier` report."""
+
+    verifier: str
+    revision: str
+    """The commit the snapshot is at (what a tag or branch resolved to)."""
+    path: str
+    files: int
+    bytes: int
+
+
+def fetch_snapshot(cfg: VerifierConfig, cache: str) -> Fetched:
+    """Download a Hub verifier into the Hub cache `cache` (files already there are not fetched
+    again), with the same patterns, revision and error mapping every pod's resolution uses."""
+    if is_local(cfg.name_or_path) or not _HF_ID.match(cfg.name_or_path) or cfg.gguf_file:
+        raise ConfigError(f"{FIELD}: {cfg.name_or_path!r} is not a Hub model id; only Hub models are fetched")
+    from huggingface_hub import constants as hub_constants
+
+    snapshot = Path(
+        _hub_snapshot(cfg.name_or_path, cfg.revision, FIELD, hub_constants.ENDPOINT, cache, False)
+    )
+    files = [p for p in snapshot.rglob("*") if p.is_file()]
+    return Fetched(
+        verifier=cfg.name_or_path,
+        revision=snapshot.name,
+        path=str(snapshot),
+        files=len(files),
+        bytes=sum(p.stat().st_size for p in files),  # stat follows the snapshot's links to the blobs
+    )
 
 
 @functools.cache
 def _hub_snapshot(
     repo_id: str, revision: str | None, field: str, endpoint: str, cache: str, offline: bool
 ) -> str:
-    del cache  # part of the memo key only: the client reads it itself
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -101,7 +145,15 @@ def _hub_snapshot(
 
     where = f"{field}: {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        return str(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+        return str(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(HUB_PATTERNS),
+                cache_dir=cache,
+                local_files_only=offline,
+            )
+        )
     except GatedRepoError:
         raise ConfigError(f"{where}: access refused (set HF_TOKEN to a token that may read it)") from None
     except RepositoryNotFoundError:
@@ -109,6 +161,11 @@ def _hub_snapshot(
     except RevisionNotFoundError:
         raise FileNotFoundError(f"{where}: no such revision") from None
     except LocalEntryNotFoundError:
+        if cache == os.environ.get(MODEL_CACHE_ENV):
+            raise FileNotFoundError(
+                f"{where}: not in the shared model cache {cache} (spec.modelCache), which pods never "
+                "download into: the cache was filled for another verifier or revision"
+            ) from None
         if offline:
             raise FileNotFoundError(
                 f"{where}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1: "

@@ -209,6 +209,22 @@ def claim_volume(name: str, claim: str, path: str, *, read_only: bool = False) -
     return {"name": name, "persistentVolumeClaim": source}, mount
 
 
+def support_pod(pod: PodSettings) -> PodSettings:
+    """A helper pod's settings (broker, model download): the workload pods' image, pull settings and
+    ids, but none of their (GPU) resources, scheduling, env or extra volumes."""
+    return PodSettings(
+        image=pod.image,
+        image_pull_policy=pod.image_pull_policy,
+        image_pull_secrets=pod.image_pull_secrets,
+        service_account_name=pod.service_account_name,
+        priority_class_name=pod.priority_class_name,
+        run_as_user=pod.run_as_user,
+        run_as_group=pod.run_as_group,
+        fs_group=pod.fs_group,
+        fs_group_change_policy=pod.fs_group_change_policy,
+    )
+
+
 @dataclass(frozen=True)
 class PodParts:
     """What differs between workload pods; the rest is `pod_template`'s hardened default."""

@@ -2,6 +2,7 @@
 
 offline: ConfigMap (rendered DataGenConfig) + PVC (shards) + Indexed Job (one completion per shard).
 online:  ConfigMap + broker StatefulSet + Service + generator Indexed Job producing into the broker.
+With `modelCache`: its claim and download Job first; the generator Job once the download succeeded.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from specops.config import DataGenConfig, dump_config, load_config
-from specops_operator.api import PodSettings, SpeculatorDataGen, SpeculatorDataGenSpec
+from specops_operator.api import DATAGEN_KIND, SpeculatorDataGen, SpeculatorDataGenSpec
 from specops_operator.builders import common, stream
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
+from specops_operator.builders.modelcache import CacheNames, ModelCache, build_cache, reader_parts
 
 GENERATOR = "generator"
 BROKER = "broker"
@@ -72,11 +74,22 @@ def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenCo
     return load_config(DataGenConfig, data)
 
 
-def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults) -> Manifest:
+def model_cache(spec: SpeculatorDataGenSpec, names: DataGenNames, *, ready: bool) -> ModelCache | None:
+    """The generators' model cache (`ready`: its download succeeded), None without `modelCache`."""
+    if spec.model_cache is None:
+        return None
+    return ModelCache(CacheNames.of(DATAGEN_KIND, names.name).claim_for(spec.model_cache), ready)
+
+
+def _generator_job(
+    cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: Defaults, cache: ModelCache | None
+) -> Manifest:
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
     keys = stream.access(names.name, spec, "producer")
-    volumes, mounts = [config_volume, *keys.volumes], [config_mount, *keys.mounts]
+    cache_volumes, cache_mounts, cache_env = reader_parts(cache)
+    volumes = [config_volume, *keys.volumes, *cache_volumes]
+    mounts = [config_mount, *keys.mounts, *cache_mounts]
     if spec.mode == "offline":
         data_volume, data_mount = common.claim_volume("data", names.claim_for(spec), common.DATA_ROOT)
         volumes.append(data_volume)
@@ -91,7 +104,7 @@ def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, def
             "--run.shard_index",
             "$(JOB_COMPLETION_INDEX)",
         ],
-        env=[common.index_env("JOB_COMPLETION_INDEX")],
+        env=[common.index_env("JOB_COMPLETION_INDEX"), *cache_env],
         volumes=volumes,
         mounts=mounts,
         resources=spec.pod.resources,
@@ -108,21 +121,6 @@ def _generator_job(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, def
         backoff={"backoffLimitPerIndex": spec.backoff_limit_per_index},
         deadline=spec.active_deadline_seconds,
         ttl=spec.ttl_seconds_after_finished,
-    )
-
-
-def _broker_pod(spec: SpeculatorDataGenSpec) -> PodSettings:
-    """The generators' image, pull settings and ids, but none of their (GPU) scheduling or volumes."""
-    return PodSettings(
-        image=spec.pod.image,
-        image_pull_policy=spec.pod.image_pull_policy,
-        image_pull_secrets=spec.pod.image_pull_secrets,
-        service_account_name=spec.pod.service_account_name,
-        priority_class_name=spec.pod.priority_class_name,
-        run_as_user=spec.pod.run_as_user,
-        run_as_group=spec.pod.run_as_group,
-        fs_group=spec.pod.fs_group,
-        fs_group_change_policy=spec.pod.fs_group_change_policy,
     )
 
 
@@ -170,7 +168,7 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
             "replicas": 0 if spec.suspend else 1,
             "serviceName": names.broker,
             "selector": {"matchLabels": selector},
-            "template": common.pod_template(owner, _broker_pod(spec), defaults, parts),
+            "template": common.pod_template(owner, common.support_pod(spec.pod), defaults, parts),
         },
     }
     service = {
@@ -193,8 +191,9 @@ def _broker(cr: SpeculatorDataGen, owner: Owner, names: DataGenNames, defaults: 
     return [statefulset, service, stream.network_policy(owner, spec, selector, defaults.metrics_from)]
 
 
-def build_datagen(cr: SpeculatorDataGen, defaults: Defaults) -> list[Manifest]:
-    """Every child of a SpeculatorDataGen, in creation order (config and storage before pods)."""
+def build_datagen(cr: SpeculatorDataGen, defaults: Defaults, *, cache_ready: bool = False) -> list[Manifest]:
+    """The children of a SpeculatorDataGen needed now, in creation order (config and storage before
+    pods); `cache_ready`: the `modelCache` download succeeded, so the generators may start."""
     owner = Owner.of(cr)
     names = DataGenNames(owner.name, owner.namespace)
     spec = cr.spec
@@ -205,5 +204,17 @@ def build_datagen(cr: SpeculatorDataGen, defaults: Defaults) -> list[Manifest]:
             children.append(common.claim(owner, names.claim, "data", spec.storage.size, spec.storage))
     else:
         children.extend(_broker(cr, owner, names, defaults))
-    children.append(_generator_job(cr, owner, names, defaults))
+    if spec.model_cache is not None:
+        children += build_cache(
+            owner,
+            spec.model_cache,
+            spec.verifier,
+            spec.pod,
+            defaults,
+            suspend=spec.suspend,
+            ttl=spec.ttl_seconds_after_finished,
+        )
+    cache = model_cache(spec, names, ready=cache_ready)
+    if cache is None or cache.ready:
+        children.append(_generator_job(cr, owner, names, defaults, cache))
     return children

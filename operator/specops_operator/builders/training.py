@@ -3,7 +3,8 @@
 Always: ConfigMap (rendered TrainConfig), output PVC, headless Service (torchrun rendezvous DNS),
 and the child SpeculatorDataGen when the data generation is inline. Once the data is ready
 (offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job. Once it completed:
-the evaluation Job.
+the evaluation Job. With `modelCache`: its claim and download Job (the inline child DataGen's,
+when the data generation is inline), and the trainer Job only once the download succeeded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from specops.config import TrainConfig, dump_config, load_config
 from specops_operator import API_VERSION
 from specops_operator.api import (
     DATAGEN_KIND,
+    TRAINING_KIND,
     Resources,
     SpeculatorDataGenSpec,
     SpeculatorTraining,
@@ -24,6 +26,7 @@ from specops_operator.api import (
 from specops_operator.builders import common, stream
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.modelcache import CacheNames, ModelCache, build_cache, reader_parts
 from specops_operator.conditions import is_true
 
 TRAINER = "trainer"
@@ -145,28 +148,47 @@ def render_config(spec: SpeculatorTrainingSpec, data: DataSource) -> TrainConfig
     return load_config(TrainConfig, config)
 
 
+def model_cache(cr: SpeculatorTraining, data: DataSource, *, fetched: bool = False) -> ModelCache | None:
+    """The trainer's and evaluator's model cache: the inline child DataGen's (filled when its
+    `ModelCached` is True), or this training's own (`fetched`: its download succeeded)."""
+    spec = cr.spec
+    if spec.model_cache is None:
+        return None
+    if spec.data_gen is not None:
+        claim = CacheNames.of(DATAGEN_KIND, data.names.name).claim_for(spec.model_cache)
+        return ModelCache(claim, is_true(data.conditions, "ModelCached"))
+    return ModelCache(CacheNames.of(TRAINING_KIND, cr.metadata.name).claim_for(spec.model_cache), fetched)
+
+
 def procs_per_node(spec: SpeculatorTrainingSpec) -> int:
     return spec.procs_per_node or max(1, spec.pod.resources.gpus())
 
 
 def _volumes(
-    spec: SpeculatorTrainingSpec, names: TrainingNames, data: DataSource
-) -> tuple[list[Manifest], list[Manifest]]:
+    spec: SpeculatorTrainingSpec, names: TrainingNames, data: DataSource, cache: ModelCache | None
+) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
+    """(volumes, mounts, env) of trainer and evaluator pods: output, data and model cache."""
     output_volume, output_mount = common.claim_volume("output", names.claim_for(spec), common.OUTPUT_ROOT)
     volumes, mounts = [output_volume], [output_mount]
     if data.spec.mode == "offline":
         data_volume, data_mount = common.claim_volume("data", data.claim, common.DATA_ROOT, read_only=True)
         volumes.append(data_volume)
         mounts.append(data_mount)
-    return volumes, mounts
+    cache_volumes, cache_mounts, cache_env = reader_parts(cache)
+    return [*volumes, *cache_volumes], [*mounts, *cache_mounts], cache_env
 
 
 def _trainer_job(
-    cr: SpeculatorTraining, owner: Owner, names: TrainingNames, data: DataSource, defaults: Defaults
+    cr: SpeculatorTraining,
+    owner: Owner,
+    names: TrainingNames,
+    data: DataSource,
+    defaults: Defaults,
+    cache: ModelCache | None,
 ) -> Manifest:
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
-    volumes, mounts = _volumes(spec, names, data)
+    volumes, mounts, cache_env = _volumes(spec, names, data, cache)
     keys = data.access
     rendezvous = [
         ("PET_NNODES", str(spec.nodes)),
@@ -187,6 +209,7 @@ def _trainer_job(
             common.index_env("JOB_COMPLETION_INDEX"),
             common.index_env("PET_NODE_RANK"),
             *({"name": k, "value": v} for k, v in rendezvous),
+            *cache_env,
         ],
         volumes=[config_volume, *volumes, *keys.volumes],
         mounts=[config_mount, *mounts, *keys.mounts],
@@ -225,11 +248,16 @@ def evaluation_resources(spec: SpeculatorTrainingSpec) -> Resources:
 
 
 def _eval_job(
-    cr: SpeculatorTraining, owner: Owner, names: TrainingNames, data: DataSource, defaults: Defaults
+    cr: SpeculatorTraining,
+    owner: Owner,
+    names: TrainingNames,
+    data: DataSource,
+    defaults: Defaults,
+    cache: ModelCache | None,
 ) -> Manifest:
     spec = cr.spec
     verifier = verifier_of(spec, data)
-    volumes, mounts = _volumes(spec, names, data)
+    volumes, mounts, cache_env = _volumes(spec, names, data, cache)
     args = [
         "specops",
         "evaluate",
@@ -253,7 +281,7 @@ def _eval_job(
     parts = PodParts(
         component=EVALUATOR,
         args=args,
-        env=[],
+        env=cache_env,
         volumes=volumes,
         mounts=mounts,
         resources=evaluation_resources(spec),
@@ -302,6 +330,8 @@ def child_datagen(cr: SpeculatorTraining, names: TrainingNames) -> Manifest:
     # What the user wrote (the API server fills the defaults from the same CRD), plus suspend.
     spec = inline.model_dump(mode="json", by_alias=True, exclude_unset=True)
     spec["suspend"] = inline.suspend or cr.spec.suspend
+    if cr.spec.model_cache is not None:  # the child downloads it; trainer and evaluator read its claim
+        spec["modelCache"] = cr.spec.model_cache.model_dump(mode="json", by_alias=True, exclude_unset=True)
     return {
         "apiVersion": API_VERSION,
         "kind": DATAGEN_KIND,
@@ -320,9 +350,10 @@ def inline_source(cr: SpeculatorTraining, status: dict[str, Any] | None) -> Data
 
 
 def build_training(
-    cr: SpeculatorTraining, defaults: Defaults, data: DataSource, *, trained: bool
+    cr: SpeculatorTraining, defaults: Defaults, data: DataSource, *, trained: bool, fetched: bool = False
 ) -> list[Manifest]:
-    """The children this training needs now, in creation order."""
+    """The children this training needs now, in creation order (`fetched`: its own model cache
+    download succeeded)."""
     owner = Owner.of(cr)
     names = TrainingNames(owner.name, owner.namespace)
     spec = cr.spec
@@ -332,9 +363,16 @@ def build_training(
     children.append(common.config_map(owner, names.config, dump_config(render_config(spec, data))))
     if spec.storage.size is not None:
         children.append(common.claim(owner, names.claim, "output", spec.storage.size, spec.storage))
+    if spec.model_cache is not None and spec.data_gen is None:
+        verifier = verifier_of(spec, data)
+        suspend, ttl = spec.suspend, spec.ttl_seconds_after_finished
+        children += build_cache(
+            owner, spec.model_cache, verifier, spec.pod, defaults, suspend=suspend, ttl=ttl
+        )
     children.append(_service(owner, names))
-    if data.ready:
-        children.append(_trainer_job(cr, owner, names, data, defaults))
+    cache = model_cache(cr, data, fetched=fetched)
+    if data.ready and (cache is None or cache.ready):
+        children.append(_trainer_job(cr, owner, names, data, defaults, cache))
     if trained and spec.evaluation.enabled and data.spec.mode == "offline":
-        children.append(_eval_job(cr, owner, names, data, defaults))
+        children.append(_eval_job(cr, owner, names, data, defaults, cache))
     return children
