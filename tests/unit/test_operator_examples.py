@@ -181,7 +181,7 @@ CROSS_FIELD = [
             _set("spec.pod.volumeMounts", [{"name": "weights", "mountPath": "/output"}])(doc),
         ),
         "pod.volumeMounts: the paths /etc/specops, /data, /output, /state, /tmp, /cache, /dev/shm, "
-        "/var/run/specops/stream-keys",
+        "/model-cache, /var/run/specops/stream-keys",
     ),
     (
         "hass-train.yaml",
