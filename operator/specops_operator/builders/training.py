@@ -2,8 +2,13 @@
 
 Always: ConfigMap (rendered TrainConfig), output PVC, headless Service (torchrun rendezvous DNS),
 and the child SpeculatorDataGen when the data generation is inline. Once the data is ready
-(offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job. Once it completed:
-the evaluation Job.
+(offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job of the current
+attempt. Once it completed: the evaluation Job.
+
+The trainer pods are one torchrun group: a rank that fails cannot rejoin the others, so the Job
+fails on its first failed pod (`backoffLimit` 0) and the operator replaces the whole group (the
+next attempt, `spec.trainer.maxRestarts` at most), whose ranks meet in a c10d rendezvous of their
+own id and resume from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specops.config import TrainConfig, dump_config, load_config
-from specops_operator import API_VERSION
+from specops_operator import API_VERSION, PREFIX
 from specops_operator.api import (
     DATAGEN_KIND,
     Resources,
@@ -32,6 +37,8 @@ RENDEZVOUS_PORT = 29500
 FINAL_DIR = f"{common.OUTPUT_ROOT}/final"
 """Where the trainer publishes the exported speculator."""
 EVALUATION_FILE = f"{common.OUTPUT_ROOT}/evaluation.json"
+ATTEMPT_ANNOTATION = f"{PREFIX}/attempt"
+"""On the trainer Job: which attempt it runs (0, then one more per group restart)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,10 @@ class TrainingNames:
         return spec.storage.existing_claim or self.claim
 
     @property
-    def master_addr(self) -> str:
-        """DNS name of completion index 0 (Indexed Job hostname + the headless Service)."""
-        return f"{self.job}-0.{self.service}"
+    def rendezvous_endpoint(self) -> str:
+        """Completion index 0 (Indexed Job hostname + the headless Service), which hosts the c10d
+        rendezvous store; its port."""
+        return f"{self.job}-0.{self.service}:{RENDEZVOUS_PORT}"
 
 
 @dataclass(frozen=True)
@@ -152,27 +160,43 @@ def _volumes(
     return volumes, mounts
 
 
+def rendezvous_env(
+    spec: SpeculatorTrainingSpec, names: TrainingNames, uid: str, attempt: int
+) -> list[Manifest]:
+    """torchrun's settings (`PET_*` = its flags): a c10d rendezvous hosted by index 0 that waits
+    `rendezvousTimeoutSeconds` for every node (and for index 0's store to come up, `read_timeout`)
+    so slow scheduling and image pulls are no failure; an id per attempt, so ranks of a restarted
+    group never meet a stale one; no restarts inside torchrun (the operator restarts the group)."""
+    timeout = spec.trainer.rendezvous_timeout_seconds
+    settings = [
+        ("PET_NNODES", str(spec.nodes)),
+        ("PET_NPROC_PER_NODE", str(procs_per_node(spec))),
+        ("PET_RDZV_BACKEND", "c10d"),
+        ("PET_RDZV_ENDPOINT", names.rendezvous_endpoint),
+        ("PET_RDZV_ID", f"{uid}-{attempt}"),
+        ("PET_RDZV_CONF", f"join_timeout={timeout},read_timeout={timeout}"),
+        ("PET_MAX_RESTARTS", "0"),
+    ]
+    return [{"name": k, "value": v} for k, v in settings]
+
+
 def _trainer_job(
-    cr: SpeculatorTraining, owner: Owner, names: TrainingNames, data: DataSource, defaults: Defaults
+    cr: SpeculatorTraining,
+    owner: Owner,
+    names: TrainingNames,
+    data: DataSource,
+    defaults: Defaults,
+    attempt: int,
 ) -> Manifest:
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
     volumes, mounts = _volumes(spec, names, data)
-    rendezvous = [
-        ("PET_NNODES", str(spec.nodes)),
-        ("PET_NPROC_PER_NODE", str(procs_per_node(spec))),
-        ("PET_MASTER_ADDR", names.master_addr),
-        ("PET_MASTER_PORT", str(RENDEZVOUS_PORT)),
-        ("MASTER_ADDR", names.master_addr),
-        ("MASTER_PORT", str(RENDEZVOUS_PORT)),
-    ]
     parts = PodParts(
         component=TRAINER,
         args=["torchrun", "--module", "specops.cli", "train", "--config", common.CONFIG_FILE],
         env=[
             common.index_env("JOB_COMPLETION_INDEX"),
-            common.index_env("PET_NODE_RANK"),
-            *({"name": k, "value": v} for k, v in rendezvous),
+            *rendezvous_env(spec, names, owner.uid, attempt),
         ],
         volumes=[config_volume, *volumes],
         mounts=[config_mount, *mounts],
@@ -180,7 +204,7 @@ def _trainer_job(
         ports=({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},),
         subdomain=names.service,
     )
-    return common.job(
+    job = common.job(
         owner,
         names.job,
         TRAINER,
@@ -188,10 +212,20 @@ def _trainer_job(
         completions=spec.nodes,
         parallelism=spec.nodes,
         suspend=spec.suspend,
-        backoff={"backoffLimit": spec.backoff_limit},
+        backoff={"backoffLimit": 0},
         deadline=spec.active_deadline_seconds,
         ttl=spec.ttl_seconds_after_finished,
+        policy=common.failure_policy(ignore_disruptions=False),
     )
+    job["metadata"]["annotations"] = {ATTEMPT_ANNOTATION: str(attempt)}
+    return job
+
+
+def attempt_of(job: Manifest | None) -> int:
+    """The attempt a trainer Job runs (0 for one made before attempts were numbered)."""
+    annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
+    raw = str(annotations.get(ATTEMPT_ANNOTATION) or "0")
+    return int(raw) if raw.isdigit() else 0
 
 
 def evaluation_resources(spec: SpeculatorTrainingSpec) -> Resources:
@@ -302,9 +336,10 @@ def inline_source(cr: SpeculatorTraining, status: dict[str, Any] | None) -> Data
 
 
 def build_training(
-    cr: SpeculatorTraining, defaults: Defaults, data: DataSource, *, trained: bool
+    cr: SpeculatorTraining, defaults: Defaults, data: DataSource, *, trained: bool, attempt: int | None = 0
 ) -> list[Manifest]:
-    """The children this training needs now, in creation order."""
+    """The children this training needs now, in creation order. `attempt`: the trainer group to
+    run (`status.trainer.restarts`); None while the failed one is being torn down."""
     owner = Owner.of(cr)
     names = TrainingNames(owner.name, owner.namespace)
     spec = cr.spec
@@ -315,8 +350,8 @@ def build_training(
     if spec.storage.size is not None:
         children.append(common.claim(owner, names.claim, "output", spec.storage.size, spec.storage))
     children.append(_service(owner, names))
-    if data.ready:
-        children.append(_trainer_job(cr, owner, names, data, defaults))
+    if data.ready and attempt is not None:
+        children.append(_trainer_job(cr, owner, names, data, defaults, attempt))
     if trained and spec.evaluation.enabled and data.spec.mode == "offline":
         children.append(_eval_job(cr, owner, names, data, defaults))
     return children
