@@ -202,3 +202,50 @@ async def test_the_restart_count_survives_an_operator_restart(api: Api, operator
         what="attempt 2",
     )
     assert _trainer_status(api)["restarts"] == 2 and _env(third)["PET_RDZV_ID"].endswith("-2")
+
+
+async def test_under_kueue_each_attempt_waits_for_admission_and_suspend_reaches_its_workload(
+    api: Api, operator: Runner
+) -> None:
+    api.server.resources["kueue.x-k8s.io/v1beta1/workloads"] = kmock.ResourceInfo(
+        kind="Workload", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    )
+    await operator()
+    training = example("hass-train.yaml")
+    training["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "specops"}
+    await api.create(example("datagen-offline.yaml"))
+    await api.create(training)
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{OFFLINE}-gen"), what="generator Job")
+    await api.patch("batch/v1", "Job", "ml", f"{OFFLINE}-gen", job_done(8), "status")
+    first = await api.until(lambda: api.get("batch/v1", "Job", "ml", JOB), what="trainer Job")
+    assert first["spec"]["suspend"] is True
+    await api.patch("batch/v1", "Job", "ml", JOB, {"spec": {"suspend": False}})  # Kueue admits it
+    await _fail_rank(api, first, 1, 137, "")
+    second = await api.until(
+        lambda: (
+            _attempt(api.get("batch/v1", "Job", "ml", JOB)) == "1" and api.get("batch/v1", "Job", "ml", JOB)
+        ),
+        what="attempt 1",
+    )
+    # A new Job, so a new Kueue Workload: queued and suspended until Kueue admits it again.
+    assert second["spec"]["suspend"] is True
+    assert second["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "specops"
+    workload = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"job-{JOB}-1",
+            "namespace": "ml",
+            "labels": {"kueue.x-k8s.io/job-uid": second["metadata"]["uid"]},
+        },
+        "spec": {"active": True, "queueName": "specops"},
+    }
+    await api.create(workload)
+    await api.patch("batch/v1", "Job", "ml", JOB, {"spec": {"suspend": False}})  # admitted
+    await api.patch(*TR, "ml", NAME, {"spec": {"suspend": True}})
+    stored = lambda: api.get("kueue.x-k8s.io/v1beta1", "Workload", "ml", f"job-{JOB}-1") or {}  # noqa: E731
+    await api.until(lambda: stored()["spec"]["active"] is False, what="the attempt's Workload deactivated")
+    await _settle(api)
+    job = api.get("batch/v1", "Job", "ml", JOB)
+    assert job is not None and job["spec"]["suspend"] is False, "Kueue alone flips a queued Job's suspend"
+    assert _trainer_status(api)["restarts"] == 1

@@ -317,6 +317,9 @@ def test_trainer_job_has_torchrun_rendezvous() -> None:
     assert env["PET_RDZV_ENDPOINT"] == "qwen3-8b-hass-train-0.qwen3-8b-hass-train:29500"
     assert env["PET_RDZV_CONF"] == "join_timeout=900,read_timeout=900"
     assert env["PET_RDZV_ID"] == "uid-qwen3-8b-hass-0"
+    # Each node advertises its Service DNS name (rank 0's is what the workers connect to).
+    assert env["PET_LOCAL_ADDR"] == "qwen3-8b-hass-train-$(JOB_COMPLETION_INDEX).qwen3-8b-hass-train"
+    assert pod["containers"][0]["env"][0]["name"] == "JOB_COMPLETION_INDEX"  # defined before its use
     assert job["metadata"]["annotations"] == {"specops.dev/attempt": "0"}
     service = next(m for m in CASES["training-hass"] if m["kind"] == "Service")
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True

@@ -132,6 +132,7 @@ def test_a_config_error_under_torchrun_exits_2_at_the_pod_level(tmp_path: Path) 
         "PET_NNODES": "1",
         "PET_NPROC_PER_NODE": "1",
         "PET_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+        "PET_LOCAL_ADDR": "127.0.0.1",  # the pod's Service DNS name there
     }
     assert env["PET_RDZV_BACKEND"] == "c10d"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

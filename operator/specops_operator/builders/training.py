@@ -74,11 +74,14 @@ class TrainingNames:
     def claim_for(self, spec: SpeculatorTrainingSpec) -> str:
         return spec.storage.existing_claim or self.claim
 
+    def node_addr(self, index: str) -> str:
+        """DNS name of a completion index: its Indexed-Job hostname + the headless Service."""
+        return f"{self.job}-{index}.{self.service}"
+
     @property
     def rendezvous_endpoint(self) -> str:
-        """Completion index 0 (Indexed Job hostname + the headless Service), which hosts the c10d
-        rendezvous store; its port."""
-        return f"{self.job}-0.{self.service}:{RENDEZVOUS_PORT}"
+        """Completion index 0, which hosts the c10d rendezvous store, and its port."""
+        return f"{self.node_addr('0')}:{RENDEZVOUS_PORT}"
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,11 @@ def rendezvous_env(
     """torchrun's settings (`PET_*` = its flags): a c10d rendezvous hosted by index 0 that waits
     `rendezvousTimeoutSeconds` for every node (and for index 0's store to come up, `read_timeout`)
     so slow scheduling and image pulls are no failure; an id per attempt, so ranks of a restarted
-    group never meet a stale one; no restarts inside torchrun (the operator restarts the group)."""
+    group never meet a stale one; no restarts inside torchrun (the operator restarts the group).
+    Each node names itself by its Service DNS name (`local_addr`; the `$(...)` is expanded by the
+    kubelet): rank 0 hands that name to the workers, which `socket.getfqdn()` would not reliably
+    give, and c10d numbers nodes in their names' sort order, which puts index 0 first: global
+    rank 0 (checkpoints, the report status reads) runs in pod index 0."""
     timeout = spec.trainer.rendezvous_timeout_seconds
     settings = [
         ("PET_NNODES", str(spec.nodes)),
@@ -175,6 +182,7 @@ def rendezvous_env(
         ("PET_RDZV_ENDPOINT", names.rendezvous_endpoint),
         ("PET_RDZV_ID", f"{uid}-{attempt}"),
         ("PET_RDZV_CONF", f"join_timeout={timeout},read_timeout={timeout}"),
+        ("PET_LOCAL_ADDR", names.node_addr("$(JOB_COMPLETION_INDEX)")),
         ("PET_MAX_RESTARTS", "0"),
     ]
     return [{"name": k, "value": v} for k, v in settings]
