@@ -513,9 +513,10 @@ def _training_phase(
             f"{message}; last cause: {describe(group.last_failure)}"[:MESSAGE_LIMIT],
         )
     if group.restarting:
+        after = describe(group.last_failure) if group.last_failure else "its Job was deleted"
         message = (
-            f"restart {group.restarts} of {spec.trainer.max_restarts} after {describe(group.last_failure)}; "
-            "every rank resumes from the newest checkpoint"
+            f"replacing the trainer group (restart {group.restarts} of {spec.trainer.max_restarts}) after "
+            f"{after}; every rank resumes from the newest checkpoint"
         )
         return Phase.PENDING, "Restarting", message[:MESSAGE_LIMIT]
     if trainer.failed:
