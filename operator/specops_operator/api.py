@@ -735,6 +735,18 @@ class EvaluationSpec(Contract):
     """Evaluation pod resources; default: the training pod's, with one GPU when it has GPUs."""
 
 
+class TrainerSpec(Contract):
+    """How the trainer pods fail and meet as one torchrun group."""
+
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
+    """Whole-group restarts before the training fails: when a rank fails with a retryable exit
+    (1, a signal, an eviction), every trainer pod is replaced and all resume from the newest
+    checkpoint. Exits 2, 3 and 4 fail the training at once."""
+    rendezvous_timeout_seconds: Annotated[int, Field(ge=60, le=86400)] = 900
+    """How long the ranks of one attempt wait for each other (torchrun c10d `join_timeout`):
+    long enough for the slowest pod to be scheduled and pull its image."""
+
+
 class SpeculatorTrainingSpec(TrainWorkload):
     """Train an EAGLE-3 or HASS speculator on generated data and export it for vLLM."""
 
@@ -761,8 +773,8 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Image, resources and scheduling of the trainer pods."""
     verifier_architecture: VerifierArchitecture | None = None
     """Verifier dimensions for validation; default: known for common verifiers, else unchecked."""
-    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
-    """Trainer restarts before the run fails (each resumes from its newest checkpoint)."""
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    """Group restarts and rendezvous of the trainer pods (changes apply from the next attempt)."""
     suspend: bool = False
     """Create and keep the trainer Job suspended."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
@@ -771,7 +783,7 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Delete finished Jobs (not the checkpoints) after this many seconds."""
 
     MUTABLE: ClassVar[frozenset[str]] = frozenset(
-        {"suspend", "active_deadline_seconds", "ttl_seconds_after_finished"}
+        {"suspend", "trainer", "active_deadline_seconds", "ttl_seconds_after_finished"}
     )
     """Everything else is fixed once pods run: a Job cannot change its pod template."""
 
@@ -944,6 +956,32 @@ class Artifact(Contract):
     """Serve it: mount the claim at the same path and run this."""
 
 
+class TrainerRestart(Contract):
+    """The failure that made the operator restart the trainer group (or fail it)."""
+
+    attempt: Annotated[int, Field(ge=0)] = 0
+    """The attempt that failed (0 = the first trainer Job)."""
+    pod: Annotated[str, Field(max_length=253)] = ""
+    """The trainer pod that failed first."""
+    rank: Annotated[int, Field(ge=0)] | None = None
+    """Its completion index (the torchrun node)."""
+    exit_code: int | None = None
+    """Its container's exit code (137: killed; none when it was evicted before it ran)."""
+    reason: Annotated[str, Field(max_length=256)] = ""
+    """Error, OOMKilled, Evicted, ... as Kubernetes reported it."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """What the workload said (its error line), or the Job's failure message."""
+
+
+class TrainerStatus(Contract):
+    """Whole-group restarts of the trainer."""
+
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Group restarts so far; the trainer Job of attempt N carries the annotation specops.dev/attempt: N."""
+    last_failure: TrainerRestart | None = None
+    """What ended the last failed attempt."""
+
+
 class TrainingStatus(Contract):
     """Observed state of a SpeculatorTraining."""
 
@@ -957,6 +995,8 @@ class TrainingStatus(Contract):
     """The SpeculatorDataGen providing the data."""
     verifier: Annotated[str, Field(max_length=512)] = ""
     """The verifier in use."""
+    trainer: TrainerStatus = Field(default_factory=TrainerStatus)
+    """Group restarts and their causes."""
     evaluation: EvaluationResult | None = None
     """Acceptance measured after training."""
     artifact: Artifact | None = None

@@ -20,7 +20,7 @@ from typing import Any, cast
 import kopf
 
 from specops.config import ConfigError
-from specops_operator import API_VERSION, GROUP, PREFIX, VERSION, stream_keys
+from specops_operator import API_VERSION, GROUP, PREFIX, VERSION, restarts, stream_keys
 from specops_operator.api import (
     DATAGEN_KIND,
     TRAINING_KIND,
@@ -67,6 +67,7 @@ from specops_operator.status import (
     Observed,
     compatible_condition,
     datagen_status,
+    describe,
     finished_components,
     hold_ttl,
     is_terminal,
@@ -387,7 +388,10 @@ def _data_source(cr: SpeculatorTraining, kube: Kube) -> DataSource:
     return DataSource.of(obj)
 
 
-def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, now: str) -> Manifest:
+def reconcile_training(
+    cr: SpeculatorTraining, prior: Manifest, ctx: Context, now: str
+) -> tuple[Manifest, Manifest | None]:
+    """The status, and the failed trainer Job to delete once that status is written (a restart)."""
     kube = ctx.api
     meta = cr.metadata
     assert meta.namespace and meta.uid
@@ -402,8 +406,14 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
     own_cache = cr.spec.model_cache is not None and cr.spec.data_gen is None
     cache = CacheNames.of(cr.kind, meta.name)
     fetch = _fetch_job(kube, cr) if own_cache else None
+    failed_pods = (
+        pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, TRAINER) if JobView.of(job).failed else ()
+    )
+    group = restarts.decide(prior.get("trainer") or {}, job, failed_pods, cr.spec.trainer.max_restarts)
     try:
-        children = build_training(cr, ctx.defaults, data, trained=trained, fetched=_fetched(fetch, prior))
+        children = build_training(
+            cr, ctx.defaults, data, trained=trained, fetched=_fetched(fetch, prior), attempt=group.attempt
+        )
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
     existing = ensure_all(kube, children, meta.uid, prior)
@@ -417,7 +427,7 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
     read_trainer = (trainer.complete and not (prior.get("progress") or {}).get("step")) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
-    pods = (
+    pods = failed_pods or (
         pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, TRAINER)
         if read_trainer or trainer.unsure
         else ()
@@ -439,8 +449,10 @@ def reconcile_training(cr: SpeculatorTraining, prior: Manifest, ctx: Context, no
         fetch=observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior)
         if own_cache
         else None,
+        group=group,
     )
-    return training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
+    status = training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
+    return status, (job if group.teardown else None)
 
 
 @dataclass(frozen=True)
@@ -449,6 +461,8 @@ class Outcome:
 
     status: Manifest
     applied: str | None = None
+    teardown: Manifest | None = None
+    """A failed trainer Job to delete (foreground) after the status recording its restart is written."""
 
 
 def _applied_spec(body: Manifest) -> Manifest | None:
@@ -527,12 +541,13 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
         refused = ctx.allow.refusals(cr)
         if refused:
             raise Stall("NotAllowed", "; ".join(refused))
+        teardown = None
         if isinstance(cr, SpeculatorDataGen):
             status = reconcile_datagen(cr, prior, ctx, now)
         else:
-            status = reconcile_training(cr, prior, ctx, now)
+            status, teardown = reconcile_training(cr, prior, ctx, now)
         record = None if applied is not None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
-        return Outcome(status, record)
+        return Outcome(status, record, teardown)
     except ConfigError as exc:
         return Outcome(stalled_status(generation, prior, "InvalidSpec", str(exc), now, None))
     except Stall as stall:
@@ -563,6 +578,24 @@ def write(kube: Kube, body: Manifest, outcome: Outcome) -> None:
             reason=change.reason,
             message=f"{change.type}={change.status}: {change.message}"[:1024],
         )
+    group, before = status.get("trainer") or {}, prior.get("trainer") or {}
+    if int(group.get("restarts") or 0) > int(before.get("restarts") or 0):
+        kopf.event(
+            cast(kopf.Body, body),
+            type="Warning",
+            reason="TrainerRestarted",
+            message=f"restart {group['restarts']}: {describe(group.get('lastFailure'))}"[:1024],
+        )
+
+
+def delete_attempt(kube: Kube, job: Manifest) -> None:
+    """Delete a failed attempt's Job with foreground propagation: the Job (and the name the next
+    attempt takes) stays until its pods are gone, so no rank of it outlives it. The uid
+    precondition spares a newer attempt of the same name."""
+    meta = job["metadata"]
+    kube.delete(
+        "batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground", uid=meta.get("uid")
+    )
 
 
 def refresh(ctx: Context, kind: str, namespace: str, name: str) -> None:
@@ -575,6 +608,8 @@ def refresh(ctx: Context, kind: str, namespace: str, name: str) -> None:
                 outcome = reconcile(body, ctx)
             ctx.metrics.record(body, outcome.status)
             write(ctx.api, body, outcome)
+            if outcome.teardown is not None:
+                delete_attempt(ctx.api, outcome.teardown)
 
 
 def delete_children(kube: Kube, body: Manifest) -> int:

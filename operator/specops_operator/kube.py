@@ -168,13 +168,25 @@ class Kube:
         path = object_path(api_version, kind, namespace, name, subresource)
         return self._call("PATCH", path, body, content_type="application/merge-patch+json")
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Delete with background propagation (pods of a Job go too); False if already gone."""
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+    def delete(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        *,
+        propagation: str = "Background",
+        uid: str | None = None,
+    ) -> bool:
+        """Delete (pods of a Job go too; `Foreground`: before the Job does); False if already gone,
+        or (`uid` given) if the object of that name is another one now."""
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             self._call("DELETE", object_path(api_version, kind, namespace, name), body)
         except ApiError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (exc.status == 409 and uid is not None):
                 return False
             raise
         return True

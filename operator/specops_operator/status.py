@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from specops import exitcodes
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
 from specops_operator.builders.datagen import GENERATOR, DataGenNames
@@ -103,7 +104,7 @@ class JobView:
         )
 
 
-def _container_state(pod: Obj) -> Obj:
+def container_state(pod: Obj) -> Obj:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == common.CONTAINER:
             return dict((status.get("state") or {}).get("terminated") or {})
@@ -122,7 +123,7 @@ def succeeded_reports(pods: Sequence[Obj]) -> dict[int, Obj]:
         index = _index(pod)
         if index is None or (pod.get("status") or {}).get("phase") != "Succeeded":
             continue
-        report = parse_report(str(_container_state(pod).get("message") or ""))
+        report = parse_report(str(container_state(pod).get("message") or ""))
         if report is not None:
             out[index] = report
     return out
@@ -132,8 +133,8 @@ def latest_report(pods: Sequence[Obj], index: int = 0) -> Obj | None:
     """The newest report any finished pod of `index` left (rank 0 reports for a trainer)."""
     finished = [
         (
-            str(_container_state(p).get("finishedAt") or ""),
-            parse_report(str(_container_state(p).get("message") or "")),
+            str(container_state(p).get("finishedAt") or ""),
+            parse_report(str(container_state(p).get("message") or "")),
         )
         for p in pods
         if _index(p) == index
@@ -146,7 +147,7 @@ def failure_detail(pods: Sequence[Obj]) -> str:
     """What the last failed workload container said (its error line, via FallbackToLogsOnError)."""
     failed = [
         (str(state.get("finishedAt") or ""), str(state.get("message") or "").strip())
-        for state in (_container_state(p) for p in pods)
+        for state in (container_state(p) for p in pods)
         if state.get("exitCode") not in (None, 0)
     ]
     failed = [item for item in failed if item[1]]
@@ -295,7 +296,58 @@ def started_phase(
     return Phase.PENDING, reasons[1], f"{progress}{pending}"
 
 
-# --------------------------------------------------------------------------- data generation
+# --------------------------------------------------------------------------- what was observed
+
+
+@dataclass(frozen=True)
+class Group:
+    """What the trainer group does now."""
+
+    restarts: int = 0
+    """Group restarts recorded (status.trainer.restarts): the attempt to run."""
+    last_failure: Obj | None = None
+    """status.trainer.lastFailure."""
+    attempt: int | None = 0
+    """The trainer Job to keep or create; None while a failed attempt is being torn down."""
+    teardown: bool = False
+    """Delete the trainer Job now (a failed attempt whose restart status has recorded)."""
+    exhausted: bool = False
+    """Failed: the last attempt failed with no restart left."""
+    fatal_code: int | None = None
+    """Failed: a rank exited with a code no restart can change."""
+
+    @property
+    def restarting(self) -> bool:
+        return self.attempt is None
+
+    def status(self) -> Obj:
+        out: Obj = {"restarts": self.restarts}
+        if self.last_failure is not None:
+            out["lastFailure"] = self.last_failure
+        return out
+
+
+FATAL_REASONS = {
+    exitcodes.CONFIG: "ConfigError",
+    exitcodes.DATA: "DataError",
+    exitcodes.NOT_BETTER: "NotBetter",
+}
+"""Failed's reason for a trainer exit code no restart can change."""
+
+
+def describe(failure: Obj | None) -> str:
+    """`pod x (rank 1) exit code 137 (Error): ...` for messages and Events."""
+    if not failure:
+        return "unknown cause"
+    parts = []
+    if failure.get("pod"):
+        rank = f" (rank {failure['rank']})" if failure.get("rank") is not None else ""
+        parts.append(f"pod {failure['pod']}{rank}")
+    if failure.get("exitCode") is not None:
+        parts.append(f"exit code {failure['exitCode']}")
+    head = " ".join(parts) or "the trainer Job"
+    text = f"{head} ({failure.get('reason') or 'Failed'})"
+    return f"{text}: {failure['message']}" if failure.get("message") else text
 
 
 @dataclass(frozen=True)
@@ -314,6 +366,8 @@ class Observed:
     """Events about the Job and the claim (read only while they look stuck)."""
     fetch: Observed | None = None
     """The `modelCache` download stage (its Job, pods, claim and Events), when this run has one."""
+    group: Group = Group()
+    """The trainer group's restarts (`restarts.decide`)."""
 
 
 # --------------------------------------------------------------------------- model cache
@@ -363,6 +417,9 @@ def download_phase(fetch: Observed, cached: Desired) -> tuple[Phase, str, str] |
         reasons = ("DownloadingModel", "DownloadingModel")
         return started_phase("download", fetch.job, fetch, fetch.pods, reasons, f"{cached.message}: ")
     return Phase.PENDING, "DownloadingModel", cached.message
+
+
+# --------------------------------------------------------------------------- data generation
 
 
 def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], prior: Obj) -> Obj:
@@ -531,11 +588,29 @@ def _training_phase(
     cached: Desired | None,
 ) -> tuple[Phase, str, str]:
     spec = cr.spec
+    group = seen.group
     if not data.found:  # the inline child, created by this very reconcile
         return Phase.PENDING, "WaitingForData", f"creating SpeculatorDataGen {data.names.name!r}"
+    if group.exhausted:
+        limit = spec.trainer.max_restarts
+        message = (
+            f"the trainer group failed after {group.restarts} of {limit} restarts (spec.trainer.maxRestarts)"
+        )
+        return (
+            Phase.FAILED,
+            "RestartsExhausted",
+            f"{message}; last cause: {describe(group.last_failure)}"[:MESSAGE_LIMIT],
+        )
+    if group.restarting:
+        after = describe(group.last_failure) if group.last_failure else "its Job was deleted"
+        message = (
+            f"replacing the trainer group (restart {group.restarts} of {spec.trainer.max_restarts}) after "
+            f"{after}; every rank resumes from the newest checkpoint"
+        )
+        return Phase.PENDING, "Restarting", message[:MESSAGE_LIMIT]
     if trainer.failed:
         reason, message = _failure(trainer, seen.pods, "ConfigError")
-        return Phase.FAILED, reason, message
+        return Phase.FAILED, FATAL_REASONS.get(group.fatal_code or 0, reason), message
     if not trainer.exists and data.failed:
         failed = find(data.conditions, "Failed") or {}
         cause = f": {failed.get('reason')}: {failed.get('message')}" if failed.get("message") else ""
@@ -660,6 +735,7 @@ def training_status(
         "progress": progress,
         "dataGen": data.names.name,
         "verifier": verifier_of(cr.spec, data).name_or_path,
+        "trainer": seen.group.status(),
     }
     if result is not None:
         out["evaluation"] = result

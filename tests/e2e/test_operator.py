@@ -190,14 +190,15 @@ def test_failed_workload_fails_the_resource_with_its_error(
     )
 
     cr = example("hass-train.yaml", "SpeculatorTraining")
-    cr["spec"]["backoffLimit"] = 0
+    cr["spec"]["trainer"] = {"maxRestarts": 0}
     apply(plane, ns, cr)
     names = TrainingNames(cr["metadata"]["name"], ns)
     until(lambda: kube.get("batch/v1", "Job", ns, names.job), what="the trainer Job")
     error = (
         "Traceback (most recent call last):\nValueError: error: draft vocabulary larger than the verifier's"
     )
-    # One worker fails: with backoffLimit 0 the Job controller fails the Job and deletes the others.
+    # One rank fails: the Job controller fails the trainer Job (backoffLimit 0) and deletes the
+    # others; with no group restart allowed, the training fails naming the rank and its error.
     pod = until(lambda: kubelet.pods(ns, {"job-name": names.job}), what="trainer pods")[0]
     kubelet.index(pod, 0)
     kubelet.finish(pod, exit_code=1, message=error)
@@ -206,7 +207,8 @@ def test_failed_workload_fails_the_resource_with_its_error(
     )
     status = status_of(plane, "SpeculatorTraining", ns, names.name)
     failed = condition(status, "Failed")
-    assert failed["reason"] == "RetriesExhausted"
+    assert failed["reason"] == "RestartsExhausted" and "0 of 0 restarts" in failed["message"]
+    assert "(rank 0) exit code 1" in failed["message"]
     assert "draft vocabulary larger than the verifier's" in failed["message"]
     assert (
         condition(status, "Stalled")["status"] == "True" and condition(status, "Ready")["status"] == "False"

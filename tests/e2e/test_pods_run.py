@@ -352,10 +352,13 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     wait_complete(plane, executor, ns, "SpeculatorDataGen", gen.name, timeout=120)
 
 
-def test_a_killed_trainer_rank_resumes_from_its_checkpoint_to_the_same_step(
+def test_a_killed_trainer_rank_restarts_the_whole_group_which_resumes_from_its_checkpoint(
     control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
 ) -> None:
-    """kill -9 of rank 1 mid-training: the group fails, its replacements resume, the run completes."""
+    """kill -9 of rank 1 mid-training: the trainer Job fails on it (backoffLimit 0), the operator
+    records the restart, deletes the Job with foreground propagation (rank 0 goes too) and creates
+    the next attempt, whose two ranks meet in a fresh c10d rendezvous and resume from the newest
+    checkpoint; the run completes with status.trainer.restarts 1 naming the killed rank."""
     plane, ns = control_plane, pods_ns
     hub_secret(plane, ns)
     cr = tiny_flagship(hub, max_steps=40)
@@ -370,18 +373,31 @@ def test_a_killed_trainer_rank_resumes_from_its_checkpoint_to_the_same_step(
         what="a first checkpoint",
         interval=0.5,
     )
-    rank1 = next(
-        r
-        for r in executor.pods.values()
-        if r.namespace == ns and r.name.startswith(names.job) and r.hostname.endswith("-1")
-    )
+    ranks = [r for r in executor.pods.values() if r.namespace == ns and r.name.startswith(names.job)]
+    rank1 = next(r for r in ranks if r.hostname.endswith("-1"))
     executor.kill(ns, rank1.name)
     status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=600)
     assert status["progress"]["step"] == 40
-    exits = executor.exit_codes(ns, names.job)
-    assert 137 in exits and exits.count(0) == 2, exits
-    logs = executor.log(ns, f"{names.job}-")
-    assert "resum" in logs.lower(), logs[-3000:]
+    group = status["trainer"]
+    assert group["restarts"] == 1, group
+    failure = group["lastFailure"]
+    assert (failure["pod"], failure["rank"], failure["exitCode"], failure["attempt"]) == (
+        rank1.name,
+        1,
+        137,
+        0,
+    )
+    # The whole group was replaced: two pods per attempt, the second attempt's both succeeded.
+    logs = executor.pod_logs(ns, f"{names.job}-")
+    assert len(logs) == 4 and {r.name for r in ranks}.isdisjoint(r.name for r in executor.pods.values())
+    assert executor.exit_codes(ns, names.job) == [0, 0]
+    resumed = [text for text in logs.values() if "resumed from" in text]
+    assert len(resumed) == 1 and "/checkpoints/step-" in resumed[0], logs
+    events = json.loads(plane.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
+    restarted = [
+        e for e in events if e["reason"] == "TrainerRestarted" and e["involvedObject"]["name"] == name
+    ]
+    assert restarted and rank1.name in restarted[0]["message"] and "exit code 137" in restarted[0]["message"]
     steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert max(s.get("step", 0) for s in steps) == 40
 
@@ -423,7 +439,7 @@ def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_nam
 
     # A revision the Hub does not have is only found out inside the pods: every trainer rank exits
     # 2 through torchrun, and status names the field and the cause (not torchrun's traceback).
-    pinned = {"verifier": {"nameOrPath": TINY, "revision": "no-such-tag"}, "backoffLimit": 1}
+    pinned = {"verifier": {"nameOrPath": TINY, "revision": "no-such-tag"}, "trainer": {"maxRestarts": 1}}
     broken = merge_patch(hass, {"metadata": {"name": "bad-revision"}, "spec": pinned})
     apply(plane, ns, broken)
 
@@ -435,3 +451,5 @@ def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_nam
     assert "verifier.name_or_path" in verdict["message"] and "no such revision" in verdict["message"], verdict
     codes = executor.exit_codes(ns, TrainingNames("bad-revision", ns).job)
     assert codes and set(codes) == {2}, f"every trainer pod exits with the config-error code: {codes}"
+    group = status_of(plane, "SpeculatorTraining", ns, "bad-revision")["trainer"]
+    assert group["restarts"] == 0 and group["lastFailure"]["exitCode"] == 2, "no restart for exit 2"

@@ -272,16 +272,21 @@ def test_offline_generator_job() -> None:
 
 def test_every_job_fails_at_once_on_the_fatal_exit_codes_only() -> None:
     """The exit-code contract: 2 config, 3 data, 4 evaluation verdict end the Job; 1 (a crash) and
-    143 (SIGTERM) are retried, also for the evaluator (whose exit 1 used to be terminal)."""
+    143 (SIGTERM) are retried, also for the evaluator (whose exit 1 used to be terminal). The
+    trainer Job retries nothing itself: its first failed pod (an evicted one too) ends it, and the
+    operator restarts the whole torchrun group."""
     jobs = [m for m in _all() if m["kind"] == "Job"]
     assert {m["metadata"]["name"].rsplit("-", 1)[-1] for m in jobs} == {"gen", "train", "eval"}
     for job in jobs:
-        fail_fast, evicted = job["spec"]["podFailurePolicy"]["rules"]
+        fail_fast, *rest = job["spec"]["podFailurePolicy"]["rules"]
         assert fail_fast == {
             "action": "FailJob",
             "onExitCodes": {"containerName": "workload", "operator": "In", "values": [2, 3, 4]},
         }, job["metadata"]["name"]
-        assert evicted["action"] == "Ignore"
+        if job["metadata"]["name"].endswith("-train"):
+            assert rest == [] and job["spec"]["backoffLimit"] == 0
+        else:
+            assert [r["action"] for r in rest] == ["Ignore"]
 
 
 def test_rendered_configs_are_valid_workload_configs() -> None:
@@ -305,17 +310,17 @@ def test_trainer_job_has_torchrun_rendezvous() -> None:
     pod = job["spec"]["template"]["spec"]
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
     assert pod["subdomain"] == "qwen3-8b-hass-train"
-    env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "4"
-    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
-        "['batch.kubernetes.io/job-completion-index']"
-    )
-    assert (
-        env["MASTER_ADDR"]["value"]
-        == env["PET_MASTER_ADDR"]["value"]
-        == "qwen3-8b-hass-train-0.qwen3-8b-hass-train"
-    )
-    assert env["MASTER_PORT"]["value"] == "29500"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4"
+    # c10d: index 0 hosts the store; every node waits for the others as long as scheduling may take.
+    assert env["PET_RDZV_BACKEND"] == "c10d" and env["PET_MAX_RESTARTS"] == "0"
+    assert env["PET_RDZV_ENDPOINT"] == "qwen3-8b-hass-train-0.qwen3-8b-hass-train:29500"
+    assert env["PET_RDZV_CONF"] == "join_timeout=900,read_timeout=900"
+    assert env["PET_RDZV_ID"] == "uid-qwen3-8b-hass-0"
+    # Each node advertises its Service DNS name (rank 0's is what the workers connect to).
+    assert env["PET_LOCAL_ADDR"] == "qwen3-8b-hass-train-$(JOB_COMPLETION_INDEX).qwen3-8b-hass-train"
+    assert pod["containers"][0]["env"][0]["name"] == "JOB_COMPLETION_INDEX"  # defined before its use
+    assert job["metadata"]["annotations"] == {"specops.dev/attempt": "0"}
     service = next(m for m in CASES["training-hass"] if m["kind"] == "Service")
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
@@ -324,6 +329,23 @@ def test_trainer_job_has_torchrun_rendezvous() -> None:
         "claimName": "qwen3-8b-sharegpt-data",
         "readOnly": True,
     }
+
+
+def test_each_attempt_has_its_own_rendezvous_and_none_runs_while_one_is_torn_down() -> None:
+    hass = _load("hass-train.yaml")
+    hass.spec.trainer.rendezvous_timeout_seconds = 3600
+    source = _source("datagen-offline.yaml", status=COMPLETE)
+    third = next(
+        m for m in build_training(hass, DEFAULTS, source, trained=False, attempt=2) if m["kind"] == "Job"
+    )
+    env = {e["name"]: e.get("value") for e in third["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (
+        env["PET_RDZV_ID"] == "uid-qwen3-8b-hass-2"
+        and third["metadata"]["annotations"]["specops.dev/attempt"] == "2"
+    )
+    assert env["PET_RDZV_CONF"] == "join_timeout=3600,read_timeout=3600"
+    tearing_down = build_training(hass, DEFAULTS, source, trained=False, attempt=None)
+    assert "Job" not in [m["kind"] for m in tearing_down]
 
 
 def test_stages_follow_the_data() -> None:

@@ -381,6 +381,24 @@ SCHEMA = [
         "is too long",
         "spec.engine.device: String should have at most 16 characters",
     ),
+    (
+        "hass-train.yaml",
+        _set("spec.trainer.maxRestarts", 101),
+        "greater than the maximum",
+        "spec.trainer.maxRestarts: Input should be less than or equal to 100",
+    ),
+    (
+        "hass-train.yaml",
+        _set("spec.trainer.rendezvousTimeoutSeconds", 5),
+        "less than the minimum",
+        "spec.trainer.rendezvousTimeoutSeconds: Input should be greater than or equal to 60",
+    ),
+    (
+        "hass-train.yaml",
+        _set("spec.backoffLimit", 3),  # replaced by trainer.maxRestarts (group restarts)
+        "unknown field .spec.backoffLimit",
+        "spec.backoffLimit: Extra inputs are not permitted",
+    ),
 ]
 
 
@@ -425,6 +443,7 @@ MUTABLE = [
     ("datagen-offline.yaml", _set("spec.ttlSecondsAfterFinished", 600)),
     ("hass-train.yaml", _set("spec.suspend", True)),
     ("hass-train.yaml", _set("spec.activeDeadlineSeconds", 86400)),
+    ("hass-train.yaml", _set("spec.trainer.maxRestarts", 10)),  # applies from the next attempt
 ]
 
 

@@ -111,8 +111,9 @@ def test_a_failed_childs_recorded_code_wins_over_its_exit_status(tmp_path: Path)
 
 
 def test_a_config_error_under_torchrun_exits_2_at_the_pod_level(tmp_path: Path) -> None:
-    """The trainer pod's own command (report wrapper + torchrun + specops train) with a bad config:
-    torchrun alone exits 1, which the Job's podFailurePolicy would retry on 8-GPU pods."""
+    """The trainer pod's own command (report wrapper + torchrun + specops train) and its rendezvous
+    settings (c10d, one node here, on a local port) with a bad config: torchrun alone exits 1,
+    which the Job's podFailurePolicy would retry on 8-GPU pods."""
     training = load_resources((ROOT / "examples" / "hass-train.yaml").read_text())[0]
     training.metadata.namespace, training.metadata.uid = "ml", "uid"
     source = _offline_source()
@@ -127,12 +128,13 @@ def test_a_config_error_under_torchrun_exits_2_at_the_pod_level(tmp_path: Path) 
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "SPECOPS_TERMINATION_LOG": str(tmp_path / "term"),
+        **{e["name"]: e["value"] for e in container["env"] if e["name"].startswith("PET_")},
         "PET_NNODES": "1",
         "PET_NPROC_PER_NODE": "1",
-        "PET_NODE_RANK": "0",
-        "PET_MASTER_ADDR": "127.0.0.1",
-        "PET_MASTER_PORT": str(_free_port()),
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+        "PET_LOCAL_ADDR": "127.0.0.1",  # the pod's Service DNS name there
     }
+    assert env["PET_RDZV_BACKEND"] == "c10d"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == exitcodes.CONFIG, done.stderr[-3000:]
     assert "specops train: error:" in done.stderr

@@ -318,22 +318,26 @@ def claim(owner: Owner, name: str, component: str, size: int | str, storage: Sto
     }
 
 
-def failure_policy() -> Manifest:
+def failure_policy(*, ignore_disruptions: bool = True) -> Manifest:
     """Exit codes no retry can change (`specops.exitcodes.FATAL`: config, data, evaluation verdict)
-    fail the Job at once; crashes (1) and SIGTERM (143) are retried; evictions never count."""
-    return {
-        "rules": [
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": list(exitcodes.FATAL),
-                },
+    fail the Job at once; crashes (1) and SIGTERM (143) are retried. `ignore_disruptions`: an
+    evicted pod is replaced without counting; off for a torchrun group, where a replaced rank
+    cannot rejoin the others and the whole group must go (the operator restarts it)."""
+    rules: list[Manifest] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                "values": list(exitcodes.FATAL),
             },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+        },
+    ]
+    if ignore_disruptions:
+        rules.append(
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        )
+    return {"rules": rules}
 
 
 def job(
@@ -348,14 +352,16 @@ def job(
     backoff: Manifest,
     deadline: int | None,
     ttl: int | None,
+    policy: Manifest | None = None,
 ) -> Manifest:
-    """An Indexed Job; with a Kueue queue it always starts suspended (Kueue resumes it on admission)."""
+    """An Indexed Job; with a Kueue queue it always starts suspended (Kueue resumes it on admission).
+    `policy`: its podFailurePolicy (default `failure_policy()`)."""
     spec: Manifest = {
         "completionMode": "Indexed",
         "completions": completions,
         "parallelism": parallelism,
         **backoff,
-        "podFailurePolicy": failure_policy(),
+        "podFailurePolicy": policy or failure_policy(),
         "suspend": suspend or owner.queue is not None,
         "template": template,
     }

@@ -2,9 +2,15 @@
 
 Always: ConfigMap (rendered TrainConfig), output PVC, headless Service (torchrun rendezvous DNS),
 and the child SpeculatorDataGen when the data generation is inline. Once the data is ready
-(offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job. Once it completed:
-the evaluation Job. With `modelCache`: its claim and download Job (the inline child DataGen's,
-when the data generation is inline), and the trainer Job only once the download succeeded.
+(offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job of the current
+attempt. Once it completed: the evaluation Job. With `modelCache`: its claim and download Job (the
+inline child DataGen's, when the data generation is inline), and the trainer Job only once the
+download succeeded.
+
+The trainer pods are one torchrun group: a rank that fails cannot rejoin the others, so the Job
+fails on its first failed pod (`backoffLimit` 0) and the operator replaces the whole group (the
+next attempt, `spec.trainer.maxRestarts` at most), whose ranks meet in a c10d rendezvous of their
+own id and resume from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specops.config import TrainConfig, dump_config, load_config
-from specops_operator import API_VERSION
+from specops_operator import API_VERSION, PREFIX
 from specops_operator.api import (
     DATAGEN_KIND,
     TRAINING_KIND,
@@ -37,6 +43,8 @@ METRICS_PORT = 9400
 FINAL_DIR = f"{common.OUTPUT_ROOT}/final"
 """Where the trainer publishes the exported speculator."""
 EVALUATION_FILE = f"{common.OUTPUT_ROOT}/evaluation.json"
+ATTEMPT_ANNOTATION = f"{PREFIX}/attempt"
+"""On the trainer Job: which attempt it runs (0, then one more per group restart)."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,14 @@ class TrainingNames:
     def claim_for(self, spec: SpeculatorTrainingSpec) -> str:
         return spec.storage.existing_claim or self.claim
 
+    def node_addr(self, index: str) -> str:
+        """DNS name of a completion index: its Indexed-Job hostname + the headless Service."""
+        return f"{self.job}-{index}.{self.service}"
+
     @property
-    def master_addr(self) -> str:
-        """DNS name of completion index 0 (Indexed Job hostname + the headless Service)."""
-        return f"{self.job}-0.{self.service}"
+    def rendezvous_endpoint(self) -> str:
+        """Completion index 0, which hosts the c10d rendezvous store, and its port."""
+        return f"{self.node_addr('0')}:{RENDEZVOUS_PORT}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,31 @@ def _volumes(
     return [*volumes, *cache_volumes], [*mounts, *cache_mounts], cache_env
 
 
+def rendezvous_env(
+    spec: SpeculatorTrainingSpec, names: TrainingNames, uid: str, attempt: int
+) -> list[Manifest]:
+    """torchrun's settings (`PET_*` = its flags): a c10d rendezvous hosted by index 0 that waits
+    `rendezvousTimeoutSeconds` for every node (and for index 0's store to come up, `read_timeout`)
+    so slow scheduling and image pulls are no failure; an id per attempt, so ranks of a restarted
+    group never meet a stale one; no restarts inside torchrun (the operator restarts the group).
+    Each node names itself by its Service DNS name (`local_addr`; the `$(...)` is expanded by the
+    kubelet): rank 0 hands that name to the workers, which `socket.getfqdn()` would not reliably
+    give, and c10d numbers nodes in their names' sort order, which puts index 0 first: global
+    rank 0 (checkpoints, the report status reads) runs in pod index 0."""
+    timeout = spec.trainer.rendezvous_timeout_seconds
+    settings = [
+        ("PET_NNODES", str(spec.nodes)),
+        ("PET_NPROC_PER_NODE", str(procs_per_node(spec))),
+        ("PET_RDZV_BACKEND", "c10d"),
+        ("PET_RDZV_ENDPOINT", names.rendezvous_endpoint),
+        ("PET_RDZV_ID", f"{uid}-{attempt}"),
+        ("PET_RDZV_CONF", f"join_timeout={timeout},read_timeout={timeout}"),
+        ("PET_LOCAL_ADDR", names.node_addr("$(JOB_COMPLETION_INDEX)")),
+        ("PET_MAX_RESTARTS", "0"),
+    ]
+    return [{"name": k, "value": v} for k, v in settings]
+
+
 def _trainer_job(
     cr: SpeculatorTraining,
     owner: Owner,
@@ -185,19 +222,12 @@ def _trainer_job(
     data: DataSource,
     defaults: Defaults,
     cache: ModelCache | None,
+    attempt: int,
 ) -> Manifest:
     spec = cr.spec
     config_volume, config_mount = common.config_volume(names.config)
     volumes, mounts, cache_env = _volumes(spec, names, data, cache)
     keys = data.access
-    rendezvous = [
-        ("PET_NNODES", str(spec.nodes)),
-        ("PET_NPROC_PER_NODE", str(procs_per_node(spec))),
-        ("PET_MASTER_ADDR", names.master_addr),
-        ("PET_MASTER_PORT", str(RENDEZVOUS_PORT)),
-        ("MASTER_ADDR", names.master_addr),
-        ("MASTER_PORT", str(RENDEZVOUS_PORT)),
-    ]
     parts = PodParts(
         component=TRAINER,
         args=[
@@ -207,8 +237,7 @@ def _trainer_job(
         env=[
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             common.index_env("JOB_COMPLETION_INDEX"),
-            common.index_env("PET_NODE_RANK"),
-            *({"name": k, "value": v} for k, v in rendezvous),
+            *rendezvous_env(spec, names, owner.uid, attempt),
             *cache_env,
         ],
         volumes=[config_volume, *volumes, *keys.volumes],
@@ -221,7 +250,7 @@ def _trainer_job(
         subdomain=names.service,
         labels=keys.labels,
     )
-    return common.job(
+    job = common.job(
         owner,
         names.job,
         TRAINER,
@@ -229,10 +258,20 @@ def _trainer_job(
         completions=spec.nodes,
         parallelism=spec.nodes,
         suspend=spec.suspend,
-        backoff={"backoffLimit": spec.backoff_limit},
+        backoff={"backoffLimit": 0},
         deadline=spec.active_deadline_seconds,
         ttl=spec.ttl_seconds_after_finished,
+        policy=common.failure_policy(ignore_disruptions=False),
     )
+    job["metadata"]["annotations"] = {ATTEMPT_ANNOTATION: str(attempt)}
+    return job
+
+
+def attempt_of(job: Manifest | None) -> int:
+    """The attempt a trainer Job runs (0 for one made before attempts were numbered)."""
+    annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
+    raw = str(annotations.get(ATTEMPT_ANNOTATION) or "0")
+    return int(raw) if raw.isdigit() else 0
 
 
 def evaluation_resources(spec: SpeculatorTrainingSpec) -> Resources:
@@ -350,10 +389,17 @@ def inline_source(cr: SpeculatorTraining, status: dict[str, Any] | None) -> Data
 
 
 def build_training(
-    cr: SpeculatorTraining, defaults: Defaults, data: DataSource, *, trained: bool, fetched: bool = False
+    cr: SpeculatorTraining,
+    defaults: Defaults,
+    data: DataSource,
+    *,
+    trained: bool,
+    fetched: bool = False,
+    attempt: int | None = 0,
 ) -> list[Manifest]:
-    """The children this training needs now, in creation order (`fetched`: its own model cache
-    download succeeded)."""
+    """The children this training needs now, in creation order. `fetched`: its own model cache
+    download succeeded; `attempt`: the trainer group to run (`status.trainer.restarts`), None while
+    the failed one is being torn down."""
     owner = Owner.of(cr)
     names = TrainingNames(owner.name, owner.namespace)
     spec = cr.spec
@@ -371,8 +417,8 @@ def build_training(
         )
     children.append(_service(owner, names))
     cache = model_cache(cr, data, fetched=fetched)
-    if data.ready and (cache is None or cache.ready):
-        children.append(_trainer_job(cr, owner, names, data, defaults, cache))
+    if data.ready and (cache is None or cache.ready) and attempt is not None:
+        children.append(_trainer_job(cr, owner, names, data, defaults, cache, attempt))
     if trained and spec.evaluation.enabled and data.spec.mode == "offline":
         children.append(_eval_job(cr, owner, names, data, defaults, cache))
     return children
