@@ -235,8 +235,8 @@ def _trainer_job(
             *("--metrics.host", "$(POD_IP)"),  # one config for all ranks; each pod has its own IP
         ],
         env=[
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             common.index_env("JOB_COMPLETION_INDEX"),
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             *rendezvous_env(spec, names, owner.uid, attempt),
             *cache_env,
         ],
