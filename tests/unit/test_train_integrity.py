@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _train_support import build_verifier, make_examples, train_config, write_store
+from _train_support import small_world, train_config
 from test_disk_full import fill, small_disk
 
 from specops import cli, exitcodes
@@ -25,10 +25,7 @@ __all__ = ["small_disk"]  # the tmpfs fixture, shared with the store tests
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("train-integrity")
-    verifier = build_verifier(root / "verifier")
-    write_store(root / "data", root / "verifier", make_examples(verifier, 24))
-    return {"root": root, "verifier": root / "verifier", "data": root / "data"}
+    return small_world(tmp_path_factory.mktemp("train-integrity"), 24)
 
 
 @pytest.fixture

@@ -109,8 +109,8 @@ def checkpoint_problem(path: Path) -> str | None:
             size = (path / rel).stat().st_size
         except FileNotFoundError:
             return f"{rel} is missing"
-        if size != record["nbytes"]:
-            return f"{rel} holds {size} bytes, {record['nbytes']} were written"
+        if size != record.get("nbytes"):
+            return f"{rel} holds {size} bytes, {record.get('nbytes')} were written"
         found = file_digest(path / rel, algorithm_of(digest))
         if found != digest:
             return f"{rel} has digest {found}, {digest} was written"
