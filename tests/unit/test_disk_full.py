@@ -1,5 +1,6 @@
-"""A full disk (a 2 MiB tmpfs) stops shard, manifest and broker-journal writers with one clear
-error and no torn state; once space is freed they resume with nothing lost or duplicated."""
+"""A full disk (a 2 MiB tmpfs) stops shard, manifest and broker-journal writers (and
+`specops generate-data`) with one clear error and no torn state; once space is freed they resume
+with nothing lost or duplicated."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from _stores_fixtures import META, make_example
 
-from specops import exitcodes
+from specops import cli, exitcodes
 from specops.exitcodes import DiskFull
 from specops.stores.broker import JOURNAL_FILE, Journal
 from specops.stores.disk import DiskStore
+from specops.testing.synthetic import make_conversations, write_jsonl
 
 PAGE = 4096
 
@@ -119,3 +122,41 @@ def test_broker_journal_keeps_only_whole_records_when_full(small_disk: Path) -> 
     third = Journal(state)
     assert len(third.delivered) == 10 + len(big) and third.complete == {0}
     third.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_generate_data_on_a_full_disk_exits_1_in_one_line_and_the_rerun_completes(
+    small_disk: Path,
+    tmp_path: Path,
+    tiny_verifier_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+    workers: int,
+) -> None:
+    """Spawned workers print their own line (capfd: they write to the file descriptor)."""
+    rows = write_jsonl(tmp_path / "syn.jsonl", make_conversations(24, seed=3))
+
+    def config(out: Path) -> Path:
+        cfg = {
+            "verifier": {"nameOrPath": str(tiny_verifier_dir)},
+            "datasets": [{"path": str(rows), "name": "syn"}],
+            "sync": {"path": str(out), "shardSize": 2},
+            "run": {"allowedRoots": [str(tmp_path), str(tiny_verifier_dir)], "numWorkers": workers},
+        }
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    assert cli.main(["generate-data", "--config", str(config(tmp_path / "reference"))]) == 0
+    reference = DiskStore.open(tmp_path / "reference", [tmp_path]).done_ids()
+    capfd.readouterr()
+    ballast = fill(small_disk, 64 * PAGE)
+    full = config(small_disk / "out")
+    assert cli.main(["generate-data", "--config", str(full)]) == exitcodes.FAILED
+    err = capfd.readouterr().err.strip().splitlines()
+    assert any("error:" in line and "no space left on the device while writing" in line for line in err)
+    assert not [line for line in err if line.startswith("Traceback")]
+    ballast.unlink()
+    assert cli.main(["generate-data", "--config", str(full)]) == 0
+    store = DiskStore.open(small_disk / "out", [small_disk], verify="digest")
+    served = [ex["id"] for p in store.partitions() for ex in store.read(p)]
+    assert sorted(served) == sorted(reference), "every example once"
