@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
-from _stores_fixtures import META, assert_same_example, make_example
+from _stores_fixtures import META, assert_same_example, expected_counts, make_example
 
 from specops.stores import manifest as mf
 from specops.stores.disk import DiskStore, TooManyDroppedShardsError
@@ -90,6 +90,17 @@ def test_a_tolerant_reader_drops_bad_shards_up_to_its_limit(
         list(view.read(parts[2]))
     with pytest.raises(TooManyDroppedShardsError):
         DiskStore.open(root, [tmp_path], max_dropped=0)  # the missing shard alone is one too many
+
+
+def test_a_tolerant_reader_counting_tokens_drops_a_bad_shard_too(tmp_path: Path) -> None:
+    parts = _store(tmp_path, n=12).partitions()
+    root = tmp_path / "store"
+    (root / "tokens-w00000.json").unlink()  # no cache: the counts come from the shards themselves
+    _flip(root / parts[1], 20)
+    view = DiskStore.open(root, [tmp_path], max_dropped=1)
+    assert view.token_counts() == expected_counts(make_example(i) for i in (*range(4), *range(8, 12)))
+    assert [f for f, _ in view.dropped] == [parts[1]]
+    assert list(view.read(parts[1])) == []
 
 
 def _tear(path: Path) -> None:

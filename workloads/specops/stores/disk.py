@@ -350,8 +350,15 @@ class DiskStore:
             counts.update(cache.counts)
             todo = [f for f in files if f not in cache.shards]
         for f in todo:
+            if f in self._failed:
+                continue
             e = self._view.entries[f]
-            counts.update(shard_token_counts(self.path / f, e.compression, e.nbytes, e.raw_nbytes))
+            try:
+                counts.update(shard_token_counts(self.path / f, e.compression, e.nbytes, e.raw_nbytes))
+            except ShardError as exc:
+                if self._max_dropped is None:
+                    raise
+                self._drop_on_read(f, exc)
         return counts
 
     def _build_view(self, manifests: dict[str, Manifest], verify: Verify) -> _View:
