@@ -91,6 +91,13 @@ def write_store(path: Path, verifier_dir: Path, examples: Sequence[ExampleDict],
     return path
 
 
+def small_world(root: Path, count: int) -> dict[str, Any]:
+    """A verifier and a DiskStore of `count` examples of its states under `root`."""
+    verifier = build_verifier(root / "verifier")
+    write_store(root / "data", root / "verifier", make_examples(verifier, count))
+    return {"root": root, "verifier": root / "verifier", "data": root / "data"}
+
+
 def train_config(
     root: Path, verifier_dir: Path, data_dir: Path, output: str = "out", **overrides: Any
 ) -> TrainConfig:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _train_support import build_verifier, make_examples, train_config, write_store
+from _train_support import small_world, train_config
 
 from specops import exitcodes
 from specops.train.checkpoint import NonFiniteError, complete_checkpoints
@@ -18,10 +18,7 @@ from specops.train.trainer import MAX_NONFINITE_STEPS, Trainer, train
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("finite")
-    verifier = build_verifier(root / "verifier")
-    write_store(root / "data", root / "verifier", make_examples(verifier, 16))
-    return {"root": root, "verifier": root / "verifier", "data": root / "data"}
+    return small_world(tmp_path_factory.mktemp("finite"), 16)
 
 
 def test_a_diverging_run_stops_with_an_error_and_publishes_nothing(world: dict[str, Any]) -> None:

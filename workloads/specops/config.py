@@ -372,11 +372,20 @@ class TrainDataConfig(Contract):
     reach this many tokens, the loss-masked token counts of every rank's window (summed, so all ranks
     agree) choose the draft vocabulary, and those examples are then trained on like any other. Memory:
     tokens x the bytes per token of the hidden states (an 8B verifier with 4 slots in bf16: 32 KiB)."""
+    max_dropped_shards: Annotated[int, Field(ge=0, le=1_000_000)] = 8
+    """DiskStore shards (data.kind disk, or a stream's cache) a rank may drop because they fail
+    their checks (missing, cut short, a digest or header that does not match) before the run
+    fails with exit 3; each dropped shard is logged and its examples are skipped."""
 
     @model_validator(mode="after")
     def _kind_needs(self) -> Self:
         if self.kind in ("disk", "speculators") and not self.path:
             raise ValueError(f"data.path is required when data.kind is '{self.kind}'")
+        if self.kind == "speculators" and "max_dropped_shards" in self.model_fields_set:
+            raise ValueError(
+                "data.max_dropped_shards applies to SpecOps shards; upstream hs files carry no digests "
+                "to check (data.kind is 'speculators')"
+            )
         if self.kind == "zmq" and not self.url:
             raise ValueError("data.url is required when data.kind is 'zmq'")
         return self

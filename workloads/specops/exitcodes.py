@@ -7,7 +7,7 @@ and its Job builders read the same numbers.
 | code | meaning | retried by the Job |
 |---|---|---|
 | 0 | success | - |
-| 1 | failure a rerun may fix (crash, lost stream, failed workers); reruns resume | yes |
+| 1 | failure a rerun may fix (crash, lost stream, failed workers, disk full); reruns resume | yes |
 | 2 | configuration or usage error (also argparse's code) | no |
 | 3 | input data unusable (corrupt or mismatched shards, checkpoint state, no prompts) | no |
 | 4 | evaluation verdict: not lossless, or not better than the untrained draft | no |
@@ -20,6 +20,7 @@ code recorded (the root cause; ranks stopped by torchrun afterwards record 143 l
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -34,6 +35,7 @@ FATAL = (CONFIG, DATA, NOT_BETTER)
 """Codes no retry can change: Jobs fail at once on them (`podFailurePolicy` FailJob)."""
 
 EXIT_FILE_ENV = "SPECOPS_EXIT_FILE"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Diverged(RuntimeError):
@@ -41,8 +43,25 @@ class Diverged(RuntimeError):
     only a change of the spec (learning rate, clipping, precision) helps."""
 
 
+class DiskFull(OSError):
+    """A write found no space left (ENOSPC, EDQUOT): exit 1, since a rerun resumes once space is
+    freed. The writer left no torn state behind; the message names the file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class DataError(ValueError):
     """Input data cannot be used as it is (corrupt, mismatched or empty): exit 3, never retried."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """A write found the disk (or the quota) full: any writer, not only those that raise DiskFull."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
 
 
 def classify(exc: BaseException) -> int | None:
@@ -55,7 +74,7 @@ def classify(exc: BaseException) -> int | None:
         return DATA
     if isinstance(exc, ConfigError | PathNotAllowedError | FileNotFoundError | Diverged):
         return CONFIG
-    if isinstance(exc, StreamError | ConnectionError):
+    if isinstance(exc, StreamError | ConnectionError) or out_of_space(exc):
         return FAILED
     return None
 

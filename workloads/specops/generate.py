@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from specops import exitcodes
 from specops.config import ConfigError, DataGenConfig, load_config
 
 if TYPE_CHECKING:
@@ -433,5 +434,11 @@ def worker_main(config_json: str, worker: int, num_workers: int, report_path: st
         # Bad input (config, paths, unreadable sources, another producer's store): one line, no traceback.
         print(f"specops generate-data worker {worker}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        if not exitcodes.out_of_space(exc):
+            raise
+        # A full disk: one line too, exit 1 (the rerun resumes once space is freed).
+        print(f"specops generate-data worker {worker}: error: {exc}", file=sys.stderr)
+        sys.exit(exitcodes.FAILED)
     Path(report_path).write_text(json.dumps(report.to_json()))
     sys.exit(0 if report.ok else 1)

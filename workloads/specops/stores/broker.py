@@ -42,7 +42,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from specops.stores.atomic import write_json_atomic
+from specops.stores.atomic import disk_full_as_error, write_json_atomic
 from specops.stores.base import StoreMeta
 from specops.stores.streaming import MetricsServer, StreamStats, serve_metrics
 from specops.stores.wire import (
@@ -82,7 +82,8 @@ class Journal:
     """What must survive a broker restart: the stream's StoreMeta and range count, the complete
     ranges and every delivered id (with its range and the consumer session it went to). Kept in
     memory; with a directory, also appended to `journal.msgpack` before the broker acks anything
-    (kill -9 safe: one write() per record batch; an fsync every `fsync_every_s` covers power loss)."""
+    (kill -9 safe: one write() per record batch; an fsync every `fsync_every_s` covers power loss;
+    a full disk cuts a half-written batch off again and stops the broker with `DiskFull`)."""
 
     def __init__(self, directory: Path | None, fsync_every_s: float = 1.0) -> None:
         self.directory = directory
@@ -94,6 +95,8 @@ class Journal:
         """Delivered id -> the consumer session that took it (absent in journals written before
         owners were recorded: such an id may be confirmed to any consumer that asks)."""
         self._fd: int | None = None
+        self._size = 0
+        """Bytes of whole records in the journal file."""
         self._fsync_every_s = fsync_every_s
         self._last_fsync = time.monotonic()
         self._dirty = False
@@ -101,6 +104,7 @@ class Journal:
             directory.mkdir(parents=True, exist_ok=True)
             self._load(directory)
             self._fd = os.open(directory / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size = os.fstat(self._fd).st_size
 
     @property
     def resumed(self) -> bool:
@@ -170,9 +174,16 @@ class Journal:
     def _append(self, data: bytes) -> None:
         if self._fd is None:
             return
+        assert self.directory is not None
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            with disk_full_as_error(self.directory / JOURNAL_FILE, "the broker journal"):
+                while view:
+                    view = view[os.write(self._fd, view) :]
+        except OSError:
+            os.ftruncate(self._fd, self._size)  # no torn record: the journal ends at the last whole one
+            raise
+        self._size += len(data)
         self._dirty = True
 
     def sync(self, force: bool = False) -> None:
@@ -180,7 +191,9 @@ class Journal:
         if self._fd is None or not self._dirty:
             return
         if force or time.monotonic() - self._last_fsync >= self._fsync_every_s:
-            os.fsync(self._fd)
+            assert self.directory is not None
+            with disk_full_as_error(self.directory / JOURNAL_FILE, "the broker journal"):
+                os.fsync(self._fd)
             self._dirty = False
             self._last_fsync = time.monotonic()
 

@@ -54,3 +54,8 @@ def file_digest(path: Path, algorithm: Algorithm) -> str:
         while n := f.readinto(buf):
             hasher.update(buf[:n])
     return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def digest_mismatch(found: str | None, expected: str | None) -> str:
+    """The reason a file is dropped when its digest is not the recorded one."""
+    return f"digest {found} differs from the manifest's {expected}"

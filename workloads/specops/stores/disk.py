@@ -4,8 +4,9 @@ Writers (local worker processes or Kubernetes Indexed-Job pods on one shared vol
 their file names: `shard-wNNNNN-SSSSS.safetensors[.zst]`, `manifest-wNNNNN.json`,
 `tokens-wNNNNN.json` and temp files `.tmp-wNNNNN-*`. A shard is committed when its writer's
 manifest lists it; readers merge every writer manifest. A writer killed at any point loses only
-uncommitted work, which the next run regenerates (`done_ids()` is exactly what manifests list).
-See docs/storage.md for the format.
+uncommitted work, which the next run regenerates (`done_ids()` is exactly what manifests list);
+a torn manifest counts as such a crash. Every read checks the shard's digest. See
+docs/storage.md for the format and the guarantees.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from typing import TYPE_CHECKING, Literal, Self, cast
 
 import torch
 
+from specops.exitcodes import DataError
 from specops.paths import resolve_allowed
 from specops.stores import manifest as mf
-from specops.stores.atomic import temp_path
+from specops.stores.atomic import disk_full_as_error, temp_path
 from specops.stores.base import StoreMeta
-from specops.stores.digests import Algorithm, algorithm_of, file_digest
-from specops.stores.manifest import Manifest, ShardEntry, StoreMetaMismatchError, TokenCounts
+from specops.stores.digests import Algorithm, algorithm_of, digest_mismatch, file_digest
+from specops.stores.manifest import Manifest, ManifestError, ShardEntry, StoreMetaMismatchError, TokenCounts
 from specops.stores.shards import (
     Compression,
+    ShardError,
     check_example,
     decode_shard,
     iter_examples,
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 Verify = Literal["size", "digest"]
 
 
+class TooManyDroppedShardsError(DataError):
+    """More shards failed their checks than the reader tolerates (`data.max_dropped_shards`)."""
+
+
 @dataclass
 class _View:
     """The committed shards readers see: manifest-listed files that passed the checks."""
@@ -59,7 +66,9 @@ class _View:
     """Example id -> the one shard that serves it (the first that lists it)."""
     files_by_manifest: dict[str, list[str]] = field(default_factory=dict)
     dropped: list[tuple[str, str]] = field(default_factory=list)
-    """(file, reason) of listed shards that failed the checks."""
+    """(file, reason) of listed shards that failed the checks (at open or on a read)."""
+    skipped_manifests: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) of writer manifests that could not be parsed (torn, truncated)."""
 
     def add(self, manifest_file: str, entry: ShardEntry) -> None:
         self.entries[entry.file] = entry
@@ -79,19 +88,34 @@ def _shard_problem(path: Path, entry: ShardEntry, verify: Verify) -> str | None:
     if verify == "digest":
         found = file_digest(path, algorithm_of(entry.digest))
         if found != entry.digest:
-            return f"digest {found} differs from the manifest's {entry.digest}"
+            return digest_mismatch(found, entry.digest)
     return None
 
 
-def _load_manifests(root: Path) -> dict[str, Manifest]:
-    """Writer manifests by file name, writer order; the merged manifest only when there are none."""
+def _load_manifests(root: Path) -> tuple[dict[str, Manifest], list[tuple[str, str]]]:
+    """(writer manifests by file name in writer order, (file, reason) of unparsable ones); the
+    merged manifest only when there are no writer manifests.
+
+    A torn or unparsable writer manifest is what a crash before its first commit leaves, so it is
+    skipped with a warning instead of failing the whole store; its writer redoes its shards.
+    """
     writers = sorted(
         (int(m.group(1)), name) for name in os.listdir(root) if (m := mf.WRITER_MANIFEST_RE.match(name))
     )
-    if writers:
-        return {name: mf.load_manifest(root / name) for _, name in writers}
-    merged = root / mf.MERGED_MANIFEST
-    return {mf.MERGED_MANIFEST: mf.load_manifest(merged)} if merged.exists() else {}
+    if not writers:
+        merged = root / mf.MERGED_MANIFEST
+        return ({mf.MERGED_MANIFEST: mf.load_manifest(merged)} if merged.exists() else {}), []
+    found: dict[str, Manifest] = {}
+    skipped: list[tuple[str, str]] = []
+    for _, name in writers:
+        try:
+            found[name] = mf.load_manifest(root / name)
+        except FileNotFoundError:
+            continue  # removed since the listing
+        except ManifestError as exc:
+            log.warning("%s: skipping %s, it is unreadable (%s); its shards are left out", root, name, exc)
+            skipped.append((name, str(exc)))
+    return found, skipped
 
 
 class DiskStore:
@@ -141,7 +165,7 @@ class DiskStore:
         self._manifest_file = mf.manifest_name(writer_index)
         self._remove_own_temp_files()
 
-        manifests = _load_manifests(self.path)
+        manifests, skipped = _load_manifests(self.path)
         if mf.MERGED_MANIFEST in manifests:
             raise ValueError(
                 f"{self.path}: holds only a merged manifest.json; resuming needs the manifest-w*.json files"
@@ -153,13 +177,20 @@ class DiskStore:
         if meta is None:
             raise ValueError(f"{self.path}: no existing manifest to take the StoreMeta from; pass meta")
         self._meta = meta
-        own = manifests.get(self._manifest_file) or Manifest(
-            meta=meta, writer=writer_index, num_writers=num_writers
-        )
+        own = manifests.get(self._manifest_file)
+        if own is None:
+            own = Manifest(meta=meta, writer=writer_index, num_writers=num_writers)
+            if any(name == self._manifest_file for name, _ in skipped):
+                log.warning("%s: redoing every shard of this writer (its manifest is unreadable)", self.path)
+                mf.save(self.path / self._manifest_file, own, self._tmp_prefix)
+                self._remove_merged_summary()
         manifests[self._manifest_file] = self._recheck_own(own, verify)
         self._own = manifests[self._manifest_file]
         self._remove_orphan_shards()
         self._view = self._build_view(manifests, verify="size")
+        self._view.skipped_manifests = [(n, r) for n, r in skipped if n != self._manifest_file]
+        self._max_dropped: int | None = None
+        self._failed: set[str] = set()
         self._own_counts = self._rebuild_own_counts()
         self._done = set(self._view.owner)
         self._next_seq = 1 + max((mf.shard_sort_key(e.file)[1] for e in self._own.shards), default=-1)
@@ -177,18 +208,27 @@ class DiskStore:
         *,
         verify: Verify = "size",
         field: str = "data.path",
+        max_dropped: int | None = None,
     ) -> DiskStore:
         """Read-only view over every committed shard.
 
         `verify="size"` drops listed shards that are missing or of the wrong size (a stat each);
         `verify="digest"` also hashes every shard now (with the algorithm its manifest entry
-        records) and drops those that differ.
+        records) and drops those that differ. `read()` always checks the digest.
+
+        `max_dropped=None`: a shard that fails on `read()` raises. An int: it is dropped (logged,
+        added to `dropped`, its examples skipped) and `TooManyDroppedShardsError` is raised once
+        more than `max_dropped` shards are dropped, counting those dropped at open.
         """
         root = resolve_allowed(path, allowed_roots, field)
         if not root.is_dir():
             raise FileNotFoundError(f"{field}: {root} is not a directory")
-        manifests = _load_manifests(root)
+        manifests, skipped = _load_manifests(root)
         if not manifests:
+            if skipped:
+                raise ManifestError(
+                    f"{field}: {root} has no readable manifest ({'; '.join(r for _, r in skipped)})"
+                )
             raise FileNotFoundError(f"{field}: {root} has no manifest-w*.json or manifest.json")
         names = list(manifests)
         for name in names[1:]:
@@ -198,8 +238,12 @@ class DiskStore:
         store._writer = None
         store._meta = manifests[names[0]].meta
         store._view = store._build_view(manifests, verify)
+        store._view.skipped_manifests = skipped
         store._done = set(store._view.owner)
         store._closed = True
+        store._max_dropped = max_dropped
+        store._failed = set()
+        store._check_dropped()
         return store
 
     @classmethod
@@ -227,8 +271,13 @@ class DiskStore:
 
     @property
     def dropped(self) -> list[tuple[str, str]]:
-        """(shard file, reason) for listed shards left out of this view."""
+        """(shard file, reason) for listed shards left out of this view (at open or on a read)."""
         return list(self._view.dropped)
+
+    @property
+    def skipped_manifests(self) -> list[tuple[str, str]]:
+        """(manifest file, reason) for writer manifests left out because they are unreadable."""
+        return list(self._view.skipped_manifests)
 
     def __len__(self) -> int:
         return len(self._view.owner)
@@ -243,16 +292,46 @@ class DiskStore:
         entry = self._view.entries.get(partition)
         if entry is None:
             raise KeyError(f"{self.path}: no committed shard {partition!r}")
+        if partition in self._failed:
+            return
         path = self.path / partition
-        buf = read_shard_bytes(
-            path, nbytes=entry.nbytes, compression=entry.compression, raw_nbytes=entry.raw_nbytes
-        )
-        contents = decode_shard(buf, path)
-        validate_shard(contents, path, self._meta, entry.ids, entry.fields)
+        try:
+            buf = read_shard_bytes(
+                path,
+                nbytes=entry.nbytes,
+                compression=entry.compression,
+                raw_nbytes=entry.raw_nbytes,
+                digest=entry.digest,
+            )
+            contents = decode_shard(buf, path)
+            validate_shard(contents, path, self._meta, entry.ids, entry.fields)
+        except ShardError as exc:
+            if self._max_dropped is None:
+                raise
+            self._drop_on_read(partition, exc)
+            return
         owner = self._view.owner
         for ex in iter_examples(contents):
             if owner[ex["id"]] == partition:
                 yield ex
+
+    def _drop_on_read(self, partition: str, exc: ShardError) -> None:
+        """Leave a shard that failed its checks out of every later read, and count it."""
+        reason = str(exc).removeprefix(f"{self.path / partition}: ")
+        log.warning("%s: dropping shard %s (%s); its examples are skipped", self.path, partition, reason)
+        self._failed.add(partition)
+        self._view.dropped.append((partition, reason))
+        self._check_dropped()
+
+    def _check_dropped(self) -> None:
+        dropped = self._view.dropped
+        if self._max_dropped is None or len(dropped) <= self._max_dropped:
+            return
+        listed = "; ".join(f"{f}: {r}" for f, r in dropped[:3]) + ("; ..." if len(dropped) > 3 else "")
+        raise TooManyDroppedShardsError(
+            f"{self.path}: {len(dropped)} shards failed their checks, more than "
+            f"data.max_dropped_shards={self._max_dropped} allows ({listed})"
+        )
 
     def token_counts(self) -> dict[int, int]:
         """Occurrences of each token id at loss-masked positions, over every committed shard."""
@@ -271,8 +350,15 @@ class DiskStore:
             counts.update(cache.counts)
             todo = [f for f in files if f not in cache.shards]
         for f in todo:
+            if f in self._failed:
+                continue
             e = self._view.entries[f]
-            counts.update(shard_token_counts(self.path / f, e.compression, e.nbytes, e.raw_nbytes))
+            try:
+                counts.update(shard_token_counts(self.path / f, e.compression, e.nbytes, e.raw_nbytes))
+            except ShardError as exc:
+                if self._max_dropped is None:
+                    raise
+                self._drop_on_read(f, exc)
         return counts
 
     def _build_view(self, manifests: dict[str, Manifest], verify: Verify) -> _View:
@@ -336,7 +422,7 @@ class DiskStore:
         self.close()
         self._own = self._own.model_copy(update={"complete": True})
         mf.save(self.path / self._manifest_file, self._own, self._tmp_prefix)
-        manifests = _load_manifests(self.path)
+        manifests, _ = _load_manifests(self.path)
         ready = all(
             (m := manifests.get(mf.manifest_name(w))) is not None and m.complete
             for w in range(self._num_writers)
@@ -375,11 +461,12 @@ class DiskStore:
         name = mf.shard_name(self._writer, self._next_seq, self._compression)
         final = self.path / name
         tmp = temp_path(final, self._tmp_prefix)
-        try:
-            written = write_shard(tmp, examples, fields, self._compression, self._digest)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with disk_full_as_error(final, "a shard"):
+            try:
+                written = write_shard(tmp, examples, fields, self._compression, self._digest)
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
         # No directory fsync here: the manifest save below fsyncs this same directory after its
         # own rename, which makes this rename durable too. A power cut that keeps the manifest
         # but not this rename leaves a listed shard missing, which readers drop and the writer
@@ -394,20 +481,27 @@ class DiskStore:
             fields=fields,
             ids=tuple(ex["id"] for ex in examples),
         )
-        self._own = self._own.model_copy(
+        updated = self._own.model_copy(
             update={"shards": [*self._own.shards, entry], "complete": False, "num_writers": self._num_writers}
         )
-        mf.save(self.path / self._manifest_file, self._own, self._tmp_prefix)
-        if not self._committed_any:
-            self._remove_merged_summary()
-            self._committed_any = True
-        vocab_ids, vocab_counts = loss_token_counts(examples)
-        self._own_counts.update(dict(zip(vocab_ids.tolist(), vocab_counts.tolist(), strict=True)))
-        self._save_own_counts()
+        try:
+            mf.save(self.path / self._manifest_file, updated, self._tmp_prefix)
+        except BaseException:
+            final.unlink(missing_ok=True)  # never listed (e.g. the disk filled up): not committed
+            raise
+        # Committed: this object's state follows before anything else can fail, so a later error
+        # (the cache below on a full disk) cannot make close() store these examples a second time.
+        self._own = updated
         self._view.add(self._manifest_file, entry)
         self._done.update(entry.ids)
         self._next_seq += 1
         self._buffer, self._buffer_ids, self._buffer_bytes = [], set(), 0
+        vocab_ids, vocab_counts = loss_token_counts(examples)
+        self._own_counts.update(dict(zip(vocab_ids.tolist(), vocab_counts.tolist(), strict=True)))
+        if not self._committed_any:
+            self._remove_merged_summary()
+            self._committed_any = True
+        self._save_own_counts()
 
     # ------------------------------------------------------------------ resume housekeeping
 

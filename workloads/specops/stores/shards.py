@@ -34,7 +34,7 @@ import torch
 from specops.example import ExampleDict
 from specops.exitcodes import DataError
 from specops.stores.base import StoreMeta
-from specops.stores.digests import Algorithm, new_hasher
+from specops.stores.digests import Algorithm, algorithm_of, digest_mismatch, new_hasher
 
 SHARD_FORMAT = "specops-shard"
 SHARD_VERSION = "1"
@@ -234,7 +234,8 @@ def write_shard(
         if compression == "zstd":
             import zstandard
 
-            compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+            # The frame's own checksum lets `zstd -d` (or any reader without the manifest) see damage.
+            compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
             with compressor.stream_writer(cast(IO[bytes], out), size=raw_nbytes, closefd=False) as z:
                 for chunk in (memoryview(head), *chunks):
                     z.write(chunk)
@@ -251,14 +252,18 @@ def write_shard(
 # --------------------------------------------------------------------------- reading
 
 
-def read_shard_bytes(path: Path, *, nbytes: int, compression: Compression, raw_nbytes: int) -> torch.Tensor:
+def read_shard_bytes(
+    path: Path, *, nbytes: int, compression: Compression, raw_nbytes: int, digest: str | None = None
+) -> torch.Tensor:
     """The uncompressed shard as a uint8 tensor; a file shorter or longer than recorded is corrupt.
 
-    Reads do not hash (a sha256 would halve read throughput); the digest is checked by
-    `DiskStore.open(verify="digest")` and by a writer resuming over its own shards.
+    With `digest` (the manifest's), the bytes are hashed as they arrive and a mismatch is a
+    `CorruptShardError`: xxh3 hashes several times faster than a disk reads, so the check is cheap
+    enough for every read (sha256 runs on a helper thread, overlapping the reads).
     """
     buf = torch.empty(nbytes, dtype=torch.uint8)
     view = buf.numpy().data
+    hasher = _Digester(algorithm_of(digest)) if digest is not None else None
     try:
         with open(path, "rb", buffering=0) as f:
             pos = 0
@@ -266,11 +271,17 @@ def read_shard_bytes(path: Path, *, nbytes: int, compression: Compression, raw_n
                 n = f.readinto(view[pos : pos + _READ_CHUNK])
                 if not n:
                     raise CorruptShardError(f"{path}: truncated: {pos} of {nbytes} bytes")
+                if hasher is not None:
+                    hasher.update(view[pos : pos + n])
                 pos += n
             if f.read(1):
                 raise CorruptShardError(f"{path}: longer than the {nbytes} bytes its manifest records")
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file is missing") from None
+    finally:
+        found = hasher.digest() if hasher is not None else None
+    if found != digest:
+        raise CorruptShardError(f"{path}: {digest_mismatch(found, digest)}")
     if compression == "zstd":
         return _decompress(buf, raw_nbytes, path)
     return buf

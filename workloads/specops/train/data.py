@@ -68,7 +68,9 @@ def open_source(
         from specops.stores.disk import DiskStore
 
         assert data.path is not None
-        return DiskStore.open(data.path, allowed_roots, field="data.path")
+        return DiskStore.open(
+            data.path, allowed_roots, field="data.path", max_dropped=data.max_dropped_shards
+        )
     if data.kind == "speculators":
         from specops.stores.speculators_layout import SpeculatorsSource
 
@@ -108,7 +110,9 @@ def stream_cache(
         allowed_roots=allowed_roots,
         field="data.cache_path",
     )
-    return sink, lambda: DiskStore.open(path, allowed_roots, field="data.cache_path")
+    return sink, lambda: DiskStore.open(
+        path, allowed_roots, field="data.cache_path", max_dropped=data.max_dropped_shards
+    )
 
 
 def vocab_counts(

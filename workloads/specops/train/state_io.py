@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specops.exitcodes import DataError
+from specops.stores.atomic import fsync_file
 
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
@@ -71,6 +72,7 @@ def save_tree(directory: Path, name: str, tree: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     st_tmp = directory / f".{name}.safetensors.tmp"
     save_file(tensors, str(st_tmp), metadata={"format": "specops-state"})
+    fsync_file(st_tmp)  # each rank makes its own files durable (ranks may sit on other nodes)
     os.replace(st_tmp, directory / f"{name}.safetensors")
     write_json(directory / f"{name}.json", skeleton)
 
@@ -89,9 +91,10 @@ def load_tree(directory: Path, name: str) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Pretty JSON written to a temp file, then renamed over `path`."""
+    """Pretty JSON written to a temp file, fsynced, then renamed over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 

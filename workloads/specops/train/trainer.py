@@ -35,7 +35,13 @@ from specops.paths import resolve_allowed
 from specops.serving import vllm_serve_command
 from specops.stores.base import DataSource, StoreMeta, StreamSource
 from specops.stores.streaming import MetricsServer
-from specops.train.checkpoint import Checkpointer, NonFiniteError, latest_checkpoint, remove_partial
+from specops.train.checkpoint import (
+    Checkpointer,
+    NonFiniteError,
+    latest_checkpoint,
+    remove_partial,
+    resume_checkpoint,
+)
 from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
 from specops.train.distributed import DistEnv, all_reduce, barrier, init_distributed, shutdown, wrap
 from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_counts, summarize
@@ -237,10 +243,13 @@ class Trainer:
         random.seed(self.cfg.seed)
 
     def _resume_point(self) -> Path | None:
+        """The newest intact checkpoint (rank 0 sets newer damaged ones aside before the others look)."""
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(self.output_dir)
             (self.output_dir / "train_config.yaml").write_text(dump_config(self.cfg))
+            if self.cfg.resume != "never":
+                resume_checkpoint(self.output_dir)
         barrier(self.env)
         latest = latest_checkpoint(self.output_dir)
         if latest is not None and self.cfg.resume == "never":
@@ -459,6 +468,10 @@ class Trainer:
         if latest is None or latest.name != f"step-{self.step:08d}":
             latest = self._checkpoint()
         final = best = None
+        dropped = getattr(self.data.source, "dropped", [])
+        if dropped:
+            shown = "; ".join(f"{f} ({why})" for f, why in dropped[:5])
+            self.monitor.write(f"dropped {len(dropped)} damaged shard(s), their examples skipped: {shown}")
         if interrupted:
             self.monitor.write(f"stopped at step {self.step}; checkpoint {latest} (rerun to resume)")
         else:
