@@ -586,7 +586,7 @@ class EvaluationSpec(Contract):
     """Tokens generated per prompt."""
     max_mismatch_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Share of prompts whose speculative output may differ from the verifier's plain greedy
-    decoding before the evaluation fails; default 0 in float32, 0.1 in bfloat16/float16."""
+    decoding before the evaluation fails; default 0 in float32, 0.5 in bfloat16/float16."""
     resources: Resources | None = None
     """Evaluation pod resources; default: the training pod's, with one GPU when it has GPUs."""
 
