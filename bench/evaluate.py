@@ -75,7 +75,9 @@ def main() -> None:
     draft = Eagle3DraftModel.from_training_args(config, t2d, d2t, verifier_name_or_path=verifier).eval()
     with tempfile.TemporaryDirectory(prefix="specops-bench-evaluate-") as tmp:
         rows = first_turns(Path(tmp) / "prompts.jsonl", args.prompts)
-        prompts = load_prompts(rows, get_tokenizer=lambda: load_tokenizer(verifier_cfg), allowed_roots=[tmp])
+        prompts = load_prompts(
+            rows, get_tokenizer=lambda: load_tokenizer(verifier_cfg), allowed_roots=[tmp]
+        ).prompts
 
     n, size = args.max_new_tokens, args.batch_size
     refs_b, t_refs_b = timed(lambda: greedy_references(model, prompts, n, batch_size=size))

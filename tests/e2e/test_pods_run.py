@@ -113,6 +113,7 @@ def tiny_flagship(hub: FakeHub, max_steps: int = 12) -> Obj:
             "precision": "fp32",
             "distributed": "ddp",
             "checkpointEvery": 4,
+            "data": {"validationFraction": 0.2},  # ~10 of 48 conversations held out for evaluation
             "nodes": 2,
             "procsPerNode": 1,
             "storage": RWX,
@@ -191,6 +192,15 @@ def test_offline_flagship_runs_generation_two_node_training_and_evaluation(
     printed = last_json(executor.log(ns, f"{names.eval_job}-"))
     assert status["evaluation"]["acceptanceLength"] == pytest.approx(printed["acceptance_length"])
     assert status["evaluation"]["prompts"] == printed["prompts"] > 0
+    # ... on conversations the trainer held out: its own config's data and split (none trained on).
+    source = printed["source"]
+    assert source["held_out"] is True and source["split"] == {
+        "by": "conversation",
+        "fraction": 0.2,
+        "seed": 0,
+    }
+    assert source["data"] == "/data/shards" and source["prompts"] == printed["prompts"]
+    assert status["evaluation"]["heldOutConversations"] == source["conversations"] > 0
     assert status["artifact"]["path"] == "/output/final"
     for type_ in ("Exported", "Evaluated", "Ready"):
         assert condition(status, type_)["status"] == "True", type_
@@ -424,6 +434,7 @@ def test_offline_datagen_and_hass_examples_then_a_runtime_config_error_fails_nam
         "procsPerNode": 1,
         "storage": RWX,
         "evaluation": {"maxPrompts": 2, "maxNewTokens": 8},
+        "data": {"validationFraction": 0.2},  # 48 conversations: the default 5% may hold out none
         "pod": trainer_pod(hub),
     }
     hass = merge_patch(example("hass-train.yaml", "SpeculatorTraining"), {"spec": tiny})

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import kmock
+import pytest
 
 from conftest import Api, Runner, example, fake_pod, job_done, job_failed
 
@@ -335,6 +336,53 @@ async def test_training_waits_for_data_then_trains_evaluates_and_exports(api: Ap
     assert status["evaluation"]["acceptanceLength"] == 3.2
     assert _conditions({"status": status})["Evaluated"]["status"] == "True"
     assert running.ctx.reconciles > 0
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason"), [(4, "NotLossless"), (1, "EvaluationFailed")], ids=["verdict", "crash"]
+)
+async def test_failed_evaluation_keeps_the_artifact_and_says_why(
+    api: Api, operator: Runner, exit_code: int, reason: str
+) -> None:
+    """A trained draft is not lost to its evaluation: Complete with the artifact, Evaluated=False."""
+    await operator()
+    name = "llama31-8b-eagle3"
+    await api.create(example("eagle3-train.yaml"))
+    datagen = f"{name}-data"
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{datagen}-gen"), what="child generator Job")
+    await api.patch("batch/v1", "Job", "ml", f"{datagen}-gen", job_done(16), "status")
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{name}-train"), what="trainer Job")
+    report = {"step": 100, "interrupted": False, "final": "/output/final"}
+    await api.create(
+        fake_pod(name, "SpeculatorTraining", "trainer", 0, exit_code=0, message=json.dumps(report))
+    )
+    await api.patch("batch/v1", "Job", "ml", f"{name}-train", job_done(1), "status")
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{name}-eval"), what="evaluation Job")
+
+    error = "specops evaluate: error: speculative output differs from greedy decoding for 50% of the prompts"
+    result = {"acceptance_length": 2.5, "per_position": [0.7], "lossless": False, "mismatch_rate": 0.5}
+    printed = json.dumps({**result, "error": error}) if exit_code == 4 else json.dumps({"error": "boom"})
+    await api.create(
+        fake_pod(name, "SpeculatorTraining", "evaluator", 0, exit_code=exit_code, message=printed)
+    )
+    await api.patch(
+        "batch/v1", "Job", "ml", f"{name}-eval", job_failed("PodFailurePolicy", "container exited"), "status"
+    )
+    await api.until(_condition(api, TR, name, "Evaluated", "False"), what="Evaluated=False")
+    await api.until(
+        lambda: _conditions(api.get(*TR, "ml", name))["Evaluated"]["reason"] == reason, what=reason
+    )
+    status = api.get(*TR, "ml", name)["status"]  # type: ignore[index]
+    conditions = _conditions({"status": status})
+    assert conditions["Failed"]["status"] == "False" and conditions["Complete"]["status"] == "True"
+    assert conditions["Exported"]["status"] == "True"
+    assert status["artifact"]["path"] == "/output/final"
+    assert "evaluation failed" in conditions["Ready"]["message"]
+    if exit_code == 4:
+        assert "50% of the prompts" in conditions["Evaluated"]["message"]
+        assert status["evaluation"]["mismatchRate"] == 0.5 and status["evaluation"]["lossless"] is False
+    else:
+        assert "boom" in conditions["Evaluated"]["message"]
 
 
 async def test_missing_data_generator_waits_then_proceeds(api: Api, operator: Runner) -> None:

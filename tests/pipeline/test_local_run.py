@@ -69,6 +69,15 @@ def test_local_run_reports_and_resumes(
     argv = shlex.split(report["serve"]["long"])
     assert argv[:2] == ["vllm", "serve"] and json.loads(argv[4])["model"] == report["speculator"]
     assert "acceptance:" in summary(report)
+    # Evaluated on the conversations the training held out; the validation curve picked a best.
+    source = report["evaluation_prompts"]
+    assert source["held_out"] is True and source["split"] == {
+        "by": "conversation",
+        "fraction": 0.2,
+        "seed": 0,
+    }
+    assert source["prompts"] == report["evaluation"]["trained"]["prompts"] > 0
+    assert report["training"]["best"] is not None and "held out of training" in summary(report)
 
     again = run_local(plan)  # a rerun resumes: nothing regenerated, no extra training steps
     assert again["data"]["written"] == 0 and again["data"]["skipped"] == report["data"]["written"]

@@ -12,7 +12,7 @@ import torch
 from _stores_fixtures import META, assert_same_example, make_example
 from torch.utils.data import DataLoader
 
-from specops.dataset import GeneratedDataset, assign_partitions, split_partitions
+from specops.dataset import GeneratedDataset, assign_partitions
 from specops.example import ExampleDict
 from specops.stores.disk import DiskStore
 
@@ -129,17 +129,10 @@ def test_defaults_to_a_single_consumer_without_torch_distributed() -> None:
     assert {ex["id"] for ex in GeneratedDataset(FakeSource(5))} == _all_ids(5)
 
 
-def test_partition_subset_and_validation_split() -> None:
-    parts = [f"p{k:02d}" for k in range(10)]
-    train, val = split_partitions(parts, 0.2, seed=1)
-    assert len(val) == 2 and set(train) | set(val) == set(parts) and not set(train) & set(val)
-    assert split_partitions(parts, 0.2, seed=1) == (train, val)
-    assert len(split_partitions(parts[:3], 0.05, seed=0)[1]) == 1, "at least one held out"
-    assert split_partitions(parts, 0.0, seed=0) == (parts, [])
+def test_partition_subset() -> None:
+    val = ["p03", "p07"]
     ds = GeneratedDataset(FakeSource(10), partitions=val, rank=0, world_size=1)
     assert {ex["id"].split("/")[0] for ex in ds} == set(val)
-    with pytest.raises(ValueError, match="validation_fraction"):
-        split_partitions(parts, 1.0, seed=0)
 
 
 def test_assign_partitions_counts_differ_by_at_most_one() -> None:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from _models_support import VOCAB, build_verifier, new_draft
+from _split_support import conversation_store, prompt_conversation, trained_conversations
 from transformers import LlamaForCausalLM
 
+from specops import evaluate as evaluate_module
 from specops.commands import evaluate as evaluate_command
+from specops.data.split import HeldOutSplit
 from specops.evaluate import (
     CachedVerifier,
+    default_max_mismatch_rate,
     evaluate,
     greedy_decode,
     greedy_references,
@@ -189,9 +195,10 @@ def test_prompts_from_a_disk_store_and_files(tmp_path: Path) -> None:
             ]
         )
         store.finalize()
-    prompts = load_prompts(tmp_path / "store", allowed_roots=[tmp_path], limit=2)
-    assert len(prompts) == 2 and all(len(p) == 3 for p in prompts)
-    assert sorted(map(tuple, load_prompts(tmp_path / "store", allowed_roots=[tmp_path]))) == [
+    found = load_prompts(tmp_path / "store", allowed_roots=[tmp_path], limit=2)
+    assert len(found.prompts) == 2 and all(len(p) == 3 for p in found.prompts)
+    assert found.source["split"] is None and found.source["held_out"] is None, "a store taken as given"
+    assert sorted(map(tuple, load_prompts(tmp_path / "store", allowed_roots=[tmp_path]).prompts)) == [
         (0, 1, 2),
         (1, 2, 3),
         (2, 3, 4),
@@ -200,7 +207,9 @@ def test_prompts_from_a_disk_store_and_files(tmp_path: Path) -> None:
 
     rows = tmp_path / "prompts.jsonl"
     rows.write_text('{"prompt_ids": [4, 5]}\n\n{"prompt_ids": [6]}\n')
-    assert load_prompts(rows, allowed_roots=[tmp_path]) == [[4, 5], [6]]
+    assert load_prompts(rows, allowed_roots=[tmp_path]).prompts == [[4, 5], [6]]
+    with pytest.raises(ValueError, match="a held-out split applies to a DiskStore"):
+        load_prompts(rows, allowed_roots=[tmp_path], split=HeldOutSplit(0.1))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt_ids": []}]))
     with pytest.raises(ValueError, match="row 0: prompt_ids"):
@@ -241,7 +250,7 @@ def test_text_prompts_use_the_chat_template(tmp_path: Path) -> None:
         + json.dumps({"prompt": "hi"})
         + "\n"
     )
-    assert load_prompts(rows, get_tokenizer=lambda: tokenizer, allowed_roots=[tmp_path]) == [
+    assert load_prompts(rows, get_tokenizer=lambda: tokenizer, allowed_roots=[tmp_path]).prompts == [
         [1, 3, 4, 2],
         [1, 5, 2],
     ]
@@ -255,7 +264,11 @@ def cli_main(argv: list[str]) -> int:
 
 
 def test_cli_evaluate(
-    verifier_dir: Path, draft: Eagle3DraftModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    verifier_dir: Path,
+    draft: Eagle3DraftModel,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     draft.save_pretrained(tmp_path / "spec")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
@@ -266,6 +279,23 @@ def test_cli_evaluate(
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["lossless"] is True and printed["prompts"] == 2
     assert json.loads((tmp_path / "r.json").read_text()) == printed
+
+    assert cli_main([*args, "--max-mismatch-rate", "1.5", *roots]) == 2
+    assert "--max-mismatch-rate must be in [0, 1]" in capsys.readouterr().err
+    # The verdict follows the tolerance: one of two prompts off the references fails 0, passes 0.5.
+    real = evaluate_module.greedy_references
+
+    def one_off(*a: Any, **k: Any) -> list[list[int]]:
+        refs = real(*a, **k)
+        return [refs[0], [*refs[1][:-1], refs[1][-1] + 1]]
+
+    monkeypatch.setattr(evaluate_module, "greedy_references", one_off)
+    assert cli_main([*args, "--max-new-tokens", "6", *roots]) == 4
+    assert "50% of the prompts (allowed: 0%" in capsys.readouterr().err
+    assert cli_main([*args, "--max-new-tokens", "6", "--max-mismatch-rate", "0.5", *roots]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["mismatch_rate"] == 0.5 and printed["passed"] and not printed["lossless"]
+    monkeypatch.undo()
 
     assert cli_main([*args, "--max-new-tokens", "0", *roots]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
@@ -316,3 +346,63 @@ def test_shared_references_match_recomputed_ones(verifier: LlamaForCausalLM, dra
     )
     with pytest.raises(ValueError, match="1 references for"):
         evaluate(verifier, draft, PROMPTS, references=references[:1])
+
+
+def test_cli_evaluates_the_conversations_its_training_held_out(
+    verifier_dir: Path, draft: Eagle3DraftModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--train-config` (the operator's evaluation Job): the training's data and split, nothing it trained on."""
+    draft.save_pretrained(tmp_path / "spec")
+    store = conversation_store(tmp_path / "data")
+    config = {
+        "verifier": {"name_or_path": str(verifier_dir)},
+        "data": {"path": str(store), "validationFraction": 0.25},
+        "seed": 3,
+        "outputDir": str(tmp_path / "train"),
+        "allowedRoots": [str(tmp_path)],
+    }
+    (tmp_path / "train.yaml").write_text(json.dumps(config))
+    roots = ["--allowed-root", str(tmp_path), "--allowed-root", str(verifier_dir)]
+    argv = ["--speculator", str(tmp_path / "spec"), "--train-config", str(tmp_path / "train.yaml"), *roots]
+    parser = argparse.ArgumentParser(prog="specops evaluate")
+    evaluate_command.register(parser)
+    inputs = evaluate_command.load_inputs(parser.parse_args([*argv, "--max-prompts", "1000"]))
+    evaluated = {prompt_conversation(p) for p in inputs.prompts}
+    assert evaluated and not evaluated & trained_conversations(store, 0.25, 3)
+
+    assert cli_main(["evaluate", *argv, "--max-prompts", "4", "--max-new-tokens", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    source = printed["source"]
+    assert (
+        source["split"] == {"by": "conversation", "fraction": 0.25, "seed": 3} and source["held_out"] is True
+    )
+    assert source["prompts"] == printed["prompts"] == 4 and 1 <= source["conversations"] <= 4
+    with pytest.raises(SystemExit, match="2"):
+        cli_main(["evaluate", *argv, "--data", str(store)])
+    assert "--data: not allowed with argument --train-config" in capsys.readouterr().err
+    config["data"]["validationFraction"] = 0.0
+    (tmp_path / "train.yaml").write_text(json.dumps(config))
+    assert cli_main(["evaluate", *argv]) == 2
+    assert "validationFraction is 0" in capsys.readouterr().err
+
+
+def test_reduced_precision_compares_the_mismatch_rate_with_a_threshold(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel
+) -> None:
+    assert default_max_mismatch_rate(torch.float32) == 0.0
+    assert default_max_mismatch_rate(torch.bfloat16) == default_max_mismatch_rate(torch.float16) == 0.5
+    references = greedy_references(verifier, PROMPTS, 8)
+    one_off = [references[0], [*references[1][:-1], references[1][-1] + 1]]
+    exact = evaluate(verifier, draft, PROMPTS, max_new_tokens=8, references=one_off)
+    assert exact.mismatch_rate == 0.5 and exact.max_mismatch_rate == 0.0 and not exact.passed
+    assert exact.mismatched_prompts == [1] and exact.first_mismatch == [len(references[1]) - 1]
+    assert not exact.to_dict()["passed"] and "50% of the prompts" in exact.mismatch_message()
+    tolerant = evaluate(verifier, draft, PROMPTS, max_new_tokens=8, references=one_off, max_mismatch_rate=0.5)
+    assert tolerant.passed and not tolerant.lossless, "lossless stays the exact truth"
+    assert evaluate(verifier, draft, PROMPTS, max_new_tokens=8, references=references).passed
+    with pytest.raises(ValueError, match="max_mismatch_rate"):
+        evaluate(verifier, draft, PROMPTS, references=references, max_mismatch_rate=1.5)
+    half = copy.deepcopy(verifier).to(torch.bfloat16)
+    report = evaluate(half, draft.to(torch.bfloat16), PROMPTS[:1], max_new_tokens=4)
+    draft.to(torch.float32)
+    assert report.max_mismatch_rate == 0.5, "bf16 gets the documented tolerance by default"

@@ -350,3 +350,15 @@ def test_waiting_messages_say_what_is_awaited() -> None:
     assert _cond(missing, "Ready")["reason"] == "DataGenNotFound"
     edited = stalled_status(2, {}, "ImmutableFieldChanged", "nodes is immutable", NOW, None)
     assert _cond(edited, "Stalled")["status"] == "True" and _cond(edited, "Failed")["status"] == "False"
+
+
+def test_no_held_out_conversations_skips_evaluation_and_completes() -> None:
+    cr = _cr("hass-train.yaml")
+    cr.spec.data.validation_fraction = 0.0
+    done = training_status(
+        cr, {}, _data(ShardsComplete="True"), Observed(job=_job(conditions={"Complete": {}})), NOW
+    )
+    assert _cond(done, "Complete")["status"] == "True" and done["artifact"]["path"] == "/output/final"
+    evaluated = _cond(done, "Evaluated")
+    assert evaluated["status"] == "False" and evaluated["reason"] == "NoHeldOutData"
+    assert "validationFraction is 0" in evaluated["message"]

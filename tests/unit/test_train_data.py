@@ -18,7 +18,7 @@ from specops.stores.speculators_layout import export_speculators
 from specops.stores.streaming import StreamError
 from specops.stores.zmq import ZmqSource
 from specops.testing.net import free_port
-from specops.train.data import Prefetcher, count_tokens, is_validation, open_source
+from specops.train.data import Prefetcher, count_tokens, open_source
 from specops.train.trainer import train
 
 
@@ -36,15 +36,6 @@ def test_trains_from_the_upstream_speculators_layout(tmp_path: Path) -> None:
     assert result.step == 3 and result.final is not None
     # The upstream files carry no token-count cache: the trainer counted them itself, identically.
     assert count_tokens(examples) == DiskStore.open(tmp_path / "data", [tmp_path]).token_counts()
-
-
-def test_validation_membership_is_stable_and_proportional() -> None:
-    ids = [f"sharegpt/{i}/0" for i in range(4000)]
-    held = [i for i in ids if is_validation(i, 0.1)]
-    assert 300 < len(held) < 500
-    assert held == [i for i in ids if is_validation(i, 0.1)]
-    assert set(held) <= {i for i in ids if is_validation(i, 0.2)}  # growing the fraction only adds
-    assert not any(is_validation(i, 0.0) for i in ids)
 
 
 def test_prefetcher_keeps_order_and_reraises() -> None:

@@ -15,13 +15,14 @@ import torch
 from _train_support import VOCAB, build_verifier, make_examples, train_config, write_store
 
 from specops.config import ConfigError
+from specops.data.split import HeldOutSplit
 from specops.example import ExampleDict
 from specops.models.base import SpeculatorModel
 from specops.models.ttt import step_targets
 from specops.models.vocab import build_vocab_mapping
 from specops.stores.base import StoreMeta
 from specops.stores.disk import DiskStore
-from specops.train.data import TrainData, count_tokens, is_validation
+from specops.train.data import TrainData, count_tokens
 from specops.train.distributed import DistEnv
 from specops.train.losses import draft_loss, step_valid_counts
 from specops.train.packing import batches
@@ -206,7 +207,8 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
     held = [ex["id"] for ex in data.validation()]
     assert stream.closed and held and trained
     assert sorted(trained + held) == sorted(ex["id"] for ex in examples)
-    assert all(is_validation(i, 0.25) for i in held) and not any(is_validation(i, 0.25) for i in trained)
+    split = HeldOutSplit(0.25, seed=0)
+    assert all(split.held_out(i) for i in held) and not any(split.held_out(i) for i in trained)
     with pytest.raises(ValueError, match="second epoch"):
         data.epoch(1)
 
@@ -227,7 +229,7 @@ def test_stream_source_holds_out_by_id_and_trains(world: dict[str, Any]) -> None
 def test_stream_window_holds_its_examples_for_epoch_zero_once_each(world: dict[str, Any]) -> None:
     examples: list[ExampleDict] = world["examples"]
     data = TrainData(ListStream(examples), DistEnv(), validation_fraction=0.25, seed=0)
-    trained = [ex for ex in examples if not is_validation(ex["id"], 0.25)]
+    trained = [ex for ex in examples if HeldOutSplit(0.25, seed=0).trained(ex["id"])]
     sizes = [int(ex["token_ids"].numel()) for ex in trained]
     budget = sum(sizes[:5]) - 1  # the fifth training example crosses it
     assert data.window_counts(budget) == count_tokens(trained[:5])

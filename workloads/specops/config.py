@@ -357,13 +357,16 @@ class TrainDataConfig(Contract):
     cache_path: Annotated[str, Field(max_length=1024)] | None = None
     """Stream-then-cache: tee the first streamed epoch into a DiskStore here."""
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Conversations held out from training (by a hash of the conversation id and `seed`): the
+    validation loss and every evaluation use only these; 0 = none (no validation, no evaluation)."""
     prefetch: Annotated[int, Field(ge=0, le=64)] = 2
     """Batches read and packed ahead by a background thread (0 = inline). A thread, not worker
     processes, so tensors never cross a process boundary."""
     shuffle: bool = True
     """Reshuffle partitions (and examples within a window of them) every epoch."""
     max_validation_examples: Annotated[int, Field(ge=0)] = 256
-    """Streams only: held-out examples (by id hash) kept in memory for validation."""
+    """Held-out examples a validation pass uses (streams keep them in memory; stores read only the
+    shards that hold them)."""
     vocab_from: Annotated[str, Field(max_length=1024)] | None = None
     """DiskStore directory whose token counts choose the draft vocabulary; default: the training
     data's own (for a stream: its first window, see vocab_window_tokens)."""

@@ -33,20 +33,6 @@ def assign_partitions(
     return order[consumer::num_consumers]
 
 
-def split_partitions(partitions: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, validation): a seeded `fraction` of partitions held out, at least one when
-    fraction > 0 and there are two or more."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
-    order = list(partitions)
-    random.Random(f"{seed}:validation").shuffle(order)
-    held = round(len(order) * fraction)
-    if fraction > 0 and held == 0 and len(order) >= 2:
-        held = 1
-    val = set(order[:held])
-    return [p for p in partitions if p not in val], [p for p in partitions if p in val]
-
-
 def _dist_rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -73,7 +59,7 @@ class GeneratedDataset(IterableDataset[ExampleDict]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        """`partitions` restricts a DataSource to a subset (e.g. from `split_partitions`);
+        """`partitions` restricts a DataSource to a subset;
         `rank`/`world_size` default to torch.distributed's when it is initialized."""
         if buffer_partitions < 1:
             raise ValueError("buffer_partitions must be >= 1")

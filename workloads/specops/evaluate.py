@@ -5,7 +5,10 @@ accepted prefix; the verifier scores `[last token, d1..dk]` in one cached forwar
 longest prefix matching its own greedy choices and adds its next token. Acceptance length is
 `1 + accepted / drafts` (vLLM's definition); per-position acceptance is the share of steps whose
 first j+1 draft tokens were all accepted. Greedy verification is lossless by construction: the
-output must equal the verifier's own greedy decoding token for token, and that is checked.
+output must equal the verifier's own greedy decoding token for token, and that is checked. In
+fp32 the check is exact; in bf16/fp16 a batched verification forward and a one-token decoding
+step round differently and can flip a near-tie argmax, so there the share of prompts whose output
+differs (`mismatch_rate`) is compared against a tolerance (`max_mismatch_rate`) instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specops.data.split import HeldOutSplit, conversation_id
 from specops.engines.batching import in_length_groups
 from specops.engines.capture import LayerCapture
 from specops.paths import resolve_allowed
@@ -28,6 +32,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from specops.models.eagle3 import Eagle3DraftModel
+
+REDUCED_PRECISION_MISMATCH_RATE = 0.5
+"""Default `max_mismatch_rate` in bf16/fp16: at most this share of prompts may leave the verifier's
+own greedy decoding (docs/models.md "Evaluate"). Measured in bf16 on CPU: 2 of 6 SmolLM2 prompts
+(32 tokens) with a fine draft, 0 of 40 on the tiny test verifier; a broken verification (a cache
+or acceptance bug) diverges on nearly every prompt. fp32 stays exact (0)."""
+
+
+def default_max_mismatch_rate(dtype: torch.dtype) -> float:
+    """Exact in fp32 (and fp64); `REDUCED_PRECISION_MISMATCH_RATE` in bf16/fp16."""
+    return REDUCED_PRECISION_MISMATCH_RATE if dtype in (torch.bfloat16, torch.float16) else 0.0
 
 
 @dataclass
@@ -50,11 +65,33 @@ class EvalReport:
     per_position: list[float]
     generated_tokens: int
     lossless: bool
+    """Every prompt's output equals the verifier's greedy decoding, token for token."""
     mismatched_prompts: list[int] = field(default_factory=list)
+    first_mismatch: list[int] = field(default_factory=list)
+    """Per mismatched prompt, the first generated token that differs (late = a rounding flip after
+    a long agreeing run, position 0 on most prompts = a broken verification)."""
+    mismatch_rate: float = 0.0
+    """Share of prompts whose output differs from the verifier's greedy decoding."""
+    max_mismatch_rate: float = 0.0
+    """The tolerance the verdict used (0 = exact; see `default_max_mismatch_rate`)."""
     seconds: float = 0.0
+    source: dict[str, Any] | None = None
+    """Where the prompts came from (`PromptSet.source`)."""
+
+    @property
+    def passed(self) -> bool:
+        """The lossless verdict: mismatches within the tolerance (none in fp32)."""
+        return self.mismatch_rate <= self.max_mismatch_rate
+
+    def mismatch_message(self) -> str:
+        """What the lossless verdict found, in one line."""
+        return (
+            f"speculative output differs from greedy decoding for {self.mismatch_rate:.0%} of the "
+            f"prompts (allowed: {self.max_mismatch_rate:.0%}; prompts {self.mismatched_prompts})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "passed": self.passed}
 
 
 class CachedVerifier:
@@ -277,13 +314,17 @@ def evaluate(
     check_lossless: bool = True,
     references: Sequence[Sequence[int]] | None = None,
     batch_size: int = 8,
+    max_mismatch_rate: float | None = None,
 ) -> EvalReport:
     """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`.
 
     `references` are the verifier's greedy outputs for the prompts (see `greedy_references`); pass
     them when evaluating several drafts on the same prompts so the verifier decodes them once.
     `batch_size` prompts are decoded together (results do not depend on it).
+    `max_mismatch_rate` defaults to `default_max_mismatch_rate` of the verifier's dtype.
     """
+    if max_mismatch_rate is not None and not 0.0 <= max_mismatch_rate <= 1.0:
+        raise ValueError(f"max_mismatch_rate must be in [0, 1], got {max_mismatch_rate}")
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"evaluate: {len(references)} references for {len(prompts)} prompts")
     if not prompts:
@@ -296,6 +337,7 @@ def evaluate(
     per_position = [0] * steps
     drafts = accepted_tokens = generated = 0
     mismatched: list[int] = []
+    first_mismatch: list[int] = []
     outputs = in_length_groups(
         prompts,
         batch_size,
@@ -312,6 +354,7 @@ def evaluate(
                 per_position[j] += 1
         if references is not None and check_lossless and out.tokens != list(references[index]):
             mismatched.append(index)
+            first_mismatch.append(_first_difference(out.tokens, references[index]))
     return EvalReport(
         prompts=len(prompts),
         speculative_tokens=steps,
@@ -322,7 +365,21 @@ def evaluate(
         generated_tokens=generated,
         lossless=not mismatched,
         mismatched_prompts=mismatched,
+        first_mismatch=first_mismatch,
+        mismatch_rate=round(len(mismatched) / len(prompts), 4),
+        max_mismatch_rate=(
+            default_max_mismatch_rate(next(model.parameters()).dtype)
+            if max_mismatch_rate is None
+            else max_mismatch_rate
+        ),
         seconds=round(time.perf_counter() - began, 3),
+    )
+
+
+def _first_difference(tokens: Sequence[int], reference: Sequence[int]) -> int:
+    return next(
+        (i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
+        min(len(tokens), len(reference)),
     )
 
 
@@ -334,6 +391,17 @@ def greedy_references(
     return in_length_groups(
         prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos)
     )
+
+
+@dataclass
+class PromptSet:
+    """Evaluation prompts and where they came from (stated in every report)."""
+
+    prompts: list[list[int]]
+    source: dict[str, Any]
+    """`data`, `split` (how the held-out conversations were chosen; None = the data as given),
+    `held_out` (True: conversations the training's split kept out of training; None: unknown),
+    `conversations` and `prompts` counts."""
 
 
 def prompts_from_examples(
@@ -364,41 +432,70 @@ def load_prompts(
     allowed_roots: Sequence[str | Path] = (),
     limit: int | None = None,
     field: str = "--data",
-) -> list[list[int]]:
+    split: HeldOutSplit | None = None,
+) -> PromptSet:
     """Prompts as token ids from a DiskStore directory or a JSON/JSONL file.
 
-    A DiskStore example yields its tokens before the first trained (assistant) token. A file row
-    is `{"prompt_ids": [...]}`, `{"messages": [{"role", "content"}, ...]}` (trailing assistant
-    turns dropped, the tokenizer's chat template adds the generation prompt) or `{"prompt": "text"}`.
-    The tokenizer is loaded (once) only when a text row needs it.
+    A DiskStore example yields its tokens before the first trained (assistant) token; with `split`
+    only examples of held-out conversations do (the training's split: see `specops.data.split`).
+    A file row is `{"prompt_ids": [...]}`, `{"messages": [{"role", "content"}, ...]}` (trailing
+    assistant turns dropped, the tokenizer's chat template adds the generation prompt) or
+    `{"prompt": "text"}`. The tokenizer is loaded (once) only when a text row needs it.
     """
     root = resolve_allowed(path, allowed_roots, field)
     if root.is_dir():
-        return _store_prompts(root, allowed_roots, limit, field)
+        return _store_prompts(root, allowed_roots, limit, field, split)
     if not root.is_file():
         raise FileNotFoundError(f"{field}: {root} does not exist")
+    if split is not None:
+        raise ValueError(
+            f"{field}: {root} is a prompt file; a held-out split applies to a DiskStore directory"
+        )
     prompts: list[list[int]] = []
     tokenizer = functools.cache(get_tokenizer) if get_tokenizer is not None else None
     for number, row in enumerate(_json_rows(root, field)):
         prompts.append(_row_prompt(row, tokenizer, f"{field}: {root} row {number}"))
         if limit is not None and len(prompts) >= limit:
             break
-    return prompts
+    source = {
+        "data": str(root),
+        "split": None,
+        "held_out": None,
+        "conversations": None,
+        "prompts": len(prompts),
+    }
+    return PromptSet(prompts, source)
 
 
 def _store_prompts(
-    root: Path, allowed_roots: Sequence[str | Path], limit: int | None, field: str
-) -> list[list[int]]:
+    root: Path, allowed_roots: Sequence[str | Path], limit: int | None, field: str, split: HeldOutSplit | None
+) -> PromptSet:
+    """In partition order; with a split, only the shards that hold held-out ids are read."""
     from specops.stores.disk import DiskStore
 
     store = DiskStore.open(root, allowed_roots, field=field)
     prompts: list[list[int]] = []
+    conversations: set[str] = set()
     for partition in sorted(store.partitions()):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if split is not None and not any(split.held_out(i) for i in store.ids(partition)):
+            continue
         for example in store.read(partition):
-            prompts += prompts_from_examples([example["token_ids"].tolist()], [example["loss_mask"].tolist()])
-            if limit is not None and len(prompts) >= limit:
-                return prompts[:limit]
-    return prompts
+            if split is not None and not split.held_out(example["id"]):
+                continue
+            found = prompts_from_examples([example["token_ids"].tolist()], [example["loss_mask"].tolist()])
+            if found and (limit is None or len(prompts) < limit):
+                prompts += found
+                conversations.add(conversation_id(example["id"]))
+    source = {
+        "data": str(root),
+        "split": split.to_json() if split is not None else None,
+        "held_out": True if split is not None else None,
+        "conversations": len(conversations),
+        "prompts": len(prompts),
+    }
+    return PromptSet(prompts, source)
 
 
 def _json_rows(file: Path, field: str) -> list[Any]:

@@ -189,7 +189,9 @@ def main(args: argparse.Namespace) -> int:
             k=k,
             check_lossless=not args.no_lossless_check,
             references=references,
+            max_mismatch_rate=args.max_mismatch_rate,
         )
+        ours.source = inputs.source
         eos = eos_ids(model)
         del model, draft, inputs  # vLLM needs the memory
         gc.collect()
@@ -210,10 +212,7 @@ def main(args: argparse.Namespace) -> int:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.output, report)
-    if not ours.lossless:
-        print(
-            f"specops evaluate: speculative output differs from greedy decoding for prompts {ours.mismatched_prompts}",
-            file=sys.stderr,
-        )
+    if not ours.passed:
+        print(f"specops evaluate: error: {ours.mismatch_message()}", file=sys.stderr)
         return exitcodes.NOT_BETTER
     return exitcodes.OK

@@ -3,7 +3,8 @@
 The YAML is validated with the operator's own CR models and rendered into the same DataGenConfig and
 TrainConfig the pods would read (`specops_operator.builders` render functions); only the paths change
 to an output directory here. Stages: generate (DiskStore under `data/`) -> train (in process, or
-torchrun for several ranks) -> evaluate the trained draft and an untrained one on held-out prompts ->
+torchrun for several ranks) -> evaluate the trained draft and an untrained one on the conversations
+the training's split held out (`specops.data.split`: the same split its validation used) ->
 report (`report.json`, `report.png`, the `vllm serve` command). Every stage resumes: a rerun skips
 stored examples and continues from the newest checkpoint.
 """
@@ -26,7 +27,7 @@ from specops.serving import vllm_serve_command, vllm_serve_short
 from specops.verifier import resolve_verifier, verifier_reference
 
 if TYPE_CHECKING:
-    from specops.evaluate import EvalReport
+    from specops.evaluate import EvalReport, PromptSet
     from specops.models.eagle3 import Eagle3DraftModel
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,10 @@ def run_local(plan: LocalPlan) -> dict[str, Any]:
     if not speculator:
         raise RuntimeError(f"training produced no speculator (see {plan.out_dir / 'logs'})")
     evaluation: dict[str, Any] = {}
-    if plan.evaluate:
-        _banner("[3/3] evaluating trained vs untrained draft on held-out prompts")
+    if plan.evaluate and plan.train.data.validation_fraction <= 0:
+        log.warning("evaluation skipped: data.validationFraction is 0, so no conversation was held out")
+    elif plan.evaluate:
+        _banner("[3/3] evaluating trained vs untrained draft on held-out conversations")
         evaluation = _evaluate(plan, Path(speculator))
     report = _report(plan, generation, training, evaluation, Path(speculator), time.perf_counter() - started)
     _write_report(plan.out_dir, report)
@@ -231,27 +234,23 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
     """Acceptance of the trained draft and of an untrained twin on the same held-out prompts."""
     import torch
 
-    from specops.evaluate import evaluate, greedy_references, prompts_from_examples
+    from specops.evaluate import evaluate, greedy_references
     from specops.models.eagle3 import Eagle3DraftModel
-    from specops.stores.disk import DiskStore
-    from specops.train.data import is_validation
     from specops.verifier import load_model, resolve_device
 
     roots = plan.train.allowed_roots
-    store = DiskStore.open(plan.datagen.sync.path or "", roots)
-    fraction = plan.train.data.validation_fraction
-    held_out: list[list[int]] = []
-    for partition in sorted(store.partitions()):
-        for example in store.read(partition):
-            if fraction == 0.0 or is_validation(example["id"], fraction):
-                held_out += prompts_from_examples(
-                    [example["token_ids"].tolist()], [example["loss_mask"].tolist()]
-                )
-    prompts = held_out[: plan.max_prompts]
+    found = held_out_prompts(plan)
+    prompts = found.prompts
     if not prompts:
         raise RuntimeError(
             "evaluation: no held-out prompts (raise data.validationFraction or the dataset size)"
         )
+    log.info(
+        "evaluation: %d prompts from %d held-out conversations (%s)",
+        len(prompts),
+        found.source["conversations"],
+        found.source["split"],
+    )
     device = resolve_device("auto")
     verifier = load_model(plan.train.verifier, dtype=torch.float32, device=device, allowed_roots=roots)
     trained = Eagle3DraftModel.from_pretrained(speculator, device=device)
@@ -262,8 +261,25 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
         reports[label] = evaluate(
             verifier, draft, prompts, max_new_tokens=plan.max_new_tokens, references=references
         )
+        reports[label].source = found.source
         log.info("%s draft: acceptance length %.3f", label, reports[label].acceptance_length)
     return {label: r.to_dict() for label, r in reports.items()}
+
+
+def held_out_prompts(plan: LocalPlan) -> PromptSet:
+    """Prompts of the conversations the training's split kept out of training (`train.yaml`'s
+    data.validationFraction and seed), at most `spec.evaluation.maxPrompts`."""
+    from specops.data.split import HeldOutSplit
+    from specops.evaluate import load_prompts
+
+    split = HeldOutSplit(plan.train.data.validation_fraction, plan.train.seed)
+    return load_prompts(
+        plan.train.data.path or "",
+        allowed_roots=plan.train.allowed_roots,
+        limit=plan.max_prompts,
+        field="data.path",
+        split=split,
+    )
 
 
 def untrained_twin(trained: Eagle3DraftModel) -> Eagle3DraftModel:
@@ -321,6 +337,7 @@ def _report(
         report["baseline_acceptance_length"] = untrained["acceptance_length"]
         report["better_than_baseline"] = trained["acceptance_length"] > untrained["acceptance_length"]
         report["lossless"] = trained["lossless"] and untrained["lossless"]
+        report["evaluation_prompts"] = trained["source"]
     return report
 
 
@@ -380,6 +397,11 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"acceptance:  {report['acceptance_length']:.3f} trained vs {report['baseline_acceptance_length']:.3f} "
             f"untrained (lossless: {report['lossless']})"
+        )
+        source = report["evaluation_prompts"]
+        lines.append(
+            f"prompts:     {source['prompts']} from {source['conversations']} conversations held out of "
+            f"training ({source['split']['fraction']:g} of the conversations, seed {source['split']['seed']})"
         )
     lines += [f"serve:       {report['serve']['long']}", f"time:        {report['seconds']:.0f} s"]
     return "\n".join(lines)

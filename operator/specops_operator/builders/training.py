@@ -296,7 +296,10 @@ def _eval_job(
 ) -> Manifest:
     spec = cr.spec
     verifier = verifier_of(spec, data)
+    config_volume, config_mount = common.config_volume(names.config)
     volumes, mounts, cache_env = _volumes(spec, names, data, cache)
+    # The trainer's own config: the evaluator reads the same data.path, validationFraction and
+    # seed, so it evaluates exactly the conversations the training held out (specops.data.split).
     args = [
         "specops",
         "evaluate",
@@ -304,8 +307,8 @@ def _eval_job(
         FINAL_DIR,
         "--verifier",
         verifier.name_or_path,
-        "--data",
-        common.SHARDS_DIR,
+        "--train-config",
+        common.CONFIG_FILE,
         "--max-prompts",
         str(spec.evaluation.max_prompts),
         "--max-new-tokens",
@@ -315,14 +318,16 @@ def _eval_job(
     ]
     if verifier.gguf_file:
         args += ["--gguf-file", verifier.gguf_file]
+    if spec.evaluation.max_mismatch_rate is not None:
+        args += ["--max-mismatch-rate", str(spec.evaluation.max_mismatch_rate)]
     for root in common.ALLOWED_ROOTS:
         args += ["--allowed-root", root]
     parts = PodParts(
         component=EVALUATOR,
         args=args,
         env=cache_env,
-        volumes=volumes,
-        mounts=mounts,
+        volumes=[config_volume, *volumes],
+        mounts=[config_mount, *mounts],
         resources=evaluation_resources(spec),
     )
     return common.job(
@@ -388,6 +393,17 @@ def inline_source(cr: SpeculatorTraining, status: dict[str, Any] | None) -> Data
     )
 
 
+def evaluation_skipped(spec: SpeculatorTrainingSpec, data: DataSource) -> str | None:
+    """Why no evaluation Job runs (a condition reason), or None when one does."""
+    if not spec.evaluation.enabled:
+        return "Disabled"
+    if data.spec.mode != "offline":
+        return "NoPromptData"
+    if spec.data.validation_fraction <= 0:
+        return "NoHeldOutData"
+    return None
+
+
 def build_training(
     cr: SpeculatorTraining,
     defaults: Defaults,
@@ -419,6 +435,6 @@ def build_training(
     cache = model_cache(cr, data, fetched=fetched)
     if data.ready and (cache is None or cache.ready) and attempt is not None:
         children.append(_trainer_job(cr, owner, names, data, defaults, cache, attempt))
-    if trained and spec.evaluation.enabled and data.spec.mode == "offline":
+    if trained and evaluation_skipped(spec, data) is None:
         children.append(_eval_job(cr, owner, names, data, defaults, cache))
     return children

@@ -288,6 +288,13 @@ class DiskStore:
     def partitions(self) -> list[str]:
         return list(self._view.entries)
 
+    def ids(self, partition: str) -> list[str]:
+        """Ids of the examples `read(partition)` yields, from the manifest (no shard is read)."""
+        entry = self._view.entries.get(partition)
+        if entry is None:
+            raise KeyError(f"{self.path}: no committed shard {partition!r}")
+        return [ex_id for ex_id in entry.ids if self._view.owner[ex_id] == partition]
+
     def read(self, partition: str) -> Iterator[ExampleDict]:
         entry = self._view.entries.get(partition)
         if entry is None:

@@ -100,6 +100,10 @@ class SpeculatorsSource:
             return self._ids[i]
         return f"speculators/{i}/0"
 
+    def ids(self, partition: str) -> list[str]:
+        """The one example id of `partition` (an hs file holds one example)."""
+        return [self.example_id(partition)]
+
     def read(self, partition: str) -> Iterator[ExampleDict]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -1,9 +1,12 @@
 """The trainer's data input: train/validation example iterables over any source.
 
-A partitioned `DataSource` (DiskStore shards, upstream speculators files) is replayable: each
-epoch reshuffles it through `GeneratedDataset`, the validation split holds out whole partitions
-(`split_partitions`), and resume fast-forwards by counting examples. A `StreamSource` (queue,
-broker) is read once: examples whose id hashes under `validation_fraction` are diverted into a
+Validation holds out whole conversations (`specops.data.split.HeldOutSplit`, the split every
+evaluation uses too), whatever partition or stream position their examples arrive in. A
+partitioned `DataSource` (DiskStore shards, upstream speculators files) is replayable: each epoch
+reshuffles it through `GeneratedDataset` and drops the held-out examples, validation reads only the
+partitions that hold the first `max_validation_examples` held-out ones (known from the manifest's
+ids, so a validation pass does not read the whole dataset), and resume fast-forwards by counting
+examples. A `StreamSource` (queue, broker) is read once: held-out examples are diverted into a
 bounded in-memory validation set, and with `cache` the first pass is teed into a DiskStore that
 later epochs replay. A stream carries no token counts, so its draft vocabulary comes from a window:
 each rank holds its first examples, the ranks sum their counts (every rank then picks the same
@@ -13,7 +16,6 @@ on exactly once. Everything downstream sees only iterables of ExampleDict.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import queue
@@ -26,7 +28,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 
 from specops.config import ConfigError, TrainConfig, TrainDataConfig
-from specops.dataset import GeneratedDataset, split_partitions
+from specops.data.split import HeldOutSplit
+from specops.dataset import GeneratedDataset
 from specops.example import ExampleDict
 from specops.stores.base import DataSink, DataSource, StoreMeta, StreamSource
 from specops.train.distributed import DistEnv, all_reduce, barrier
@@ -43,12 +46,42 @@ class CountingSource(Protocol):
     def token_counts(self) -> dict[int, int]: ...
 
 
-def is_validation(example_id: str, fraction: float) -> bool:
-    """Stable held-out membership: the id's sha256 mapped to [0, 1) falls under `fraction`."""
-    if fraction <= 0.0:
-        return False
-    digest = hashlib.sha256(example_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / float(1 << 64) < fraction
+@runtime_checkable
+class IndexedSource(Protocol):
+    """A source that lists a partition's example ids without reading it (DiskStore, speculators)."""
+
+    def ids(self, partition: str) -> list[str]: ...
+
+
+def validation_partitions(
+    source: DataSource, partitions: Sequence[str], split: HeldOutSplit, limit: int
+) -> list[str]:
+    """The partitions holding the first `limit` held-out examples (all of them, when the source
+    cannot list ids): validation reads these and keeps only their held-out examples."""
+    if split.fraction <= 0.0 or limit <= 0:
+        return []
+    if not isinstance(source, IndexedSource):
+        return list(partitions)
+    chosen: list[str] = []
+    found = 0
+    for partition in partitions:
+        held = sum(1 for ex_id in source.ids(partition) if split.held_out(ex_id))
+        if held:
+            chosen.append(partition)
+            found += held
+            if found >= limit:
+                break
+    return chosen
+
+
+class _HeldOut(Iterable[ExampleDict]):
+    """The held-out examples of a dataset (re-iterable: each pass reads it again)."""
+
+    def __init__(self, dataset: GeneratedDataset, split: HeldOutSplit) -> None:
+        self.dataset, self.split = dataset, split
+
+    def __iter__(self) -> Iterator[ExampleDict]:
+        return (ex for ex in self.dataset if self.split.held_out(ex["id"]))
 
 
 def count_tokens(examples: Iterable[ExampleDict]) -> dict[int, int]:
@@ -161,11 +194,10 @@ def world_token_counts(counts: Mapping[int, int], vocab_size: int, env: DistEnv)
 
 
 class TrainData:
-    """Train and validation examples for this rank.
+    """Train and validation examples for this rank, split by conversation (`HeldOutSplit`).
 
-    Partitioned sources split off whole validation partitions. Streams hold out by id hash; with a
-    cache (`cache` sink + `reopen_cache`) later epochs replay the cached first pass, keeping the
-    same id-hash split so no example changes sides.
+    With a stream cache (`cache` sink + `reopen_cache`) later epochs replay the cached first pass
+    through the same split, so no example changes sides.
     """
 
     def __init__(
@@ -187,13 +219,14 @@ class TrainData:
         self.seed = seed
         self.shuffle = shuffle
         self.validation_fraction = validation_fraction
+        self.split = HeldOutSplit(validation_fraction, seed)
         self.max_validation_examples = max_validation_examples
         self._cache = cache
         self._reopen_cache = reopen_cache
         self._replay: GeneratedDataset | None = None
         self._held_out: list[ExampleDict] = []
         self._train: GeneratedDataset | None = None
-        self._val: GeneratedDataset | None = None
+        self._val: _HeldOut | None = None
         self._window: deque[ExampleDict] | None = None
         self._rest: Iterator[ExampleDict] | None = None
         self._window_taken = False
@@ -211,13 +244,16 @@ class TrainData:
         return self._train is not None or self._reopen_cache is not None
 
     def _split(self, source: DataSource) -> None:
-        train, val = split_partitions(source.partitions(), self.validation_fraction, self.seed)
-        if not train:
+        partitions = list(source.partitions())
+        if not partitions:
             raise ValueError("data: the source holds no partitions to train on")
-        if self.validation_fraction > 0 and not val:
-            log.warning("data: only %d partition(s); no validation split is possible", len(train))
-        self._train = self._dataset(source, train, self.shuffle)
-        self._val = self._dataset(source, val, False) if val else None
+        self._train = self._dataset(source, partitions, self.shuffle)
+        val = validation_partitions(source, partitions, self.split, self.max_validation_examples)
+        if self.validation_fraction > 0 and not val and self.max_validation_examples > 0:
+            log.warning(
+                "data: no conversation falls in the held-out %g; no validation", self.validation_fraction
+            )
+        self._val = _HeldOut(self._dataset(source, val, False), self.split) if val else None
 
     def _dataset(self, source: DataSource, partitions: list[str], shuffle: bool) -> GeneratedDataset:
         return GeneratedDataset(
@@ -268,7 +304,7 @@ class TrainData:
         """
         if self._train is not None:
             self._train.set_epoch(epoch)
-            return itertools.islice(iter(self._train), skip, None)
+            return itertools.islice((ex for ex in self._train if self.split.trained(ex["id"])), skip, None)
         if epoch == 0:
             if skip:
                 log.info("data: resuming a live stream; it continues where the producer is")
@@ -278,7 +314,7 @@ class TrainData:
             return self._stream()
         replay = self._cached()
         replay.set_epoch(epoch)
-        kept = (ex for ex in replay if not is_validation(ex["id"], self.validation_fraction))
+        kept = (ex for ex in replay if self.split.trained(ex["id"]))
         return itertools.islice(kept, skip, None)
 
     def _cached(self) -> GeneratedDataset:
@@ -303,7 +339,7 @@ class TrainData:
             for ex in stream:
                 if self._cache is not None:
                     self._cache.write([ex])
-                if is_validation(ex["id"], self.validation_fraction):
+                if self.split.held_out(ex["id"]):
                     if len(self._held_out) < self.max_validation_examples:
                         self._held_out.append(ex)
                     continue
@@ -322,7 +358,7 @@ class TrainData:
             return self._val
         if not self._held_out and self._reopen_cache is not None and self.validation_fraction > 0:
             # Resumed after the first pass: recover the held-out examples from the cache.
-            held = (ex for ex in self._cached() if is_validation(ex["id"], self.validation_fraction))
+            held = (ex for ex in self._cached() if self.split.held_out(ex["id"]))
             self._held_out = list(itertools.islice(held, self.max_validation_examples))
         return list(self._held_out)
 
