@@ -1,7 +1,7 @@
 """The custom resources `SpeculatorDataGen` and `SpeculatorTraining` as pydantic models.
 
 One source of truth: these models generate the CRD schemas (`crdgen`), validate CRs in the
-operator and in `specops run --local`, and their workload parts are the `specops.config`
+operator and in `specops run`, and their workload parts are the `specops.config`
 contracts the pods parse. Workload fields are *derived* from `DataGenConfig` / `TrainConfig`
 (minus what the operator decides: paths, URLs, slices), so a field added there appears in the
 CRD without a copy here. Pure: imports pydantic and `specops.config` only.

@@ -495,31 +495,52 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
 
 
-def parse_override_value(raw: str) -> Any:
-    """`--engine.batch_size 4` -> 4; YAML scalars and flow lists/maps are accepted."""
-    return _load_yaml(raw) if raw != "" else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`engine.batch_size`) in a nested dict, creating levels as needed."""
+def apply_overrides(
+    data: dict[str, Any], overrides: dict[str, Any], spelled: dict[tuple[Any, ...], str] | None = None
+) -> dict[str, Any]:
+    """Set dotted keys (`engine.batch_size`, `datasets.0.maxSamples`) in nested data, creating
+    levels as needed; a number indexes a list (its length appends an entry). Keys may be camelCase
+    or snake_case; `spelled` records how each was typed, for messages."""
     out: dict[str, Any] = {**data}
     for dotted, value in overrides.items():
-        parts = dotted.replace("-", "_").split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = {**child} if isinstance(child, dict) else {}
+        typed = dotted.split(".")
+        parts: list[Any] = [int(p) if p.isdigit() else to_snake(p.replace("-", "_")) for p in typed]
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if spelled is not None and (last or tuple(parts[: i + 1]) not in spelled):
+                spelled[tuple(parts[: i + 1])] = typed[i]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part > len(node):
+                    have = len(node) if isinstance(node, list) else 0
+                    where = ".".join(typed[:i])
+                    raise ConfigError(
+                        f"{where}.{part}: {where} has {have} entries (index {have} appends one)"
+                    )
+                if part == len(node):
+                    node.append({})
+                child = value if last else node[part]
+            else:
+                child = value if last else node.get(part)
+            if not last:
+                want_list = isinstance(parts[i + 1], int)
+                if want_list:
+                    child = list(child) if isinstance(child, list) else []
+                else:
+                    child = {**child} if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[parts[-1]] = value
     return out
 
 
 def load_config(
-    model: type[C], source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None
+    model: type[C],
+    source: str | Path | dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    label: str = "<dict>",
 ) -> C:
-    """Parse a YAML file (or dict) into `model`, applying dotted overrides; errors name the field."""
-    label = "<dict>"
+    """Parse a YAML file (or dict, called `label` in messages) into `model`, applying dotted
+    overrides; errors name the field as spelled."""
     if isinstance(source, dict):
         data = source
     else:
@@ -535,7 +556,7 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{label}: top level must be a mapping, got {type(data).__name__}")
     spelled: dict[tuple[Any, ...], str] = {}
-    data = apply_overrides(_snake_keys(data, label, spelled), overrides or {})
+    data = apply_overrides(_snake_keys(data, label, spelled), overrides or {}, spelled)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

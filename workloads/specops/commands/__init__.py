@@ -1,1 +1,1 @@
-"""One module per CLI command: `register(parser)` and `main(args, overrides) -> int`."""
+"""One module per CLI command: `register(parser)` and `main(args) -> int`."""

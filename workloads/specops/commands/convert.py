@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from specops import exitcodes
@@ -35,10 +34,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops convert: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     from specops.models.config import SpeculatorFormatError
 
     try:

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from specops import exitcodes
 
@@ -62,10 +62,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops evaluate: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     for name in ("max_prompts", "max_new_tokens", "k", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
