@@ -23,12 +23,14 @@ DESCRIPTION = (
     "Kubernetes, from the same YAML. The trained draft loads in `vllm serve --speculative-config`."
 )
 EPILOG = (
-    "Start with `specops run examples/local/smollm2-sharegpt.yaml`. `specops COMMAND --help` lists each command's options; for generate-data "
+    "Start with `specops run examples/local/smollm2-sharegpt.yaml`, or `specops plan FILE` to see what a "
+    "run will store and cost. `specops COMMAND --help` lists each command's options; for generate-data "
     "and train that is every config field (`--section.field VALUE`)."
 )
 
 COMMANDS: dict[str, str] = {
     "run": "Run a SpeculatorTraining YAML here (the same file kubectl takes): generate, train, evaluate.",
+    "plan": "Say what a DataGen, Training or config YAML will store and cost, before any GPU starts.",
     "generate-data": "Run the verifier over datasets and store hidden states (disk, queue or broker).",
     "train": "Train an EAGLE-3 or HASS speculator on generated data.",
     "evaluate": "Measure a speculator's acceptance length against its verifier.",
