@@ -575,6 +575,11 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             f"spec.storage.accessModes must include ReadWriteMany when spec.workers > 1 ({ONE_NODE})",
             lambda s: s.workers <= 1 or s.storage is None or s.storage.shared(),
         ),
+        Rule(
+            "self.datasets.all(d, has(d.preset) || (has(d.path) && size(d.path) > 0))",
+            "spec.datasets[].path is required unless spec.datasets[].preset is set",
+            lambda s: all(d.preset or d.path for d in s.datasets),
+        ),
     )
 
 

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel, to_snake
 
+from specops.data.presets import DatasetPreset, preset_fields
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -100,12 +102,17 @@ class ColumnMapping(Contract):
 
 
 class DatasetSource(Contract):
-    """One input dataset: a Hugging Face id, a local file or directory, or plain text files."""
+    """One input dataset: a named preset, a Hugging Face id, a local file or directory, or plain text files."""
 
+    preset: DatasetPreset | None = None
+    """A dataset upstream EAGLE-3 recipes train on, by name (sharegpt, ultrachat, magpie, perfectblend,
+    ...): fills kind, path, split, name and columns (docs/data.md lists each); fields set beside it
+    win, e.g. `maxSamples` or a local `path` holding the same rows. In a DataGenConfig a bare name
+    (`datasets: [sharegpt]`) is short for `{preset: sharegpt}`."""
     kind: Literal["hf", "local", "text"] = "local"
     """hf = `datasets.load_dataset(id)`; local = json/jsonl/parquet/arrow path; text = .txt files."""
-    path: Annotated[str, Field(min_length=1, max_length=1024)]
-    """HF dataset id (kind=hf) or a local path under an allowed root."""
+    path: Annotated[str, Field(max_length=1024)] = ""
+    """HF dataset id (kind=hf) or a local path under an allowed root; required unless preset is set."""
     name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] | None = None
     """Label used in example ids (`<name>/<row>/<turn>`); default: derived from the path."""
     subset: Annotated[str, Field(max_length=128)] | None = None
@@ -118,6 +125,27 @@ class DatasetSource(Contract):
     """Column overrides for unusual layouts."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
     """Take at most this many usable conversations (after the split; skipped rows do not count)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """A preset's fields under the ones given (either spelling); columns merge key by key."""
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str):
+            return data
+        given = {to_snake(str(k)): k for k in data}
+        out = {k: v for k, v in preset_fields(data["preset"]).items() if k not in given}
+        columns = data.get(given["columns"]) if "columns" in given else None
+        if isinstance(columns, dict):
+            named = {to_snake(str(k)) for k in columns}
+            defaults = preset_fields(data["preset"]).get("columns", {})
+            out[given["columns"]] = {**{k: v for k, v in defaults.items() if k not in named}, **columns}
+        return {**data, **out}
+
+    @model_validator(mode="after")
+    def _has_a_path(self) -> Self:
+        if not self.path:
+            raise ValueError("path is required unless preset is set")
+        return self
 
 
 class ProcessorConfig(Contract):
@@ -303,6 +331,14 @@ class DataGenConfig(Contract):
     def sequence_limit(self) -> int:
         """Longest sequence an example may have: `processor.max_length`, never beyond the engine's."""
         return min(self.processor.max_length, self.engine.max_seq_len)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _preset_names(cls, value: Any) -> Any:
+        """`datasets: [sharegpt]` is short for `[{preset: sharegpt}]`."""
+        if isinstance(value, list):
+            return [{"preset": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @model_validator(mode="after")
     def _regenerate_has_a_home(self) -> Self:
@@ -580,6 +616,11 @@ def apply_overrides(
             else:
                 child = value if last else node.get(part)
             if not last:
+                if child is not None and not isinstance(child, dict | list):
+                    where = ".".join(typed[: i + 1])
+                    raise ConfigError(
+                        f"{where} is {child!r}, not a section: write it as a mapping to set its fields"
+                    )
                 want_list = isinstance(parts[i + 1], int)
                 if want_list:
                     child = list(child) if isinstance(child, list) else []
