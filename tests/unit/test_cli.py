@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from specops import cli
 from specops.config import DataGenConfig, TrainConfig, load_config
-from specops.config_cli import _leaf_fields, _list_item_model, _section
+from specops.config_cli import leaf_fields, list_item_model, section_model
 
 TRAIN = "verifier: {nameOrPath: m}\ndata: {path: d}\noutputDir: o\noptim: {lr: 1.0e-3}\n"
 DATAGEN = "verifier: {nameOrPath: m}\ndatasets: [{kind: hf, path: a/b}]\nsync: {kind: disk, path: out}\n"
@@ -37,7 +37,7 @@ def every_field(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any
     out: list[tuple[str, Any]] = []
     for name, info in model.model_fields.items():
         flag = f"{prefix}{info.alias or name}"
-        section, item = _section(info.annotation), _list_item_model(info.annotation)
+        section, item = section_model(info.annotation), list_item_model(info.annotation)
         if section is not None:
             out.extend(every_field(section, flag + "."))
         else:
@@ -152,7 +152,7 @@ def test_print_config_round_trips(
     assert load_config(model, again) == load_config(
         model, first, {"seed" if command == "train" else "engine.seed": 7}
     )
-    fields = {flag for flag, _ in _leaf_fields(model)}
+    fields = {flag for flag, _ in leaf_fields(model)}
     flat = _flat(yaml.safe_load(printed))
     unset_sections = ("datasets.", "regenerate.")  # a list, and an optional section left null
     assert {f for f in fields if not f.startswith(unset_sections)} <= set(flat)  # defaults included

@@ -59,7 +59,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[Contract],
         group = parser.add_argument_group(
             f"{path}.N options", f"Entry N of `{path}` ({_doc(item)}); N = its length appends one."
         )
-        for flag, info in _leaf_fields(item):
+        for flag, info in leaf_fields(item):
             group.add_argument(
                 f"--{path}.N.{flag}",
                 help=_describe(info),
@@ -153,7 +153,7 @@ def _raw(value: str) -> Any:
     """A flag's text as pydantic should see it: `null` unsets, JSON lists/maps are parsed."""
     if value == "null":
         return None
-    if value[:1] in "[{":
+    if value.startswith(("[", "{")):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
@@ -166,10 +166,11 @@ def _suggest(flag: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else "; `--help` lists every field"
 
 
-def _field(model: type[BaseModel], name: str) -> tuple[str, Any] | None:
+def _field(model: type[BaseModel], name: str) -> Any:
+    """The FieldInfo of `name` (snake_case or its camelCase alias), or None."""
     for field_name, info in model.model_fields.items():
         if name in (field_name, info.alias):
-            return field_name, info
+            return info
     return None
 
 
@@ -181,11 +182,11 @@ def _model_at(model: type[BaseModel], parts: list[str], list_of: bool) -> Any:
         found = _field(current, part) if isinstance(current, type) else None
         if found is None:
             return None
-        annotation = found[1].annotation
+        annotation = found.annotation
         last = i == len(parts) - 1
         if last and list_of:
-            return _list_item_model(annotation)
-        current = _section(annotation) if not last else True
+            return list_item_model(annotation)
+        current = section_model(annotation) if not last else True
         if current is None and not last:
             return None
     return current
@@ -195,21 +196,21 @@ def _list_sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, 
     out: list[tuple[str, type[BaseModel]]] = []
     for name, info in model.model_fields.items():
         path = f"{prefix}{info.alias or name}"
-        item = _list_item_model(info.annotation)
+        item = list_item_model(info.annotation)
         if item is not None:
             out.append((path, item))
-        section = _section(info.annotation)
+        section = section_model(info.annotation)
         if section is not None:
             out.extend(_list_sections(section, path + "."))
     return out
 
 
-def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for name, info in model.model_fields.items():
         path = f"{prefix}{info.alias or name}"
-        section = _section(info.annotation)
-        out.extend(_leaf_fields(section, path + ".") if section else [(path, info)])
+        section = section_model(info.annotation)
+        out.extend(leaf_fields(section, path + ".") if section else [(path, info)])
     return out
 
 
@@ -219,14 +220,14 @@ def _options(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
-def _section(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
     for option in _options(annotation):
         if isinstance(option, type) and issubclass(option, BaseModel):
             return option
     return None
 
 
-def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+def list_item_model(annotation: Any) -> type[BaseModel] | None:
     for option in _options(annotation):
         if get_origin(option) is list:
             (item,) = get_args(option)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--input", required=True)
     exp.add_argument("--output", required=True)
     for command in (eagle, imp, exp):
-        command.add_argument(
-            "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-        )
+        add_allowed_root(command)
 
 
 def main(args: argparse.Namespace) -> int:

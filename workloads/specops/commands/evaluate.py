@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +53,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         default="transformers",
         help="vllm: also serve the speculator with vLLM and report vLLM's own acceptance counters",
     )
-    parser.add_argument(
-        "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-    )
+    add_allowed_root(parser)
     parser.epilog = (
         "Prints one JSON report line (acceptance_length, per_position, lossless, ...). "
         "Exit codes: 0 lossless, 4 the speculative output differs from the verifier's greedy output, "

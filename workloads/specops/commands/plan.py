@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +25,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per run instead of a table"
     )
-    parser.add_argument(
-        "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-    )
+    add_allowed_root(parser)
     parser.epilog = (
         "For each data generation the file asks for: examples and tokens (counted by tokenizing local "
         "sources as generation does, or estimated from maxSamples, a split slice or known dataset sizes), "
