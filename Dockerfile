@@ -48,7 +48,7 @@ ARG VLLM_VERSION
 # PyPI's Linux torch wheel is the CUDA build; vLLM pins the torch it was built against.
 RUN python -m venv /opt/venv \
     && pip install --no-cache-dir -c requirements-pins.txt "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir -c requirements-pins.txt ".[workload]" "vllm==${VLLM_VERSION}"
+    && pip install --no-cache-dir -c requirements-pins.txt ".[workload,tracking]" "vllm==${VLLM_VERSION}"
 
 FROM base AS workload
 # Triton (under vLLM and torch.compile) compiles small C launchers at run time: it needs gcc.

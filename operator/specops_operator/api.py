@@ -506,9 +506,17 @@ else:
     TrainWorkload = derive(
         TrainConfig,
         "TrainWorkload",
-        {"verifier", "data", "output_dir", "allowed_roots", "device", "resume"},
+        {
+            "verifier",
+            "data",
+            "output_dir",
+            "allowed_roots",
+            "device",
+            "resume",
+            "metrics",
+        },
         Checked,
-        "TrainConfig minus the fields the operator sets (data location, output, device, resume).",
+        "TrainConfig minus the fields the operator sets (data location, output, device, resume, metrics).",
     )
     SyncParams = derive(
         SyncConfig,

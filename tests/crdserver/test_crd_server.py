@@ -252,8 +252,14 @@ def _changed(schema: Obj, value: Any) -> Any:
                 if new is not None:
                     return {**value, name: new}
         return None
-    if isinstance(value, list) and value and isinstance(schema.get("items"), dict):
-        new = _changed(schema["items"], value[0])
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        items = schema["items"]
+        if not value:  # an empty list changes by gaining one item of the schema's kind
+            first = (
+                items["enum"][0] if "enum" in items else {"string": "x", "integer": 1}.get(items.get("type"))
+            )
+            return None if first is None else [first]
+        new = _changed(items, value[0])
         return None if new is None else [new, *value[1:]]
     return None
 
@@ -269,6 +275,7 @@ ADDED: dict[str, Any] = {
     "verifierArchitecture": {"numLayers": 2, "hiddenSize": 64, "vocabSize": 1000},
     "verifier": {"nameOrPath": "Qwen/Qwen3-8B"},
     "procsPerNode": 1,
+    "runName": "qwen3-hass",
 }
 
 

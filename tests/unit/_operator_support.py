@@ -5,6 +5,7 @@ the CEL `x-kubernetes-validations` (cel-python), read from the committed CRDs.""
 from __future__ import annotations
 
 import copy
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,19 @@ def unknown_fields(schema: dict[str, Any], obj: Any, path: str = "") -> list[str
     return out
 
 
+def _list_type(validator: Any, list_type: str, instance: Any, schema: dict[str, Any]) -> Any:
+    """`x-kubernetes-list-type: set`: the API server refuses a duplicate item (as it words it)."""
+    if list_type == "set" and isinstance(instance, list):
+        for i, item in enumerate(instance):
+            if item in instance[:i]:
+                yield jsonschema.ValidationError(f"Duplicate value: {json.dumps(item)}")
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-list-type": _list_type})
+
+
 def schema_errors(schema: dict[str, Any], obj: Any) -> list[str]:
-    validator = jsonschema.Draft4Validator(schema)
+    validator = _Validator(schema)
     return [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(obj)]
 
 

@@ -7,6 +7,7 @@ hardening, namespaced vs cluster-wide modes, Kueue and ServiceMonitor switches, 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -34,6 +35,10 @@ CASES: dict[str, Obj] = {
         "image": {"repository": "registry.example/specops/operator", "tag": "1.2"},
     },
     "no-metrics": {"metrics": {"enabled": False}, "workload": {"serviceAccount": {"create": False}}},
+    "workload-monitoring": {
+        "watchNamespaces": ["ml"],
+        "metrics": {"podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+    },
 }
 
 
@@ -259,6 +264,29 @@ def test_metrics_service_and_service_monitor() -> None:
     bare = render("no-metrics")
     assert not by_kind(bare, "Service") and "--metrics-port=0" in _args(bare)
     assert [sa["metadata"]["name"] for sa in by_kind(bare, "ServiceAccount")] == ["rel-specops"]
+
+
+def test_pod_monitor_scrapes_the_trainer_pods_and_the_dashboard_ships() -> None:
+    """The PodMonitor selects what the operator's trainer pods carry, at the port they serve on."""
+    from specops_operator.builders.common import Owner, labels
+    from specops_operator.builders.training import METRICS_PORT, TRAINER
+
+    docs = render("workload-monitoring")
+    monitor = one(docs, "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+    owner = Owner("specops.dev/v1alpha1", "SpeculatorTraining", "run", "ml", "uid-1", {})
+    trainer_labels = labels(owner, TRAINER)
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(trainer_labels.items())
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s"}
+    ]
+    assert METRICS_PORT == 9400
+    dashboard = one(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(dashboard["data"]["specops-training.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "specops-training.json").read_text())
+    assert not by_kind(render("defaults"), "PodMonitor") and not by_kind(render("defaults"), "ConfigMap")
+    assert one(render("monitoring"), "ServiceMonitor") and not by_kind(render("monitoring"), "PodMonitor")
 
 
 def monitor_path(docs: list[Obj]) -> str:

@@ -28,7 +28,9 @@ spec:
 def test_workload_fields_come_from_the_config_contracts() -> None:
     assert set(DataGenConfig.model_fields) - {"sync", "run"} <= set(SpeculatorDataGenSpec.model_fields)
     operator_owned = {"verifier", "data", "output_dir", "allowed_roots", "device", "resume"}
+    operator_owned.add("metrics")  # every trainer pod serves its progress
     assert set(TrainConfig.model_fields) - operator_owned <= set(SpeculatorTrainingSpec.model_fields)
+    assert "metrics" not in SpeculatorTrainingSpec.model_fields
     field = SpeculatorTrainingSpec.model_fields["ttt_steps"]
     assert field.description == TrainConfig.model_fields["ttt_steps"].description
     assert field.metadata == TrainConfig.model_fields["ttt_steps"].metadata

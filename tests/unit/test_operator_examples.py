@@ -238,6 +238,12 @@ SCHEMA = [
         "spec.storage: Field required",
     ),
     ("hass-train.yaml", _set("spec.dataGenRef.name", "Not_A_Name"), "does not match", "spec.dataGenRef.name"),
+    (
+        "hass-train.yaml",
+        _set("spec.reportTo", ["mlflow", "wandb", "mlflow"]),
+        'Duplicate value: "mlflow"',
+        "spec.reportTo: Value error, lists mlflow more than once",
+    ),
 ]
 
 

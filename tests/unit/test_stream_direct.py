@@ -94,13 +94,16 @@ def test_relay_and_direct_consumers_share_one_stream(running: Running) -> None:
 def test_examples_sent_to_a_vanished_consumer_are_recalled_and_sent_to_another() -> None:
     """The consumer dies after attaching: producers get `go`s for its endpoint and send into the
     void; once the broker expires it, those examples are offered again and go to a live rank."""
-    running = Running(max_bytes=4 * EXAMPLE_BYTES, timing=Timing(heartbeat_s=0.1, timeout_s=2.0))
+    # The expiry must outlast a stalled machine between the crash and the three sends to the dead
+    # endpoint (at 2 s a loaded CI machine sometimes expired the consumer first: nothing to recall).
+    running = Running(max_bytes=4 * EXAMPLE_BYTES, timing=Timing(heartbeat_s=0.1, timeout_s=4.0))
     try:
         sink = ZmqStore(running.url, META, window=6, slice_claim=(0, 1))
         doomed = ZmqSource(running.url, credits=3, timeout_s=10, direct=True)
         _wait(lambda: _attached(running, 1))
         doomed._shutdown(bye=False)  # a crash: no bye, its endpoint is gone
         sink.write([make_example(i, seq=8) for i in range(6)])
+        _wait(lambda: sink.stats.counters.get("sent_examples", 0) == 3)  # into the void
         survivor = ZmqSource(running.url, credits=2, timeout_s=10, direct=True)
         got: list[str] = []
         for ex in survivor:

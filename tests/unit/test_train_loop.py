@@ -248,15 +248,3 @@ def test_stream_then_cache_replays_the_first_pass(world: dict[str, Any]) -> None
     no_meta = config(world, "cached2", max_steps=5, data__cache_path=str(root / "cache2"), **fields)
     with pytest.raises(ConfigError, match=r"data\.cache_path"):
         train(no_meta, source=ListStream(world["examples"]))
-
-
-def test_tensorboard_without_the_package_says_so(
-    world: dict[str, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("the tensorboard package is installed; this checks the message for when it is not")
-    result = train(config(world, "tb", max_steps=1, tensorboard=True))
-    assert result.step == 1
-    assert "the `tensorboard` package is not installed" in capsys.readouterr().out

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "generate-data": "Run the verifier over datasets and store hidden states (disk, queue or broker).",
     "train": "Train an EAGLE-3 or HASS speculator on generated data.",
     "evaluate": "Measure a speculator's acceptance length against its verifier.",
+    "push": "Upload a trained speculator with a generated model card to the Hugging Face Hub.",
     "broker": "Run the ZeroMQ broker that streams examples from generators to trainers.",
     "convert": "Import research checkpoints or upstream speculators data, or export data back.",
     "crds": "Write the CustomResourceDefinitions for the Kubernetes operator.",

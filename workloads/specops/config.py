@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -453,6 +454,24 @@ class TrainDataConfig(Contract):
         return self
 
 
+def _each_once(items: list[str]) -> list[str]:
+    """A list that is a set (`x-kubernetes-list-type: set` in the CRD): no value twice."""
+    twice = sorted({item for item in items if items.count(item) > 1})
+    if twice:
+        raise ValueError(f"lists {', '.join(twice)} more than once")
+    return items
+
+
+class ProgressMetricsConfig(Contract):
+    """Each rank's live progress (step, loss and accuracy per TTT step, tokens/s, ETA) as
+    Prometheus metrics, served while it trains (specops.train.progress)."""
+
+    port: Annotated[int, Field(ge=0, le=65000)] | None = None
+    """Port of local rank 0; local rank r serves port + r. 0 = any free port; null = off."""
+    host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
+    """Address to bind; loopback unless asked (in pods the operator binds the pod's IP)."""
+
+
 class TrainConfig(Contract):
     """A training run: GeneratedDataset -> draft with TTT steps -> speculators checkpoint."""
 
@@ -492,9 +511,21 @@ class TrainConfig(Contract):
     """Compute validation metrics every this many optimizer steps (default 500) and at the end."""
     log_every: Annotated[int, Field(ge=1)] = 10
     """Log training metrics (loss, learning rate, throughput) to metrics.jsonl every this many optimizer steps (default 10)."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files under outputDir/tensorboard (default off; needs the
-    `tensorboard` package)."""
+    report_to: Annotated[
+        list[Literal["tensorboard", "wandb", "mlflow", "trackio"]], AfterValidator(_each_once)
+    ] = Field(default_factory=list, max_length=4, json_schema_extra={"x-kubernetes-list-type": "set"})
+    """Experiment trackers that also get every logged step and evaluation (rank 0), plus the resolved
+    config once; any subset. Each needs its package (`pip install 'specops[tracking]'`, in the
+    workload image) and takes its credentials and destination from its own environment variables
+    (docs/training.md); metrics.jsonl is written either way."""
+    metrics: ProgressMetricsConfig = Field(default_factory=lambda: ProgressMetricsConfig())
+    """Live progress as Prometheus metrics while the run goes on (the operator sets it in pods)."""
+    run_name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """The run's name in the trackers; default: the output directory's name."""
+    run_tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
+    """Tags on the trackers' run (W&B tags, MLflow tags)."""
     hass_topk: Annotated[int, Field(ge=1, le=1024)] = 10
     """HASS only: top-k of the verifier distribution distilled."""
     hass_topk_weight: Annotated[float, Field(ge=0.0)] = 1.0

@@ -71,22 +71,25 @@ def verifier_reference(cfg: VerifierConfig, resolved: str) -> str:
     return resolved if is_local(cfg.name_or_path) else cfg.name_or_path
 
 
-def hub_snapshot(repo_id: str, revision: str | None) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, field: str = FIELD) -> str:
     """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
 
     `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline, only the cache
     answers. Failures name the field and the cause instead of the client's traceback. A process
     resolves its verifier several times (config, tokenizer, weights, the head): each asks the Hub
     once, not once per call (keyed by where the client looks, so a changed cache asks again).
+    Speculators load through here too (`field` names what the user set).
     """
     from huggingface_hub import constants as hub_constants
 
     key = (hub_constants.ENDPOINT, hub_constants.HF_HUB_CACHE, bool(hub_constants.HF_HUB_OFFLINE))
-    return _hub_snapshot(repo_id, revision, *key)
+    return _hub_snapshot(repo_id, revision, field, *key)
 
 
 @functools.cache
-def _hub_snapshot(repo_id: str, revision: str | None, endpoint: str, cache: str, offline: bool) -> str:
+def _hub_snapshot(
+    repo_id: str, revision: str | None, field: str, endpoint: str, cache: str, offline: bool
+) -> str:
     del cache  # part of the memo key only: the client reads it itself
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -96,7 +99,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, endpoint: str, cache: str,
         RevisionNotFoundError,
     )
 
-    where = f"{FIELD}: {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    where = f"{field}: {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         return str(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
     except GatedRepoError:

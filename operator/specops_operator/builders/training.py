@@ -29,6 +29,8 @@ from specops_operator.conditions import is_true
 TRAINER = "trainer"
 EVALUATOR = "evaluator"
 RENDEZVOUS_PORT = 29500
+METRICS_PORT = 9400
+"""Each rank's progress metrics: METRICS_PORT + local rank (the pod's port `metrics` is local rank 0)."""
 FINAL_DIR = f"{common.OUTPUT_ROOT}/final"
 """Where the trainer publishes the exported speculator."""
 EVALUATION_FILE = f"{common.OUTPUT_ROOT}/evaluation.json"
@@ -132,6 +134,7 @@ def render_config(spec: SpeculatorTrainingSpec, data: DataSource) -> TrainConfig
         "allowed_roots": common.ALLOWED_ROOTS,
         "device": "auto",
         "resume": "auto",
+        "metrics": {"port": METRICS_PORT},  # bound to the pod's IP by the container's args
     }
     return load_config(TrainConfig, config)
 
@@ -168,8 +171,12 @@ def _trainer_job(
     ]
     parts = PodParts(
         component=TRAINER,
-        args=["torchrun", "--module", "specops.cli", "train", "--config", common.CONFIG_FILE],
+        args=[
+            *("torchrun", "--module", "specops.cli", "train", "--config", common.CONFIG_FILE),
+            *("--metrics.host", "$(POD_IP)"),  # one config for all ranks; each pod has its own IP
+        ],
         env=[
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             common.index_env("JOB_COMPLETION_INDEX"),
             common.index_env("PET_NODE_RANK"),
             *({"name": k, "value": v} for k, v in rendezvous),
@@ -177,7 +184,10 @@ def _trainer_job(
         volumes=[config_volume, *volumes],
         mounts=[config_mount, *mounts],
         resources=spec.pod.resources,
-        ports=({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},),
+        ports=(
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ),
         subdomain=names.service,
     )
     return common.job(

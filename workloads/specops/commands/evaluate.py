@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--speculator", required=True, help="speculator directory (config.json + model.safetensors)"
+        "--speculator", required=True, help="speculator directory (config.json + model.safetensors) or Hub id"
     )
     parser.add_argument(
         "--verifier", help="verifier Hub id or directory; default: the one recorded in the speculator"
@@ -123,10 +123,21 @@ def load_inputs(args: argparse.Namespace) -> EvalInputs:
     from specops.evaluate import load_prompts
     from specops.models.eagle3 import Eagle3DraftModel
     from specops.paths import resolve_allowed
-    from specops.verifier import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from specops.verifier import (
+        hub_snapshot,
+        is_local,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
 
     roots = args.allowed_root
-    speculator_dir = resolve_allowed(args.speculator, roots, "--speculator")
+    speculator_dir = (
+        resolve_allowed(args.speculator, roots, "--speculator")
+        if is_local(args.speculator)
+        else Path(hub_snapshot(args.speculator, None, field="--speculator"))
+    )
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     draft = Eagle3DraftModel.from_pretrained(speculator_dir, device=device)

@@ -49,9 +49,14 @@ class SpeculatorModel(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        revision: str | None = None,
     ) -> S:
-        """Load a speculator directory into the class its config.json names (a subclass of `cls`)."""
-        directory = Path(path)
+        """Load a speculator into the class its config.json names (a subclass of `cls`): a local
+        directory, or a Hub id (downloaded like a verifier: HF_TOKEN, HF_ENDPOINT, offline cache)."""
+        from specops.verifier import hub_snapshot, is_local
+
+        where = str(path)
+        directory = Path(path) if is_local(where) else Path(hub_snapshot(where, revision, field="speculator"))
         config = SpeculatorModelConfig.from_pretrained(directory)
         model_cls = _MODEL_REGISTRY.get(config.speculators_model_type)
         if model_cls is None:

@@ -116,14 +116,15 @@ class _Collector:
 
 
 class MetricsServer:
-    """A Prometheus endpoint on `addr`:`port` (0 = any free port) serving the given StreamStats;
-    loopback unless asked, so the figures are not published to every network the host is on."""
+    """A Prometheus endpoint on `addr`:`port` (0 = any free port) serving one collector (an object
+    with `collect()`); loopback unless asked, so the figures are not published to every network
+    the host is on."""
 
-    def __init__(self, port: int, stats: list[StreamStats], addr: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, collector: Any, addr: str = "127.0.0.1") -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(stats))
+        registry.register(collector)
         self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
         self.port: int = self._server.server_port
 
@@ -139,6 +140,6 @@ def serve_metrics(
     """Start the endpoint when a port is configured; log where it listens."""
     if port is None:
         return None
-    server = MetricsServer(port, stats, host)
+    server = MetricsServer(port, _Collector(stats), host)
     log.info("stream metrics on %s:%d/metrics", host, server.port)
     return server

@@ -4,12 +4,16 @@ It serves model directories the way the Hub does for `huggingface_hub` (point `H
 it): repository info (`/api/models/<id>/revision/<rev>`), the recursive tree listing
 (`/api/models/<id>/tree/<rev>`) and file downloads (`/<id>/resolve/<rev>/<path>`, with the
 `X-Repo-Commit`, `ETag` and size headers the client reads). So the real client code path runs:
-revision resolution, snapshot layout in the cache, token headers. It binds loopback only, can
-require a bearer token (gated models), and counts requests and the file downloads per repository.
+revision resolution, snapshot layout in the cache, token headers. With an `uploads` directory it
+also takes pushes: repository creation (`/api/repos/create`), the preupload check (every file
+"regular", so no LFS or Xet storage is needed) and commits (`/api/models/<id>/commit/<rev>`,
+NDJSON with base64 file contents); pushed repositories are then served like the others. It binds
+loopback only, can require a bearer token, and counts requests and the file downloads per repository.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -39,6 +43,20 @@ class Repo:
         self.commit = listing.hexdigest()
 
 
+def _front_matter_errors(readme: str) -> list[dict[str, str]]:
+    """The Hub refuses a model card whose `---` block is not a YAML mapping."""
+    import yaml
+
+    if not readme.startswith("---\n"):
+        return []
+    block = readme[4:].split("\n---", 1)[0]
+    try:
+        parsed = yaml.safe_load(block)
+    except yaml.YAMLError as exc:
+        return [{"message": f"invalid YAML: {exc}"}]
+    return [] if isinstance(parsed, dict) else [{"message": "metadata must be a mapping"}]
+
+
 def blob_id(path: Path) -> str:
     """A git blob id, as the Hub reports for each file."""
     data = path.read_bytes()
@@ -48,9 +66,18 @@ def blob_id(path: Path) -> str:
 class FakeHub:
     """`with FakeHub({"org/name": directory}) as hub:` ... `HF_ENDPOINT=hub.url`."""
 
-    def __init__(self, repos: dict[str, Path], token: str | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        repos: dict[str, Path],
+        token: str | None = None,
+        host: str = "127.0.0.1",
+        uploads: Path | None = None,
+    ) -> None:
         self.repos = {repo_id: Repo(Path(directory)) for repo_id, directory in repos.items()}
         self.token = token
+        self.uploads = uploads
+        self.commits: list[dict[str, Any]] = []
+        """Each commit's header (`summary`, ...), in order."""
         self.downloads: Counter[str] = Counter()
         self.refused = 0
         self.requests = 0
@@ -65,6 +92,9 @@ class FakeHub:
 
             def do_GET(self) -> None:
                 hub.answer(self, body=True)
+
+            def do_POST(self) -> None:
+                hub.receive(self)
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
@@ -165,6 +195,64 @@ class FakeHub:
                 request.wfile.write(data)
             return
         self._send(request, 404, {"error": "not found"}, {}, body)
+
+    def receive(self, request: BaseHTTPRequestHandler) -> None:
+        """The write API `HfApi.create_repo` and `upload_folder` use (see the module docstring)."""
+        self.requests += 1
+        parts = [p for p in unquote(urlsplit(request.path).path).split("/") if p]
+        data = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        if self.uploads is None:
+            self._send(request, 405, {"error": "this hub takes no uploads"}, {}, True)
+            return
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.refused += 1
+            self._send(request, 401, {"error": "Invalid credentials"}, {}, True)
+            return
+        if parts == ["api", "validate-yaml"]:  # the client checks a README's front matter first
+            self._send(request, 200, {"errors": _front_matter_errors(json.loads(data)["content"])}, {}, True)
+            return
+        if parts == ["api", "repos", "create"]:
+            body = json.loads(data)
+            repo_id = "/".join(filter(None, (body.get("organization"), body["name"])))
+            if repo_id in self.repos:
+                self._send(request, 409, {"error": "You already created this model repo"}, {}, True)
+                return
+            directory = self.uploads / repo_id
+            directory.mkdir(parents=True)
+            self.repos[repo_id] = Repo(directory)
+            self._send(request, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, {}, True)
+            return
+        found = self._find(parts[2:]) if parts[:2] == ["api", "models"] else None
+        if found is None or len(found[2]) < 2 or found[2][0] not in ("preupload", "commit"):
+            self._send(
+                request, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}, True
+            )
+            return
+        repo_id, repo, rest = found
+        if rest[0] == "preupload":
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                for f in json.loads(data)["files"]
+            ]
+            self._send(request, 200, {"files": files}, {}, True)
+            return
+        for line in data.decode().splitlines():
+            entry = json.loads(line)
+            if entry["key"] == "header":
+                self.commits.append(entry["value"])
+            elif entry["key"] == "file":
+                target = repo.directory / entry["value"]["path"]
+                if not target.resolve().is_relative_to(repo.directory.resolve()):
+                    self._send(request, 400, {"error": "path outside the repository"}, {}, True)
+                    return
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(entry["value"]["content"]))
+            else:
+                self._send(request, 400, {"error": f"{entry['key']} is not served here"}, {}, True)
+                return
+        self.repos[repo_id] = repo = Repo(repo.directory)
+        commit = {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.commit}", "commitOid": repo.commit}
+        self._send(request, 200, commit, {}, True)
 
     @staticmethod
     def _revision_ok(repo: Repo, revision: str) -> bool:

@@ -1,4 +1,5 @@
-"""Where training metrics go: stdout lines under a progress bar, metrics.jsonl, TensorBoard if asked.
+"""Where training metrics go: stdout lines under a progress bar, metrics.jsonl, and the experiment
+trackers `train.reportTo` names (specops.train.tracking).
 
 Only rank 0 reports. `metrics.jsonl` (one JSON object per logged step or evaluation, appended
 across resumes) is the machine-readable record: tests and plots read the loss curve from it.
@@ -12,12 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from specops.train.tracking import Trackers
+
 METRICS_FILE = "metrics.jsonl"
 LogHook = Callable[[dict[str, Any]], None]
 
 
 class Monitor:
-    """Progress bar + log lines + metrics.jsonl (+ TensorBoard) on rank 0; silent elsewhere."""
+    """Progress bar + log lines + metrics.jsonl (+ trackers) on rank 0; silent elsewhere.
+
+    `trackers` is a factory so that only rank 0 starts tracker runs."""
 
     def __init__(
         self,
@@ -26,27 +31,22 @@ class Monitor:
         enabled: bool,
         total_steps: int,
         start_step: int,
-        tensorboard: bool,
+        trackers: Callable[[], Trackers] | None = None,
         hook: LogHook | None = None,
     ) -> None:
         self.enabled = enabled
         self.hook = hook
         self._file = (output_dir / METRICS_FILE).open("a") if enabled else None
         self._bar: Any = None
-        self._tb: Any = None
+        self._trackers: Trackers | None = None
         if not enabled:
             return
+        if trackers is not None:
+            self._trackers = trackers()
         from tqdm import tqdm
 
         # disable=None: a bar on a terminal, plain lines in pod logs.
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=None, dynamic_ncols=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.write("tensorboard: the `tensorboard` package is not installed; logging to stdout only")
-            else:
-                self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
     def write(self, line: str) -> None:
         if not self.enabled:
@@ -72,18 +72,16 @@ class Monitor:
             f"{k}={_fmt(v)}" for k, v in values.items() if k in _SHOWN or k.startswith("full_acc_")
         )
         self.write(f"[{kind} step {step}] {shown}")
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._trackers is not None:
+            self._trackers.log(kind, step, values)
         if self.hook is not None:
             self.hook(record)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.finish()
         if self._file is not None:
             self._file.close()
 

@@ -34,6 +34,7 @@ from specops.models.vocab import build_vocab_mapping
 from specops.paths import resolve_allowed
 from specops.serving import vllm_serve_command
 from specops.stores.base import DataSource, StoreMeta, StreamSource
+from specops.stores.streaming import MetricsServer
 from specops.train.checkpoint import Checkpointer, NonFiniteError, latest_checkpoint, remove_partial
 from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
 from specops.train.distributed import DistEnv, all_reduce, barrier, init_distributed, shutdown, wrap
@@ -41,6 +42,8 @@ from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_count
 from specops.train.monitor import LogHook, Monitor
 from specops.train.optim import build_optimizer, lr_at, set_lr, trainable_parameters
 from specops.train.packing import PackedBatch, batches, count_batches
+from specops.train.progress import Progress
+from specops.train.tracking import Trackers, check_installed
 from specops.verifier import load_verifier_config, resolve_verifier, verifier_reference
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,7 @@ class Trainer:
         self.stop = stop or threading.Event()
         roots = cfg.allowed_roots
         self.output_dir = resolve_allowed(cfg.output_dir, roots, "output_dir")
+        check_installed(cfg.report_to)
         self._seed_everything()
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
 
@@ -193,13 +197,32 @@ class Trainer:
             enabled=env.is_main,
             total_steps=self.total_steps,
             start_step=self.step,
-            tensorboard=cfg.tensorboard,
+            trackers=self._trackers if cfg.report_to else None,
             hook=on_log,
         )
         if resume_from is not None:
             self.monitor.write(f"resumed from {resume_from} at step {self.step} (epoch {self.epoch})")
+        self.progress = Progress(env.rank, self.total_steps, self.step)
+        self.metrics_server = self._serve_progress()
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _serve_progress(self) -> MetricsServer | None:
+        port, host = self.cfg.metrics.port, self.cfg.metrics.host
+        if port is None:
+            return None
+        server = MetricsServer(port + self.env.local_rank if port else 0, self.progress, host)
+        log.info("rank %d: progress metrics on %s:%d/metrics", self.env.rank, host, server.port)
+        return server
+
+    def _trackers(self) -> Trackers:
+        return Trackers(
+            self.cfg.report_to,
+            self.output_dir,
+            run_name=self.cfg.run_name or self.output_dir.name,
+            tags=self.cfg.run_tags,
+            config=self.cfg.model_dump(mode="json", by_alias=True),
+        )
 
     def _seed_everything(self) -> None:
         """Same seed on every rank: identical draft initialization before DDP even broadcasts it."""
@@ -287,6 +310,7 @@ class Trainer:
                         self.step += 1
                         self.consumed += batch.consumed
                         self.monitor.advance()
+                        self.progress.advance(self.step, self.epoch)
                         if self.step % cfg.log_every == 0:
                             self._log_train(window, window_tokens, time.perf_counter() - window_start)
                             window, window_tokens, window_start = self._zero_sums(), 0, time.perf_counter()
@@ -307,6 +331,8 @@ class Trainer:
             return self._finish(interrupted)
         finally:
             self.monitor.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
 
     def _epoch_batches(self) -> Prefetcher[PackedBatch] | _Inline:
         examples = self.data.epoch(self.epoch, skip=self.consumed)
@@ -391,6 +417,7 @@ class Trainer:
         if metrics is None:
             return
         improved = self.best_val_loss is None or metrics["loss"] < self.best_val_loss
+        self.progress.record("eval", metrics)
         self.monitor.record("eval", self.step, {"epoch": self.epoch, **metrics, "best": improved})
         if improved:
             self.best_val_loss, self.best_step = metrics["loss"], self.step
@@ -406,6 +433,7 @@ class Trainer:
             grad_norm=self._last_grad_norm,
             tokens_per_s=float(reduced[-1]) / max(seconds, 1e-9),
         )
+        self.progress.record("train", metrics)
         self.monitor.record("train", self.step, metrics)
 
     def _checkpoint(self) -> Path:

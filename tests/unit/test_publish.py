@@ -1,0 +1,119 @@
+"""`specops push` and Hub ids in `from_pretrained`, through the real `huggingface_hub` client and a
+local Hub stand-in (FakeHub with uploads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _models_support import build_verifier, new_draft
+
+from specops.publish import model_card
+from specops.testing.hub import FakeHub
+
+REPORT = {"prompts": 12, "acceptance_length": 2.25, "per_position": [0.8, 0.5, 0.2], "lossless": True}
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """In a fresh process: huggingface_hub reads HF_ENDPOINT and HF_HOME at import."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    return subprocess.run(
+        [sys.executable, *args], env={**clean, **env}, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture(scope="module")
+def speculator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("publish")
+    verifier = build_verifier(root / "verifier")
+    directory = root / "final"
+    new_draft(verifier, root / "verifier").save_pretrained(directory)
+    (directory / "optimizer.pt").write_bytes(b"never uploaded")
+    (root / "eval.json").write_text(json.dumps(REPORT))
+    return directory
+
+
+def test_push_uploads_the_speculator_with_a_card_and_a_hub_id_loads_it_back(
+    speculator: Path, tmp_path: Path
+) -> None:
+    push = ["-m", "specops.cli", "push", str(speculator), "--repo", "acme/tiny-eagle3"]
+    push += ["--eval-report", str(speculator.parent / "eval.json"), "--allowed-root", str(speculator.parent)]
+    with FakeHub({}, token="write-token", uploads=tmp_path / "hub") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        refused = _run(push, env)
+        assert refused.returncode == 2, refused.stderr
+        assert "the Hub refused the upload (set HF_TOKEN to a token with write access)" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        pushed = _run(push, {**env, "HF_TOKEN": "write-token"})
+        assert pushed.returncode == 0, pushed.stderr
+        line = json.loads(pushed.stdout.strip().splitlines()[-1])
+        repo = hub.repos["acme/tiny-eagle3"]
+        assert line == {
+            "url": f"{hub.url}/acme/tiny-eagle3",
+            "commit": repo.commit,
+            "files": ["README.md", "config.json", "model.safetensors"],
+        }
+        assert sorted(repo.files) == line["files"]  # not optimizer.pt
+        for name in ("config.json", "model.safetensors"):
+            assert repo.files[name].read_bytes() == (speculator / name).read_bytes()
+        card = repo.files["README.md"].read_text()
+        assert (
+            "base_model:" in card and "acceptance length **2.250**" in card and "| accepted | 0.800 |" in card
+        )
+        assert "vllm serve" in card and "acme/tiny-eagle3" in card
+
+        loader = (
+            "import sys, torch; from specops.models.base import SpeculatorModel\n"
+            "a = SpeculatorModel.from_pretrained(sys.argv[1]); b = SpeculatorModel.from_pretrained(sys.argv[2])\n"
+            "sa, sb = a.state_dict(), b.state_dict()\n"
+            "assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)\n"
+            "print(type(a).__name__)\n"
+        )
+        fresh = {**env, "HF_TOKEN": "write-token", "HF_HOME": str(tmp_path / "fresh")}
+        loaded = _run(["-c", loader, "acme/tiny-eagle3", str(speculator)], fresh)
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.strip() == "Eagle3DraftModel"
+        assert hub.downloads["acme/tiny-eagle3"] >= 2  # config and weights came over HTTP
+
+        missing = _run(["-c", loader, "acme/nothing", str(speculator)], fresh)
+        assert "speculator: 'acme/nothing': no such model on the Hub" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repo", "no-org"], "--repo: 'no-org' is not a Hub repository id (ORG/NAME)"),
+        (["--repo", "acme/x", "--eval-report", "/nonexistent.json"], "--eval-report"),
+    ],
+)
+def test_push_refuses_bad_arguments_with_exit_2(speculator: Path, args: list[str], message: str) -> None:
+    where = ["--allowed-root", str(speculator.parent)]
+    result = _run(
+        ["-m", "specops.cli", "push", str(speculator), *where, *args], {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_push_refuses_a_directory_that_is_not_a_speculator(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    result = _run(
+        ["-m", "specops.cli", "push", str(tmp_path), "--repo", "acme/x", "--allowed-root", str(tmp_path)], {}
+    )
+    assert (
+        result.returncode == 2
+        and "not a speculator (needs config.json and model.safetensors)" in result.stderr
+    )
+
+
+def test_the_card_without_an_evaluation_has_no_acceptance_section() -> None:
+    config = {
+        "speculators_model_type": "eagle3",
+        "speculators_config": {"verifier": {"name_or_path": "org/v"}},
+    }
+    card = model_card(config, "acme/d")
+    assert "## Acceptance" not in card and 'base_model: "org/v"' in card and "## Serve" in card

@@ -1,0 +1,144 @@
+"""Publishing a trained speculator: a model card, and an upload to the Hugging Face Hub.
+
+The upload is `huggingface_hub`'s own (`create_repo` + `upload_folder`), so `HF_TOKEN` and
+`HF_ENDPOINT` apply as for downloads. Only what vLLM and `SpeculatorModel.from_pretrained` read
+goes up (config.json, model.safetensors) plus the generated README.md: never optimizer state or
+anything pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specops.config import ConfigError
+from specops.models.config import WEIGHTS_NAME
+from specops.serving import vllm_serve_command
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""A Hub model repository to push to: ORG/NAME."""
+CARD_NAME = "README.md"
+UPLOADED = ("config.json", WEIGHTS_NAME, CARD_NAME)
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a push landed (the JSON line `specops push` prints)."""
+
+    url: str
+    commit: str
+    files: list[str]
+
+
+def read_speculator_config(directory: Path) -> dict[str, Any]:
+    """config.json of a speculator directory; a clear error for anything else."""
+    config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    if not config_file.is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{directory}: not a speculator (needs config.json and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_file}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict) or not config.get("speculators_model_type"):
+        raise ConfigError(f"{config_file}: no speculators_model_type (not a speculators checkpoint)")
+    return config
+
+
+def model_card(config: Mapping[str, Any], repo_id: str, evaluation: Mapping[str, Any] | None = None) -> str:
+    """README.md for the Hub: what the draft is for, how it was measured, how to serve it."""
+    spec = config.get("speculators_config") or {}
+    verifier = str((spec.get("verifier") or {}).get("name_or_path", "unknown"))
+    methods = spec.get("proposal_methods") or [{}]
+    k = int(methods[0].get("speculative_tokens", 3))
+    algorithm = str(spec.get("algorithm", config["speculators_model_type"]))
+    layers = (config.get("transformer_layer_config") or {}).get("num_hidden_layers", 1)
+    from specops import __version__
+
+    lines = [
+        "---",
+        "library_name: speculators",
+        f"base_model: {json.dumps(verifier)}",
+        "tags: [speculators, speculative-decoding, " + algorithm + ", specops]",
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        f"An {algorithm.upper()} draft ({layers} layer(s), {k} speculative tokens) for "
+        f"`{verifier}`, in the speculators format that vLLM loads. Trained with SpecOps.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| verifier | `{verifier}` |",
+        f"| draft vocabulary | {config.get('draft_vocab_size', 'full')} |",
+        f"| verifier layers read | {config.get('eagle_aux_hidden_state_layer_ids', 'default')} |",
+        f"| versions | specops {__version__}, Python {platform.python_version()} |",
+        "",
+    ]
+    if evaluation:
+        positions = evaluation.get("per_position") or []
+        lines += [
+            "## Acceptance",
+            "",
+            f"Measured with `specops evaluate` on {evaluation.get('prompts', '?')} prompt(s): acceptance "
+            f"length **{float(evaluation.get('acceptance_length', 0.0)):.3f}** (tokens per verifier step), "
+            f"lossless: {bool(evaluation.get('lossless'))}.",
+            "",
+            "| draft position | " + " | ".join(str(i + 1) for i in range(len(positions))) + " |",
+            "| --- |" + " --- |" * len(positions),
+            "| accepted | " + " | ".join(f"{float(p):.3f}" for p in positions) + " |",
+            "",
+        ]
+    lines += [
+        "## Serve",
+        "",
+        "```bash",
+        vllm_serve_command(verifier, repo_id, k),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push(
+    directory: Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+) -> Published:
+    """Upload config, weights and a model card to `repo_id` (created when missing)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    config = read_speculator_config(directory)
+    card = directory / CARD_NAME
+    card.write_text(model_card(config, repo_id, evaluation))
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            allow_patterns=list(UPLOADED),
+            revision=revision,
+            commit_message=message or f"Upload {config['speculators_model_type']} speculator (SpecOps)",
+        )
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise ConfigError(
+                f"--repo {repo_id}: the Hub refused the upload (set HF_TOKEN to a token with write access)"
+            ) from None
+        raise ConnectionError(f"--repo {repo_id}: upload failed: {exc}") from None
+    return Published(
+        url=str(repo), commit=info.oid, files=sorted(n for n in UPLOADED if (directory / n).is_file())
+    )
