@@ -52,7 +52,7 @@ crd-server: setup
 	$(BIN)/pytest -q -m crdserver tests/crdserver $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/specops run examples/local/smollm2-sharegpt.yaml --local
+	$(BIN)/specops run examples/local/smollm2-sharegpt.yaml
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

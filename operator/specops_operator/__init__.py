@@ -1,7 +1,7 @@
 """SpecOps Kubernetes operator: CR models, CRD generation, pure builders and thin kopf handlers.
 
 `api`, `crdgen`, `conditions`, `validation`, `status` and `builders` import only pydantic and
-yaml, so the workload CLI (`specops run --local`, `specops crds`) can use them; kopf and the
+yaml, so the workload CLI (`specops run`, `specops crds`) can use them; kopf and the
 Kubernetes client are imported only by `handlers`, `kube` and `__main__ run`.
 """
 

@@ -1,7 +1,7 @@
 """The custom resources `SpeculatorDataGen` and `SpeculatorTraining` as pydantic models.
 
 One source of truth: these models generate the CRD schemas (`crdgen`), validate CRs in the
-operator and in `specops run --local`, and their workload parts are the `specops.config`
+operator and in `specops run`, and their workload parts are the `specops.config`
 contracts the pods parse. Workload fields are *derived* from `DataGenConfig` / `TrainConfig`
 (minus what the operator decides: paths, URLs, slices), so a field added there appears in the
 CRD without a copy here. Pure: imports pydantic, `specops.config` and `specops.verifier`'s Hub id
@@ -103,7 +103,12 @@ Volume = Annotated[
             "type": "object",
             "required": ["name"],
             "properties": {
-                "name": {"type": "string", "minLength": 1, "maxLength": 63, "description": "Volume name."}
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 63,
+                    "description": "Name that volumeMounts refer to; unique in the pod.",
+                }
             },
             "x-kubernetes-preserve-unknown-fields": True,
         }
@@ -246,7 +251,7 @@ class LocalObjectReference(Contract):
     """A reference to an object in the same namespace."""
 
     name: DNSName
-    """Name of the referenced object."""
+    """metadata.name of the object referred to, in this object's namespace."""
 
 
 class KeySelector(Contract):
@@ -255,7 +260,7 @@ class KeySelector(Contract):
     name: DNSName
     """Name of the Secret or ConfigMap."""
     key: Annotated[str, Field(min_length=1, max_length=253)]
-    """Key inside it."""
+    """The key within that Secret or ConfigMap whose value is used."""
     optional: bool = False
     """Start the pod even when the object or key is missing."""
 
@@ -266,7 +271,7 @@ class EnvVarSource(Checked):
     secret_key_ref: KeySelector | None = None
     """A key of a Secret (e.g. HF_TOKEN for gated verifiers)."""
     config_map_key_ref: KeySelector | None = None
-    """A key of a ConfigMap."""
+    """A key of a ConfigMap (non-secret settings); set this or secretKeyRef, not both."""
 
     cel_rules = (
         exactly_one(
@@ -281,9 +286,9 @@ class EnvVar(Checked):
     """An extra environment variable for the workload container."""
 
     name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
-    """Variable name."""
+    """Name of the environment variable in the workload containers, e.g. HF_TOKEN."""
     value: Annotated[str, Field(max_length=32768)] | None = None
-    """Literal value."""
+    """The variable's literal text; set this or valueFrom, not both."""
     value_from: EnvVarSource | None = None
     """Value taken from a Secret or ConfigMap key."""
 
@@ -309,9 +314,9 @@ class EnvFromSource(Checked):
     """Every key of a Secret or ConfigMap as environment variables (HF_TOKEN, tracking keys, ...)."""
 
     secret_ref: EnvFromReference | None = None
-    """A Secret."""
+    """A Secret whose keys all become variables (e.g. one holding HF_TOKEN)."""
     config_map_ref: EnvFromReference | None = None
-    """A ConfigMap."""
+    """A ConfigMap whose keys all become variables."""
     prefix: Annotated[str, Field(max_length=253)] | None = None
     """Prepended to every variable name."""
 
@@ -326,7 +331,7 @@ class VolumeMount(Contract):
     name: Annotated[str, Field(min_length=1, max_length=63)]
     """Name of a volume in pod.volumes."""
     mount_path: Annotated[str, Field(min_length=2, max_length=1024, pattern=r"^/")]
-    """Absolute path in the container."""
+    """Where the volume appears inside the workload container (an absolute path)."""
     read_only: bool = False
     """Mount read-only (e.g. local model weights)."""
     sub_path: Annotated[str, Field(max_length=1024)] | None = None
@@ -385,7 +390,7 @@ class PodSettings(Checked):
     affinity: FreeForm | None = None
     """Pod affinity/anti-affinity, exactly as in the Kubernetes pod spec."""
     priority_class_name: Annotated[str, Field(max_length=253)] | None = None
-    """PriorityClass of the pods."""
+    """Kubernetes PriorityClass for the pods; pods of a higher class may preempt lower ones when the cluster is full."""
     service_account_name: DNSName | None = None
     """ServiceAccount of the pods; its token is mounted only when this is set (pods need no API access)."""
     env: list[EnvVar] = Field(default_factory=list, max_length=32)
@@ -393,7 +398,7 @@ class PodSettings(Checked):
     annotations: dict[LabelKey, Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=dict, max_length=32
     )
-    """Extra pod annotations."""
+    """Added to the pods' metadata (e.g. for sidecars or cost tags); up to 32 entries."""
     shm_size: Quantity = "8Gi"
     """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64Mi default)."""
     cache_size: Quantity = "100Gi"
@@ -540,11 +545,11 @@ class VerifierArchitecture(Contract):
     """Verifier dimensions, checked against the spec before any GPU is requested."""
 
     num_layers: Annotated[int, Field(ge=1, le=1024)]
-    """Decoder layers (num_hidden_layers)."""
+    """The verifier's decoder layer count (config.json num_hidden_layers); bounds the captured layer ids."""
     hidden_size: Annotated[int, Field(ge=1, le=1_048_576)]
-    """Hidden size."""
+    """Width of the verifier's hidden states (config.json hidden_size); sets bytes per captured layer."""
     vocab_size: Annotated[int, Field(ge=1, le=16_777_216)]
-    """Vocabulary size."""
+    """Tokens in the verifier's vocabulary (config.json vocab_size); caps draft.draftVocabSize."""
 
 
 class BrokerSpec(Checked):
@@ -553,7 +558,7 @@ class BrokerSpec(Checked):
     port: Annotated[int, Field(ge=1024, le=65535)] = 5555
     """Port producers and consumers connect to."""
     metrics_port: Annotated[int, Field(ge=1024, le=65535)] = 9100
-    """Prometheus metrics port."""
+    """Port of the broker's Prometheus /metrics endpoint (default 9100); must differ from port."""
     resources: Resources = Field(
         default_factory=lambda: Resources(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
     )
@@ -651,7 +656,7 @@ class SpeculatorDataGenSpec(DataGenWorkload):
     """A shared cache of the Hub verifier, downloaded once before the generators start; default:
     none, every pod downloads the verifier into its own scratch cache."""
     broker: BrokerSpec = Field(default_factory=BrokerSpec)
-    """The broker of mode online."""
+    """Broker pod settings, used only when mode is online (examples stream through it to a trainer)."""
     pod: PodSettings = Field(default_factory=PodSettings)
     """Image, resources and scheduling of the generator pods."""
     verifier_architecture: VerifierArchitecture | None = None
@@ -687,9 +692,9 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             lambda s: s.workers <= 1 or s.storage is None or s.storage.shared(),
         ),
         Rule(
-            f"self.datasets.all(d, !d.path.matches('{TRAVERSAL_RE2}'))",
+            f"self.datasets.all(d, !has(d.path) || !d.path.matches('{TRAVERSAL_RE2}'))",
             "spec.datasets[].path must not contain '..' (name the file by its absolute path or package:NAME/path)",
-            lambda s: not any(TRAVERSAL.search(d.path) for d in s.datasets),
+            lambda s: not any(d.path and TRAVERSAL.search(d.path) for d in s.datasets),
         ),
         Rule(
             f"!has(self.regenerate) || !has(self.regenerate.path) || !self.regenerate.path.matches('{TRAVERSAL_RE2}')",
@@ -721,6 +726,11 @@ class SpeculatorDataGenSpec(DataGenWorkload):
             f"(every generator pod mounts it; {ONE_NODE})",
             lambda s: s.workers <= 1 or s.model_cache is None or s.model_cache.shared(),
         ),
+        Rule(
+            "self.datasets.all(d, has(d.preset) || (has(d.path) && size(d.path) > 0))",
+            "spec.datasets[].path is required unless spec.datasets[].preset is set",
+            lambda s: all(d.preset or d.path for d in s.datasets),
+        ),
     )
 
 
@@ -730,7 +740,7 @@ class EvaluationSpec(Contract):
     enabled: bool = True
     """Run `specops evaluate` after training; off = export without evaluating."""
     max_prompts: Annotated[int, Field(ge=1, le=10000)] = 32
-    """Prompts evaluated."""
+    """Held-out prompts decoded to measure acceptance (default 32); more gives a steadier number."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     """Tokens generated per prompt."""
     max_mismatch_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -773,7 +783,7 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """A shared cache of the Hub verifier, downloaded once before any pod loads it (an inline
     dataGen's generators share it); default: none, every pod downloads into its own scratch cache."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    """Evaluation after training."""
+    """Whether and how the trained draft's acceptance length is measured after training."""
     pod: PodSettings = Field(default_factory=PodSettings)
     """Image, resources and scheduling of the trainer pods."""
     verifier_architecture: VerifierArchitecture | None = None
@@ -884,7 +894,7 @@ class DataGenProgress(Contract):
     shards_done: Annotated[int, Field(ge=0)] = 0
     """Shards (completion indexes) finished."""
     shards_total: Annotated[int, Field(ge=0)] = 0
-    """Shards in the run."""
+    """Shards (Job completion indexes) the run has in total (spec.shards)."""
     shards_failed: Annotated[int, Field(ge=0)] = 0
     """Shards that exhausted their retries."""
     examples: Annotated[int, Field(ge=0)] = 0
@@ -926,7 +936,7 @@ class TrainingProgress(Contract):
     step: Annotated[int, Field(ge=0)] = 0
     """Optimizer steps done (known when the trainer pod ends)."""
     best_val_loss: float | None = None
-    """Best validation loss."""
+    """Lowest validation loss seen so far (its checkpoint is exported as `best`); null before any evaluation."""
     nodes_active: Annotated[int, Field(ge=0)] = 0
     """Trainer pods running now."""
 
@@ -943,7 +953,7 @@ class EvaluationResult(Contract):
     mismatch_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Share of prompts whose output differs from greedy decoding (checked against maxMismatchRate)."""
     prompts: Annotated[int, Field(ge=0)] = 0
-    """Prompts evaluated."""
+    """How many held-out prompts the measurement used."""
     held_out_conversations: Annotated[int, Field(ge=0)] | None = None
     """Conversations the prompts came from, all held out of training by its split."""
 
@@ -956,9 +966,9 @@ class Artifact(Contract):
     path: Annotated[str, Field(max_length=1024)]
     """Directory (config.json + model.safetensors) where the trainer mounts the claim."""
     verifier: Annotated[str, Field(max_length=512)]
-    """The verifier it drafts for."""
+    """Hub id or path of the verifier to pass to `vllm serve` with this draft."""
     algorithm: Literal["eagle3", "hass"]
-    """Training algorithm."""
+    """eagle3 or hass: how the draft was trained (both serve as EAGLE-3 in vLLM)."""
     speculative_tokens: Annotated[int, Field(ge=1)]
     """Draft tokens per step it was trained for."""
     vllm_serve_command: Annotated[str, Field(max_length=4096)]
@@ -1001,15 +1011,15 @@ class TrainingStatus(Contract):
     progress: TrainingProgress = Field(default_factory=TrainingProgress)
     """Steps and loss."""
     data_gen: Annotated[str, Field(max_length=253)] = ""
-    """The SpeculatorDataGen providing the data."""
+    """Name of the SpeculatorDataGen whose output this training reads (referenced or created inline)."""
     verifier: Annotated[str, Field(max_length=512)] = ""
-    """The verifier in use."""
+    """Hub id or path of the verifier this training uses."""
     trainer: TrainerStatus = Field(default_factory=TrainerStatus)
     """Group restarts and their causes."""
     evaluation: EvaluationResult | None = None
     """Acceptance measured after training."""
     artifact: Artifact | None = None
-    """The exported speculator."""
+    """Where the exported speculator lies and the command that serves it; set once exported."""
 
 
 # --------------------------------------------------------------------------- resources
@@ -1018,14 +1028,20 @@ class TrainingStatus(Contract):
 class ObjectMeta(BaseModel):
     """The parts of metav1.ObjectMeta SpecOps reads; everything else passes through."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     name: str = ""
+    """The object's name; children are named after it with suffixes, hence at most 40 characters."""
     namespace: str | None = None
+    """The namespace the object and all its children live in."""
     labels: dict[str, str] = Field(default_factory=dict)
+    """Labels; `kueue.x-k8s.io/queue-name` is copied to the child Jobs."""
     annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations, kept as they are."""
     uid: str | None = None
+    """Set by the API server; children's ownerReferences point at it."""
     generation: int | None = None
+    """Set by the API server on each spec change; status.observedGeneration echoes it."""
 
 
 _NAME_RULE = Rule(
@@ -1039,10 +1055,15 @@ class SpeculatorDataGen(Checked):
     """A data generation run (kind SpeculatorDataGen)."""
 
     api_version: Literal["specops.dev/v1alpha1"] = "specops.dev/v1alpha1"
+    """Always specops.dev/v1alpha1."""
     kind: Literal["SpeculatorDataGen"] = "SpeculatorDataGen"
+    """The object's type: always SpeculatorDataGen."""
     metadata: ObjectMeta
+    """Name, namespace, labels and annotations."""
     spec: SpeculatorDataGenSpec
+    """What to run: the data generation settings and the pod, storage and scheduling knobs."""
     status: DataGenStatus | None = None
+    """What the operator observed; written by the operator only."""
 
     cel_rules = (_NAME_RULE,)
 
@@ -1051,10 +1072,15 @@ class SpeculatorTraining(Checked):
     """A training run (kind SpeculatorTraining)."""
 
     api_version: Literal["specops.dev/v1alpha1"] = "specops.dev/v1alpha1"
+    """Always specops.dev/v1alpha1."""
     kind: Literal["SpeculatorTraining"] = "SpeculatorTraining"
+    """The object's type: always SpeculatorTraining."""
     metadata: ObjectMeta
+    """Name, namespace, labels and annotations."""
     spec: SpeculatorTrainingSpec
+    """What to run: the training settings and the pod, storage and scheduling knobs."""
     status: TrainingStatus | None = None
+    """What the operator observed; written by the operator only."""
 
     cel_rules = (_NAME_RULE,)
 

@@ -139,10 +139,11 @@ def _bound(node: dict[str, Any], path: str) -> None:
         node["maxProperties"] = DEFAULT_MAX_ITEMS
 
 
-def _describe_missing(schema: dict[str, Any], model: type[BaseModel]) -> None:
-    """Fields of other modules without docstrings: say where they are documented instead."""
+def _describe_missing(schema: dict[str, Any]) -> None:
+    """A field whose type is another model and which has no docstring of its own takes that
+    model's docstring; a field with neither fails in `_property` (no placeholder text)."""
     defs = schema.get("$defs", {})
-    for name, node in [("<root>", schema), *defs.items()]:
+    for node in [schema, *defs.values()]:
         for field, sub in node.get("properties", {}).items():
             if sub.get("description"):
                 continue
@@ -150,13 +151,14 @@ def _describe_missing(schema: dict[str, Any], model: type[BaseModel]) -> None:
             if "anyOf" in sub:
                 target = _reduce_union(sub, defs, field)
             doc = target.get("description") if target is not sub else None
-            sub["description"] = doc or f"`{field}` of {name}; see the SpecOps workload documentation."
+            if doc:
+                sub["description"] = doc
 
 
 def schema_for(model: type[BaseModel], part: str) -> dict[str, Any]:
     """The structural schema of `model.<part>` (spec or status)."""
     schema = model.model_json_schema(by_alias=True, schema_generator=_WithFactoryDefaults)
-    _describe_missing(schema, model)
+    _describe_missing(schema)
     return structural(schema["properties"][part], schema.get("$defs", {}), part)
 
 

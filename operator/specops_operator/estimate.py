@@ -1,38 +1,18 @@
-"""How many bytes an offline generation writes, estimated from its spec before any GPU is asked for.
+"""The operator's storage pre-flight: a DataGen spec's stored bytes, by `specops.plan`'s arithmetic.
 
-Hidden states dominate: every stored token keeps `slots x hidden_size` values in the verifier's
-dtype (an 8B Llama with EAGLE-3's 4 slots in bf16: 32 KiB per token), so a chat dataset of 200k
-conversations needs TiBs. The estimate multiplies that by the examples (a dataset's `maxSamples`,
-a split slice such as `train[:1000]`, or a table of common datasets) and by the tokens per example
-(the stated `MEAN_TOKENS_PER_EXAMPLE`, capped at `processor.maxLength`). zstd is not counted:
-activations compress by a few percent only. Pure (pydantic models in, numbers out), so the
-operator's pre-flight check and a `specops plan` command give the same figures.
+What is the operator's own: reading Kubernetes quantities, and the dtype a spec captures in (bfloat16
+when its pods ask for GPUs). Everything else is `specops.plan`, which `specops plan` uses too.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from specops.config import DatasetSource, VerifierConfig
-from specops.engines.base import default_layer_ids
+from specops.config import VerifierConfig
+from specops.plan import StorageEstimate, VerifierShape, stored_dtype
+from specops.plan import estimate_storage as estimate_from_spec
 from specops_operator.api import Quantity, SpeculatorDataGenSpec, VerifierArchitecture
 
-MEAN_TOKENS_PER_EXAMPLE = 1024
-"""Stated estimate of the tokens one chat example keeps (UltraChat and ShareGPT conversations
-average about 1 000-1 500 Llama-3 tokens); the real count is in the finished run's report."""
-
-KNOWN_DATASET_ROWS: dict[tuple[str, str], int] = {
-    ("huggingfaceh4/ultrachat_200k", "train_sft"): 207_865,
-    ("huggingfaceh4/ultrachat_200k", "test_sft"): 23_110,
-}
-"""Rows of common Hugging Face chat datasets (dataset id, split), for specs that set no maxSamples."""
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TOKEN_BYTES = 4 + 1
-"""int32 token id + uint8 loss-mask bit, stored beside every token's hidden states."""
-
-_SLICE = re.compile(r"^[^\[]+\[:(\d+)\]$")
 _SUFFIXES = {
     "": 1,
     "k": 10**3,
@@ -61,88 +41,19 @@ def quantity_bytes(value: Quantity) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2)])
 
 
-def human(size: int) -> str:
-    """Bytes in the largest binary unit that keeps one digit before the point: `6.3Ti`."""
-    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
-        if size >= _SUFFIXES[suffix]:
-            return f"{size / _SUFFIXES[suffix]:.1f}{suffix}"
-    return f"{size}B"
+def spec_dtype(spec: SpeculatorDataGenSpec) -> str:
+    """The stored dtype of a spec's capture: its pods' GPUs decide what `auto` means."""
+    return stored_dtype(spec.engine.dtype, spec.verifier.dtype, gpu=spec.pod.resources.gpus() > 0)
 
 
-@dataclass(frozen=True)
-class StorageEstimate:
-    """The bytes one offline generation stores, and the factors they come from."""
-
-    bytes_per_token: int
-    slots: int
-    hidden_size: int
-    dtype_bytes: int
-    examples: int
-    tokens_per_example: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.bytes_per_token * self.examples * self.tokens_per_example
-
-    def describe(self) -> str:
-        """The arithmetic, for a status message or `specops plan`."""
-        return (
-            f"{self.examples} examples x {self.tokens_per_example} tokens x {self.bytes_per_token} B/token "
-            f"({self.slots} layers x {self.hidden_size} hidden x {self.dtype_bytes} B + {TOKEN_BYTES} B "
-            f"token id and mask) = {human(self.total_bytes)}"
-        )
-
-
-def dataset_rows(source: DatasetSource) -> int | None:
-    """Conversations a source yields, where the spec or the table of common datasets says."""
-    if source.max_samples is not None:
-        return source.max_samples
-    sliced = _SLICE.match(source.split)
-    if sliced:
-        return int(sliced.group(1))
-    if source.kind != "hf":
-        return None
-    return KNOWN_DATASET_ROWS.get((source.path.lower(), source.split))
-
-
-def dtype_bytes(spec: SpeculatorDataGenSpec) -> int:
-    """The stored dtype: engine.dtype, else verifier.dtype; auto = bf16 with GPUs, fp32 without."""
-    dtype = spec.engine.dtype if spec.engine.dtype != "auto" else spec.verifier.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if spec.pod.resources.gpus() else "float32"
-    return DTYPE_BYTES[dtype]
-
-
-def bytes_per_token(spec: SpeculatorDataGenSpec, arch: VerifierArchitecture) -> tuple[int, int, int]:
-    """(bytes per stored token, hidden-state slots, dtype bytes) for this capture."""
-    states = spec.states
-    slots = len(states.hidden_states.layers or default_layer_ids(arch.num_layers))
-    if states.hidden_states.reduce == "mean":
-        slots = min(slots, 2)  # the aux layers averaged into one, plus the last
-    width = dtype_bytes(spec)
-    per_token = slots * arch.hidden_size * width + TOKEN_BYTES
-    if states.logits:
-        per_token += arch.vocab_size * width
-    if states.output_tokens:
-        per_token += 4
-    return per_token, slots, width
+def shape_of(arch: VerifierArchitecture, source: str) -> VerifierShape:
+    return VerifierShape(arch.num_layers, arch.hidden_size, arch.vocab_size, source)
 
 
 def estimate_storage(spec: SpeculatorDataGenSpec, arch: VerifierArchitecture) -> StorageEstimate | None:
     """The estimate for an offline generation, or None when a dataset's size is unknown."""
-    rows = [dataset_rows(source) for source in spec.datasets]
-    known = [r for r in rows if r is not None]
-    if len(known) != len(rows):
-        return None
-    per_token, slots, width = bytes_per_token(spec, arch)
-    return StorageEstimate(
-        bytes_per_token=per_token,
-        slots=slots,
-        hidden_size=arch.hidden_size,
-        dtype_bytes=width,
-        examples=sum(known),
-        tokens_per_example=min(spec.processor.max_length, MEAN_TOKENS_PER_EXAMPLE),
-    )
+    limit = min(spec.processor.max_length, spec.engine.max_seq_len)
+    return estimate_from_spec(spec.datasets, limit, spec.states, shape_of(arch, "spec"), spec_dtype(spec))
 
 
 KNOWN_PARAMETERS: dict[str, int] = {

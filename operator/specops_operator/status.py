@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specops import exitcodes
+from specops.plan import human
 from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
 from specops_operator.builders.datagen import GENERATOR, DataGenNames
@@ -28,7 +29,6 @@ from specops_operator.builders.training import (
     verifier_of,
 )
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
-from specops_operator.estimate import human
 from specops_operator.report import parse_report
 from specops_operator.validation import FINDING_REASONS
 

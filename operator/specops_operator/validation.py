@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops.paths import PACKAGE_PREFIX
+from specops.plan import KNOWN_SHAPES, human, known_shape
 from specops_operator.api import (
     ModelCacheSpec,
     SpeculatorDataGenSpec,
@@ -19,25 +20,16 @@ from specops_operator.api import (
 )
 from specops_operator.builders.common import ALLOWED_ROOTS
 from specops_operator.builders.training import DataSource, procs_per_node
-from specops_operator.estimate import estimate_storage, human, quantity_bytes, verifier_bytes
+from specops_operator.estimate import estimate_storage, quantity_bytes, verifier_bytes
 
 KNOWN_VERIFIERS: dict[str, VerifierArchitecture] = {
-    name.lower(): VerifierArchitecture(num_layers=layers, hidden_size=hidden, vocab_size=vocab)
-    for name, layers, hidden, vocab in (
-        ("meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 128256),
-        ("meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 128256),
-        ("meta-llama/Llama-3.3-70B-Instruct", 80, 8192, 128256),
-        ("meta-llama/Llama-3.2-1B-Instruct", 16, 2048, 128256),
-        ("meta-llama/Llama-3.2-3B-Instruct", 28, 3072, 128256),
-        ("Qwen/Qwen3-8B", 36, 4096, 151936),
-        ("Qwen/Qwen3-14B", 40, 5120, 151936),
-        ("Qwen/Qwen3-32B", 64, 5120, 151936),
-        ("Qwen/Qwen2.5-7B-Instruct", 28, 3584, 152064),
-        ("HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 49152),
+    name: VerifierArchitecture(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, vocab_size=shape.vocab_size
     )
+    for name, shape in KNOWN_SHAPES.items()
 }
-"""Dimensions of common verifiers (from their config.json), so typical specs are checked with no
-extra input; anything else is checked when the spec gives `verifierArchitecture`."""
+"""`specops.plan.KNOWN_SHAPES` as API models: typical specs are checked with no extra input;
+anything else is checked when the spec gives `verifierArchitecture`."""
 
 
 FINDING_REASONS = frozenset(
@@ -71,15 +63,8 @@ def architecture(verifier: VerifierConfig, given: VerifierArchitecture | None) -
     """The spec's own dimensions, else a known verifier's (matched by id or by directory/file name)."""
     if given is not None:
         return given
-    name = verifier.name_or_path.lower().rstrip("/")
-    if name in KNOWN_VERIFIERS:
-        return KNOWN_VERIFIERS[name]
-    leaf = (verifier.gguf_file or name).lower().rsplit("/", 1)[-1]
-    for known, arch in KNOWN_VERIFIERS.items():
-        short = known.rsplit("/", 1)[-1]
-        if leaf == short or leaf.startswith(short + "."):
-            return arch
-    return None
+    shape = known_shape(verifier)
+    return None if shape is None else KNOWN_VERIFIERS[shape.source]
 
 
 def _storage(claim: str | None, claim_found: bool | None, field: str) -> list[Finding]:

@@ -170,7 +170,7 @@ def serve(out: Path, n: int, steps: int) -> None:
          "--max-new-tokens", "24", "--output", str(out / "eval.json"),
          *[x for root in roots for x in ("--allowed-root", root)]]
     )  # fmt: skip
-    code = evaluate.main(args, {})
+    code = evaluate.main(args)
     (out / "generate.json").write_text(json.dumps({**report.to_json(), "evaluate_exit": code}))
 
 

@@ -120,13 +120,9 @@ def train_config(
     return load_config(TrainConfig, base, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
-TRAIN_MAIN = """import argparse, sys
-from specops.cli import split_overrides
-from specops.commands import train
-parser = argparse.ArgumentParser(prog="specops train")
-train.register(parser)
-args, rest = parser.parse_known_args(sys.argv[1:])
-sys.exit(train.main(args, split_overrides(rest)))
+TRAIN_MAIN = """import sys
+from specops.cli import build_parser, run_command
+sys.exit(run_command(["train", *sys.argv[1:]], build_parser(only="train")))
 """
 
 

@@ -141,7 +141,7 @@ def test_broken_research_checkpoints(draft: Eagle3DraftModel, verifier_dir: Path
 def run_convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="specops convert")
     convert_command.register(parser)
-    return convert_command.main(parser.parse_args(argv), {})
+    return convert_command.main(parser.parse_args(argv))
 
 
 def test_cli_convert_eagle3(

@@ -14,6 +14,7 @@ from specops.config import ColumnMapping, ConfigError, DatasetSource
 from specops.data.records import Conversation
 from specops.data.sources import SourceError, iter_conversations, iter_json_array
 from specops.paths import PathNotAllowedError
+from specops.testing.hf_datasets import seed_dataset_cache
 from specops.testing.synthetic import make_conversations, write_jsonl
 
 
@@ -212,15 +213,7 @@ def test_hf_kind_serves_a_hub_id_from_the_local_cache_offline(
 
     cache = tmp_path / "hf-cache"
     rows = make_conversations(4, seed=8)
-    built = datasets.load_dataset(
-        "json", data_files=str(write_jsonl(tmp_path / "src.jsonl", rows)), split="train", cache_dir=str(cache)
-    )
-    arrow_dir = Path(built.cache_files[0]["filename"]).parent
-    target = cache / "acme___chat" / "default" / "0.0.0" / arrow_dir.name
-    target.parent.mkdir(parents=True)
-    arrow_dir.rename(target)
-    for arrow in target.glob("json-*"):
-        arrow.rename(target / arrow.name.replace("json-", "chat-", 1))
+    seed_dataset_cache(cache, "acme/chat", rows)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     conversations = _read(DatasetSource(kind="hf", path="acme/chat"), tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from specops import generate
-from specops.commands import generate_data as command
+from specops.cli import build_parser, run_command
 from specops.config import ConfigError
 from specops.generate import generate_data
 from specops.paths import PathNotAllowedError
@@ -36,9 +35,13 @@ def write_config(tmp_path: Path, verifier: Path, **overrides: Any) -> Path:
 
 
 def run(config: Path, capsys: pytest.CaptureFixture[str], **overrides: Any) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser()
-    command.register(parser)
-    code = command.main(parser.parse_args(["--config", str(config)]), overrides)
+    """`specops generate-data --config FILE --key VALUE ...` through the command line parser."""
+    flags = [
+        a
+        for key, value in overrides.items()
+        for a in (f"--{key}", value if isinstance(value, str) else json.dumps(value))
+    ]
+    code = run_command(["generate-data", "--config", str(config), *flags], build_parser(only="generate-data"))
     out, err = capsys.readouterr()
     return code, out, err
 

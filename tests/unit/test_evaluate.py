@@ -260,7 +260,7 @@ def cli_main(argv: list[str]) -> int:
     """`specops evaluate ...` through the command module (the dispatcher also loads other commands)."""
     parser = argparse.ArgumentParser(prog="specops evaluate")
     evaluate_command.register(parser)
-    return evaluate_command.main(parser.parse_args(argv[1:]), {})
+    return evaluate_command.main(parser.parse_args(argv[1:]))
 
 
 def test_cli_evaluate(

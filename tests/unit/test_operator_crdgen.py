@@ -43,7 +43,7 @@ def test_committed_crds_match_the_models() -> None:
 def _specops_crds(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     crds_command.register(parser)
-    return crds_command.main(parser.parse_args(argv), {})
+    return crds_command.main(parser.parse_args(argv))
 
 
 def test_both_entry_points_write_the_same_files(tmp_path: Path) -> None:

@@ -7,14 +7,10 @@ from typing import Any
 import pytest
 from _operator_support import ROOT
 
+from specops.plan import MEAN_TOKENS_PER_EXAMPLE, human
 from specops_operator.api import SpeculatorDataGenSpec, SpeculatorTraining, load_resources
 from specops_operator.builders.training import inline_source
-from specops_operator.estimate import (
-    MEAN_TOKENS_PER_EXAMPLE,
-    estimate_storage,
-    human,
-    quantity_bytes,
-)
+from specops_operator.estimate import estimate_storage, quantity_bytes
 from specops_operator.validation import KNOWN_VERIFIERS, check_datagen, check_training
 
 LLAMA_8B = KNOWN_VERIFIERS["meta-llama/llama-3.1-8b-instruct"]

@@ -93,6 +93,7 @@ CROSS_FIELD = [
     ),
     ("datagen-offline.yaml", 0, _set("spec.storage", _DELETE), "spec.storage is required for mode offline"),
     ("datagen-offline.yaml", 0, _set("spec.workers", 9), "spec.workers must be <= spec.shards"),
+    ("datagen-offline.yaml", 0, _set("spec.datasets", [{"kind": "hf"}]), "path is required unless"),
     (
         "datagen-online.yaml",
         0,

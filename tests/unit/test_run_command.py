@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from specops import exitcodes, local_run
+from specops import cli, exitcodes, local_run
 from specops.commands import run
 
 
@@ -33,11 +33,19 @@ def test_exit_status_follows_the_verdict(
     monkeypatch.setattr(local_run, "run_local", lambda p: report if p is plan else None)
     monkeypatch.setattr(local_run, "summary", lambda r: "summary")
     args = argparse.Namespace(file=Path("x.yaml"), out=None, nproc=None)
-    assert run.main(args, {}) == status
+    assert run.main(args) == status
     assert ("not better than the untrained baseline" in capsys.readouterr().err) == (status != 0)
 
 
-def test_overrides_are_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(file=Path("x.yaml"), out=None, nproc=None)
-    assert run.main(args, {"spec.epochs": 3}) == 2
-    assert "edit the YAML" in capsys.readouterr().err
+def test_unknown_arguments_are_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "x.yaml", "--spec.epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "specops run: error: unrecognized arguments: --spec.epochs 3 (see specops run --help)\n"
+
+
+def test_local_is_optional_and_still_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` only runs here, so `--local` (once required) is a no-op kept for older scripts."""
+    seen: list[Path] = []
+    monkeypatch.setattr(run, "main", lambda args: seen.append(args.file) or 0)
+    assert cli.main(["run", "a.yaml"]) == 0 and cli.main(["run", "b.yaml", "--local"]) == 0
+    assert seen == [Path("a.yaml"), Path("b.yaml")]

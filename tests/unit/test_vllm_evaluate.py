@@ -71,7 +71,7 @@ def test_engine_vllm_without_vllm_exits_2_naming_what_to_install(
     monkeypatch.setattr(
         vllm_engine.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
     )
-    code = evaluate_command.main(parse("--speculator", "s", "--data", "d", "--engine", "vllm"), {})
+    code = evaluate_command.main(parse("--speculator", "s", "--data", "d", "--engine", "vllm"))
     assert code == 2
     assert "--engine: 'vllm' needs vLLM" in capsys.readouterr().err
 
@@ -82,5 +82,5 @@ def test_engine_vllm_checks_the_speculator_path_first(
     monkeypatch.setattr(vllm_engine, "require_vllm", lambda field="": None)
     args = parse("--speculator", str(tmp_path / "none"), "--data", "d", "--engine", "vllm")
     args.allowed_root = [str(tmp_path)]
-    assert evaluate_command.main(args, {}) == 2
+    assert evaluate_command.main(args) == 2
     assert "none" in capsys.readouterr().err

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel, to_snake
 
+from specops.data.presets import DatasetPreset, preset_fields
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -101,12 +103,17 @@ class ColumnMapping(Contract):
 
 
 class DatasetSource(Contract):
-    """One input dataset: a Hugging Face id, a local file or directory, or plain text files."""
+    """One input dataset: a named preset, a Hugging Face id, a local file or directory, or plain text files."""
 
+    preset: DatasetPreset | None = None
+    """A dataset upstream EAGLE-3 recipes train on, by name (sharegpt, ultrachat, magpie, perfectblend,
+    ...): fills kind, path, split, name and columns (docs/data.md lists each); fields set beside it
+    win, e.g. `maxSamples` or a local `path` holding the same rows. In a DataGenConfig a bare name
+    (`datasets: [sharegpt]`) is short for `{preset: sharegpt}`."""
     kind: Literal["hf", "local", "text"] = "local"
     """hf = `datasets.load_dataset(id)`; local = json/jsonl/parquet/arrow path; text = .txt files."""
-    path: Annotated[str, Field(min_length=1, max_length=1024)]
-    """HF dataset id (kind=hf) or a local path under an allowed root."""
+    path: Annotated[str, Field(max_length=1024)] = ""
+    """HF dataset id (kind=hf) or a local path under an allowed root; required unless preset is set."""
     name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] | None = None
     """Label used in example ids (`<name>/<row>/<turn>`); default: derived from the path."""
     subset: Annotated[str, Field(max_length=128)] | None = None
@@ -119,6 +126,27 @@ class DatasetSource(Contract):
     """Column overrides for unusual layouts."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
     """Take at most this many usable conversations (after the split; skipped rows do not count)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """A preset's fields under the ones given (either spelling); columns merge key by key."""
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str):
+            return data
+        given = {to_snake(str(k)): k for k in data}
+        out = {k: v for k, v in preset_fields(data["preset"]).items() if k not in given}
+        columns = data.get(given["columns"]) if "columns" in given else None
+        if isinstance(columns, dict):
+            named = {to_snake(str(k)) for k in columns}
+            defaults = preset_fields(data["preset"]).get("columns", {})
+            out[given["columns"]] = {**{k: v for k, v in defaults.items() if k not in named}, **columns}
+        return {**data, **out}
+
+    @model_validator(mode="after")
+    def _has_a_path(self) -> Self:
+        if not self.path:
+            raise ValueError("path is required unless preset is set")
+        return self
 
 
 class ProcessorConfig(Contract):
@@ -168,7 +196,9 @@ class StatesConfig(Contract):
     """What each example persists besides token ids."""
 
     loss_mask: bool = True
+    """Store the assistant-only loss mask with each example (the trainer counts loss only where it is 1)."""
     hidden_states: HiddenStatesConfig = Field(default_factory=HiddenStatesConfig)
+    """Which verifier layers each example stores; their count and the verifier's hidden size set the bytes per token."""
     logits: bool = False
     """Persist full verifier logits [S, V] (large; the trainer recomputes them from the last slot)."""
     output_tokens: bool = False
@@ -179,20 +209,31 @@ class EngineConfig(Contract):
     """The inference engine that runs the verifier forward."""
 
     kind: Literal["transformers", "vllm"] = "transformers"
+    """transformers = a plain forward pass (any device, the default); vllm = vLLM's prefill with hidden-state
+    capture (much faster on GPUs; needs the `vllm` extra)."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
     """Maximum sequences per forward."""
     max_tokens_per_batch: Annotated[int, Field(ge=16)] = 16384
     """Maximum padded tokens per forward; batches are grouped by length."""
     dtype: DType = "auto"
+    """Compute dtype of the verifier forward; auto = bfloat16 on GPU, float32 on CPU. The stored hidden
+    states have this dtype (2 bytes per value for bfloat16/float16, 4 for float32)."""
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", max_length=16)] = "auto"
+    """auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N."""
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Longest sequence the engine accepts, in tokens (default 2048); sequences are cut to the smaller of
+    this and processor.maxLength. Raise both for long-context data (memory grows with it)."""
     seed: int = 0
+    """Random seed handed to the engine (default 0); captures are greedy forward passes, so it does not
+    change which tokens are stored."""
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
-    """vLLM only."""
+    """vLLM only: GPUs one verifier copy is split over (default 1); raise it when the verifier does not
+    fit one GPU."""
     data_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
-    """vLLM only."""
+    """vLLM only: verifier copies in this process, each on its own GPU(s) (default 1)."""
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85
-    """vLLM only."""
+    """vLLM only: fraction of GPU memory vLLM may take for weights and KV cache (default 0.85); lower it
+    when other processes share the GPU."""
     handoff: Literal["memory", "file"] = "memory"
     """vLLM only: pass hidden states in memory (our connector) or through files."""
 
@@ -201,12 +242,15 @@ class SyncConfig(Contract):
     """Where generated examples go: disk shards, a local queue, or a ZeroMQ broker."""
 
     kind: Literal["disk", "mpqueue", "zmq"] = "disk"
+    """disk = safetensors shards under sync.path (offline; resumable); mpqueue = a bounded queue to a trainer
+    on this machine; zmq = a broker at sync.url that streams to trainers on other machines."""
     path: Annotated[str, Field(max_length=1024)] | None = None
     """Directory for disk shards (kind=disk) or the queue directory (kind=mpqueue; best on tmpfs
     such as /dev/shm)."""
     shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     """Examples per shard file."""
     compression: Literal["none", "zstd"] = "none"
+    """Shard compression: none (default) or zstd (smaller shards for more CPU time to write and read)."""
     digest: Literal["xxh3-128", "sha256"] = "xxh3-128"
     """Checksum recorded per disk shard to catch torn or corrupted files: xxh3-128 (fast,
     non-cryptographic) or sha256 (what `sha256sum` prints, but slower to write than the disk on
@@ -264,22 +308,38 @@ class DataGenConfig(Contract):
     """A data generation run: sources -> chat/loss mask -> verifier forward -> sink."""
 
     verifier: VerifierConfig
+    """The model whose hidden states are captured (the one the draft will speed up)."""
     datasets: list[DatasetSource] = Field(min_length=1, max_length=64)
+    """Conversation sources, read in order (1 to 64): Hub datasets, local files or text; each may cap its
+    rows with maxSamples."""
     chat_template: Annotated[str, Field(max_length=65536)] | None = None
     """Inline Jinja chat template; default: the verifier tokenizer's own."""
     processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    """Tokenization: sequence length and which tokens carry loss."""
     regenerate: RegenerateConfig | None = None
     """Set to answer the prompts with the verifier before capturing hidden states (off: train on
     the dataset's own answers)."""
     states: StatesConfig = Field(default_factory=StatesConfig)
+    """What each stored example holds besides token ids (layers, logits, greedy tokens)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    """The engine that runs the verifier forward (Transformers or vLLM), its batch sizes and device."""
     sync: SyncConfig
+    """Where examples go: disk shards (offline), a local queue or a ZeroMQ broker (online)."""
     run: RunConfig = Field(default_factory=RunConfig)
+    """This process's part of the run: local workers, its input slice, allowed path roots."""
 
     @property
     def sequence_limit(self) -> int:
         """Longest sequence an example may have: `processor.max_length`, never beyond the engine's."""
         return min(self.processor.max_length, self.engine.max_seq_len)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _preset_names(cls, value: Any) -> Any:
+        """`datasets: [sharegpt]` is short for `[{preset: sharegpt}]`."""
+        if isinstance(value, list):
+            return [{"preset": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @model_validator(mode="after")
     def _regenerate_has_a_home(self) -> Self:
@@ -302,11 +362,17 @@ class DraftConfig(Contract):
     """The draft (speculator) architecture."""
 
     algorithm: Literal["eagle3", "hass"] = "eagle3"
+    """eagle3 (default) trains on the verifier's next-token targets; hass adds distillation of the
+    verifier's top-k distribution (see hassTopk); both write the same EAGLE-3 model for vLLM."""
     num_layers: Annotated[int, Field(ge=1, le=8)] = 1
+    """Decoder layers in the draft (default 1, as EAGLE-3 uses); more layers predict better but draft slower."""
     draft_vocab_size: Annotated[int, Field(ge=16, le=1_048_576)] = 32000
     """Tokens the draft can propose; clipped to the verifier vocab."""
     layer_style: Literal["llama", "qwen3"] = "llama"
+    """Decoder-layer flavour: llama (default) or qwen3 (adds q/k norms, for Qwen3 verifiers)."""
     norm_before_residual: bool = False
+    """Use the normalized hidden state, not the raw one, as the first layer's residual (default off); must match
+    any checkpoint you convert or continue from."""
     speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 3
     """k written to the proposal method (what vLLM drafts per step)."""
     init_from_verifier: bool = False
@@ -323,13 +389,19 @@ class OptimConfig(Contract):
     """AdamW; every field is bounded, so a bad value fails at validation, before anything loads."""
 
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
+    """Peak learning rate of AdamW (default 1e-4), reached after warmupSteps and then decayed by schedule."""
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Decoupled: each step scales the weights by 1 - lr x weight_decay."""
     betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """AdamW moment decays (beta1, beta2), each in [0, 1) (default [0.9, 0.95])."""
     eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-8
+    """AdamW denominator epsilon (default 1e-8); raise it only if low-precision updates blow up."""
     grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    """Gradients are rescaled so their global L2 norm is at most this (default 0.5)."""
     warmup_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
+    """Optimizer steps of linear warmup from 0 to lr (default 0)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning rate after warmup: cosine (default) or linear decay to 0 at the last step, or constant."""
 
 
 class TrainDataConfig(Contract):
@@ -338,7 +410,10 @@ class TrainDataConfig(Contract):
     kind: Literal["disk", "speculators", "mpqueue", "zmq"] = "disk"
     """disk = SpecOps shards; speculators = upstream hs_{i}.safetensors; zmq = broker stream."""
     path: Annotated[str, Field(max_length=1024)] | None = None
+    """disk/speculators: the directory with the generated examples (required for those kinds); mpqueue:
+    the queue directory."""
     url: Annotated[str, Field(max_length=512)] | None = None
+    """zmq: the broker address, e.g. tcp://specops-broker:5555 (required for kind zmq)."""
     curve_key_dir: Annotated[str, Field(max_length=1024)] | None = None
     """zmq: directory with CURVE keys (`consumer.key_secret`, `broker.key`, and `producer.key` for
     `direct`); unset = no encryption."""
@@ -416,27 +491,41 @@ class TrainConfig(Contract):
     """A training run: GeneratedDataset -> draft with TTT steps -> speculators checkpoint."""
 
     verifier: VerifierConfig
+    """The verifier the draft is trained for (the same model that generated the data)."""
     data: TrainDataConfig
+    """Where training examples come from: shards on disk, upstream speculators data, or a stream."""
     draft: DraftConfig = Field(default_factory=DraftConfig)
+    """The draft model's architecture and algorithm."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer (AdamW) and learning-rate schedule."""
     output_dir: Annotated[str, Field(min_length=1, max_length=1024)]
+    """Directory for checkpoints, `final`, `best`, metrics.jsonl and logs; rerunning on it resumes."""
     ttt_steps: Annotated[int, Field(ge=1, le=16)] = 3
     """Training-time-test steps unrolled per position."""
     ttt_step_loss_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     """Weight of step i is decay**i."""
     epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Passes over the training data (default 1); ignored when maxSteps is set."""
     max_steps: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
     tokens_per_step: Annotated[int, Field(ge=16)] = 8192
     """Packed token budget per optimizer step per rank."""
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Longest training row, in tokens (default 2048); longer examples are cut. Rows hold
+    min(maxSeqLen, tokensPerStep) tokens."""
     seed: int = 0
+    """Seed for weight initialization and shuffling (default 0); the same seed and data give the same run."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 autocast on GPU, fp32 on CPU."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Multi-rank strategy under torchrun: ddp (default) replicates the draft, fsdp shards it (for drafts
+    too large for one GPU)."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    """Write a resumable checkpoint every this many optimizer steps (default 500) and at the end."""
     eval_every: Annotated[int, Field(ge=1)] = 500
+    """Compute validation metrics every this many optimizer steps (default 500) and at the end."""
     log_every: Annotated[int, Field(ge=1)] = 10
+    """Log training metrics (loss, learning rate, throughput) to metrics.jsonl every this many optimizer steps (default 10)."""
     report_to: Annotated[
         list[Literal["tensorboard", "wandb", "mlflow", "trackio"]], AfterValidator(_each_once)
     ] = Field(default_factory=list, max_length=4, json_schema_extra={"x-kubernetes-list-type": "set"})
@@ -547,31 +636,57 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
 
 
-def parse_override_value(raw: str) -> Any:
-    """`--engine.batch_size 4` -> 4; YAML scalars and flow lists/maps are accepted."""
-    return _load_yaml(raw) if raw != "" else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`engine.batch_size`) in a nested dict, creating levels as needed."""
+def apply_overrides(
+    data: dict[str, Any], overrides: dict[str, Any], spelled: dict[tuple[Any, ...], str] | None = None
+) -> dict[str, Any]:
+    """Set dotted keys (`engine.batch_size`, `datasets.0.maxSamples`) in nested data, creating
+    levels as needed; a number indexes a list (its length appends an entry). Keys may be camelCase
+    or snake_case; `spelled` records how each was typed, for messages."""
     out: dict[str, Any] = {**data}
     for dotted, value in overrides.items():
-        parts = dotted.replace("-", "_").split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = {**child} if isinstance(child, dict) else {}
+        typed = dotted.split(".")
+        parts: list[Any] = [int(p) if p.isdigit() else to_snake(p.replace("-", "_")) for p in typed]
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if spelled is not None and (last or tuple(parts[: i + 1]) not in spelled):
+                spelled[tuple(parts[: i + 1])] = typed[i]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part > len(node):
+                    have = len(node) if isinstance(node, list) else 0
+                    where = ".".join(typed[:i])
+                    raise ConfigError(
+                        f"{where}.{part}: {where} has {have} entries (index {have} appends one)"
+                    )
+                if part == len(node):
+                    node.append({})
+                child = value if last else node[part]
+            else:
+                child = value if last else node.get(part)
+            if not last:
+                if child is not None and not isinstance(child, dict | list):
+                    where = ".".join(typed[: i + 1])
+                    raise ConfigError(
+                        f"{where} is {child!r}, not a section: write it as a mapping to set its fields"
+                    )
+                want_list = isinstance(parts[i + 1], int)
+                if want_list:
+                    child = list(child) if isinstance(child, list) else []
+                else:
+                    child = {**child} if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[parts[-1]] = value
     return out
 
 
 def load_config(
-    model: type[C], source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None
+    model: type[C],
+    source: str | Path | dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    label: str = "<dict>",
 ) -> C:
-    """Parse a YAML file (or dict) into `model`, applying dotted overrides; errors name the field."""
-    label = "<dict>"
+    """Parse a YAML file (or dict, called `label` in messages) into `model`, applying dotted
+    overrides; errors name the field as spelled."""
     if isinstance(source, dict):
         data = source
     else:
@@ -587,7 +702,7 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{label}: top level must be a mapping, got {type(data).__name__}")
     spelled: dict[tuple[Any, ...], str] = {}
-    data = apply_overrides(_snake_keys(data, label, spelled), overrides or {})
+    data = apply_overrides(_snake_keys(data, label, spelled), overrides or {}, spelled)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

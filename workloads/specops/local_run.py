@@ -1,4 +1,4 @@
-"""`specops run FILE --local`: the SpeculatorTraining a cluster would run, as local processes.
+"""`specops run FILE`: the SpeculatorTraining a cluster would run, as local processes.
 
 The YAML is validated with the operator's own CR models and rendered into the same DataGenConfig and
 TrainConfig the pods would read (`specops_operator.builders` render functions); only the paths change

@@ -6,7 +6,6 @@ import argparse
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 from specops.config import ConfigError
 
@@ -71,15 +70,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def main(args: argparse.Namespace) -> int:
     import zmq
 
     from specops.paths import resolve_allowed
     from specops.stores.broker import Broker, BrokerConfig, serve
     from specops.stores.wire import MAX_RANGES, Timing, broker_keys, write_keys
 
-    if overrides:
-        raise ConfigError(f"specops broker takes no config overrides, got {sorted(overrides)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     roots = args.allowed_root
     if args.write_keys is not None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -30,15 +30,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--input", required=True)
     exp.add_argument("--output", required=True)
     for command in (eagle, imp, exp):
-        command.add_argument(
-            "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-        )
+        add_allowed_root(command)
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops convert: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     from specops.models.config import SpeculatorFormatError
 
     try:

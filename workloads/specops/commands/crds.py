@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-from specops import exitcodes
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -14,10 +11,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="only report files that differ; exit 1 if any")
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops crds: error: unknown options {sorted(overrides)}")
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     from specops_operator.crdgen import run
 
     return run(args.out, args.check)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 from specops.data.split import HeldOutSplit
 
 if TYPE_CHECKING:
@@ -70,9 +71,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         default="transformers",
         help="vllm: also serve the speculator with vLLM and report vLLM's own acceptance counters",
     )
-    parser.add_argument(
-        "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-    )
+    add_allowed_root(parser)
     parser.epilog = (
         "Prints one JSON report line (acceptance_length, per_position, lossless, ...). "
         "Exit codes: 0 lossless, 4 the speculative output differs from the verifier's greedy output "
@@ -81,10 +80,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops evaluate: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     for name in ("max_prompts", "max_new_tokens", "k", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

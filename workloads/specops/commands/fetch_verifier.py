@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 from specops import exitcodes
 
@@ -31,10 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops fetch-verifier: error: unknown options {sorted(overrides)}")
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from specops.config import ConfigError, VerifierConfig, format_validation_error

@@ -1,4 +1,4 @@
-"""`specops generate-data --config path.yaml [--engine.* --sync.* --run.* ...]`."""
+"""`specops generate-data [--config FILE] [--section.field VALUE ...] [--print-config]`."""
 
 from __future__ import annotations
 
@@ -6,29 +6,33 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 
 from specops import exitcodes
+from specops.config import DataGenConfig
+from specops.config_cli import add_config_arguments, print_config
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="DataGenConfig YAML file")
+    add_config_arguments(parser, DataGenConfig, "DataGenConfig")
     parser.epilog = (
-        "Any config field can be overridden as --section.field VALUE, e.g. --engine.batch_size 4 "
-        "--sync.path /data/out --run.num_workers 2 --run.shard_index 3 --run.num_shards 8. "
+        "Every field is a flag, in camelCase or snake_case: --engine.batchSize 4 --sync.path /data/out "
+        "--run.numWorkers 2 --datasets.0.maxSamples 1000 (entries of a list by index). "
         "Prints one JSON report line on stdout. Exit codes: 0 done, 1 examples or workers failed "
         "(rerunning resumes and retries only what is missing), 2 config error, 3 the output directory "
         "holds another run's data."
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def main(args: argparse.Namespace) -> int:
     from specops.generate import GenerateError, generate_data
 
+    cfg: DataGenConfig = args.resolved_config
+    if args.print_config:
+        print(print_config(cfg), end="")
+        return exitcodes.OK
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        report = generate_data(args.config, **overrides)
+        report = generate_data(cfg)
     except GenerateError as exc:
         print(json.dumps(exc.report.to_json()))
         print(f"specops generate-data: failed: {exc}", file=sys.stderr)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from specops import exitcodes
+from specops.commands import add_allowed_root
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -25,18 +24,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="`specops evaluate --output` JSON: its acceptance goes into the model card",
     )
-    parser.add_argument(
-        "--allowed-root", action="append", default=[], help="allowed root for local paths (repeatable)"
-    )
+    add_allowed_root(parser)
     parser.epilog = (
         "HF_TOKEN authenticates; HF_ENDPOINT selects another Hub. Prints one JSON line: url, commit, files."
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if overrides:
-        print(f"specops push: error: unknown options {sorted(overrides)}", file=sys.stderr)
-        return exitcodes.CONFIG
+def main(args: argparse.Namespace) -> int:
     from specops.config import ConfigError
     from specops.paths import resolve_allowed
     from specops.publish import REPO_ID, push

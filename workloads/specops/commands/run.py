@@ -1,11 +1,10 @@
-"""`specops run FILE --local`: execute a SpeculatorTraining YAML with local processes."""
+"""`specops run FILE`: execute a SpeculatorTraining YAML with local processes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from specops import exitcodes
 
@@ -15,8 +14,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local",
         action="store_true",
-        required=True,
-        help="run here as local processes (the only mode so far)",
+        help="accepted for older scripts: running here, as local processes, is what `run` does",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default: runs/<metadata.name>)"
@@ -31,12 +29,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def main(args: argparse.Namespace) -> int:
     from specops.local_run import plan_local, run_local, summary
 
-    if overrides:
-        print("specops run: overrides are not supported; edit the YAML", file=sys.stderr)
-        return exitcodes.CONFIG
     plan = plan_local(args.file, args.out, args.nproc)
     report = run_local(plan)
     print(summary(report))

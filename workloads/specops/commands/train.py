@@ -1,4 +1,4 @@
-"""`specops train --config train.yaml [--section.field VALUE ...]`, alone or under torchrun."""
+"""`specops train [--config FILE] [--section.field VALUE ...] [--print-config]`, alone or under torchrun."""
 
 from __future__ import annotations
 
@@ -6,29 +6,31 @@ import argparse
 import json
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 from specops import exitcodes
+from specops.config import TrainConfig
+from specops.config_cli import add_config_arguments, print_config
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="TrainConfig YAML file")
+    add_config_arguments(parser, TrainConfig, "TrainConfig")
     parser.epilog = (
-        "Any config field can be overridden as --section.field VALUE, e.g. --optim.lr 3e-4 "
+        "Every field is a flag, in camelCase or snake_case: --epochs 2 --optim.lr 3e-4 "
         "--draft.algorithm hass. Run under `torchrun --nproc-per-node N` for "
-        "data parallelism. Rerunning with the same output_dir resumes from its newest checkpoint. "
+        "data parallelism. Rerunning with the same outputDir resumes from its newest checkpoint. "
         "Rank 0 prints one JSON result line on stdout. Exit codes: 0 done, 2 config error, 3 unusable "
         "data or checkpoint state, 143 stopped by SIGTERM after a checkpoint, 1 anything else."
     )
 
 
-def main(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from specops.config import TrainConfig, load_config
+def main(args: argparse.Namespace) -> int:
+    cfg: TrainConfig = args.resolved_config
+    if args.print_config:
+        print(print_config(cfg), end="")
+        return exitcodes.OK
     from specops.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(TrainConfig, args.config, overrides)
     try:
         result = train(cfg)
     except (ValueError, KeyError) as exc:  # the trainer's checks of config against data

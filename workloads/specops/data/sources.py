@@ -117,7 +117,7 @@ def _rows(source: DatasetSource, field: str, allowed_roots: Sequence[str]) -> It
     )
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """An hf `path` that names a local directory rather than a Hub id."""
     return path.startswith(("/", "./", "../", "~", "package:")) or Path(path).expanduser().exists()
 
@@ -131,7 +131,7 @@ def _hf_rows(source: DatasetSource, field: str, allowed_roots: Sequence[str]) ->
     import datasets
 
     target = source.path
-    if _looks_local(target):
+    if looks_local(target):
         target = str(resolve_allowed(target, allowed_roots, f"{field}.path"))
     try:
         return datasets.load_dataset(target, source.subset, split=source.split)

@@ -663,6 +663,10 @@ class ZmqStore(_Link):
 # --------------------------------------------------------------------------- consumer
 
 
+DEFAULT_CREDITS = 4
+"""Examples a consumer rank lets the broker send ahead of what it has taken (`ZmqSource`)."""
+
+
 class ZmqSource(_Link):
     """StreamSource: one trainer rank's share of the stream; yields examples until the stream ends.
 
@@ -683,7 +687,7 @@ class ZmqSource(_Link):
         self,
         url: str,
         *,
-        credits: int = 4,
+        credits: int = DEFAULT_CREDITS,
         keys: CurveKeys | None = None,
         timeout_s: float | None = None,
         direct: bool = False,
