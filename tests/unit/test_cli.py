@@ -194,10 +194,10 @@ def test_bad_flags_fail_in_one_line_naming_the_flag_as_typed(
         (["--datasets.0.maxSample", "3"], "no such field (did you mean --datasets.N.maxSamples?)"),
         (
             ["--datasets.0.maxSamples", "0"],
-            "datasets.0.maxSamples: Input should be greater than or equal to 1",
+            "datasets[0].maxSamples: Input should be greater than or equal to 1",
         ),
         (["--datasets.0.maxSamples"], "argument --datasets.0.maxSamples: expected one argument"),
-        (["--datasets.1.split", "x"], "datasets.1: Value error, path is required unless preset is set"),
+        (["--datasets.1.split", "x"], "datasets[1]: Value error, path is required unless preset is set"),
     ],
 )
 def test_bad_list_entry_flags_fail_in_one_line(

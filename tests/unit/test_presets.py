@@ -97,9 +97,9 @@ def test_a_bare_name_in_a_config_is_a_preset() -> None:
     base = {"verifier": {"nameOrPath": "m"}, "sync": {"path": "o"}}
     config = load_config(DataGenConfig, {**base, "datasets": ["sharegpt", {"preset": "ultrachat"}]})
     assert [d.path for d in config.datasets] == [EXPECTED["sharegpt"][0], EXPECTED["ultrachat"][0]]
-    with pytest.raises(ConfigError, match=r"datasets\.0\.preset: Input should be 'sharegpt', 'ultrachat'"):
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.preset: Input should be 'sharegpt', 'ultrachat'"):
         load_config(DataGenConfig, {**base, "datasets": ["sharegtp"]})
-    with pytest.raises(ConfigError, match=r"datasets\.0: .*path is required unless preset is set"):
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: .*path is required unless preset is set"):
         load_config(DataGenConfig, {**base, "datasets": [{"kind": "hf"}]})
 
 
