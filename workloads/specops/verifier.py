@@ -182,9 +182,14 @@ def load_tokenizer(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> Pr
 
 
 def load_verifier_config(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> PretrainedConfig:
+    """The verifier's config; an architecture SpecOps does not support is refused here, before any work."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+    from specops.models.families import verifier_family
+
+    config = AutoConfig.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+    verifier_family(config, f"verifier.nameOrPath {cfg.name_or_path}")
+    return config
 
 
 def load_model(
@@ -198,7 +203,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_verifier(cfg, allowed_roots), dtype=dtype, **_hub_kwargs(cfg)
+        resolve_verifier(cfg, allowed_roots),
+        config=load_verifier_config(cfg, allowed_roots),
+        dtype=dtype,
+        **_hub_kwargs(cfg),
     )
     model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
     model.eval()

@@ -121,6 +121,9 @@ def draft_layer_config(
     text = verifier_config.get_text_config()
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]  # per layer type (Gemma 3): the draft attends over everything
     return _LAYER_CONFIGS[layer_style](
         vocab_size=int(text.vocab_size),
         hidden_size=hidden,
@@ -132,7 +135,7 @@ def draft_layer_config(
         hidden_act=str(getattr(text, "hidden_act", "silu")),
         max_position_embeddings=int(getattr(text, "max_position_embeddings", 4096)),
         rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
-        rope_parameters=getattr(text, "rope_parameters", None),
+        rope_parameters=rope,
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=False,
