@@ -25,6 +25,17 @@ from specops.testing.synthetic import make_conversations, write_jsonl
 from specops.train.trainer import train
 
 ARCHITECTURES = sorted(FAMILIES)
+NARROW = {"GptOssForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"}
+"""Families whose test draft is narrower (48) than the verifier (64): `target_hidden_size`."""
+
+
+def draft_shape(architecture: str) -> dict[str, Any]:
+    """Two layers everywhere; Qwen3-style layers for the Qwen3 families; some drafts narrower."""
+    return {
+        "num_layers": 2,
+        "layer_style": "qwen3" if architecture.startswith("Qwen3") else "llama",
+        "hidden_size": 48 if architecture in NARROW else None,
+    }
 
 
 def test_every_family_has_a_tiny_model() -> None:
@@ -35,7 +46,7 @@ def test_every_family_has_a_tiny_model() -> None:
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("families")
     tiny_tokenizer(base / "tokenizer")
-    write_jsonl(base / "chats.jsonl", make_conversations(10, seed=3))
+    write_jsonl(base / "chats.jsonl", make_conversations(8, seed=3))
     return base
 
 
@@ -91,12 +102,13 @@ def test_generate_train_evaluate_export(root: Path, architecture: str) -> None:
         model.get_decoder()(input_ids=ids, use_cache=False)
     torch.testing.assert_close(example["hidden_states"], capture.stacked()[0], rtol=1e-5, atol=1e-5)
 
+    shape = draft_shape(architecture)
     cfg = load_config(
         TrainConfig,
         {
             "verifier": {"name_or_path": str(path)},
             "data": {"path": str(work / "data"), "validation_fraction": 0.0, "prefetch": 0},
-            "draft": {"draft_vocab_size": 64, "num_layers": 1},
+            "draft": {"draft_vocab_size": 64, **shape},
             "optim": {"lr": 3e-3},
             "output_dir": str(work / "train"),
             "ttt_steps": 2,
@@ -113,13 +125,16 @@ def test_generate_train_evaluate_export(root: Path, architecture: str) -> None:
     assert result.final is not None and not result.interrupted
     saved = json.loads((result.final / "config.json").read_text())
     assert saved["speculators_config"]["verifier"]["architectures"] == [architecture]
-    assert saved["transformer_layer_config"]["model_type"] == "llama"
+    layer = saved["transformer_layer_config"]
+    assert (layer["model_type"], layer["num_hidden_layers"]) == (shape["layer_style"], 2)
+    assert layer["hidden_size"] == (shape["hidden_size"] or 64)
+    assert saved["target_hidden_size"] == (64 if shape["hidden_size"] else None)
     draft = SpeculatorModel.from_pretrained(result.final)
     prompts = [example["token_ids"][:12].tolist(), example["token_ids"][:7].tolist()]
-    report = evaluate(model, draft, prompts, max_new_tokens=24)  # type: ignore[arg-type]
+    report = evaluate(model, draft, prompts, max_new_tokens=20)  # type: ignore[arg-type]
     assert report.lossless and report.drafts > 0, report
-    decoded = speculative_decode_batch(model, draft, prompts, 24, 3, set())  # type: ignore[arg-type]
-    assert [out.tokens for out in decoded] == [uncached_greedy(model, p, 24) for p in prompts]
+    decoded = speculative_decode_batch(model, draft, prompts, 20, 3, set())  # type: ignore[arg-type]
+    assert [out.tokens for out in decoded] == [uncached_greedy(model, p, 20) for p in prompts]
 
 
 def uncached_greedy(model: Any, prompt: list[int], count: int) -> list[int]:

@@ -305,6 +305,10 @@ class DraftConfig(Contract):
     draft_vocab_size: Annotated[int, Field(ge=16, le=1_048_576)] = 32000
     """Tokens the draft can propose; clipped to the verifier vocab."""
     layer_style: Literal["llama", "qwen3"] = "llama"
+    """Decoder layers of the draft; vLLM serves both (`qwen3` adds per-head q/k norms)."""
+    hidden_size: Annotated[int, Field(ge=16, le=65536)] | None = None
+    """The draft's width; unset = the verifier's. A different width records the verifier's as
+    `target_hidden_size` (what `fc` reads), and the draft then trains its own embedding and lm_head."""
     norm_before_residual: bool = False
     speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 3
     """k written to the proposal method (what vLLM drafts per step)."""
