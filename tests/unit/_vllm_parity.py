@@ -20,7 +20,9 @@ from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
 
 
-def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausalLM, Path]:
+def build(
+    root: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int | None
+) -> tuple[LlamaForCausalLM, Path]:
     """A verifier vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -36,7 +38,14 @@ def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausal
     verifier = LlamaForCausalLM(config).eval()
     verifier.generation_config.eos_token_id = None
     verifier.save_pretrained(root / "verifier")
-    draft = new_draft(verifier, root / "verifier", num_layers=num_layers, draft_vocab=draft_vocab)
+    draft = new_draft(
+        verifier,
+        root / "verifier",
+        num_layers=num_layers,
+        draft_vocab=draft_vocab,
+        layer_style=layer_style,
+        hidden_size=hidden_size,
+    )
     head = VerifierHead.from_pretrained(root / "verifier")
     gen = torch.Generator().manual_seed(0)
     optim = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=2e-3)
@@ -66,13 +75,13 @@ def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausal
     return verifier, root / "spec"
 
 
-def main(root: Path, num_layers: int, draft_vocab: int) -> None:
+def main(root: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int | None) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from specops.models.eagle3 import Eagle3DraftModel
 
-    verifier, spec = build(root, num_layers, draft_vocab)
+    verifier, spec = build(root, num_layers, draft_vocab, layer_style, hidden_size)
     draft = Eagle3DraftModel.from_pretrained(spec)
     gen = torch.Generator().manual_seed(123)
     prompts = [torch.randint(0, 96, (6,), generator=gen).tolist() for _ in range(6)]
@@ -106,4 +115,4 @@ def main(root: Path, num_layers: int, draft_vocab: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]) or None)

@@ -20,12 +20,26 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize(("num_layers", "draft_vocab"), [(1, 48), (2, 96)])
-def test_vllm_matches_specops_evaluate(tmp_path: Path, num_layers: int, draft_vocab: int) -> None:
+@pytest.mark.parametrize(
+    ("num_layers", "draft_vocab", "layer_style", "hidden_size"),
+    [(1, 48, "llama", 0), (2, 96, "llama", 0), (2, 48, "qwen3", 0), (1, 48, "llama", 64)],
+)
+def test_vllm_matches_specops_evaluate(
+    tmp_path: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int
+) -> None:
+    """Both layer styles, several layers, and a draft narrower (64) than its verifier (128)."""
     script = Path(__file__).with_name("_vllm_parity.py")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(num_layers), str(draft_vocab)],
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path),
+            str(num_layers),
+            str(draft_vocab),
+            layer_style,
+            str(hidden_size),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -184,6 +184,10 @@ class EngineConfig(Contract):
     """Maximum padded tokens per forward; batches are grouped by length."""
     dtype: DType = "auto"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
+    """Transformers only: spread the verifier's layers over every GPU the pod sees (accelerate's
+    placement strategies), for verifiers larger than one GPU; unset = the whole model on `device`.
+    The vLLM engine splits with tensorParallelSize instead."""
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
     seed: int = 0
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1

@@ -198,17 +198,27 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     allowed_roots: Sequence[str] = (),
+    device_map: str | dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """The verifier in eval mode with gradients off."""
+    """The verifier in eval mode with gradients off; with `device_map` its layers are placed by
+    accelerate (a strategy name, or module -> GPU index / "cpu" / "disk") instead of all on `device`."""
     from transformers import AutoModelForCausalLM
 
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {
+            "device_map": device_map,
+            "offload_folder": str(cache_dir() / "offload" / str(os.getpid())),
+        }
     model = AutoModelForCausalLM.from_pretrained(
         resolve_verifier(cfg, allowed_roots),
         config=load_verifier_config(cfg, allowed_roots),
         dtype=dtype,
+        **placement,
         **_hub_kwargs(cfg),
     )
-    model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
+    if device_map is None:
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
     model.eval()
     model.requires_grad_(False)
     return model
