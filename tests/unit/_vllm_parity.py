@@ -12,30 +12,41 @@ from pathlib import Path
 
 import torch
 from _models_support import new_draft, verifier_states
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specops.evaluate import evaluate, greedy_decode, speculative_decode
 from specops.models.batch import DraftBatch
 from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
+from specops.testing.families import family_config
 
 
 def build(
-    root: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int | None
+    root: Path,
+    num_layers: int,
+    draft_vocab: int,
+    layer_style: str,
+    hidden_size: int | None,
+    architecture: str,
 ) -> tuple[LlamaForCausalLM, Path]:
-    """A verifier vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
+    """A verifier of `architecture` vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        eos_token_id=None,
+    shape = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "max_position_embeddings": 256,
+        "eos_token_id": None,
+    }
+    config = (
+        LlamaConfig(vocab_size=96, **shape)
+        if architecture == "LlamaForCausalLM"
+        else family_config(architecture, 96, **shape)
     )
-    verifier = LlamaForCausalLM(config).eval()
+    verifier = AutoModelForCausalLM.from_config(config).eval()
     verifier.generation_config.eos_token_id = None
     verifier.save_pretrained(root / "verifier")
     draft = new_draft(
@@ -75,13 +86,20 @@ def build(
     return verifier, root / "spec"
 
 
-def main(root: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int | None) -> None:
+def main(
+    root: Path,
+    num_layers: int,
+    draft_vocab: int,
+    layer_style: str,
+    hidden_size: int | None,
+    architecture: str,
+) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from specops.models.eagle3 import Eagle3DraftModel
 
-    verifier, spec = build(root, num_layers, draft_vocab, layer_style, hidden_size)
+    verifier, spec = build(root, num_layers, draft_vocab, layer_style, hidden_size, architecture)
     draft = Eagle3DraftModel.from_pretrained(spec)
     gen = torch.Generator().manual_seed(123)
     prompts = [torch.randint(0, 96, (6,), generator=gen).tolist() for _ in range(6)]
@@ -115,4 +133,11 @@ def main(root: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]) or None)
+    main(
+        Path(sys.argv[1]),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+        int(sys.argv[5]) or None,
+        sys.argv[6],
+    )
