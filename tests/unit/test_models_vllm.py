@@ -49,6 +49,7 @@ def test_vllm_matches_specops_evaluate(
             str(draft_vocab),
             layer_style,
             str(hidden_size),
+            architecture,
         ],
         capture_output=True,
         text=True,
