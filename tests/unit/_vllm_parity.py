@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from _models_support import new_draft, verifier_states
@@ -21,15 +22,18 @@ from specops.models.verifier_head import VerifierHead
 from specops.testing.families import family_config
 
 
-def build(
-    root: Path,
-    num_layers: int,
-    draft_vocab: int,
-    layer_style: str,
-    hidden_size: int | None,
-    architecture: str,
-) -> tuple[LlamaForCausalLM, Path]:
-    """A verifier of `architecture` vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
+class Case(NamedTuple):
+    """One verifier family and draft shape (the command line, in this order)."""
+
+    num_layers: int
+    draft_vocab: int
+    layer_style: str
+    hidden_size: int | None
+    architecture: str
+
+
+def build(root: Path, case: Case) -> tuple[LlamaForCausalLM, Path]:
+    """A verifier of the case's family vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
     torch.manual_seed(0)
     shape = {
         "hidden_size": 128,
@@ -40,11 +44,13 @@ def build(
         "head_dim": 64,
         "max_position_embeddings": 256,
         "eos_token_id": None,
+        "pad_token_id": 0,  # Phi-3's default (32000) is outside this vocabulary
+        "tie_word_embeddings": False,  # a tied random head is too flat for the draft to learn anything
     }
     config = (
         LlamaConfig(vocab_size=96, **shape)
-        if architecture == "LlamaForCausalLM"
-        else family_config(architecture, 96, **shape)
+        if case.architecture == "LlamaForCausalLM"
+        else family_config(case.architecture, 96, **shape)
     )
     verifier = AutoModelForCausalLM.from_config(config).eval()
     verifier.generation_config.eos_token_id = None
@@ -52,10 +58,10 @@ def build(
     draft = new_draft(
         verifier,
         root / "verifier",
-        num_layers=num_layers,
-        draft_vocab=draft_vocab,
-        layer_style=layer_style,
-        hidden_size=hidden_size,
+        num_layers=case.num_layers,
+        draft_vocab=case.draft_vocab,
+        layer_style=case.layer_style,
+        hidden_size=case.hidden_size,
     )
     head = VerifierHead.from_pretrained(root / "verifier")
     gen = torch.Generator().manual_seed(0)
@@ -86,20 +92,13 @@ def build(
     return verifier, root / "spec"
 
 
-def main(
-    root: Path,
-    num_layers: int,
-    draft_vocab: int,
-    layer_style: str,
-    hidden_size: int | None,
-    architecture: str,
-) -> None:
+def main(root: Path, case: Case) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from specops.models.eagle3 import Eagle3DraftModel
 
-    verifier, spec = build(root, num_layers, draft_vocab, layer_style, hidden_size, architecture)
+    verifier, spec = build(root, case)
     draft = Eagle3DraftModel.from_pretrained(spec)
     gen = torch.Generator().manual_seed(123)
     prompts = [torch.randint(0, 96, (6,), generator=gen).tolist() for _ in range(6)]
@@ -117,7 +116,9 @@ def main(
     )
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, detokenize=False)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    metrics = {m.name: getattr(m, "value", None) or getattr(m, "values", None) for m in llm.get_metrics()}
+    metrics = {
+        m.name: m.value if hasattr(m, "value") else getattr(m, "values", None) for m in llm.get_metrics()
+    }
     (root / "result.json").write_text(
         json.dumps(
             {
@@ -133,11 +134,5 @@ def main(
 
 
 if __name__ == "__main__":
-    main(
-        Path(sys.argv[1]),
-        int(sys.argv[2]),
-        int(sys.argv[3]),
-        sys.argv[4],
-        int(sys.argv[5]) or None,
-        sys.argv[6],
-    )
+    layers, vocab, style, hidden, architecture = sys.argv[2:7]
+    main(Path(sys.argv[1]), Case(int(layers), int(vocab), style, int(hidden) or None, architecture))
