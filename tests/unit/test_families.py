@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specops.config import DataGenConfig, TrainConfig, load_config
+from specops.config import ConfigError, DataGenConfig, TrainConfig, load_config
 from specops.engines.capture import LayerCapture
 from specops.evaluate import eos_ids, evaluate
 from specops.generate import generate_data
 from specops.models.base import SpeculatorModel
-from specops.models.families import FAMILIES, UnsupportedVerifier
+from specops.models.families import FAMILIES, UnsupportedVerifier, unservable_draft
 from specops.models.verifier_head import VerifierHead
 from specops.stores.disk import DiskStore
-from specops.testing.families import FAMILY_CONFIGS, build_family_verifier, tiny_tokenizer
+from specops.testing.families import FAMILY_CONFIGS, build_family_verifier, family_config, tiny_tokenizer
 from specops.testing.synthetic import make_conversations, write_jsonl
 from specops.train.trainer import train
 
@@ -30,9 +30,10 @@ NARROW = {"GptOssForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM", "Phi3F
 
 
 def draft_shape(architecture: str) -> dict[str, Any]:
-    """Two layers everywhere; Qwen3-style layers for the Qwen3 families; some drafts narrower."""
+    """Two layers (one for gpt-oss, whose multi-layer drafts vLLM cannot serve); Qwen3-style layers
+    for the Qwen3 families; some drafts narrower."""
     return {
-        "num_layers": 2,
+        "num_layers": 1 if architecture == "GptOssForCausalLM" else 2,
         "layer_style": "qwen3" if architecture.startswith("Qwen3") else "llama",
         "hidden_size": 48 if architecture in NARROW else None,
     }
@@ -40,6 +41,16 @@ def draft_shape(architecture: str) -> dict[str, Any]:
 
 def test_every_family_has_a_tiny_model() -> None:
     assert sorted(FAMILY_CONFIGS) == ARCHITECTURES
+
+
+def test_only_drafts_vllm_cannot_serve_are_refused() -> None:
+    refused = {
+        name: unservable_draft(family_config(name, 64), layers)
+        for name in ARCHITECTURES
+        for layers in (1, 2)
+        if unservable_draft(family_config(name, 64), layers)
+    }
+    assert list(refused) == ["GptOssForCausalLM"]  # Gemma mixes windows too, but vLLM serves no Gemma draft
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +132,18 @@ def test_generate_train_evaluate_export(root: Path, architecture: str) -> None:
             "allowed_roots": roots,
         },
     )
+    if architecture == "GptOssForCausalLM":  # refused before any step: vLLM could not serve it
+        two = cfg.model_copy(update={"draft": cfg.draft.model_copy(update={"num_layers": 2})})
+        with pytest.raises(
+            ConfigError, match=r"draft\.numLayers: vLLM cannot serve a draft of 2 layers for gpt-oss"
+        ):
+            train(two)
     result = train(cfg)
     assert result.final is not None and not result.interrupted
     saved = json.loads((result.final / "config.json").read_text())
     assert saved["speculators_config"]["verifier"]["architectures"] == [architecture]
     layer = saved["transformer_layer_config"]
-    assert (layer["model_type"], layer["num_hidden_layers"]) == (shape["layer_style"], 2)
+    assert (layer["model_type"], layer["num_hidden_layers"]) == (shape["layer_style"], shape["num_layers"])
     assert layer["hidden_size"] == (shape["hidden_size"] or 64)
     assert saved["target_hidden_size"] == (64 if shape["hidden_size"] else None)
     draft = SpeculatorModel.from_pretrained(result.final)

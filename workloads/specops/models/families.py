@@ -61,3 +61,21 @@ def verifier_family(config: Any, source: str) -> Family:
             f"(supported: {', '.join(sorted(FAMILIES))})"
         )
     return family
+
+
+def unservable_draft(config: Any, num_layers: int) -> str | None:
+    """Why vLLM 0.32 could not serve a `num_layers` draft for this verifier, or None.
+
+    A verifier mixing sliding-window and full attention layers (gpt-oss) puts them in separate KV
+    cache groups, and vLLM then refuses a draft whose layers do not all fall into one group
+    ("All drafting layers should belong to the same kv cache group"): one layer is served, two are
+    not (tests/unit/test_models_vllm.py).
+    """
+    family = FAMILIES.get(architecture(config))
+    types = set(getattr(config.get_text_config(), "layer_types", None) or [])
+    if family is not None and family.vllm_eagle3 and num_layers > 1 and len(types) > 1:
+        return (
+            f"vLLM cannot serve a draft of {num_layers} layers for {family.name}, whose layers mix "
+            f"{' and '.join(sorted(types))}: use 1"
+        )
+    return None

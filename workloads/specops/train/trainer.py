@@ -28,6 +28,7 @@ from specops.config import ConfigError, TrainConfig, dump_config
 from specops.engines.base import default_layer_ids
 from specops.models.batch import DraftBatch
 from specops.models.eagle3 import Eagle3DraftModel
+from specops.models.families import unservable_draft
 from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
 from specops.models.vocab import build_vocab_mapping
@@ -146,6 +147,9 @@ class Trainer:
 
         # The draft: vocabulary from token counts, frozen parts copied from the verifier.
         vocab_size = int(verifier_config.get_text_config().vocab_size)
+        unservable = unservable_draft(verifier_config, cfg.draft.num_layers)
+        if unservable:
+            raise ConfigError(f"draft.numLayers: {unservable}")
         verifier_hidden = int(verifier_config.get_text_config().hidden_size)
         if cfg.draft.init_from_verifier and cfg.draft.hidden_size not in (None, verifier_hidden):
             raise ConfigError(
