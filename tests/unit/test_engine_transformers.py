@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from specops.config import ConfigError, DataGenConfig
 from specops.data.records import TokenizedExample
 from specops.engines.transformers import TransformersPipeline
+from specops.paths import cache_dir
 
 NUM_LAYERS = 4
 VOCAB = 96
@@ -257,12 +260,17 @@ def test_a_verifier_split_across_devices_captures_the_single_device_states(
     )
     assert set(split.hf_device_map.values()) == {"cpu", "disk"}
     assert split.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    held = [p for p in (cache_dir() / "offload").iterdir() if p.name.startswith(f"{os.getpid()}-")]
+    assert len(held) == 1  # accelerate's offload folder (safetensors weights are read in place)
     examples = make_examples([12, 40, 7])
     single = TransformersPipeline.from_config(config).forward(examples)
     spread = TransformersPipeline(split, layer_ids=[1, 3, NUM_LAYERS], logits=True).forward(examples)
     for one, other in zip(single, spread, strict=True):
         assert torch.equal(one["hidden_states"], other["hidden_states"])
         assert torch.equal(one["logits"], other["logits"])
+    del spread, split
+    gc.collect()
+    assert not any(p.exists() for p in held)  # removed with the model
     config.engine.device_map = "sequential"  # the config path hands the strategy to accelerate
     seen: list[object] = []
     real = AutoModelForCausalLM.from_pretrained

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,11 +206,11 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     placement: dict[str, Any] = {}
+    offload: Path | None = None
     if device_map is not None:
-        placement = {
-            "device_map": device_map,
-            "offload_folder": str(cache_dir() / "offload" / str(os.getpid())),
-        }
+        (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        offload = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=cache_dir() / "offload"))
+        placement = {"device_map": device_map, "offload_folder": str(offload)}
     model = AutoModelForCausalLM.from_pretrained(
         resolve_verifier(cfg, allowed_roots),
         config=load_verifier_config(cfg, allowed_roots),
@@ -219,6 +220,8 @@ def load_model(
     )
     if device_map is None:
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
+    if offload is not None:  # disk-offloaded weights live as long as the model
+        weakref.finalize(model, shutil.rmtree, offload, True)
     model.eval()
     model.requires_grad_(False)
     return model
