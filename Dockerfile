@@ -4,12 +4,12 @@
 #   docker build --target operator -t ghcr.io/specops/operator:0.1.0 .
 #   docker build --target workload -t ghcr.io/specops/workload:0.1.0 .
 # Both run as the non-root user 1000 (the uid the operator's pod templates and the Helm chart
-# ask for). Python packages come from the pinned constraints in requirements-pins.txt; the
-# builder stages own the pip work so no compiler, wheel or pip cache reaches a final image.
+# ask for). The operator's packages come from the pinned constraints in requirements-pins.txt;
+# the workload's from hack/image-requirements.lock (CUDA torch + CUDA vLLM for Linux x86_64,
+# with hashes; hack/image-lock.sh writes it and CI checks it). The builder stages own the pip
+# work so no compiler, wheel or pip cache reaches a final image.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
-ARG TORCH_VERSION=2.13.0
-ARG VLLM_VERSION=0.32.0
 
 # ---------------------------------------------------------------- common base
 FROM ${PYTHON_IMAGE} AS base
@@ -25,6 +25,7 @@ RUN groupadd --gid 1000 specops \
 FROM base AS source
 WORKDIR /src
 COPY pyproject.toml README.md requirements-pins.txt ./
+COPY hack/image-requirements.lock ./hack/
 COPY workloads ./workloads
 COPY operator ./operator
 
@@ -43,12 +44,11 @@ CMD ["run", "--all-namespaces"]
 
 # ---------------------------------------------------------------- workload
 FROM source AS workload-build
-ARG TORCH_VERSION
-ARG VLLM_VERSION
-# PyPI's Linux torch wheel is the CUDA build; vLLM pins the torch it was built against.
+# Every dependency from the hashed lock (PyPI's Linux torch wheel is the CUDA build), then the
+# project itself without resolving anything again.
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir -c requirements-pins.txt "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir -c requirements-pins.txt ".[workload,tracking]" "vllm==${VLLM_VERSION}"
+    && pip install --no-cache-dir --require-hashes -r hack/image-requirements.lock \
+    && pip install --no-cache-dir --no-deps .
 
 FROM base AS workload
 # Triton (under vLLM and torch.compile) compiles small C launchers at run time: it needs gcc.

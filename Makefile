@@ -11,7 +11,7 @@ UV = $(BIN)/uv pip install -q --python $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt hack/tools.sh 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit e2e crd-server demo bench lint crds clean
+.PHONY: setup test unit e2e crd-server demo bench lint image-lock image-lock-check gpu-check crds clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,18 @@ lint: setup
 	$(BIN)/ruff check workloads operator tests bench
 	$(BIN)/ruff format --check workloads operator tests bench
 	$(BIN)/mypy
+
+# The workload image's CUDA lock (hack/image-requirements.lock): write it, or check that its inputs
+# still resolve to exactly it (CI; needs PyPI, a few seconds).
+image-lock: setup
+	UV=$(BIN)/uv hack/image-lock.sh
+
+image-lock-check: setup
+	UV=$(BIN)/uv hack/image-lock.sh --check
+
+# GPU readiness figures (one JSON line); on a machine without CUDA a skip line, exit 0.
+gpu-check: setup
+	$(BIN)/python bench/gpu.py
 
 crds: setup
 	$(BIN)/specops crds --out crds

@@ -9,34 +9,60 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from _models_support import new_draft, verifier_states
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specops.evaluate import evaluate, greedy_decode, speculative_decode
 from specops.models.batch import DraftBatch
 from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
+from specops.testing.families import family_config
 
 
-def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausalLM, Path]:
-    """A verifier vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
+class Case(NamedTuple):
+    """One verifier family and draft shape (the command line, in this order)."""
+
+    num_layers: int
+    draft_vocab: int
+    layer_style: str
+    hidden_size: int | None
+    architecture: str
+
+
+def build(root: Path, case: Case) -> tuple[LlamaForCausalLM, Path]:
+    """A verifier of the case's family vLLM's CPU attention accepts (head_dim 64) and a briefly trained draft."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        eos_token_id=None,
+    shape = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "max_position_embeddings": 256,
+        "eos_token_id": None,
+        "pad_token_id": 0,  # Phi-3's default (32000) is outside this vocabulary
+        "tie_word_embeddings": False,  # a tied random head is too flat for the draft to learn anything
+    }
+    config = (
+        LlamaConfig(vocab_size=96, **shape)
+        if case.architecture == "LlamaForCausalLM"
+        else family_config(case.architecture, 96, **shape)
     )
-    verifier = LlamaForCausalLM(config).eval()
+    verifier = AutoModelForCausalLM.from_config(config).eval()
     verifier.generation_config.eos_token_id = None
     verifier.save_pretrained(root / "verifier")
-    draft = new_draft(verifier, root / "verifier", num_layers=num_layers, draft_vocab=draft_vocab)
+    draft = new_draft(
+        verifier,
+        root / "verifier",
+        num_layers=case.num_layers,
+        draft_vocab=case.draft_vocab,
+        layer_style=case.layer_style,
+        hidden_size=case.hidden_size,
+    )
     head = VerifierHead.from_pretrained(root / "verifier")
     gen = torch.Generator().manual_seed(0)
     optim = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=2e-3)
@@ -66,13 +92,13 @@ def build(root: Path, num_layers: int, draft_vocab: int) -> tuple[LlamaForCausal
     return verifier, root / "spec"
 
 
-def main(root: Path, num_layers: int, draft_vocab: int) -> None:
+def main(root: Path, case: Case) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from specops.models.eagle3 import Eagle3DraftModel
 
-    verifier, spec = build(root, num_layers, draft_vocab)
+    verifier, spec = build(root, case)
     draft = Eagle3DraftModel.from_pretrained(spec)
     gen = torch.Generator().manual_seed(123)
     prompts = [torch.randint(0, 96, (6,), generator=gen).tolist() for _ in range(6)]
@@ -90,7 +116,9 @@ def main(root: Path, num_layers: int, draft_vocab: int) -> None:
     )
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, detokenize=False)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    metrics = {m.name: getattr(m, "value", None) or getattr(m, "values", None) for m in llm.get_metrics()}
+    metrics = {
+        m.name: m.value if hasattr(m, "value") else getattr(m, "values", None) for m in llm.get_metrics()
+    }
     (root / "result.json").write_text(
         json.dumps(
             {
@@ -106,4 +134,5 @@ def main(root: Path, num_layers: int, draft_vocab: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    layers, vocab, style, hidden, architecture = sys.argv[2:7]
+    main(Path(sys.argv[1]), Case(int(layers), int(vocab), style, int(hidden) or None, architecture))

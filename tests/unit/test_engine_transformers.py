@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specops.config import ConfigError, DataGenConfig
 from specops.data.records import TokenizedExample
 from specops.engines.transformers import TransformersPipeline
+from specops.paths import cache_dir
 
 NUM_LAYERS = 4
 VOCAB = 96
@@ -227,3 +231,55 @@ def test_from_config_loads_fp32_on_cpu(tiny_model: LlamaForCausalLM, tmp_path: P
     assert out["hidden_states"].dtype == torch.float32
     with pytest.raises(ConfigError, match=r"states\.hidden_states\.layers"):
         TransformersPipeline.from_config(_config(tmp_path, hidden_states={"layers": [NUM_LAYERS + 1]}))
+
+
+SPLIT = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "cpu",
+    "model.layers.2": "disk",
+    "model.layers.3": "disk",
+    "model.norm": "disk",
+    "lm_head": "disk",
+}
+"""Two devices a CPU machine has: half the layers in memory, half offloaded (weights on the meta
+device until accelerate's hooks load them for their forward), as on GPUs + CPU for a large verifier."""
+
+
+def test_a_verifier_split_across_devices_captures_the_single_device_states(
+    tiny_model: LlamaForCausalLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from specops.verifier import load_model
+
+    tiny_model.save_pretrained(tmp_path)
+    config = _config(tmp_path, hidden_states={"layers": [1, 3, NUM_LAYERS]}, logits=True)
+    cpu = torch.device("cpu")
+    split = load_model(
+        config.verifier, dtype=torch.float32, device=cpu, allowed_roots=[str(tmp_path)], device_map=SPLIT
+    )
+    assert set(split.hf_device_map.values()) == {"cpu", "disk"}
+    assert split.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    held = [p for p in (cache_dir() / "offload").iterdir() if p.name.startswith(f"{os.getpid()}-")]
+    assert len(held) == 1  # accelerate's offload folder (safetensors weights are read in place)
+    examples = make_examples([12, 40, 7])
+    single = TransformersPipeline.from_config(config).forward(examples)
+    spread = TransformersPipeline(split, layer_ids=[1, 3, NUM_LAYERS], logits=True).forward(examples)
+    for one, other in zip(single, spread, strict=True):
+        assert torch.equal(one["hidden_states"], other["hidden_states"])
+        assert torch.equal(one["logits"], other["logits"])
+    del spread, split
+    gc.collect()
+    assert not any(p.exists() for p in held)  # removed with the model
+    config.engine.device_map = "sequential"  # the config path hands the strategy to accelerate
+    seen: list[object] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    placed = TransformersPipeline.from_config(config)
+    assert seen == ["sequential"]
+    assert torch.equal(placed.forward(examples)[1]["hidden_states"], single[1]["hidden_states"])

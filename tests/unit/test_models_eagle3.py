@@ -314,3 +314,21 @@ def test_incremental_context_matches_fresh_proposals(verifier: LlamaForCausalLM,
         assert context.length == n
     with pytest.raises(ValueError, match="already in the context"):
         draft.propose(full.input_ids[:, :16], full.aux_hidden[:, :15], 3, context)
+
+
+def test_a_narrower_draft_records_the_target_width_and_trains_its_own_vocab_layers(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    draft = new_draft(verifier, verifier_dir, num_layers=2, hidden_size=24)
+    assert draft.config.target_hidden_size == 32 and draft.config.layer_config.hidden_size == 24
+    assert draft.fc.weight.shape == (24, 3 * 32)
+    assert draft.embed_tokens.weight.requires_grad and draft.lm_head.weight.requires_grad
+    batch = packed_batch(verifier, _docs(7, 5))
+    assert all(x.shape == (1, 12, 48) for x in draft.forward_ttt(batch, 2))
+    draft.save_pretrained(tmp_path / "narrow")
+    again = Eagle3DraftModel.from_pretrained(tmp_path / "narrow")
+    torch.testing.assert_close(again.forward_ttt(batch, 2)[1], draft.forward_ttt(batch, 2)[1])
+    same = new_draft(verifier, verifier_dir, hidden_size=32)
+    assert same.config.target_hidden_size is None and not same.lm_head.weight.requires_grad
+    with pytest.raises(ValueError, match="init_from_verifier copies the verifier's layers"):
+        new_draft(verifier, verifier_dir, hidden_size=24, init_from_verifier=True)

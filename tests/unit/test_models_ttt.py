@@ -46,7 +46,7 @@ def test_head_reads_only_its_tensors_from_sharded_and_tied_checkpoints(tmp_path:
     assert len(set(index["weight_map"].values())) > 1
     head = VerifierHead.from_pretrained(tmp_path / "sharded")
     assert torch.equal(head.weight, tied.model.embed_tokens.weight)
-    assert torch.equal(head.norm_weight, tied.model.norm.weight)
+    assert torch.equal(head.norm.weight, tied.model.norm.weight)
 
 
 def test_head_errors_name_the_file(tmp_path: Path) -> None:

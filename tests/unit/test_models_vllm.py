@@ -14,18 +14,46 @@ from pathlib import Path
 
 import pytest
 
+from specops.models.families import FAMILIES
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
 ]
 
 
-@pytest.mark.parametrize(("num_layers", "draft_vocab"), [(1, 48), (2, 96)])
-def test_vllm_matches_specops_evaluate(tmp_path: Path, num_layers: int, draft_vocab: int) -> None:
+SHAPES = [(1, 48, "llama", 0), (2, 96, "llama", 0), (2, 48, "qwen3", 0), (1, 48, "llama", 64)]
+"""Both layer styles, several layers, and a draft narrower (64) than its verifier (128)."""
+VLLM_FAMILIES = sorted(
+    name for name, family in FAMILIES.items() if family.vllm_eagle3 and name != "LlamaForCausalLM"
+)
+"""The other verifier families vLLM 0.32 serves EAGLE-3 drafts for."""
+HYBRID = {"GptOssForCausalLM"}
+"""Sliding + full attention layers: vLLM 0.32 splits a 2-layer draft over two KV cache groups and
+refuses it ("All drafting layers should belong to the same kv cache group"), so one layer here."""
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "draft_vocab", "layer_style", "hidden_size", "architecture"),
+    [(*shape, "LlamaForCausalLM") for shape in SHAPES]
+    + [(1 if name in HYBRID else 2, 48, "llama", 0, name) for name in VLLM_FAMILIES],
+)
+def test_vllm_matches_specops_evaluate(
+    tmp_path: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int, architecture: str
+) -> None:
     script = Path(__file__).with_name("_vllm_parity.py")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(num_layers), str(draft_vocab)],
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path),
+            str(num_layers),
+            str(draft_vocab),
+            layer_style,
+            str(hidden_size),
+            architecture,
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -303,6 +303,11 @@ def test_answer_kwargs_start_a_plain_engine_sized_for_prompt_plus_answer(verifie
         ({"states": {"logits": True}}, True, "states.logits"),
         ({"engine": {"data_parallel_size": 2}}, True, "run.num_workers: 2"),
         ({"engine": {"device": "cuda"}}, True, "CPU build"),
+        (
+            {"engine": {"device_map": "auto"}},
+            True,
+            "engine.deviceMap: placement is for engine.kind 'transformers'",
+        ),
         ({"engine": {"device": "cpu"}}, False, "GPU build"),
         ({"states": {"hidden_states": {"layers": [2, 9]}}}, True, r"\[9\] out of range"),
         ({"states": {"hidden_states": {"layers": [8], "reduce": "mean"}}}, True, "reduce"),

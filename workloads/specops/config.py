@@ -220,6 +220,10 @@ class EngineConfig(Contract):
     states have this dtype (2 bytes per value for bfloat16/float16, 4 for float32)."""
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", max_length=16)] = "auto"
     """auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N."""
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
+    """Transformers only: spread the verifier's layers over every GPU the pod sees (accelerate's
+    placement strategies), for verifiers larger than one GPU; unset = the whole model on `device`.
+    The vLLM engine splits with tensorParallelSize instead."""
     max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
     """Longest sequence the engine accepts, in tokens (default 2048); sequences are cut to the smaller of
     this and processor.maxLength. Raise both for long-context data (memory grows with it)."""
@@ -369,7 +373,10 @@ class DraftConfig(Contract):
     draft_vocab_size: Annotated[int, Field(ge=16, le=1_048_576)] = 32000
     """Tokens the draft can propose; clipped to the verifier vocab."""
     layer_style: Literal["llama", "qwen3"] = "llama"
-    """Decoder-layer flavour: llama (default) or qwen3 (adds q/k norms, for Qwen3 verifiers)."""
+    """Decoder layers of the draft; vLLM serves both (`qwen3` adds per-head q/k norms)."""
+    hidden_size: Annotated[int, Field(ge=16, le=65536)] | None = None
+    """The draft's width; unset = the verifier's. A different width records the verifier's as
+    `target_hidden_size` (what `fc` reads), and the draft then trains its own embedding and lm_head."""
     norm_before_residual: bool = False
     """Use the normalized hidden state, not the raw one, as the first layer's residual (default off); must match
     any checkpoint you convert or continue from."""

@@ -101,6 +101,10 @@ class CachedVerifier:
     batch costs about what one row does). Shorter chunks are padded on the right; padding and
     rejected draft tokens stay in the cache as masked slots instead of being cropped per row, and
     position ids count only kept tokens, so every row attends to exactly its own sequence.
+
+    Sliding windows count cache slots, so a masked slot would shift them: a verifier with windowed
+    layers (Gemma, gpt-oss, Mistral v0.1) runs one row at a time in a full cache that is cut back
+    on rejection.
     """
 
     def __init__(self, model: PreTrainedModel, aux_layer_ids: Sequence[int], rows: int = 1) -> None:
@@ -109,7 +113,10 @@ class CachedVerifier:
         self.model = model
         self.layers: Sequence[torch.nn.Module] = model.get_decoder().layers
         self.aux_layer_ids = list(aux_layer_ids)
-        self.cache = DynamicCache(config=model.config)
+        self.windowed = has_sliding_window(model)
+        if self.windowed and rows != 1:
+            raise ValueError("a verifier with sliding-window layers is decoded one row at a time")
+        self.cache = DynamicCache() if self.windowed else DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
         self.kept = torch.zeros(rows, 0, dtype=torch.bool, device=self.device)
         """[rows, slots]: which cache slots hold a kept token of that row."""
@@ -186,9 +193,24 @@ class CachedVerifier:
     @torch.inference_mode()
     def reject(self, row: int, count: int) -> None:
         """Forget the last `count` kept tokens of `row` (rejected draft tokens): their slots are masked."""
-        if count > 0:
+        if count > 0 and self.windowed:
+            self.cache.crop(self.kept.shape[1] - count)
+            self.kept = self.kept[:, :-count]
+        elif count > 0:
             slots = self.kept[row].nonzero().flatten()[-count:]
             self.kept[row, slots] = False
+
+
+def has_sliding_window(model: PreTrainedModel) -> bool:
+    """Whether any decoder layer of the verifier attends over a sliding window."""
+    text = model.config.get_text_config()
+    types = getattr(text, "layer_types", None)
+    if types:
+        return "sliding_attention" in types
+    return (
+        getattr(text, "sliding_window", None) is not None
+        and getattr(text, "use_sliding_window", True) is not False
+    )
 
 
 def eos_ids(model: PreTrainedModel) -> set[int]:
@@ -220,6 +242,8 @@ def greedy_decode_batch(
     model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int]
 ) -> list[list[int]]:
     """The verifier's own greedy continuation of each prompt (KV-cached, one token per row per forward)."""
+    if len(prompts) > 1 and has_sliding_window(model):
+        return [out for p in prompts for out in greedy_decode_batch(model, [p], max_new_tokens, eos)]
     runner = CachedVerifier(model, [0], rows=len(prompts))
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -251,6 +275,10 @@ def speculative_decode_batch(
 ) -> list[SpeculativeOutput]:
     """Greedy chain speculative decoding of several prompts: the draft proposes per row, the
     verifier checks every row's proposal in one forward."""
+    if len(prompts) > 1 and has_sliding_window(model):
+        return [
+            o for p in prompts for o in speculative_decode_batch(model, draft, [p], max_new_tokens, k, eos)
+        ]
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
     if not aux_ids:
         raise ValueError("the speculator's config has no eagle_aux_hidden_state_layer_ids")

@@ -381,12 +381,13 @@ def _forward_or_isolate(
 def run_workers(config: DataGenConfig) -> GenerateReport:
     """Spawn `run.num_workers` processes, wait for all, and merge their reports.
 
-    The verifier is resolved here first: a bad path fails once, before any worker starts, and a
-    GGUF verifier is converted once instead of by every worker at the same time.
+    The verifier is resolved and its architecture checked here first: a bad path or an unsupported
+    verifier fails once, before any worker starts, and a GGUF verifier is converted once instead of
+    by every worker at the same time.
     """
-    from specops.verifier import resolve_verifier
+    from specops.verifier import load_verifier_config
 
-    resolve_verifier(config.verifier, config.run.allowed_roots)
+    load_verifier_config(config.verifier, config.run.allowed_roots)
     started = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     report = GenerateReport()

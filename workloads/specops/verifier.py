@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,9 +243,14 @@ def load_tokenizer(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> Pr
 
 
 def load_verifier_config(cfg: VerifierConfig, allowed_roots: Sequence[str] = ()) -> PretrainedConfig:
+    """The verifier's config; an architecture SpecOps does not support is refused here, before any work."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+    from specops.models.families import verifier_family
+
+    config = AutoConfig.from_pretrained(resolve_verifier(cfg, allowed_roots), **_hub_kwargs(cfg))
+    verifier_family(config, f"verifier.nameOrPath {cfg.name_or_path}")
+    return config
 
 
 def load_model(
@@ -253,14 +259,29 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     allowed_roots: Sequence[str] = (),
+    device_map: str | dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """The verifier in eval mode with gradients off."""
+    """The verifier in eval mode with gradients off; with `device_map` its layers are placed by
+    accelerate (a strategy name, or module -> GPU index / "cpu" / "disk") instead of all on `device`."""
     from transformers import AutoModelForCausalLM
 
+    placement: dict[str, Any] = {}
+    offload: Path | None = None
+    if device_map is not None:
+        (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        offload = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=cache_dir() / "offload"))
+        placement = {"device_map": device_map, "offload_folder": str(offload)}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_verifier(cfg, allowed_roots), dtype=dtype, **_hub_kwargs(cfg)
+        resolve_verifier(cfg, allowed_roots),
+        config=load_verifier_config(cfg, allowed_roots),
+        dtype=dtype,
+        **placement,
+        **_hub_kwargs(cfg),
     )
-    model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
+    if device_map is None:
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a decorator mypy misreads
+    if offload is not None:  # disk-offloaded weights live as long as the model
+        weakref.finalize(model, shutil.rmtree, offload, True)
     model.eval()
     model.requires_grad_(False)
     return model

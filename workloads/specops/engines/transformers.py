@@ -69,7 +69,11 @@ class TransformersPipeline:
         dtype = resolve_dtype(compute_dtype_name(config), device)
         torch.manual_seed(config.engine.seed)
         model = load_model(
-            config.verifier, dtype=dtype, device=device, allowed_roots=config.run.allowed_roots
+            config.verifier,
+            dtype=dtype,
+            device=device,
+            allowed_roots=config.run.allowed_roots,
+            device_map=config.engine.device_map,
         )
         try:
             return cls(
@@ -87,7 +91,10 @@ class TransformersPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the input ids go: the input embedding's device (placement hooks move the rest)."""
+        weight: torch.Tensor = self.model.get_input_embeddings().weight  # type: ignore[assignment]
+        device = weight.device
+        return device if device.type != "meta" else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -327,6 +327,11 @@ class EnginePlan:
                 f"set run.num_workers: {engine.data_parallel_size} (each worker starts its own vLLM on its "
                 "own GPUs) and keep engine.data_parallel_size at 1"
             )
+        if engine.device_map is not None:
+            raise ConfigError(
+                "engine.deviceMap: placement is for engine.kind 'transformers'; vLLM splits a verifier "
+                "over GPUs with engine.tensorParallelSize"
+            )
         if cpu_build and engine.device.startswith("cuda"):
             raise ConfigError(f"engine.device: {engine.device!r} but the installed vLLM is a CPU build")
         if not cpu_build and engine.device == "cpu":

@@ -115,24 +115,34 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
 
 
 def draft_layer_config(
-    verifier_config: PretrainedConfig, num_layers: int, layer_style: LayerStyle
+    verifier_config: PretrainedConfig,
+    num_layers: int,
+    layer_style: LayerStyle,
+    hidden_size: int | None = None,
 ) -> PretrainedConfig:
-    """Decoder-layer config of the draft: the verifier's dimensions and rotary setup, `num_layers` deep."""
+    """Decoder-layer config of the draft: the verifier's dimensions and rotary setup, `num_layers` deep.
+
+    With a `hidden_size` of its own the draft keeps the verifier's heads and head size, and its MLP
+    width scales with the hidden size."""
     text = verifier_config.get_text_config()
-    hidden = int(text.hidden_size)
+    target = int(text.hidden_size)
+    hidden = int(hidden_size or target)
     heads = int(text.num_attention_heads)
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]  # per layer type (Gemma 3): the draft attends over everything
     return _LAYER_CONFIGS[layer_style](
         vocab_size=int(text.vocab_size),
         hidden_size=hidden,
-        intermediate_size=int(text.intermediate_size),
+        intermediate_size=max(1, round(int(text.intermediate_size) * hidden / target)),
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        head_dim=int(getattr(text, "head_dim", None) or target // heads),
         hidden_act=str(getattr(text, "hidden_act", "silu")),
         max_position_embeddings=int(getattr(text, "max_position_embeddings", 4096)),
         rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
-        rope_parameters=getattr(text, "rope_parameters", None),
+        rope_parameters=rope,
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=False,
@@ -350,8 +360,11 @@ class Eagle3DraftModel(SpeculatorModel):
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(vocab, dtype=torch.bool))
         self._init_weights(float(getattr(cfg, "initializer_range", 0.02)))
-        self.embed_tokens.requires_grad_(False)
-        self.lm_head.requires_grad_(False)
+        self.own_vocab_layers = target_hidden != hidden
+        """A draft narrower or wider than its verifier trains its own embedding and lm_head."""
+        if not self.own_vocab_layers:
+            self.embed_tokens.requires_grad_(False)
+            self.lm_head.requires_grad_(False)
 
     def _init_weights(self, std: float) -> None:
         """Small normal init; residual-branch outputs scaled by 1/sqrt(2 * layers) so depth stays stable."""
@@ -382,10 +395,12 @@ class Eagle3DraftModel(SpeculatorModel):
         aux_layer_ids: Sequence[int] | None = None,
         draft_vocab_size: int | None = None,
         init_from_verifier: bool = False,
+        hidden_size: int | None = None,
     ) -> Eagle3DraftModel:
         """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm
         copied; with `init_from_verifier`, its layers and `fc` start from the verifier's too
-        (`init_from_verifier_layers`).
+        (`init_from_verifier_layers`). A `hidden_size` other than the verifier's records
+        `target_hidden_size` and starts the embedding, norm and lm_head fresh (trained).
 
         `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
         (default: the same path). The keyword names match `specops.config.DraftConfig`.
@@ -399,11 +414,21 @@ class Eagle3DraftModel(SpeculatorModel):
         layer_ids = (
             list(aux_layer_ids) if aux_layer_ids else default_layer_ids(int(text.num_hidden_layers))[:3]
         )
+        target_hidden = int(text.hidden_size)
+        own_width = hidden_size is not None and hidden_size != target_hidden
+        if own_width and init_from_verifier:
+            raise ValueError(
+                f"init_from_verifier copies the verifier's layers, which need its hidden size {target_hidden}, "
+                f"not {hidden_size}"
+            )
         config = Eagle3SpeculatorConfig(
             architectures=[ARCHITECTURE],
-            transformer_layer_config=draft_layer_config(verifier_config, num_layers, layer_style),
+            transformer_layer_config=draft_layer_config(
+                verifier_config, num_layers, layer_style, hidden_size
+            ),
             draft_vocab_size=d2t.numel(),
             norm_before_residual=norm_before_residual,
+            target_hidden_size=target_hidden if own_width else None,
             eagle_aux_hidden_state_layer_ids=layer_ids,
             speculators_config=SpeculatorsConfig.greedy(
                 algorithm,
@@ -414,7 +439,8 @@ class Eagle3DraftModel(SpeculatorModel):
         model = cls(config)
         model.set_vocab_mapping(t2d, d2t)
         weights = verifier_weights if verifier_weights is not None else verifier_name_or_path
-        model.copy_verifier_weights(weights)
+        if not own_width:
+            model.copy_verifier_weights(weights)
         if init_from_verifier:
             model.init_from_verifier_layers(weights, int(text.num_hidden_layers))
         return model

@@ -28,6 +28,7 @@ from specops.config import ConfigError, TrainConfig, dump_config
 from specops.engines.base import default_layer_ids
 from specops.models.batch import DraftBatch
 from specops.models.eagle3 import Eagle3DraftModel
+from specops.models.families import unservable_draft
 from specops.models.ttt import step_targets
 from specops.models.verifier_head import VerifierHead
 from specops.models.vocab import build_vocab_mapping
@@ -165,6 +166,15 @@ class Trainer:
                 f"draft.draftVocabSize: {cfg.draft.draft_vocab_size} exceeds the verifier vocabulary "
                 f"({vocab_size} tokens); set it to at most {vocab_size}"
             )
+        unservable = unservable_draft(verifier_config, cfg.draft.num_layers)
+        if unservable:
+            raise ConfigError(f"draft.numLayers: {unservable}")
+        verifier_hidden = int(verifier_config.get_text_config().hidden_size)
+        if cfg.draft.init_from_verifier and cfg.draft.hidden_size not in (None, verifier_hidden):
+            raise ConfigError(
+                f"draft.hiddenSize: {cfg.draft.hidden_size} differs from the verifier's {verifier_hidden}, "
+                "and draft.initFromVerifier copies the verifier's layers: use one or the other"
+            )
         counts = vocab_counts(cfg, self.data, vocab_size, roots, resumed=resume_from is not None)
         t2d, d2t = build_vocab_mapping(counts, vocab_size, cfg.draft.draft_vocab_size)
         self.draft = Eagle3DraftModel.from_training_args(
@@ -180,6 +190,7 @@ class Trainer:
             speculative_tokens=cfg.draft.speculative_tokens,
             aux_layer_ids=aux_layer_ids,
             init_from_verifier=cfg.draft.init_from_verifier,
+            hidden_size=cfg.draft.hidden_size,
         )
         head_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.head = VerifierHead.from_pretrained(verifier_path, dtype=head_dtype, device=env.device)
