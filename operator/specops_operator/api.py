@@ -934,7 +934,19 @@ class TrainingProgress(Contract):
     """Training progress, from the trainer Job and rank 0's report."""
 
     step: Annotated[int, Field(ge=0)] = 0
-    """Optimizer steps done (known when the trainer pod ends)."""
+    """Optimizer steps done: live from rank 0's metrics while training, final from its report."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps the run will make (live, from rank 0's metrics)."""
+    loss: float | None = None
+    """Training loss of the last logged window (live, from rank 0's metrics)."""
+    tokens_per_second: Annotated[float, Field(ge=0.0)] | None = None
+    """Trained tokens per second over all ranks (live)."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds until the last step (live; 0 once trained)."""
+    eta: Annotated[str, Field(max_length=32)] | None = None
+    """The same estimate for people (`1h30m`): the ETA column."""
+    updated_at: Annotated[str, Field(max_length=64)] | None = None
+    """When rank 0's metrics were last read."""
     best_val_loss: float | None = None
     """Lowest validation loss seen so far (its checkpoint is exported as `best`); null before any evaluation."""
     nodes_active: Annotated[int, Field(ge=0)] = 0

@@ -61,6 +61,7 @@ from specops_operator.builders.training import (
 from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitions
 from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.metrics import OperatorMetrics
+from specops_operator.progress import rank0_endpoint, read_progress
 from specops_operator.status import (
     CACHED,
     JobView,
@@ -427,11 +428,14 @@ def reconcile_training(
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
     read_trainer = (trainer.complete and not (prior.get("progress") or {}).get("step")) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
+    training = trainer.active > 0 and not (trainer.complete or trainer.failed or trainer.suspended)
     pods = failed_pods or (
         pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, TRAINER)
-        if read_trainer or trainer.unsure
+        if read_trainer or trainer.unsure or training
         else ()
     )
+    endpoint = rank0_endpoint(pods) if training else None
+    live = read_progress(endpoint) if endpoint else {}
     eval_pods = (
         pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, EVALUATOR)
         if read_eval or evaluator.unsure
@@ -450,6 +454,7 @@ def reconcile_training(
         if own_cache
         else None,
         group=group,
+        live=live,
     )
     status = training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
     return status, (job if group.teardown else None)

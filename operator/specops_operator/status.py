@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specops import exitcodes
@@ -29,6 +29,7 @@ from specops_operator.builders.training import (
     verifier_of,
 )
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
+from specops_operator.progress import eta_text
 from specops_operator.report import parse_report
 from specops_operator.validation import FINDING_REASONS
 
@@ -369,6 +370,8 @@ class Observed:
     """The `modelCache` download stage (its Job, pods, claim and Events), when this run has one."""
     group: Group = Group()
     """The trainer group's restarts (`restarts.decide`)."""
+    live: dict[str, float] = field(default_factory=dict)
+    """Rank 0's progress metrics, read while the trainer runs (`specops_operator.progress`)."""
 
 
 # --------------------------------------------------------------------------- model cache
@@ -727,10 +730,13 @@ def training_status(
         desired.append(compatible)
     report = latest_report(seen.pods) or {}
     before = dict(prior.get("progress") or {})
-    progress: Obj = {
-        "step": max(int(report.get("step") or 0), int(before.get("step") or 0)),
-        "nodesActive": running_pods(trainer, seen.pods),
-    }
+    progress: Obj = {**before, **_live_progress(seen.live, now)}
+    progress["step"] = max(
+        int(report.get("step") or 0), int(seen.live.get("step") or 0), int(before.get("step") or 0)
+    )
+    progress["nodesActive"] = running_pods(trainer, seen.pods)
+    if trainer.complete and "etaSeconds" in progress:
+        progress.update(etaSeconds=0, eta=eta_text(0))
     best = report.get("best_val_loss", before.get("bestValLoss"))
     if best is not None:
         progress["bestValLoss"] = float(best)
@@ -747,6 +753,22 @@ def training_status(
         out["evaluation"] = result
     if trainer.complete:
         out["artifact"] = artifact(cr, data)
+    return out
+
+
+def _live_progress(live: dict[str, float], now: str) -> Obj:
+    """`status.progress` fields from rank 0's metrics (nothing when none were read)."""
+    if not live:
+        return {}
+    out: Obj = {"updatedAt": now}
+    for name in ("totalSteps", "etaSeconds"):
+        if name in live:
+            out[name] = int(live[name])
+    for name in ("loss", "tokensPerSecond"):
+        if name in live:
+            out[name] = round(live[name], 4)
+    if "etaSeconds" in out:
+        out["eta"] = eta_text(out["etaSeconds"])
     return out
 
 

@@ -117,12 +117,16 @@ async def test_status_follows_child_jobs_within_seconds_not_the_timer(api: Api, 
 
 async def test_a_forbidden_create_stalls_with_the_object_and_the_cause(api: Api, operator: Runner) -> None:
     quota = "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=8, limited: 4"
-    (
-        api.server[_once(kmock.method.POST, "jobs", [])]
-        << 403
-        << {"kind": "Status", "reason": "Forbidden", "message": quota}
-    )
-    await operator()
+
+    # A kmock rule answers once, and the next reconcile (its own status write is one) creates the
+    # Job and clears Stalled: three refusals, spaced by the refresh timer, keep the Stalled status
+    # long enough for a loaded machine to read it.
+    def job_create(request: kmock.Request) -> bool:
+        return request.method == kmock.method.POST and getattr(request.resource, "plural", None) == "jobs"
+
+    for _ in range(3):
+        api.server[job_create] << 403 << {"kind": "Status", "reason": "Forbidden", "message": quota}
+    await operator(interval=1)
     await api.create(example("datagen-offline.yaml"))
     await api.until(_condition(api, DG, OFFLINE, "Stalled"), what="Stalled")
     conditions = _conditions(api.get(*DG, "ml", OFFLINE))

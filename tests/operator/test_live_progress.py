@@ -1,0 +1,84 @@
+"""`kubectl get speculatortrainings -w` moves during training: status.progress follows rank 0's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from test_reconcile import TR, _condition
+
+from conftest import Api, Runner, example, job_done
+from specops.stores.streaming import MetricsServer
+from specops.train.progress import Progress
+
+TRAINING = "llama31-8b-eagle3"
+Obj = dict[str, Any]
+
+
+def _rank0_pod(port: int) -> Obj:
+    """A running rank-0 trainer pod as the kubelet reports it: its IP and its `metrics` port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{TRAINING}-train-0-abcde",
+            "namespace": "ml",
+            "labels": {
+                "app.kubernetes.io/instance": TRAINING,
+                "app.kubernetes.io/component": "trainer",
+                "specops.dev/kind": "SpeculatorTraining",
+            },
+            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+        },
+        "spec": {
+            "containers": [
+                {"name": "workload", "image": "x", "ports": [{"name": "metrics", "containerPort": port}]}
+            ]
+        },
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    }
+
+
+def _progress(api: Api) -> Obj:
+    return dict(((api.get(*TR, "ml", TRAINING) or {}).get("status") or {}).get("progress") or {})
+
+
+async def test_status_progress_follows_rank_zero_while_training(api: Api, operator: Runner) -> None:
+    await operator(interval=0.3)
+    await api.create(example("eagle3-train.yaml"))
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{TRAINING}-data-gen"), what="generator Job")
+    await api.patch("batch/v1", "Job", "ml", f"{TRAINING}-data-gen", job_done(16), "status")
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", f"{TRAINING}-train"), what="trainer Job")
+
+    progress = Progress(rank=0, total_steps=1000, start_step=0)
+    server = MetricsServer(0, progress, "127.0.0.1")
+    try:
+        progress.advance(40, 0)
+        progress.record("train", {"loss": 2.5, "tokens_per_s": 1234.5})
+        progress.values["eta_seconds"] = 5400.0
+        await api.create(_rank0_pod(server.port))
+        await api.patch(
+            "batch/v1", "Job", "ml", f"{TRAINING}-train", {"status": {"active": 2, "ready": 2}}, "status"
+        )
+        await api.until(lambda: _progress(api).get("step") == 40, timeout=10, what="live step 40")
+        live = _progress(api)
+        assert live["totalSteps"] == 1000 and live["loss"] == 2.5 and live["tokensPerSecond"] == 1234.5
+        assert live["etaSeconds"] == 5400 and live["eta"] == "1h30m" and live["updatedAt"]
+        before = copy.deepcopy(live)
+
+        progress.advance(700, 1)
+        progress.record("train", {"loss": 1.25})
+        progress.values["eta_seconds"] = 90.0
+        await api.until(lambda: _progress(api).get("step") == 700, timeout=10, what="live step 700")
+        assert _progress(api)["loss"] == 1.25 and _progress(api)["eta"] == "2m"
+    finally:
+        server.close()
+
+    # The endpoint is gone (the pod restarts, a policy): the last figures stay, nothing fails.
+    await asyncio.sleep(1.5)  # several refreshes
+    assert _progress(api)["step"] == 700 and _progress(api)["loss"] == 1.25
+    assert before["updatedAt"] <= _progress(api)["updatedAt"]
+    await api.patch("batch/v1", "Job", "ml", f"{TRAINING}-train", job_done(2), "status")
+    await api.until(_condition(api, TR, TRAINING, "Exported"), what="Exported")
+    assert _progress(api)["etaSeconds"] == 0 and _progress(api)["eta"] == "0m"
