@@ -426,7 +426,9 @@ def reconcile_training(
         for queued in (fetch, job, eval_job):
             sync_kueue(kube, queued, cr.spec.suspend)
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
-    read_trainer = (trainer.complete and not (prior.get("progress") or {}).get("step")) or trainer.failed
+    # The final report once (live progress fills `step` before it, so that cannot be the marker).
+    exported = is_true(prior.get("conditions") or [], "Exported")
+    read_trainer = (trainer.complete and not exported) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
     training = trainer.active > 0 and not (trainer.complete or trainer.failed or trainer.suspended)
     pods = failed_pods or (

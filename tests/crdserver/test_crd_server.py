@@ -417,7 +417,7 @@ def test_printer_columns_read_conditions_by_type(client: Client, ns: str) -> Non
     ).json()
     columns = [c["name"] for c in table["columnDefinitions"]]
     row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
-    assert columns[:7] == ["Name", "Ready", "Reason", "Step", "Loss", "Acceptance", "Age"]
+    assert columns[:8] == ["Name", "Ready", "Reason", "Step", "Loss", "ETA", "Acceptance", "Age"]
     assert (row["Name"], row["Ready"], row["Reason"], row["Step"]) == (name, "False", "Training", 1200)
     assert row["Algorithm"] == "hass"
 

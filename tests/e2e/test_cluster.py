@@ -81,7 +81,7 @@ def test_printer_columns_and_status_subresource(control_plane: ControlPlane, ns:
                 "observedGeneration": 1,
             }
         ],
-        "progress": {"step": 1200, "bestValLoss": 1.25},
+        "progress": {"step": 1200, "loss": 1.75, "eta": "1h30m", "bestValLoss": 1.25},
         "evaluation": {"acceptanceLength": 2.5, "perPosition": [0.8], "lossless": True, "prompts": 8},
         "dataGen": "qwen3-8b-sharegpt",
         "verifier": "Qwen/Qwen3-8B",
@@ -90,11 +90,11 @@ def test_printer_columns_and_status_subresource(control_plane: ControlPlane, ns:
         "specops.dev/v1alpha1", "SpeculatorTraining", ns, name, {"status": status}, subresource="status"
     )
     table = control_plane.kubectl("get", "speculatortrainings", "-n", ns).stdout.splitlines()
-    assert table[0].split() == ["NAME", "READY", "REASON", "STEP", "LOSS", "ACCEPTANCE", "AGE"]
-    assert table[1].split()[:6] == [name, "False", "Training", "1200", "1.25", "2.5"]
+    assert table[0].split() == ["NAME", "READY", "REASON", "STEP", "LOSS", "ETA", "ACCEPTANCE", "AGE"]
+    assert table[1].split()[:7] == [name, "False", "Training", "1200", "1.75", "1h30m", "2.5"]
     wide = control_plane.kubectl("get", "st", "-n", ns, "-o", "wide").stdout.splitlines()
-    assert {"ALGORITHM", "VERIFIER", "DATA"} <= set(wide[0].split())
-    assert {"hass", "Qwen/Qwen3-8B", "qwen3-8b-sharegpt"} <= set(wide[1].split())
+    assert {"ALGORITHM", "VERIFIER", "DATA", "VAL"} <= set(wide[0].split())  # VAL LOSS: best validation
+    assert {"hass", "Qwen/Qwen3-8B", "qwen3-8b-sharegpt", "1.25"} <= set(wide[1].split())
 
 
 def test_explain_describes_spec_fields(control_plane: ControlPlane) -> None:

@@ -172,7 +172,9 @@ def test_training_from_inline_generation_to_exported_artifact(
     for type_ in ("Exported", "Evaluated", "Ready"):
         assert condition(status, type_)["status"] == "True", type_
     row = plane.kubectl("get", "speculatortrainings", "-n", ns, "--no-headers").stdout.split()
-    assert row[:6] == [name, "True", "Complete", "5000", "1.125", "2.75"]
+    # LOSS and ETA are live figures from rank 0's metrics endpoint, which the fake kubelet's pods
+    # lack: their cells are empty, so the next word is the acceptance.
+    assert row[:5] == [name, "True", "Complete", "5000", "2.75"]
 
 
 def test_failed_workload_fails_the_resource_with_its_error(
