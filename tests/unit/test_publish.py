@@ -59,6 +59,7 @@ def test_push_uploads_the_speculator_with_a_card_and_a_hub_id_loads_it_back(
             "files": ["README.md", "config.json", "model.safetensors"],
         }
         assert sorted(repo.files) == line["files"]  # not optimizer.pt
+        assert not (speculator / "README.md").exists(), "the card is uploaded, not written into the draft"
         for name in ("config.json", "model.safetensors"):
             assert repo.files[name].read_bytes() == (speculator / name).read_bytes()
         card = repo.files["README.md"].read_text()

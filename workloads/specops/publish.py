@@ -1,6 +1,6 @@
 """Publishing a trained speculator: a model card, and an upload to the Hugging Face Hub.
 
-The upload is `huggingface_hub`'s own (`create_repo` + `upload_folder`), so `HF_TOKEN` and
+The upload is `huggingface_hub`'s own (`create_repo` + `create_commit`), so `HF_TOKEN` and
 `HF_ENDPOINT` apply as for downloads. Only what vLLM and `SpeculatorModel.from_pretrained` read
 goes up (config.json, model.safetensors) plus the generated README.md: never optimizer state or
 anything pickled.
@@ -116,19 +116,19 @@ def push(
     evaluation: Mapping[str, Any] | None = None,
 ) -> Published:
     """Upload config, weights and a model card to `repo_id` (created when missing)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     config = read_speculator_config(directory)
-    card = directory / CARD_NAME
-    card.write_text(model_card(config, repo_id, evaluation))
+    card = model_card(config, repo_id, evaluation).encode()
+    operations = [CommitOperationAdd(name, directory / name) for name in ("config.json", WEIGHTS_NAME)]
+    operations.append(CommitOperationAdd(CARD_NAME, card))  # from memory: the directory stays as it was
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=directory,
-            allow_patterns=list(UPLOADED),
+        info = api.create_commit(
+            repo_id,
+            operations,
             revision=revision,
             commit_message=message or f"Upload {config['speculators_model_type']} speculator (SpecOps)",
         )
@@ -139,6 +139,4 @@ def push(
                 f"--repo {repo_id}: the Hub refused the upload (set HF_TOKEN to a token with write access)"
             ) from None
         raise ConnectionError(f"--repo {repo_id}: upload failed: {exc}") from None
-    return Published(
-        url=str(repo), commit=info.oid, files=sorted(n for n in UPLOADED if (directory / n).is_file())
-    )
+    return Published(url=str(repo), commit=info.oid, files=sorted(UPLOADED))
