@@ -403,7 +403,8 @@ def reconcile_training(
     if findings:
         raise Stall(findings[0].reason, "; ".join(f.message for f in findings), "VerifierCompatible")
     job = kube.get("batch/v1", "Job", meta.namespace, names.job)
-    trained = JobView.of(job).complete or is_true(prior.get("conditions") or [], "Exported")
+    exported = is_true(prior.get("conditions") or [], "Exported")
+    trained = JobView.of(job).complete or exported
     own_cache = cr.spec.model_cache is not None and cr.spec.data_gen is None
     cache = CacheNames.of(cr.kind, meta.name)
     fetch = _fetch_job(kube, cr) if own_cache else None
@@ -427,7 +428,6 @@ def reconcile_training(
             sync_kueue(kube, queued, cr.spec.suspend)
     trainer, evaluator = JobView.of(job), JobView.of(eval_job)
     # The final report once (live progress fills `step` before it, so that cannot be the marker).
-    exported = is_true(prior.get("conditions") or [], "Exported")
     read_trainer = (trainer.complete and not exported) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
     training = trainer.active > 0 and not (trainer.complete or trainer.failed or trainer.suspended)

@@ -13,18 +13,19 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from specops.train.progress import PREFIX
 from specops_operator.builders.common import CONTAINER, INDEX_ANNOTATION
 
 log = logging.getLogger(__name__)
 
 LIVE_FIELDS = {
-    "specops_train_step": "step",
-    "specops_train_total_steps": "totalSteps",
-    "specops_train_loss": "loss",
-    "specops_train_tokens_per_second": "tokensPerSecond",
-    "specops_train_eta_seconds": "etaSeconds",
+    PREFIX + "step": "step",
+    PREFIX + "total_steps": "totalSteps",
+    PREFIX + "loss": "loss",
+    PREFIX + "tokens_per_second": "tokensPerSecond",
+    PREFIX + "eta_seconds": "etaSeconds",
 }
-"""Metric -> `status.progress` field."""
+"""Metric (as the trainer names it) -> `status.progress` field."""
 READ_TIMEOUT_S = 2.0
 
 

@@ -127,9 +127,7 @@ class FakeHub:
         if parts[:2] != ["api", "models"] and "resolve" not in parts:
             self._send(request, 404, {"error": "not found"}, {}, body)  # other Hub APIs: not served
             return
-        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-            self.refused += 1
-            self._send(request, 401, {"error": "Invalid credentials"}, {"X-Error-Code": "GatedRepo"}, body)
+        if self._refused(request, body, {"X-Error-Code": "GatedRepo"}):
             return
         if parts[:2] == ["api", "models"]:
             found = self._find(parts[2:])
@@ -204,9 +202,7 @@ class FakeHub:
         if self.uploads is None:
             self._send(request, 405, {"error": "this hub takes no uploads"}, {}, True)
             return
-        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-            self.refused += 1
-            self._send(request, 401, {"error": "Invalid credentials"}, {}, True)
+        if self._refused(request, True, {}):
             return
         if parts == ["api", "validate-yaml"]:  # the client checks a README's front matter first
             self._send(request, 200, {"errors": _front_matter_errors(json.loads(data)["content"])}, {}, True)
@@ -253,6 +249,14 @@ class FakeHub:
         self.repos[repo_id] = repo = Repo(repo.directory)
         commit = {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.commit}", "commitOid": repo.commit}
         self._send(request, 200, commit, {}, True)
+
+    def _refused(self, request: BaseHTTPRequestHandler, body: bool, headers: dict[str, str]) -> bool:
+        """Answer 401 (and count it) when a token is required and the request lacks it."""
+        if self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}":
+            return False
+        self.refused += 1
+        self._send(request, 401, {"error": "Invalid credentials"}, headers, body)
+        return True
 
     @staticmethod
     def _revision_ok(repo: Repo, revision: str) -> bool:

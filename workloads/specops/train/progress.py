@@ -33,8 +33,13 @@ PER_TTT_STEP = {
     "ttt_accuracy": ("full_acc_", "teacher-forced accuracy of each TTT step"),
     "ttt_conditional_accuracy": ("cond_acc_", "accuracy of each TTT step given the earlier ones were right"),
 }
-TRAIN_KEYS = {"loss": "loss", "accept_proxy": "accept_proxy", "learning_rate": "lr", "grad_norm": "grad_norm"}
-TRAIN_KEYS["tokens_per_second"] = "tokens_per_s"
+TRAIN_KEYS = {
+    "loss": "loss",
+    "accept_proxy": "accept_proxy",
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+    "tokens_per_second": "tokens_per_s",
+}
 EVAL_KEYS = {"validation_loss": "loss", "validation_accept_proxy": "accept_proxy"}
 METRIC_NAMES = sorted(PREFIX + name for name in [*GAUGES, *PER_TTT_STEP])
 """Every metric name a trainer serves (the dashboard test checks the chart's against these)."""
