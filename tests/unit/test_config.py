@@ -30,6 +30,12 @@ def test_unknown_field_is_named() -> None:
         load_config(DataGenConfig, {**BASE, "engine": {"batchsize": 2}})
 
 
+def test_states_loss_mask_is_refused_not_ignored() -> None:
+    """The mask is always stored; the switch that changed nothing must not be accepted silently."""
+    with pytest.raises(ConfigError, match=r"states\.lossMask: Extra inputs are not permitted"):
+        load_config(DataGenConfig, {**BASE, "states": {"lossMask": False}})
+
+
 def test_bad_enum_lists_allowed_values() -> None:
     with pytest.raises(ConfigError, match=r"engine\.kind: .*'transformers' or 'vllm'"):
         load_config(DataGenConfig, {**BASE, "engine": {"kind": "onnx"}})

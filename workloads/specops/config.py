@@ -195,8 +195,6 @@ class HiddenStatesConfig(Contract):
 class StatesConfig(Contract):
     """What each example persists besides token ids."""
 
-    loss_mask: bool = True
-    """Store the assistant-only loss mask with each example (the trainer counts loss only where it is 1)."""
     hidden_states: HiddenStatesConfig = Field(default_factory=HiddenStatesConfig)
     """Which verifier layers each example stores; their count and the verifier's hidden size set the bytes per token."""
     logits: bool = False
