@@ -525,6 +525,11 @@ class TrainConfig(Contract):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Multi-rank strategy under torchrun: ddp (default) replicates the draft, fsdp shards it (for drafts
     too large for one GPU)."""
+    collective_timeout_s: Annotated[float, Field(ge=60.0, le=604_800.0)] = 1800.0
+    """Multi-rank only: how long a rank waits in a collective (gradient all-reduce, checkpoint barrier)
+    before the process group aborts the run (default 1800 s). On streams it is raised to at least
+    `data.stallTimeoutS` + 60 s, so a rank waiting for data reports the stall itself instead of its
+    peers' watchdog killing it first."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 500
     """Write a resumable checkpoint every this many optimizer steps (default 500) and at the end."""
     eval_every: Annotated[int, Field(ge=1)] = 500
@@ -560,6 +565,11 @@ class TrainConfig(Contract):
     """Step checkpoints kept under output_dir/checkpoints (older ones are deleted)."""
     allowed_roots: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
     """Local paths must resolve under one of these; empty = see RunConfig.allowed_roots."""
+
+    def process_group_timeout_s(self) -> float:
+        """`collective_timeout_s`, raised above a stream's stall timeout (see that field)."""
+        stall = self.data.stall_timeout_s if self.data.kind in ("mpqueue", "zmq") else None
+        return self.collective_timeout_s if stall is None else max(self.collective_timeout_s, stall + 60.0)
 
     @model_validator(mode="after")
     def _streams_need_max_steps(self) -> Self:

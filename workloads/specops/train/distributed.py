@@ -50,7 +50,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+def init_distributed(device: str, timeout_s: float) -> DistEnv:
     """Join the torchrun world (if any) and pick this rank's device."""
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)

@@ -91,7 +91,7 @@ class TTTModule(nn.Module):
 
 def train(cfg: TrainConfig, *, source: Source | None = None, on_log: LogHook | None = None) -> TrainResult:
     """Run (or resume) a training job in this process; under torchrun every rank calls this."""
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, timeout_s=cfg.process_group_timeout_s())
     stop = threading.Event()
     try:
         with _stop_on_sigterm(stop):
