@@ -112,6 +112,26 @@ def test_interrupted_then_resumed_run_reproduces_the_loss_curve_exactly(world: d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_crash_after_the_checkpoint_leaves_each_step_once_in_metrics(world: dict[str, Any]) -> None:
+    """A crash at step 7 (newest checkpoint: 5) with a record torn by it: the resumed run drops what
+    steps 6-7 logged and the torn line, then logs them again, so the file is the straight run's."""
+    train(config(world, "whole", max_steps=9, checkpoint_every=5))
+    expected = losses(world["root"] / "whole")
+    out = world["root"] / "crashed"
+
+    def crash_at_7(record: dict[str, Any]) -> None:
+        if record["kind"] == "train" and record["step"] == 7:
+            raise KeyboardInterrupt  # not caught by the trainer's exception handling, like a kill
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(world, out.name, max_steps=9, checkpoint_every=5), on_log=crash_at_7)
+    assert [s for s, _ in losses(out)] == list(range(1, 8))
+    with (out / "metrics.jsonl").open("a") as torn:
+        torn.write('{"kind": "train", "lo')
+    train(config(world, out.name, max_steps=9, checkpoint_every=5))
+    assert losses(out) == expected
+
+
 def test_checkpoint_is_a_speculators_directory(world: dict[str, Any]) -> None:
     out = world["root"] / "ckpt"
     trainer = Trainer(config(world, out.name, max_steps=3, keep_checkpoints=1, checkpoint_every=1), DistEnv())

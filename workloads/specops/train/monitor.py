@@ -2,7 +2,9 @@
 trackers `train.reportTo` names (specops.train.tracking).
 
 Only rank 0 reports. `metrics.jsonl` (one JSON object per logged step or evaluation, appended
-across resumes) is the machine-readable record: tests and plots read the loss curve from it.
+across resumes) is the machine-readable record: tests and plots read the loss curve from it. A
+resume first drops what the lost steps logged (records past the checkpoint's step) and a line torn
+by a crash or a full disk, so the file holds each step once and every line parses.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Monitor:
     ) -> None:
         self.enabled = enabled
         self.hook = hook
+        if enabled:
+            _keep_records_up_to(output_dir / METRICS_FILE, start_step)
         self._file = (output_dir / METRICS_FILE).open("a") if enabled else None
         self._bar: Any = None
         self._trackers: Trackers | None = None
@@ -93,3 +97,29 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite `path` without records logged after `step` (the resumed run logs them again) and
+    without lines that do not parse (a write cut short); untouched when nothing must go."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = raw.decode(errors="replace").splitlines()
+    kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
+    if len(kept) == len(lines) and (not raw or raw.endswith(b"\n")):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _step_of(line: str) -> int | None:
+    """The record's step, or None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
