@@ -165,3 +165,18 @@ def test_a_full_disk_stops_training_cleanly_and_the_rerun_resumes(
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     assert steps[-1] == 12 and (out / "final" / "model.safetensors").is_file()
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000011", "step-00000012"]
+
+
+def test_a_crash_inside_the_best_swap_is_undone_on_restart(world: dict[str, Any]) -> None:
+    """`best` is replaced by two renames; a crash between them leaves only `.tmp-old-best` (and the
+    unfinished `.tmp-best`). The next start puts the previous best back instead of losing it."""
+    cfg = config(world, "swap", max_steps=8, eval_every=4, checkpoint_every=4, data__validation_fraction=0.3)
+    result = train(cfg)
+    assert result.best is not None
+    out = result.best.parent
+    weights = (out / "best" / "model.safetensors").read_bytes()
+    (out / "best").rename(out / ".tmp-old-best")  # the first rename happened, the second did not
+    (out / ".tmp-best").mkdir()
+    Trainer(cfg, DistEnv())
+    assert (out / "best" / "model.safetensors").read_bytes() == weights
+    assert not (out / ".tmp-old-best").exists()
