@@ -175,8 +175,7 @@ def ensure(
     converge it if it exists (None if not).
     """
     meta = desired["metadata"]
-    key = (desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
-    existing = None if fresh and create else kube.get(*key)
+    existing = None if fresh and create else _read(kube, desired)
     if existing is None:
         if not create:
             return None
@@ -187,7 +186,7 @@ def ensure(
                 raise _refused(exc, "create", desired) from None
             if exc.status != 409:
                 raise
-            existing = kube.get(*key)
+            existing = _read(kube, desired)
             if existing is None:
                 raise kopf.TemporaryError(
                     f"{desired['kind']} {meta['name']} is being deleted", delay=2
@@ -203,10 +202,25 @@ def ensure(
     if not patch:
         return existing
     try:
-        return kube.patch(*key, patch)
+        return kube.patch(*_key(desired), patch)
     except ApiError as exc:
         if exc.status in REFUSED:
             raise _refused(exc, "patch", desired) from None
+        raise
+
+
+def _key(desired: Manifest) -> tuple[str, str, str, str]:
+    meta = desired["metadata"]
+    return desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"]
+
+
+def _read(kube: Kube, desired: Manifest) -> Manifest | None:
+    """The child as it exists; a read the operator's RBAC lacks (an older chart) stalls naming it."""
+    try:
+        return kube.get(*_key(desired))
+    except ApiError as exc:
+        if exc.status == 403:
+            raise _refused(exc, "get", desired) from None
         raise
 
 
@@ -278,12 +292,7 @@ def ensure_stream_keys(kube: Kube, cr: SpeculatorDataGen) -> None:
     (never re-keyed, as running pods hold the keys they mounted). Keys are never logged."""
     owner = Owner.of(cr)
     identity = stream.key_secret(owner)
-    try:
-        found = ensure(kube, identity, owner.uid, fresh=False, create=False)
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        raise _refused(exc, "get", identity) from None  # RBAC without Secrets (an older chart)
+    found = ensure(kube, identity, owner.uid, fresh=False, create=False)
     if found is None:
         ensure(kube, stream.key_secret(owner, stream_keys.generate()), owner.uid, fresh=True)
 

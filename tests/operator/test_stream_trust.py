@@ -236,6 +236,31 @@ async def test_rbac_without_secrets_stalls_forbidden_naming_the_secret(api: Api,
     assert api.children("StatefulSet") == [] and api.children("Job") == []
 
 
+async def test_rbac_without_a_childs_read_stalls_naming_it(api: Api, operator: Runner) -> None:
+    """Any child kind, not only Secrets: once the NetworkPolicy exists, refreshes read it first; a
+    chart whose RBAC lacks that read is Stalled Forbidden naming the object, not an endless retry."""
+
+    def policy_get(request: kmock.Request) -> bool:
+        return (
+            request.method == kmock.method.GET
+            and request.resource is not None
+            and request.resource.plural == "networkpolicies"
+        )
+
+    (
+        api.server[policy_get]
+        << 403
+        << {"kind": "Status", "reason": "Forbidden", "message": "networkpolicies is forbidden"}
+    )
+    await operator(interval=1)
+    await api.create(example("datagen-online.yaml"))
+    stalled = await api.until(lambda: _stalled(api, DG, ONLINE), what="Stalled")
+    assert stalled["reason"] == "Forbidden"
+    assert stalled["message"].startswith(
+        f"get NetworkPolicy ml/{ONLINE}-broker: 403 Forbidden: networkpolicies is forbidden"
+    )
+
+
 # --------------------------------------------------------------------------- allow-list
 
 ALLOW = AllowList(images=("registry.example/ml/",), service_accounts=("specops-workload",))
