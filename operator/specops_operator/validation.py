@@ -14,11 +14,12 @@ from specops.paths import PACKAGE_PREFIX
 from specops.plan import KNOWN_SHAPES, human, known_shape
 from specops_operator.api import (
     ModelCacheSpec,
+    PodSettings,
     SpeculatorDataGenSpec,
     SpeculatorTrainingSpec,
     VerifierArchitecture,
 )
-from specops_operator.builders.common import ALLOWED_ROOTS
+from specops_operator.builders.common import pod_roots
 from specops_operator.builders.training import DataSource, procs_per_node
 from specops_operator.estimate import estimate_storage, quantity_bytes, verifier_bytes
 
@@ -139,11 +140,9 @@ def check_datagen(
     return findings, arch
 
 
-def _in_pod(path: str) -> bool:
-    """Whether a workload pod may read `path`: under its volumes, or data shipped in a package."""
-    return path.startswith(PACKAGE_PREFIX) or any(
-        path == r or path.startswith(r + "/") for r in ALLOWED_ROOTS
-    )
+def _in_pod(path: str, roots: list[str]) -> bool:
+    """Whether a workload pod may read `path`: under its roots, or data shipped in a package."""
+    return path.startswith(PACKAGE_PREFIX) or any(path == r or path.startswith(r + "/") for r in roots)
 
 
 def _pod_paths(spec: SpeculatorDataGenSpec, field: str) -> list[Finding]:
@@ -152,14 +151,26 @@ def _pod_paths(spec: SpeculatorDataGenSpec, field: str) -> list[Finding]:
     named = [(f"{field}.datasets[{i}].path", d.path) for i, d in enumerate(spec.datasets) if d.kind != "hf"]
     if spec.regenerate is not None and spec.regenerate.path is not None:
         named.append((f"{field}.regenerate.path", spec.regenerate.path))
-    roots = ", ".join(ALLOWED_ROOTS)
+    return _outside_pod(named, spec.pod, field) + _verifier_path(spec.verifier, spec.pod, field)
+
+
+def _verifier_path(verifier: VerifierConfig, pod: PodSettings, field: str) -> list[Finding]:
+    """A local verifier (weights on a mounted claim) the pods could not read."""
+    if not verifier.name_or_path.startswith("/"):
+        return []  # a Hub id, or package:NAME/path
+    return _outside_pod([(f"{field}.verifier.nameOrPath", verifier.name_or_path)], pod, field)
+
+
+def _outside_pod(named: list[tuple[str, str]], pod: PodSettings, field: str) -> list[Finding]:
+    roots = pod_roots(pod)
     return [
         Finding(
             "PathNotAllowed",
-            f"{name}: {path!r} is outside the pods' volumes ({roots}); put the file there or use package:NAME/path",
+            f"{name}: {path!r} is outside the pods' volumes ({', '.join(roots)}); put the file there, mount "
+            f"it with {field}.pod.volumes and {field}.pod.volumeMounts, or use package:NAME/path",
         )
         for name, path in named
-        if not _in_pod(path)
+        if not _in_pod(path, roots)
     ]
 
 
@@ -207,4 +218,5 @@ def check_training(
         findings += inline
     findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
     findings += _cache_size(spec.model_cache, verifier, "spec")
+    findings += _verifier_path(verifier, spec.pod, "spec")
     return findings, arch

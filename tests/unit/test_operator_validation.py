@@ -14,7 +14,7 @@ from specops_operator.api import (
     VerifierArchitecture,
     load_resources,
 )
-from specops_operator.builders.datagen import DataGenNames
+from specops_operator.builders.datagen import DataGenNames, render_config
 from specops_operator.builders.training import DataSource
 from specops_operator.status import compatible_condition
 from specops_operator.validation import Finding, architecture, check_datagen, check_training
@@ -156,3 +156,38 @@ def test_local_paths_outside_the_pods_volumes_are_refused_before_any_pod(
     assert _reasons(findings) == ["PathNotAllowed"] * len(refused)
     for finding, start in zip(findings, refused, strict=True):
         assert finding.message.startswith(start) and "(/data, /output, /cache)" in finding.message
+
+
+WEIGHTS_MOUNT = {
+    "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": "llama-weights"}}],
+    "volumeMounts": [{"name": "weights", "mountPath": "/models", "readOnly": True}],
+}
+
+
+def test_a_local_verifier_outside_the_pods_volumes_is_refused_by_name() -> None:
+    """Weights on a claim the pods do not mount: refused before any GPU, for both kinds."""
+    verifier = {"nameOrPath": "/models/Llama-3.1-8B-Instruct"}
+    findings, _ = check_datagen(_datagen(verifier=verifier).spec)
+    assert _reasons(findings) == ["PathNotAllowed"]
+    assert findings[0].message.startswith(
+        "spec.verifier.nameOrPath: '/models/Llama-3.1-8B-Instruct' is outside"
+    )
+    assert "spec.pod.volumeMounts" in findings[0].message
+    cr = _cr("hass-train.yaml")
+    doc = cr.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["verifier"] = verifier
+    training = SpeculatorTraining.model_validate(doc)
+    data = _source(verifier=verifier, pod=WEIGHTS_MOUNT)
+    assert "PathNotAllowed" in _reasons(check_training(training.spec, data)[0])
+
+
+def test_paths_under_the_users_own_mounts_are_allowed_and_reach_the_workload() -> None:
+    """A claim mounted with pod.volumes is a root of the pods' workload, checked and rendered alike."""
+    spec = _datagen(
+        verifier={"nameOrPath": "/models/Llama-3.1-8B-Instruct"},
+        datasets=[{"kind": "local", "path": "/models/prompts.jsonl"}],
+        pod=WEIGHTS_MOUNT,
+    ).spec
+    assert check_datagen(spec)[0] == []
+    config = render_config(spec, DataGenNames("x", "ml"))
+    assert "/models" in config.run.allowed_roots and "/data" in config.run.allowed_roots

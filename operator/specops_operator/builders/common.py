@@ -32,6 +32,13 @@ CACHE_ROOT = "/cache"
 ALLOWED_ROOTS = [DATA_ROOT, OUTPUT_ROOT, CACHE_ROOT]
 """Local paths a workload may touch: its volumes; everything else is rejected by the CLI."""
 
+
+def pod_roots(pod: PodSettings) -> list[str]:
+    """The operator's own roots plus where the user mounted `pod.volumes` (local weights, datasets):
+    a path the user mounted is one they meant the workload to read."""
+    return [*ALLOWED_ROOTS, *(m.mount_path.rstrip("/") for m in pod.volume_mounts)]
+
+
 REPORT_WRAPPER = ["python", "-m", "specops_operator.report", "--"]
 """Runs the CLI as a child and copies its JSON report line into the termination message."""
 

@@ -65,7 +65,7 @@ def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenCo
         sync.update(kind="disk", path=common.SHARDS_DIR)
     else:
         sync.update(kind="zmq", url=names.broker_url(spec), **keys.settings)
-    roots = [*common.ALLOWED_ROOTS, *keys.roots]
+    roots = [*common.pod_roots(spec.pod), *keys.roots]
     data = {
         **workload_fields(spec),
         "sync": sync,

@@ -152,7 +152,7 @@ def render_config(spec: SpeculatorTrainingSpec, data: DataSource) -> TrainConfig
         "verifier": verifier_of(spec, data).model_dump(mode="json", exclude_none=True),
         "data": source,
         "output_dir": common.OUTPUT_ROOT,
-        "allowed_roots": [*common.ALLOWED_ROOTS, *keys.roots],
+        "allowed_roots": [*common.pod_roots(spec.pod), *keys.roots],
         "device": "auto",
         "resume": "auto",
         "metrics": {"port": METRICS_PORT},  # bound to the pod's IP by the container's args
@@ -320,7 +320,7 @@ def _eval_job(
         args += ["--gguf-file", verifier.gguf_file]
     if spec.evaluation.max_mismatch_rate is not None:
         args += ["--max-mismatch-rate", str(spec.evaluation.max_mismatch_rate)]
-    for root in common.ALLOWED_ROOTS:
+    for root in common.pod_roots(spec.pod):
         args += ["--allowed-root", root]
     parts = PodParts(
         component=EVALUATOR,
