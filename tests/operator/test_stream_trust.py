@@ -211,22 +211,24 @@ async def test_offline_data_has_no_stream_secret_or_policy(api: Api, operator: R
     assert api.children("Secret") == [] and api.children("NetworkPolicy") == []
 
 
+def _forbid_reads(api: Api, plural: str) -> None:
+    """Answer every GET of `plural` as an API server whose RBAC lacks that grant does."""
+
+    def get(request: kmock.Request) -> bool:
+        return (
+            request.method == kmock.method.GET
+            and request.resource is not None
+            and request.resource.plural == plural
+        )
+
+    api.server[get] << 403 << {"kind": "Status", "reason": "Forbidden", "message": f"{plural} is forbidden"}
+
+
 async def test_rbac_without_secrets_stalls_forbidden_naming_the_secret(api: Api, operator: Runner) -> None:
     """An operator upgraded without the chart's new grant: Stalled with the server's answer, no
     broker or generators (they could not start without their keys), not an endless retry."""
 
-    def secret_get(request: kmock.Request) -> bool:
-        return (
-            request.method == kmock.method.GET
-            and request.resource is not None
-            and request.resource.plural == "secrets"
-        )
-
-    (
-        api.server[secret_get]
-        << 403
-        << {"kind": "Status", "reason": "Forbidden", "message": "secrets is forbidden"}
-    )
+    _forbid_reads(api, "secrets")
     await operator()
     await api.create(example("datagen-online.yaml"))
     stalled = await api.until(lambda: _stalled(api, DG, ONLINE), what="Stalled")
@@ -240,18 +242,7 @@ async def test_rbac_without_a_childs_read_stalls_naming_it(api: Api, operator: R
     """Any child kind, not only Secrets: once the NetworkPolicy exists, refreshes read it first; a
     chart whose RBAC lacks that read is Stalled Forbidden naming the object, not an endless retry."""
 
-    def policy_get(request: kmock.Request) -> bool:
-        return (
-            request.method == kmock.method.GET
-            and request.resource is not None
-            and request.resource.plural == "networkpolicies"
-        )
-
-    (
-        api.server[policy_get]
-        << 403
-        << {"kind": "Status", "reason": "Forbidden", "message": "networkpolicies is forbidden"}
-    )
+    _forbid_reads(api, "networkpolicies")
     await operator(interval=1)
     await api.create(example("datagen-online.yaml"))
     stalled = await api.until(lambda: _stalled(api, DG, ONLINE), what="Stalled")
