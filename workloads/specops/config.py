@@ -765,7 +765,7 @@ class HubTarget(Contract):
     """Repository ORG/NAME, created when missing; the Hub (or `HF_ENDPOINT`) decides the URL."""
     private: bool = False
     """Create the repository private (an existing repository keeps its visibility)."""
-    revision: Annotated[str, Field(pattern=BRANCH_PATTERN)] | None = None
+    revision: Annotated[str, Field(max_length=200, pattern=BRANCH_PATTERN)] | None = None
     """Existing branch to commit to; default: main."""
 
 

@@ -95,7 +95,7 @@ def export_target(args: argparse.Namespace) -> ExportConfig:
         raise ConfigError("--endpoint-url applies to --to only")
     hub = {"repo": args.repo, "private": args.private, "revision": args.revision} if args.repo else None
     try:
-        return ExportConfig(hub=hub, uri=args.to, endpoint_url=args.endpoint_url)
+        return ExportConfig.model_validate({"hub": hub, "uri": args.to, "endpoint_url": args.endpoint_url})
     except ValidationError as exc:
         error = exc.errors()[0]
         flag, expected = FLAGS[".".join(str(p) for p in error["loc"])]
