@@ -16,6 +16,7 @@ from _models_support import build_verifier, new_draft
 from specops.publish import model_card
 from specops.testing.hub import FakeHub
 
+ROOT = Path(__file__).resolve().parents[2]
 REPORT = {"prompts": 12, "acceptance_length": 2.25, "per_position": [0.8, 0.5, 0.2], "lossless": True}
 
 
@@ -215,3 +216,41 @@ def test_push_refuses_mixed_or_bad_object_store_arguments(
         ["-m", "specops.cli", "push", str(speculator), "--allowed-root", str(speculator.parent), *args], {}
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_local_run_with_spec_export_uploads_only_a_draft_that_passed(
+    speculator: Path, s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`specops run` honours the CR's `spec.export` (credentials from the environment): the same
+    YAML a cluster runs uploads the same files, after the same evaluation gate."""
+    import boto3
+    import yaml
+
+    from specops.local_run import export_speculator, plan_local
+
+    cr = yaml.safe_load((ROOT / "examples" / "local" / "smollm2-sharegpt.yaml").read_text())
+    cr["spec"]["export"] = {
+        "uri": "s3://drafts/local-run",
+        "endpointUrl": s3,
+        "credentialsSecret": {"name": "x"},
+    }
+    (tmp_path / "cr.yaml").write_text(yaml.safe_dump(cr))
+    plan = plan_local(tmp_path / "cr.yaml", tmp_path / "out")
+    assert plan.export is not None and plan.export.uri == "s3://drafts/local-run"
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+
+    failed = {"evaluation": {"trained": REPORT}, "better_than_baseline": False, "lossless": True}
+    assert export_speculator(plan.export, speculator, failed) is None
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", **_keys())
+    assert "Contents" not in client.list_objects_v2(Bucket="drafts", Prefix="local-run/")
+
+    passed = {**failed, "better_than_baseline": True}
+    published = export_speculator(plan.export, speculator, passed)
+    assert published == {
+        "url": "s3://drafts/local-run",
+        "commit": None,
+        "files": ["README.md", "config.json", "model.safetensors"],
+    }
+    stored = client.get_object(Bucket="drafts", Key="local-run/model.safetensors")["Body"].read()
+    assert stored == (speculator / "model.safetensors").read_bytes()
