@@ -631,6 +631,10 @@ def _published(
         return Desired("Published", False, "EvaluationFailed", message)
     if not trainer.complete:
         return Desired("Published", False, "NotTrained", f"uploads to {target} once trained and evaluated")
+    if not publisher.exists:
+        return Desired(
+            "Published", False, "NotEvaluated", f"uploads to {target} once the evaluation succeeded"
+        )
     return Desired("Published", False, "Uploading", f"uploading to {target}")
 
 

@@ -66,7 +66,7 @@ async def test_the_upload_runs_after_the_evaluation_with_the_token_alone_and_set
     await api.until(lambda: _job(api, "eval"), what="evaluation Job")
     assert _job(api, "publish") is None, "uploaded before the evaluation measured the draft"
     published = _conditions(api)["Published"]
-    assert published["status"] == "False" and published["reason"] == "Uploading"
+    assert published["status"] == "False" and published["reason"] == "NotEvaluated"
     assert _conditions(api)["Complete"]["status"] == "False"
 
     evaluation = {"acceptance_length": 3.2, "per_position": [0.8, 0.6, 0.4], "lossless": True, "prompts": 80}
