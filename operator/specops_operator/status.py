@@ -638,6 +638,31 @@ def _published(
     return Desired("Published", False, "Uploading", f"uploading to {target}")
 
 
+def _trained_phase(
+    cr: SpeculatorTraining, data: DataSource, evaluator: JobView, publisher: JobView, seen: Observed
+) -> tuple[Phase, str, str]:
+    """After training: the evaluation, then (with `spec.export`) the upload, then Complete."""
+    spec = cr.spec
+    done = f"speculator exported to {FINAL_DIR}"
+    if evaluation_skipped(spec, data) is None and not evaluator.complete:
+        if evaluator.failed:  # the artifact stands; Evaluated=False says why (and it is not uploaded)
+            _, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
+            return Phase.COMPLETE, "Complete", f"{done}; evaluation failed: {message}"[:MESSAGE_LIMIT]
+        if spec.suspend:
+            return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
+        if evaluator.exists and not evaluator.suspended:
+            return started_phase(
+                "evaluation", seen.eval_job, seen, seen.eval_pods, ("Evaluating", "StartingEvaluation")
+            )
+        return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
+    if spec.export is None:
+        return Phase.COMPLETE, "Complete", done
+    uploading = _upload_phase(cr, publisher, seen)
+    if isinstance(uploading, tuple):
+        return uploading
+    return Phase.COMPLETE, "Complete", f"{done}{uploading}"[:MESSAGE_LIMIT]
+
+
 def _training_phase(
     cr: SpeculatorTraining,
     data: DataSource,
@@ -682,28 +707,7 @@ def _training_phase(
     if downloading and downloading[0] == Phase.FAILED:
         return downloading
     if trainer.complete:
-        note = ""
-        if evaluation_skipped(spec, data) is None and not evaluator.complete:
-            if not evaluator.failed:
-                if spec.suspend:
-                    return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
-                if evaluator.exists and not evaluator.suspended:
-                    return started_phase(
-                        "evaluation",
-                        seen.eval_job,
-                        seen,
-                        seen.eval_pods,
-                        ("Evaluating", "StartingEvaluation"),
-                    )
-                return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
-            # The artifact stands; Evaluated=False says why it was not evaluated (and it is not uploaded).
-            note = f"; evaluation failed: {_failure(evaluator, seen.eval_pods, 'EvaluationFailed')[1]}"
-        elif spec.export is not None:
-            uploading = _upload_phase(cr, publisher, seen)
-            if isinstance(uploading, tuple):
-                return uploading
-            note = uploading
-        return Phase.COMPLETE, "Complete", f"speculator exported to {FINAL_DIR}{note}"[:MESSAGE_LIMIT]
+        return _trained_phase(cr, data, evaluator, publisher, seen)
     if spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
     if downloading:
