@@ -254,3 +254,19 @@ def test_a_local_run_with_spec_export_uploads_only_a_draft_that_passed(
     }
     stored = client.get_object(Bucket="drafts", Key="local-run/model.safetensors")["Body"].read()
     assert stored == (speculator / "model.safetensors").read_bytes()
+
+
+def test_push_to_a_branch_that_does_not_exist_fails_with_exit_2(speculator: Path, tmp_path: Path) -> None:
+    """`--revision` (`spec.export.hub.revision`) commits to an existing branch; a missing one is
+    refused by the Hub and named, not retried as a network failure."""
+    push = ["-m", "specops.cli", "push", str(speculator), "--repo", "acme/branches"]
+    push += ["--allowed-root", str(speculator.parent)]
+    with FakeHub({}, token="t", uploads=tmp_path / "hub") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "t"}
+        missing = _run([*push, "--revision", "dev"], env)
+        assert missing.returncode == 2, missing.stderr
+        assert "--revision dev: no such branch in acme/branches (create it first)" in missing.stderr
+        assert "Traceback" not in missing.stderr and hub.commits == []
+        main = _run([*push, "--revision", "main"], env)
+        assert main.returncode == 0, main.stderr
+        assert sorted(hub.repos["acme/branches"].files) == ["README.md", "config.json", "model.safetensors"]

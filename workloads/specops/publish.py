@@ -119,7 +119,7 @@ def push(
 ) -> Published:
     """Upload config, weights and a model card to `repo_id` (created when missing)."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     config = read_speculator_config(directory)
     card = model_card(config, repo_id, evaluation).encode()
@@ -134,6 +134,8 @@ def push(
             revision=revision,
             commit_message=message or f"Upload {config['speculators_model_type']} speculator (SpecOps)",
         )
+    except RevisionNotFoundError:
+        raise ConfigError(f"--revision {revision}: no such branch in {repo_id} (create it first)") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
