@@ -40,6 +40,8 @@ from specops.config import (
     DatasetSource,
     DraftConfig,
     EngineConfig,
+    ExportConfig,
+    HubTarget,
     ProcessorConfig,
     RegenerateConfig,
     StatesConfig,
@@ -750,6 +752,42 @@ class EvaluationSpec(Contract):
     """Evaluation pod resources; default: the training pod's, with one GPU when it has GPUs."""
 
 
+class HubExportSpec(HubTarget):
+    """A Hub repository to upload to, and the Secret key holding the upload token."""
+
+    token_secret: KeySelector | None = None
+    """Secret key with a Hub token that may write to `repo`: the upload pod's HF_TOKEN (no other
+    pod gets it); default: none (a Hub that takes uploads without a token)."""
+
+
+class ExportSpec(ExportConfig, Checked):
+    """Upload the trained speculator (config, weights, a generated model card) once it is trained
+    and evaluated: to one Hub repository or one object-store prefix. The upload runs as its own pod
+    (`specops push`), the only one that gets the credentials; the output claim keeps its copy."""
+
+    hub: HubExportSpec | None = None
+    """Upload config, weights and a generated model card to this Hub repository."""
+    credentials_secret: LocalObjectReference | None = None
+    """Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional)
+    for `uri`, given to the upload pod only; default: none (the pod's own workload identity)."""
+    resources: Resources | None = None
+    """Upload pod resources; default: requests of 500m CPU and 1Gi memory."""
+
+    cel_rules = (
+        exactly_one("hub", "uri", "spec.export needs exactly one of hub or uri"),
+        Rule(
+            "!has(self.endpointUrl) || has(self.uri)",
+            "spec.export.endpointUrl needs spec.export.uri (a Hub endpoint is HF_ENDPOINT in spec.pod.env)",
+            lambda s: s.endpoint_url is None or s.uri is not None,
+        ),
+        Rule(
+            "!has(self.credentialsSecret) || has(self.uri)",
+            "spec.export.credentialsSecret needs spec.export.uri (a Hub token goes in spec.export.hub.tokenSecret)",
+            lambda s: s.credentials_secret is None or s.uri is not None,
+        ),
+    )
+
+
 class TrainerSpec(Contract):
     """How the trainer pods fail and meet as one torchrun group."""
 
@@ -784,6 +822,9 @@ class SpeculatorTrainingSpec(TrainWorkload):
     dataGen's generators share it); default: none, every pod downloads into its own scratch cache."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Whether and how the trained draft's acceptance length is measured after training."""
+    export: ExportSpec | None = None
+    """Upload the trained draft to a Hub repository or an object store after its evaluation;
+    default: it stays on the output claim only."""
     pod: PodSettings = Field(default_factory=PodSettings)
     """Image, resources and scheduling of the trainer pods."""
     verifier_architecture: VerifierArchitecture | None = None
@@ -985,6 +1026,10 @@ class Artifact(Contract):
     """Draft tokens per step it was trained for."""
     vllm_serve_command: Annotated[str, Field(max_length=4096)]
     """Serve it: mount the claim at the same path and run this."""
+    url: Annotated[str, Field(max_length=1024)] | None = None
+    """Where `spec.export` uploaded it: the Hub repository's URL or the s3:// prefix; unset until uploaded."""
+    revision: Annotated[str, Field(max_length=64)] | None = None
+    """The Hub commit the upload made (none for an object store)."""
 
 
 class TrainerRestart(Contract):

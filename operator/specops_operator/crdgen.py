@@ -247,6 +247,7 @@ KINDS = (
             Column("Verifier", ".status.verifier", description="Verifier model", priority=1),
             Column("Data", ".status.dataGen", description="SpeculatorDataGen providing data", priority=1),
             Column("Artifact", ".status.artifact.path", description="Exported speculator", priority=1),
+            Column("URL", ".status.artifact.url", description="Where spec.export uploaded it", priority=1),
             Column("Restarts", ".status.trainer.restarts", "integer", "Trainer group restarts", priority=1),
             _MESSAGE,
         ),

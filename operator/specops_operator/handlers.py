@@ -50,6 +50,7 @@ from specops_operator.builders.drift import (
     workload_patch,
 )
 from specops_operator.builders.modelcache import FETCHER, CacheNames
+from specops_operator.builders.publish import PUBLISHER
 from specops_operator.builders.training import (
     EVALUATOR,
     TRAINER,
@@ -398,6 +399,14 @@ def _data_source(cr: SpeculatorTraining, kube: Kube) -> DataSource:
     return DataSource.of(obj)
 
 
+def _evaluated(kube: Kube, names: TrainingNames, prior: Manifest) -> bool:
+    """The evaluation succeeded (the upload waits for it so the model card carries its figures):
+    recorded in status, or its Job says so now."""
+    if is_true(prior.get("conditions") or [], "Evaluated"):
+        return True
+    return JobView.of(kube.get("batch/v1", "Job", names.namespace, names.eval_job)).complete
+
+
 def reconcile_training(
     cr: SpeculatorTraining, prior: Manifest, ctx: Context, now: str
 ) -> tuple[Manifest, Manifest | None]:
@@ -423,7 +432,13 @@ def reconcile_training(
     group = restarts.decide(prior.get("trainer") or {}, job, failed_pods, cr.spec.trainer.max_restarts)
     try:
         children = build_training(
-            cr, ctx.defaults, data, trained=trained, fetched=_fetched(fetch, prior), attempt=group.attempt
+            cr,
+            ctx.defaults,
+            data,
+            trained=trained,
+            fetched=_fetched(fetch, prior),
+            attempt=group.attempt,
+            evaluated=trained and cr.spec.export is not None and _evaluated(kube, names, prior),
         )
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
@@ -431,11 +446,12 @@ def reconcile_training(
     if job is None or trained:  # else keep the read `trained` was decided on: status agrees with it
         job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
+    publish_job = existing.get(("Job", names.publish_job))
     fetch = existing.get(("Job", cache.job), fetch)
     if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
-        for queued in (fetch, job, eval_job):
+        for queued in (fetch, job, eval_job, publish_job):
             sync_kueue(kube, queued, cr.spec.suspend)
-    trainer, evaluator = JobView.of(job), JobView.of(eval_job)
+    trainer, evaluator, publisher = JobView.of(job), JobView.of(eval_job), JobView.of(publish_job)
     # The final report once (live progress fills `step` before it, so that cannot be the marker).
     read_trainer = (trainer.complete and not exported) or trainer.failed
     read_eval = (evaluator.complete and not prior.get("evaluation")) or evaluator.failed
@@ -452,13 +468,22 @@ def reconcile_training(
         if read_eval or evaluator.unsure
         else ()
     )
+    read_upload = (publisher.complete and not (prior.get("artifact") or {}).get("url")) or publisher.failed
+    publish_pods = (
+        pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, PUBLISHER)
+        if read_upload or publisher.unsure
+        else ()
+    )
     output = existing.get(("PersistentVolumeClaim", names.claim))
-    stuck = [j for j, v, p in ((job, trainer, pods), (eval_job, evaluator, eval_pods)) if looks_stuck(v, p)]
+    stages = ((job, trainer, pods), (eval_job, evaluator, eval_pods), (publish_job, publisher, publish_pods))
+    stuck = [j for j, v, p in stages if looks_stuck(v, p)]
     seen = Observed(
         job=job,
         pods=pods,
         eval_job=eval_job,
         eval_pods=eval_pods,
+        publish_job=publish_job,
+        publish_pods=publish_pods,
         claim=output,
         events=events_about(kube, meta.namespace, *stuck, output) if stuck else (),
         fetch=observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior)

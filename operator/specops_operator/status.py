@@ -19,6 +19,7 @@ from specops_operator.api import SpeculatorDataGen, SpeculatorTraining
 from specops_operator.builders import common
 from specops_operator.builders.datagen import GENERATOR, DataGenNames
 from specops_operator.builders.modelcache import FETCHER, CacheNames
+from specops_operator.builders.publish import PUBLISHER
 from specops_operator.builders.training import (
     EVALUATOR,
     FINAL_DIR,
@@ -362,6 +363,9 @@ class Observed:
     """Pods of the generator or trainer (read when reports are due or some may not run)."""
     eval_job: Obj | None = None
     eval_pods: tuple[Obj, ...] = ()
+    publish_job: Obj | None = None
+    """The `spec.export` upload Job."""
+    publish_pods: tuple[Obj, ...] = ()
     claim: Obj | None = None
     """The PVC the running stage writes (data or output)."""
     events: tuple[Obj, ...] = ()
@@ -582,6 +586,83 @@ def _training_cached(cr: SpeculatorTraining, data: DataSource, seen: Observed, p
     )
 
 
+def export_target(cr: SpeculatorTraining) -> str:
+    """The Hub repository or object-store prefix `spec.export` names, for messages."""
+    export = cr.spec.export
+    assert export is not None
+    return export.hub.repo if export.hub is not None else str(export.uri)
+
+
+def _upload_phase(cr: SpeculatorTraining, publisher: JobView, seen: Observed) -> tuple[Phase, str, str] | str:
+    """While the upload runs, its phase; once it ended, the note the Complete message carries
+    (a failed upload leaves the run Complete: the artifact stands on the claim, Published says why)."""
+    if publisher.complete:
+        return f"; uploaded to {export_target(cr)}"
+    if publisher.failed:
+        return f"; upload failed: {_failure(publisher, seen.publish_pods, 'UploadFailed')[1]}"
+    if cr.spec.suspend:
+        return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
+    if publisher.exists and not publisher.suspended:
+        return started_phase(
+            "upload", seen.publish_job, seen, seen.publish_pods, ("Uploading", "StartingUpload")
+        )
+    return Phase.PENDING, "StartingUpload", f"waiting for the upload Job ({export_target(cr)})"
+
+
+def _published(
+    cr: SpeculatorTraining,
+    trainer: JobView,
+    evaluator: JobView,
+    publisher: JobView,
+    seen: Observed,
+    artifact_url: str | None,
+) -> Desired:
+    """Published (only with `spec.export`): Uploaded with the URL, UploadFailed with the pod's error
+    line, EvaluationFailed (a draft whose evaluation failed is not uploaded), or not yet."""
+    target = export_target(cr)
+    if publisher.complete:
+        return Desired("Published", True, "Uploaded", f"uploaded to {artifact_url or target}")
+    if publisher.failed:
+        return Desired(
+            "Published", False, "UploadFailed", _failure(publisher, seen.publish_pods, "UploadFailed")[1]
+        )
+    if evaluator.failed and not evaluator.complete:
+        message = f"not uploaded to {target}: the evaluation failed (check the draft, then `specops push` it)"
+        return Desired("Published", False, "EvaluationFailed", message)
+    if not trainer.complete:
+        return Desired("Published", False, "NotTrained", f"uploads to {target} once trained and evaluated")
+    if not publisher.exists:
+        return Desired(
+            "Published", False, "NotEvaluated", f"uploads to {target} once the evaluation succeeded"
+        )
+    return Desired("Published", False, "Uploading", f"uploading to {target}")
+
+
+def _trained_phase(
+    cr: SpeculatorTraining, data: DataSource, evaluator: JobView, publisher: JobView, seen: Observed
+) -> tuple[Phase, str, str]:
+    """After training: the evaluation, then (with `spec.export`) the upload, then Complete."""
+    spec = cr.spec
+    done = f"speculator exported to {FINAL_DIR}"
+    if evaluation_skipped(spec, data) is None and not evaluator.complete:
+        if evaluator.failed:  # the artifact stands; Evaluated=False says why (and it is not uploaded)
+            _, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
+            return Phase.COMPLETE, "Complete", f"{done}; evaluation failed: {message}"[:MESSAGE_LIMIT]
+        if spec.suspend:
+            return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
+        if evaluator.exists and not evaluator.suspended:
+            return started_phase(
+                "evaluation", seen.eval_job, seen, seen.eval_pods, ("Evaluating", "StartingEvaluation")
+            )
+        return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
+    if spec.export is None:
+        return Phase.COMPLETE, "Complete", done
+    uploading = _upload_phase(cr, publisher, seen)
+    if isinstance(uploading, tuple):
+        return uploading
+    return Phase.COMPLETE, "Complete", f"{done}{uploading}"[:MESSAGE_LIMIT]
+
+
 def _training_phase(
     cr: SpeculatorTraining,
     data: DataSource,
@@ -589,6 +670,7 @@ def _training_phase(
     evaluator: JobView,
     seen: Observed,
     cached: Desired | None,
+    publisher: JobView = JobView(),
 ) -> tuple[Phase, str, str]:
     spec = cr.spec
     group = seen.group
@@ -625,22 +707,7 @@ def _training_phase(
     if downloading and downloading[0] == Phase.FAILED:
         return downloading
     if trainer.complete:
-        if evaluation_skipped(spec, data) is not None or evaluator.complete:
-            return Phase.COMPLETE, "Complete", f"speculator exported to {FINAL_DIR}"
-        if evaluator.failed:  # the artifact stands; Evaluated=False says why it was not evaluated
-            _, message = _failure(evaluator, seen.eval_pods, "EvaluationFailed")
-            return (
-                Phase.COMPLETE,
-                "Complete",
-                f"speculator exported to {FINAL_DIR}; evaluation failed: {message}",
-            )
-        if spec.suspend:
-            return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
-        if evaluator.exists and not evaluator.suspended:
-            return started_phase(
-                "evaluation", seen.eval_job, seen, seen.eval_pods, ("Evaluating", "StartingEvaluation")
-            )
-        return Phase.PENDING, "StartingEvaluation", "waiting for the evaluation Job"
+        return _trained_phase(cr, data, evaluator, publisher, seen)
     if spec.suspend:
         return Phase.SUSPENDED, "Suspended", "spec.suspend is true"
     if downloading:
@@ -711,8 +778,11 @@ def training_status(
         trainer = JobView(exists=True, complete=True)
     if EVALUATOR in finished and not evaluator.complete:
         evaluator = JobView(exists=True, complete=True)
+    publisher = JobView.of(seen.publish_job)
+    if PUBLISHER in finished and not publisher.complete:
+        publisher = JobView(exists=True, complete=True)
     cached = _training_cached(cr, data, seen, prior)
-    phase, reason, message = _training_phase(cr, data, trainer, evaluator, seen, cached)
+    phase, reason, message = _training_phase(cr, data, trainer, evaluator, seen, cached, publisher)
     result = _evaluation_result(seen) or prior.get("evaluation")
     desired = lifecycle(phase, reason, message)
     if cached is not None:
@@ -726,6 +796,9 @@ def training_status(
         )
     )
     desired.append(_evaluated(cr, data, evaluator, result, seen))
+    uploaded = _uploaded(seen, prior) if publisher.complete else {}
+    if cr.spec.export is not None:
+        desired.append(_published(cr, trainer, evaluator, publisher, seen, uploaded.get("url")))
     if compatible is not None:
         desired.append(compatible)
     report = latest_report(seen.pods) or {}
@@ -752,8 +825,18 @@ def training_status(
     if result is not None:
         out["evaluation"] = result
     if trainer.complete:
-        out["artifact"] = artifact(cr, data)
+        out["artifact"] = {**artifact(cr, data), **uploaded}
     return out
+
+
+def _uploaded(seen: Observed, prior: Obj) -> Obj:
+    """`url` and `revision` of the upload: from its pod's report, else as status recorded them."""
+    report = latest_report(seen.publish_pods) or {}
+    if report.get("url"):
+        out = {"url": str(report["url"])[:1024]}
+        return out | ({"revision": str(report["commit"])[:64]} if report.get("commit") else {})
+    before = prior.get("artifact") or {}
+    return {k: before[k] for k in ("url", "revision") if before.get(k)}
 
 
 def _live_progress(live: dict[str, float], now: str) -> Obj:
@@ -794,7 +877,7 @@ def finished_components(status: Obj) -> frozenset[str]:
     their `ttlSecondsAfterFinished` only now, so the TTL controller cannot delete a finished Job
     (and its pods' reports) before the status has seen it finish."""
     if is_terminal(status):
-        return frozenset({FETCHER, GENERATOR, DATA, TRAINER, EVALUATOR})
+        return frozenset({FETCHER, GENERATOR, DATA, TRAINER, EVALUATOR, PUBLISHER})
     conditions = status.get("conditions") or []
     done = {GENERATOR} if is_true(conditions, "ShardsComplete") else set()
     if is_true(conditions, CACHED):
@@ -803,6 +886,8 @@ def finished_components(status: Obj) -> frozenset[str]:
         done |= {DATA, TRAINER}  # the inline data was consumed: a lost child is not generated again
     if is_true(conditions, "Evaluated"):
         done.add(EVALUATOR)
+    if is_true(conditions, "Published"):
+        done.add(PUBLISHER)
     return frozenset(done)
 
 

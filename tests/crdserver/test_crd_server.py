@@ -287,6 +287,7 @@ ADDED: dict[str, Any] = {
     "procsPerNode": 1,
     "runName": "qwen3-hass",
     "modelCache": {"existingClaim": "models"},
+    "export": {"hub": {"repo": "acme/draft"}},
 }
 
 

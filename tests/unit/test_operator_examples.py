@@ -190,6 +190,24 @@ CROSS_FIELD = [
         _set("spec.pod.envFrom", [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]),
         "envFrom needs exactly one of secretRef or configMapRef",
     ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.export", {"hub": {"repo": "acme/d"}, "uri": "s3://drafts/d"}),
+        "spec.export needs exactly one of hub or uri",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.export", {"hub": {"repo": "acme/d"}, "endpointUrl": "http://minio:9000"}),
+        "spec.export.endpointUrl needs spec.export.uri",
+    ),
+    (
+        "eagle3-train.yaml",
+        0,
+        _set("spec.export", {"hub": {"repo": "acme/d"}, "credentialsSecret": {"name": "s3"}}),
+        "spec.export.credentialsSecret needs spec.export.uri",
+    ),
     # Paths that climb out (`..`) failed only inside the pod; absolute ones outside the pods'
     # volumes are the operator's PathNotAllowed (test_operator_validation), as local runs take them.
     (

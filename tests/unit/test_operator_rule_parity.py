@@ -134,7 +134,7 @@ def _outside(node: Node) -> Iterator[tuple[str, Any]]:
             yield "minLength", ""
 
 
-SAMPLE_STRINGS = ("a", "a-b", "/a", "A", "1", "a=b")
+SAMPLE_STRINGS = ("a", "a-b", "/a", "A", "1", "a=b", "a/b", "s3://bkt/a", "http://h")
 
 
 def _sample(node: Node) -> Any:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from _models_support import build_verifier, new_draft
 from specops.publish import model_card
 from specops.testing.hub import FakeHub
 
+ROOT = Path(__file__).resolve().parents[2]
 REPORT = {"prompts": 12, "acceptance_length": 2.25, "per_position": [0.8, 0.5, 0.2], "lossless": True}
 
 
@@ -118,3 +120,153 @@ def test_the_card_without_an_evaluation_has_no_acceptance_section() -> None:
     }
     card = model_card(config, "acme/d")
     assert "## Acceptance" not in card and 'base_model: "org/v"' in card and "## Serve" in card
+
+
+# --------------------------------------------------------------------------- object store
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """A local S3 server (moto in server mode) with the bucket `drafts`; its endpoint URL."""
+    boto3 = pytest.importorskip("boto3", reason="the test extra's moto[server] (with boto3) is not installed")
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", **_keys())
+    client.create_bucket(Bucket="drafts")
+    yield url
+    server.stop()
+
+
+def _keys() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def test_push_to_an_object_store_uploads_the_speculator_and_its_card(speculator: Path, s3: str) -> None:
+    import boto3
+
+    push = ["-m", "specops.cli", "push", str(speculator), "--to", "s3://drafts/llama/eagle3/"]
+    push += ["--endpoint-url", s3, "--eval-report", str(speculator.parent / "eval.json")]
+    result = _run([*push, "--allowed-root", str(speculator.parent)], S3_ENV)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line == {
+        "url": "s3://drafts/llama/eagle3",
+        "commit": None,
+        "files": ["README.md", "config.json", "model.safetensors"],
+    }
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", **_keys())
+    listed = client.list_objects_v2(Bucket="drafts", Prefix="llama/eagle3/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == [
+        "llama/eagle3/README.md",
+        "llama/eagle3/config.json",
+        "llama/eagle3/model.safetensors",
+    ], "exactly these: no optimizer.pt"
+    for name in ("config.json", "model.safetensors"):
+        stored = client.get_object(Bucket="drafts", Key=f"llama/eagle3/{name}")["Body"].read()
+        assert stored == (speculator / name).read_bytes()
+    card = client.get_object(Bucket="drafts", Key="llama/eagle3/README.md")["Body"].read().decode()
+    assert "acceptance length **2.250**" in card and "s3://drafts/llama/eagle3" in card
+    assert not (speculator / "README.md").exists()
+
+
+def test_push_to_a_missing_bucket_fails_with_one_line_and_exit_2(speculator: Path, s3: str) -> None:
+    push = [
+        "-m",
+        "specops.cli",
+        "push",
+        str(speculator),
+        "--to",
+        "s3://no-such-bucket/x",
+        "--endpoint-url",
+        s3,
+    ]
+    result = _run([*push, "--allowed-root", str(speculator.parent)], S3_ENV)
+    assert result.returncode == 2, result.stderr
+    assert "--to s3://no-such-bucket/x: no such bucket" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--to", "gs://bucket/x"],
+            "--to: 'gs://bucket/x' is not an object-store prefix (s3://BUCKET/PREFIX)",
+        ),
+        (["--to", "s3://b-1/x", "--private"], "--revision, --private and --message apply to --repo only"),
+        (["--repo", "acme/x", "--endpoint-url", "http://h"], "--endpoint-url applies to --to only"),
+        (
+            ["--to", "s3://b-1/x", "--endpoint-url", "ftp://h"],
+            "--endpoint-url: 'ftp://h' is not an http(s) URL",
+        ),
+    ],
+)
+def test_push_refuses_mixed_or_bad_object_store_arguments(
+    speculator: Path, args: list[str], message: str
+) -> None:
+    result = _run(
+        ["-m", "specops.cli", "push", str(speculator), "--allowed-root", str(speculator.parent), *args], {}
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_local_run_with_spec_export_uploads_only_a_draft_that_passed(
+    speculator: Path, s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`specops run` honours the CR's `spec.export` (credentials from the environment): the same
+    YAML a cluster runs uploads the same files, after the same evaluation gate."""
+    import boto3
+    import yaml
+
+    from specops.local_run import export_speculator, plan_local
+
+    cr = yaml.safe_load((ROOT / "examples" / "local" / "smollm2-sharegpt.yaml").read_text())
+    cr["spec"]["export"] = {
+        "uri": "s3://drafts/local-run",
+        "endpointUrl": s3,
+        "credentialsSecret": {"name": "x"},
+    }
+    (tmp_path / "cr.yaml").write_text(yaml.safe_dump(cr))
+    plan = plan_local(tmp_path / "cr.yaml", tmp_path / "out")
+    assert plan.export is not None and plan.export.uri == "s3://drafts/local-run"
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+
+    failed = {"evaluation": {"trained": REPORT}, "better_than_baseline": False, "lossless": True}
+    assert export_speculator(plan.export, speculator, failed) is None
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", **_keys())
+    assert "Contents" not in client.list_objects_v2(Bucket="drafts", Prefix="local-run/")
+
+    passed = {**failed, "better_than_baseline": True}
+    published = export_speculator(plan.export, speculator, passed)
+    assert published == {
+        "url": "s3://drafts/local-run",
+        "commit": None,
+        "files": ["README.md", "config.json", "model.safetensors"],
+    }
+    stored = client.get_object(Bucket="drafts", Key="local-run/model.safetensors")["Body"].read()
+    assert stored == (speculator / "model.safetensors").read_bytes()
+
+
+def test_push_to_a_branch_that_does_not_exist_fails_with_exit_2(speculator: Path, tmp_path: Path) -> None:
+    """`--revision` (`spec.export.hub.revision`) commits to an existing branch; a missing one is
+    refused by the Hub and named, not retried as a network failure."""
+    push = ["-m", "specops.cli", "push", str(speculator), "--repo", "acme/branches"]
+    push += ["--allowed-root", str(speculator.parent)]
+    with FakeHub({}, token="t", uploads=tmp_path / "hub") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "t"}
+        missing = _run([*push, "--revision", "dev"], env)
+        assert missing.returncode == 2, missing.stderr
+        assert "--revision dev: no such branch in acme/branches (create it first)" in missing.stderr
+        assert "Traceback" not in missing.stderr and hub.commits == []
+        main = _run([*push, "--revision", "main"], env)
+        assert main.returncode == 0, main.stderr
+        assert sorted(hub.repos["acme/branches"].files) == ["README.md", "config.json", "model.safetensors"]

@@ -754,3 +754,37 @@ def _snake_keys(
     if isinstance(data, list):
         return [_snake_keys(v, label, spelled, (*path, i)) for i, v in enumerate(data)]
     return data
+
+
+# --------------------------------------------------------------------------- export targets
+
+HUB_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""A Hub model repository to push to: ORG/NAME."""
+OBJECT_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
+"""An object-store prefix: s3://BUCKET[/PREFIX] (S3 bucket naming; any S3-compatible store)."""
+BRANCH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+
+
+class HubTarget(Contract):
+    """A Hugging Face Hub model repository the trained speculator is uploaded to."""
+
+    repo: Annotated[str, Field(max_length=200, pattern=HUB_REPO_PATTERN)]
+    """Repository ORG/NAME, created when missing; the Hub (or `HF_ENDPOINT`) decides the URL."""
+    private: bool = False
+    """Create the repository private (an existing repository keeps its visibility)."""
+    revision: Annotated[str, Field(max_length=200, pattern=BRANCH_PATTERN)] | None = None
+    """Existing branch to commit to; default: main."""
+
+
+class ExportConfig(Contract):
+    """Where a trained speculator goes besides its output directory: one Hub repository or one
+    object-store prefix. Credentials never appear here: HF_TOKEN, or the AWS_* variables."""
+
+    hub: HubTarget | None = None
+    """Upload config, weights and a generated model card to this Hub repository."""
+    uri: Annotated[str, Field(max_length=1024, pattern=OBJECT_URI_PATTERN)] | None = None
+    """Upload the same files under this object-store prefix instead, e.g. s3://bucket/drafts/llama."""
+    endpoint_url: Annotated[str, Field(max_length=512, pattern=ENDPOINT_PATTERN)] | None = None
+    """S3-compatible endpoint for `uri` (MinIO, on-premises stores); default: AWS S3 or
+    `AWS_ENDPOINT_URL`."""

@@ -5,8 +5,9 @@ TrainConfig the pods would read (`specops_operator.builders` render functions); 
 to an output directory here. Stages: generate (DiskStore under `data/`) -> train (in process, or
 torchrun for several ranks) -> evaluate the trained draft and an untrained one on the conversations
 the training's split held out (`specops.data.split`: the same split its validation used) ->
-report (`report.json`, `report.png`, the `vllm serve` command). Every stage resumes: a rerun skips
-stored examples and continues from the newest checkpoint.
+report (`report.json`, `report.png`, the `vllm serve` command) -> with `spec.export`, the upload
+(`specops.publish`, credentials from this environment: HF_TOKEN, AWS_*). Every stage resumes: a
+rerun skips stored examples and continues from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specops.config import ConfigError, DataGenConfig, EngineConfig, TrainConfig, dump_config
+from specops.config import ConfigError, DataGenConfig, EngineConfig, ExportConfig, TrainConfig, dump_config
 from specops.serving import vllm_serve_command, vllm_serve_short
 from specops.verifier import resolve_verifier, verifier_reference
 
@@ -46,6 +47,8 @@ class LocalPlan:
     max_prompts: int
     max_new_tokens: int
     online: bool
+    export: ExportConfig | None = None
+    """Where to upload the trained draft (the CR's `spec.export`); None: nowhere."""
 
 
 def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None) -> LocalPlan:
@@ -123,6 +126,7 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
         max_prompts=spec.evaluation.max_prompts,
         max_new_tokens=spec.evaluation.max_new_tokens,
         online=datagen_spec.mode == "online",
+        export=spec.export,
     )
 
 
@@ -175,7 +179,33 @@ def run_local(plan: LocalPlan) -> dict[str, Any]:
         evaluation = _evaluate(plan, Path(speculator))
     report = _report(plan, generation, training, evaluation, Path(speculator), time.perf_counter() - started)
     _write_report(plan.out_dir, report)
+    if plan.export is not None:
+        published = export_speculator(plan.export, Path(speculator), report)
+        if published is not None:
+            report["published"] = published
+            _write_report(plan.out_dir, report)
     return report
+
+
+def export_speculator(
+    target: ExportConfig, speculator: Path, report: dict[str, Any]
+) -> dict[str, Any] | None:
+    """`spec.export` of a local run: the upload the operator's upload pod makes, after the same
+    evaluation gate (a draft that is not lossless, or not better than an untrained one, stays
+    here). The CR's Secret references are for clusters; here HF_TOKEN and AWS_* come from the
+    environment."""
+    from dataclasses import asdict
+
+    from specops.publish import publish
+
+    if report.get("evaluation") and not (report["better_than_baseline"] and report["lossless"]):
+        log.warning("not uploaded: the trained draft did not pass its evaluation (see report.json)")
+        return None
+    where = target.hub.repo if target.hub is not None else target.uri
+    _banner(f"uploading {speculator} to {where} (credentials from this environment)")
+    published = asdict(publish(speculator, target, (report.get("evaluation") or {}).get("trained")))
+    log.info("uploaded to %s", published["url"])
+    return published
 
 
 def _banner(text: str) -> None:

@@ -1,9 +1,11 @@
-"""Publishing a trained speculator: a model card, and an upload to the Hugging Face Hub.
+"""Publishing a trained speculator: a model card, and an upload to the Hugging Face Hub or an
+object store.
 
-The upload is `huggingface_hub`'s own (`create_repo` + `create_commit`), so `HF_TOKEN` and
-`HF_ENDPOINT` apply as for downloads. Only what vLLM and `SpeculatorModel.from_pretrained` read
-goes up (config.json, model.safetensors) plus the generated README.md: never optimizer state or
-anything pickled.
+The Hub upload is `huggingface_hub`'s own (`create_repo` + `create_commit`), so `HF_TOKEN` and
+`HF_ENDPOINT` apply as for downloads. The object-store upload goes through `fsspec` (`s3fs`), so
+the AWS_* variables (or the pod's workload identity) apply. Only what vLLM and
+`SpeculatorModel.from_pretrained` read goes up (config.json, model.safetensors) plus the generated
+README.md: never optimizer state or anything pickled.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specops.config import ConfigError
+from specops.config import HUB_REPO_PATTERN, ConfigError, ExportConfig
 from specops.models.config import WEIGHTS_NAME
 from specops.serving import vllm_serve_command
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-"""A Hub model repository to push to: ORG/NAME."""
+REPO_ID = re.compile(HUB_REPO_PATTERN)
 CARD_NAME = "README.md"
 UPLOADED = ("config.json", WEIGHTS_NAME, CARD_NAME)
 
@@ -31,7 +32,8 @@ class Published:
     """Where a push landed (the JSON line `specops push` prints)."""
 
     url: str
-    commit: str
+    commit: str | None
+    """The Hub commit; None for an object store (its objects have no common revision)."""
     files: list[str]
 
 
@@ -117,7 +119,7 @@ def push(
 ) -> Published:
     """Upload config, weights and a model card to `repo_id` (created when missing)."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     config = read_speculator_config(directory)
     card = model_card(config, repo_id, evaluation).encode()
@@ -132,6 +134,8 @@ def push(
             revision=revision,
             commit_message=message or f"Upload {config['speculators_model_type']} speculator (SpecOps)",
         )
+    except RevisionNotFoundError:
+        raise ConfigError(f"--revision {revision}: no such branch in {repo_id} (create it first)") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
@@ -140,3 +144,52 @@ def push(
             ) from None
         raise ConnectionError(f"--repo {repo_id}: upload failed: {exc}") from None
     return Published(url=str(repo), commit=info.oid, files=sorted(UPLOADED))
+
+
+def push_to_store(
+    directory: Path,
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+) -> Published:
+    """Upload config, weights and a model card under the object-store prefix `uri` (the bucket
+    must exist). Weights go first and the card last, so a reader that finds config.json finds the
+    weights too; each object's size is read back before the push counts as done."""
+    import fsspec
+
+    config = read_speculator_config(directory)
+    card = model_card(config, uri, evaluation).encode()
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    root = root.rstrip("/")
+    sizes = {name: (directory / name).stat().st_size for name in (WEIGHTS_NAME, "config.json")}
+    sizes[CARD_NAME] = len(card)
+    try:
+        for name in (WEIGHTS_NAME, "config.json"):
+            fs.put_file(str(directory / name), f"{root}/{name}")
+        fs.pipe_file(f"{root}/{CARD_NAME}", card)
+        fs.invalidate_cache()
+        stored = {name: int(fs.info(f"{root}/{name}")["size"]) for name in sizes}
+    except PermissionError as exc:
+        raise ConfigError(
+            f"--to {uri}: the object store refused the upload ({exc}; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY to credentials that may write there)"
+        ) from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--to {uri}: no such bucket ({exc}); create it first") from None
+    except OSError as exc:
+        raise ConnectionError(f"--to {uri}: upload failed: {exc}") from None
+    if stored != sizes:
+        raise ConnectionError(f"--to {uri}: stored sizes {stored} differ from the files' {sizes}")
+    return Published(url=uri.rstrip("/"), commit=None, files=sorted(UPLOADED))
+
+
+def publish(directory: Path, target: ExportConfig, evaluation: Mapping[str, Any] | None = None) -> Published:
+    """Upload to the target an `export` section names (its Hub repository or its object-store prefix)."""
+    if target.hub is not None:
+        hub = target.hub
+        return push(directory, hub.repo, revision=hub.revision, private=hub.private, evaluation=evaluation)
+    if target.uri is None:
+        raise ConfigError("export: set hub or uri")
+    return push_to_store(directory, target.uri, endpoint_url=target.endpoint_url, evaluation=evaluation)

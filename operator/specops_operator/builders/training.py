@@ -3,7 +3,9 @@
 Always: ConfigMap (rendered TrainConfig), output PVC, headless Service (torchrun rendezvous DNS),
 and the child SpeculatorDataGen when the data generation is inline. Once the data is ready
 (offline: ShardsComplete; online: StreamConnected): the trainer Indexed Job of the current
-attempt. Once it completed: the evaluation Job. With `modelCache`: its claim and download Job (the
+attempt. Once it completed: the evaluation Job. With `export`: the upload Job, once the
+evaluation succeeded (or right after training when there is none; after a failed evaluation,
+nothing is uploaded). With `modelCache`: its claim and download Job (the
 inline child DataGen's, when the data generation is inline), and the trainer Job only once the
 download succeeded.
 
@@ -29,7 +31,7 @@ from specops_operator.api import (
     SpeculatorTrainingSpec,
     VerifierConfig,
 )
-from specops_operator.builders import common, stream
+from specops_operator.builders import common, publish, stream
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
 from specops_operator.builders.datagen import DataGenNames
 from specops_operator.builders.modelcache import CacheNames, ModelCache, build_cache, reader_parts
@@ -71,6 +73,10 @@ class TrainingNames:
     @property
     def eval_job(self) -> str:
         return f"{self.name}-eval"
+
+    @property
+    def publish_job(self) -> str:
+        return f"{self.name}-publish"
 
     @property
     def datagen(self) -> str:
@@ -412,10 +418,11 @@ def build_training(
     trained: bool,
     fetched: bool = False,
     attempt: int | None = 0,
+    evaluated: bool = False,
 ) -> list[Manifest]:
     """The children this training needs now, in creation order. `fetched`: its own model cache
     download succeeded; `attempt`: the trainer group to run (`status.trainer.restarts`), None while
-    the failed one is being torn down."""
+    the failed one is being torn down; `evaluated`: the evaluation Job succeeded."""
     owner = Owner.of(cr)
     names = TrainingNames(owner.name, owner.namespace)
     spec = cr.spec
@@ -435,6 +442,23 @@ def build_training(
     cache = model_cache(cr, data, fetched=fetched)
     if data.ready and (cache is None or cache.ready) and attempt is not None:
         children.append(_trainer_job(cr, owner, names, data, defaults, cache, attempt))
-    if trained and evaluation_skipped(spec, data) is None:
+    skipped = evaluation_skipped(spec, data) is not None
+    if trained and not skipped:
         children.append(_eval_job(cr, owner, names, data, defaults, cache))
+    if spec.export is not None and trained and (skipped or evaluated):
+        children.append(
+            publish.publish_job(
+                owner,
+                names.publish_job,
+                names.claim_for(spec),
+                spec.export,
+                spec.pod,
+                defaults,
+                speculator=FINAL_DIR,
+                evaluation=None if skipped else EVALUATION_FILE,
+                suspend=spec.suspend,
+                deadline=spec.active_deadline_seconds,
+                ttl=spec.ttl_seconds_after_finished,
+            )
+        )
     return children

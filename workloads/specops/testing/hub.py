@@ -211,7 +211,8 @@ class FakeHub:
             body = json.loads(data)
             repo_id = "/".join(filter(None, (body.get("organization"), body["name"])))
             if repo_id in self.repos:
-                self._send(request, 409, {"error": "You already created this model repo"}, {}, True)
+                answer = {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+                self._send(request, 409, answer, {}, True)  # the Hub's 409 names the repository too
                 return
             directory = self.uploads / repo_id
             directory.mkdir(parents=True)
@@ -231,6 +232,10 @@ class FakeHub:
                 for f in json.loads(data)["files"]
             ]
             self._send(request, 200, {"files": files}, {}, True)
+            return
+        if rest[1] != "main":  # one branch per repository here; the Hub refuses a missing one so
+            headers = {"X-Error-Code": "RevisionNotFound"}
+            self._send(request, 404, {"error": f"Invalid rev id: {rest[1]}"}, headers, True)
             return
         for line in data.decode().splitlines():
             entry = json.loads(line)
