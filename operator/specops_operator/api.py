@@ -604,9 +604,9 @@ else:
     DataGenWorkload = derive(
         DataGenConfig,
         "DataGenWorkload",
-        {"sync", "run"},
+        {"sync", "run", "metrics"},
         Checked,
-        "DataGenConfig minus sync and run, which the operator sets per pod.",
+        "DataGenConfig minus sync, run and metrics, which the operator sets per pod.",
     )
     TrainWorkload = derive(
         TrainConfig,
