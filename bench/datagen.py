@@ -82,7 +82,9 @@ def run_ours(config: Any, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     sink = open_sink(config, store_meta(config, load_tokenizer(config.verifier, config.run.allowed_roots)))
     report = GenerateReport()
     started = time.perf_counter()
-    generate_examples(engine, sink, examples, config, GenerationProgress(report, 0, 1, sink))
+    progress = GenerationProgress(report, 0, 1, sink)
+    progress.expect(len(examples))
+    generate_examples(engine, sink, examples, config, progress)
     assert isinstance(sink, FinalizingSink)
     sink.finalize()
     return {"seconds": time.perf_counter() - started, "tokens": report.tokens, "examples": report.written}

@@ -367,7 +367,7 @@ def generate_examples(
     with tqdm(
         desc=progress.label,
         unit="ex",
-        total=progress.expected,
+        total=progress.expected or None,  # None: a caller that counted nothing gets a bar without total
         initial=progress.processed,
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
