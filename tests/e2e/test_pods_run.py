@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -317,8 +318,12 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     name = training["metadata"]["name"]
     status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=900)
     gen = DataGenNames(datagen["metadata"]["name"], ns)
-    generated = [last_json(text) for text in executor.pod_logs(ns, f"{gen.job}-").values()]
+    generator_logs = executor.pod_logs(ns, f"{gen.job}-").values()
+    generated = [last_json(text) for text in generator_logs]
     written = sum(r["written"] for r in generated)
+    for text in generator_logs:  # each served its progress on its own pod IP and logged its total
+        assert re.search(r"progress metrics on 127\.0\.\d+\.\d+:9400/metrics", text), text[-2000:]
+        assert re.search(r"slice \d/2: (\d+)/\1 examples, .* ETA 00:00", text), text[-2000:]
     broker = next(r for r in executor.pods.values() if r.namespace == ns and r.name.startswith(gen.broker))
     counters = broker_metrics(
         f"http://{broker.ip}:{datagen['spec']['broker'].get('metricsPort', 9100)}/metrics"
