@@ -73,6 +73,7 @@ def run_ours(config: Any, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     from specops.data.records import TokenizedExample
     from specops.engines.transformers import TransformersPipeline
     from specops.generate import GenerateReport, generate_examples, store_meta
+    from specops.generate_progress import GenerationProgress
     from specops.stores.factory import FinalizingSink, open_sink
     from specops.verifier import load_tokenizer
 
@@ -81,7 +82,9 @@ def run_ours(config: Any, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     sink = open_sink(config, store_meta(config, load_tokenizer(config.verifier, config.run.allowed_roots)))
     report = GenerateReport()
     started = time.perf_counter()
-    generate_examples(engine, sink, examples, config, report, started)
+    progress = GenerationProgress(report, 0, 1, sink)
+    progress.expect(len(examples))
+    generate_examples(engine, sink, examples, config, progress)
     assert isinstance(sink, FinalizingSink)
     sink.finalize()
     return {"seconds": time.perf_counter() - started, "tokens": report.tokens, "examples": report.written}

@@ -606,9 +606,9 @@ else:
     DataGenWorkload = derive(
         DataGenConfig,
         "DataGenWorkload",
-        {"sync", "run"},
+        {"sync", "run", "metrics"},
         Checked,
-        "DataGenConfig minus sync and run, which the operator sets per pod.",
+        "DataGenConfig minus sync, run and metrics, which the operator sets per pod.",
     )
     TrainWorkload = derive(
         TrainConfig,
@@ -928,7 +928,7 @@ Conditions = Annotated[
 
 
 class DataGenProgress(Contract):
-    """Generation progress, from the Job and the finished pods' reports."""
+    """Generation progress, from the Job, the finished pods' reports and the running pods' metrics."""
 
     shards: Annotated[str, Field(max_length=32)] = ""
     """done/total, for `kubectl get`."""
@@ -948,6 +948,18 @@ class DataGenProgress(Contract):
     """Mean tokens/s of one generator pod over finished shards."""
     counted_indexes: Annotated[str, Field(max_length=65536)] = ""
     """Completion indexes whose reports are summed above (ranges such as 0-3,7)."""
+    running_done: Annotated[int, Field(ge=0)] | None = None
+    """Examples the running generators have processed (written, dropped or failed) in this run
+    (live, from their metrics; a shard's final count is in `examples` once it ends)."""
+    running_total: Annotated[int, Field(ge=0)] | None = None
+    """Examples the running generators' shards hold, not yet stored when they started (live)."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """The slowest running generator's estimate of seconds until its shard is done (live; shards
+    not started yet are not in it; 0 once complete)."""
+    eta: Annotated[str, Field(max_length=32)] | None = None
+    """The same estimate for people (`1h30m`)."""
+    updated_at: Annotated[str, Field(max_length=64)] | None = None
+    """When the running generators' metrics were last read."""
 
 
 class DataGenStatus(Contract):

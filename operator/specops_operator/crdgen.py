@@ -220,6 +220,11 @@ KINDS = (
             Column("Mode", ".spec.mode", description="offline or online"),
             Column("Shards", ".status.progress.shards", description="Shards done/total"),
             Column("Examples", ".status.progress.examples", "integer", "Examples stored"),
+            Column(
+                "ETA",
+                ".status.progress.eta",
+                description="The slowest running generator's time to its shard's end",
+            ),
             _AGE,
             Column("Workers", ".status.workers", "integer", "Generator pods running", 1),
             Column("Tokens/s", ".status.progress.tokensPerSecond", "number", "Tokens/s of one pod", 1),

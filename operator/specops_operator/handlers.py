@@ -62,7 +62,7 @@ from specops_operator.builders.training import (
 from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitions
 from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.metrics import OperatorMetrics
-from specops_operator.progress import rank0_endpoint, read_progress
+from specops_operator.progress import metrics_endpoints, rank0_endpoint, read_generation, read_progress
 from specops_operator.status import (
     CACHED,
     JobView,
@@ -362,7 +362,9 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
     view = JobView.of(job)
     counted = parse_ranges(str((prior.get("progress") or {}).get("countedIndexes") or ""))
     unread = view.succeeded > len(counted) or view.failed
-    pods = pods_of(kube, meta.namespace, meta.name, DATAGEN_KIND, GENERATOR) if unread or view.unsure else ()
+    generating = view.active > 0 and not (view.complete or view.failed or view.suspended)
+    listed = unread or view.unsure or generating
+    pods = pods_of(kube, meta.namespace, meta.name, DATAGEN_KIND, GENERATOR) if listed else ()
     data_claim = existing.get(("PersistentVolumeClaim", names.claim))
     events = events_about(kube, meta.namespace, job, data_claim) if looks_stuck(view, pods) else ()
     seen = Observed(
@@ -374,6 +376,7 @@ def reconcile_datagen(cr: SpeculatorDataGen, prior: Manifest, ctx: Context, now:
         fetch=None
         if cr.spec.model_cache is None
         else observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior),
+        live=read_generation(metrics_endpoints(pods)) if generating else {},
     )
     return datagen_status(cr, prior, seen, now, compatible_condition(findings, arch is not None))
 

@@ -375,7 +375,8 @@ class Observed:
     group: Group = Group()
     """The trainer group's restarts (`restarts.decide`)."""
     live: dict[str, float] = field(default_factory=dict)
-    """Rank 0's progress metrics, read while the trainer runs (`specops_operator.progress`)."""
+    """Progress metrics read while the stage runs (`specops_operator.progress`): rank 0's for a
+    training, the running generators' summed for a DataGen."""
 
 
 # --------------------------------------------------------------------------- model cache
@@ -430,7 +431,12 @@ def download_phase(fetch: Observed, cached: Desired) -> tuple[Phase, str, str] |
 # --------------------------------------------------------------------------- data generation
 
 
-def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], prior: Obj) -> Obj:
+LIVE_DATAGEN = ("runningDone", "runningTotal", "etaSeconds", "eta", "updatedAt")
+"""`status.progress` fields read from the running generators (kept while none answers)."""
+
+
+def _datagen_progress(cr: SpeculatorDataGen, job: JobView, seen: Observed, prior: Obj, now: str) -> Obj:
+    pods = seen.pods
     before = dict(prior.get("progress") or {})
     counted = parse_ranges(str(before.get("countedIndexes") or ""))
     examples = int(before.get("examples") or 0)
@@ -444,7 +450,12 @@ def _datagen_progress(cr: SpeculatorDataGen, job: JobView, pods: Sequence[Obj], 
         tokens += int(report.get("tokens") or 0)
         seconds += float(report.get("seconds") or 0.0)
     total = cr.spec.shards
+    live = {k: before[k] for k in LIVE_DATAGEN if k in before}
+    live.update(_live_fields(seen.live, now, ("runningDone", "runningTotal", "etaSeconds")))
+    if job.complete and "etaSeconds" in live:
+        live.update(etaSeconds=0, eta=eta_text(0))
     return {
+        **live,
         "shards": f"{job.succeeded}/{total}",
         "shardsDone": job.succeeded,
         "shardsTotal": total,
@@ -526,7 +537,7 @@ def datagen_status(
     return {
         "observedGeneration": generation,
         "conditions": merge(prior.get("conditions") or [], desired, generation, now),
-        "progress": _datagen_progress(cr, job, seen.pods, prior),
+        "progress": _datagen_progress(cr, job, seen, prior, now),
         "workers": running_pods(job, seen.pods),
         "selector": selector,
         **extra,
@@ -803,7 +814,8 @@ def training_status(
         desired.append(compatible)
     report = latest_report(seen.pods) or {}
     before = dict(prior.get("progress") or {})
-    progress: Obj = {**before, **_live_progress(seen.live, now)}
+    live = _live_fields(seen.live, now, ("totalSteps", "etaSeconds"), ("loss", "tokensPerSecond"))
+    progress: Obj = {**before, **live}
     progress["step"] = max(
         int(report.get("step") or 0), int(seen.live.get("step") or 0), int(before.get("step") or 0)
     )
@@ -839,15 +851,16 @@ def _uploaded(seen: Observed, prior: Obj) -> Obj:
     return {k: before[k] for k in ("url", "revision") if before.get(k)}
 
 
-def _live_progress(live: dict[str, float], now: str) -> Obj:
-    """`status.progress` fields from rank 0's metrics (nothing when none were read)."""
+def _live_fields(live: dict[str, float], now: str, counts: Sequence[str], figures: Sequence[str] = ()) -> Obj:
+    """`status.progress` fields from the metrics read live (nothing when none were read):
+    `counts` as integers, `figures` rounded, the ETA also for people, and when it was read."""
     if not live:
         return {}
     out: Obj = {"updatedAt": now}
-    for name in ("totalSteps", "etaSeconds"):
+    for name in counts:
         if name in live:
             out[name] = int(live[name])
-    for name in ("loss", "tokensPerSecond"):
+    for name in figures:
         if name in live:
             out[name] = round(live[name], 4)
     if "etaSeconds" in out:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -317,8 +318,12 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     name = training["metadata"]["name"]
     status = wait_complete(plane, executor, ns, "SpeculatorTraining", name, timeout=900)
     gen = DataGenNames(datagen["metadata"]["name"], ns)
-    generated = [last_json(text) for text in executor.pod_logs(ns, f"{gen.job}-").values()]
+    generator_logs = executor.pod_logs(ns, f"{gen.job}-").values()
+    generated = [last_json(text) for text in generator_logs]
     written = sum(r["written"] for r in generated)
+    for text in generator_logs:  # each served its progress on its own pod IP and logged its total
+        assert re.search(r"progress metrics on 127\.0\.\d+\.\d+:9400/metrics", text), text[-2000:]
+        assert re.search(r"slice \d/2: (\d+)/\1 examples, .* ETA 00:00", text), text[-2000:]
     broker = next(r for r in executor.pods.values() if r.namespace == ns and r.name.startswith(gen.broker))
     counters = broker_metrics(
         f"http://{broker.ip}:{datagen['spec']['broker'].get('metricsPort', 9100)}/metrics"
@@ -362,6 +367,16 @@ def test_online_stream_broker_two_generators_and_two_trainer_ranks(
     wait_complete(plane, executor, ns, "SpeculatorDataGen", gen.name, timeout=120)
 
 
+def live_progress(plane: ControlPlane, ns: str, name: str) -> Obj | None:
+    """`status.progress` once it shows a step read from the running trainer, before any end."""
+    status = status_of(plane, "SpeculatorTraining", ns, name)
+    ended = any(condition(status, c).get("status") == "True" for c in ("Complete", "Failed"))
+    progress = status.get("progress") or {}
+    if ended or (status.get("trainer") or {}).get("restarts"):
+        raise AssertionError(f"{name} ended before its live progress was seen: {status}")
+    return progress if progress.get("step") and progress.get("totalSteps") else None
+
+
 def test_a_killed_trainer_rank_restarts_the_whole_group_which_resumes_from_its_checkpoint(
     control_plane: ControlPlane, operator: OperatorProcess, executor: PodExecutor, pods_ns: str, hub: FakeHub
 ) -> None:
@@ -383,6 +398,10 @@ def test_a_killed_trainer_rank_restarts_the_whole_group_which_resumes_from_its_c
         what="a first checkpoint",
         interval=0.5,
     )
+    # While the first group trains, status.progress follows it: the operator reads rank 0's
+    # metrics endpoint in its running pod (the final report comes only when the pod ends).
+    live = until(lambda: live_progress(plane, ns, name), timeout=120, what="live progress", interval=0.5)
+    assert 0 < live["step"] < 40 and live["totalSteps"] == 40 and live["updatedAt"], live
     ranks = [r for r in executor.pods.values() if r.namespace == ns and r.name.startswith(names.job)]
     rank1 = next(r for r in ranks if r.hostname.endswith("-1"))
     executor.kill(ns, rank1.name)

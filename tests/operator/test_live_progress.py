@@ -1,4 +1,5 @@
-"""`kubectl get speculatortrainings -w` moves during training: status.progress follows rank 0's metrics."""
+"""`kubectl get speculatortrainings -w` moves during training: status.progress follows rank 0's
+metrics; a SpeculatorDataGen's follows its running generators'."""
 
 from __future__ import annotations
 
@@ -6,30 +7,38 @@ import asyncio
 import copy
 from typing import Any
 
-from test_reconcile import TR, _condition
+from test_reconcile import DG, TR, _condition
 
 from conftest import Api, Runner, example, job_done
+from specops.generate import GenerateReport
+from specops.generate_progress import GenerationProgress
 from specops.stores.streaming import MetricsServer
 from specops.train.progress import Progress
 
 TRAINING = "llama31-8b-eagle3"
+DATAGEN = "qwen3-8b-sharegpt"
 Obj = dict[str, Any]
 
 
 def _rank0_pod(port: int) -> Obj:
     """A running rank-0 trainer pod as the kubelet reports it: its IP and its `metrics` port."""
+    return _running_pod("SpeculatorTraining", TRAINING, "trainer", f"{TRAINING}-train", 0, port)
+
+
+def _running_pod(kind: str, owner: str, component: str, job: str, index: int, port: int) -> Obj:
+    """A running pod of a workload Job as the kubelet reports it: its IP and its `metrics` port."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{TRAINING}-train-0-abcde",
+            "name": f"{job}-{index}-abcde",
             "namespace": "ml",
             "labels": {
-                "app.kubernetes.io/instance": TRAINING,
-                "app.kubernetes.io/component": "trainer",
-                "specops.dev/kind": "SpeculatorTraining",
+                "app.kubernetes.io/instance": owner,
+                "app.kubernetes.io/component": component,
+                "specops.dev/kind": kind,
             },
-            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
         },
         "spec": {
             "containers": [
@@ -82,3 +91,45 @@ async def test_status_progress_follows_rank_zero_while_training(api: Api, operat
     await api.patch("batch/v1", "Job", "ml", f"{TRAINING}-train", job_done(2), "status")
     await api.until(_condition(api, TR, TRAINING, "Exported"), what="Exported")
     assert _progress(api)["etaSeconds"] == 0 and _progress(api)["eta"] == "0m"
+
+
+def _datagen_progress(api: Api) -> Obj:
+    return dict(((api.get(*DG, "ml", DATAGEN) or {}).get("status") or {}).get("progress") or {})
+
+
+async def test_datagen_progress_follows_the_running_generators(api: Api, operator: Runner) -> None:
+    """Two generator pods serve their slices' progress: status sums what they processed and
+    expect, and shows the slower one's ETA; a generator still loading has no ETA, so none shows."""
+    await operator(interval=0.3)
+    await api.create(example("datagen-offline.yaml"))
+    job = f"{DATAGEN}-gen"
+    await api.until(lambda: api.get("batch/v1", "Job", "ml", job), what="generator Job")
+    reports = [GenerateReport(), GenerateReport()]
+    progress = [GenerationProgress(report, index, 8) for index, report in enumerate(reports)]
+    servers = [MetricsServer(0, p, "127.0.0.1") for p in progress]
+    try:
+        for index, server in enumerate(servers):
+            await api.create(_running_pod("SpeculatorDataGen", DATAGEN, "generator", job, index, server.port))
+        progress[0].expect(100)
+        progress[0].start()
+        reports[0].written, reports[0].dropped = 40, 2
+        progress[1].expect(80)  # still loading its model: no rate, no ETA yet
+        await api.patch("batch/v1", "Job", "ml", job, {"status": {"active": 2, "ready": 2}}, "status")
+        await api.until(
+            lambda: _datagen_progress(api).get("runningTotal") == 180, timeout=10, what="live total"
+        )
+        live = _datagen_progress(api)
+        assert live["runningDone"] == 42 and live["updatedAt"] and "etaSeconds" not in live, live
+
+        progress[1].start()
+        reports[1].written = 10
+        await api.until(lambda: _datagen_progress(api).get("runningDone") == 52, timeout=10, what="live 52")
+        await api.until(lambda: "eta" in _datagen_progress(api), timeout=10, what="an ETA")
+        assert _datagen_progress(api)["etaSeconds"] >= 0
+    finally:
+        for server in servers:
+            server.close()
+    await api.patch("batch/v1", "Job", "ml", job, job_done(8), "status")
+    await api.until(_condition(api, DG, DATAGEN, "Complete"), what="Complete")
+    done = _datagen_progress(api)
+    assert done["etaSeconds"] == 0 and done["eta"] == "0m" and done["runningDone"] == 52

@@ -21,6 +21,7 @@ from specops.generate import (
     tokenized_slice,
     worker_config,
 )
+from specops.generate_progress import GenerationProgress
 from specops.stores import factory
 from specops.stores.base import StoreMeta
 from specops.testing.synthetic import make_conversations, write_jsonl
@@ -53,6 +54,9 @@ def test_worker_slices_nest_inside_the_process_slice(tmp_path: Path) -> None:
     config = base_config(tmp_path, shard_index=1, num_shards=3, num_workers=2)
     subs = [worker_config(config, w).run for w in range(2)]
     assert [(r.shard_index, r.num_shards, r.num_workers) for r in subs] == [(2, 6, 1), (3, 6, 1)]
+    served = resolve_config(config, {"metrics.port": 9400})
+    assert [worker_config(served, w).metrics.port for w in range(2)] == [9400, 9401]  # as ranks do
+    assert worker_config(config, 1).metrics.port is None
     ids = [f"d/{row}/0" for row in range(600)]
     parts = [{i for i in ids if in_slice(i, r.shard_index, r.num_shards)} for r in subs]
     assert parts[0] and parts[1] and parts[0].isdisjoint(parts[1])
@@ -134,7 +138,7 @@ def examples(lengths: list[int]) -> list[TokenizedExample]:
 def test_batches_are_length_grouped_and_everything_is_written(tmp_path: Path) -> None:
     engine, sink, report = FakeEngine(), ListSink(), GenerateReport()
     inputs = examples([5, 40, 6, 41, 7, 3])
-    generate_examples(engine, sink, inputs, base_config(tmp_path), report, started=0.0)
+    generate_examples(engine, sink, inputs, base_config(tmp_path), GenerationProgress(report, 0, 1))
     assert sorted(e["id"] for e in sink.examples) == sorted(e.id for e in inputs)
     assert engine.calls == [["d/1/0", "d/3/0"], ["d/0/0", "d/2/0"], ["d/4/0", "d/5/0"]]
     assert (report.written, report.tokens, report.failed) == (6, 102, 0)
@@ -146,7 +150,9 @@ def test_out_of_memory_isolates_the_example_that_cannot_fit(tmp_path: Path) -> N
         ListSink(),
         GenerateReport(),
     )
-    generate_examples(engine, sink, examples([5, 6, 7, 8]), base_config(tmp_path), report, started=0.0)
+    generate_examples(
+        engine, sink, examples([5, 6, 7, 8]), base_config(tmp_path), GenerationProgress(report, 0, 1)
+    )
     assert sorted(e["id"] for e in sink.examples) == ["d/0/0", "d/1/0", "d/3/0"]
     assert (report.written, report.failed, report.failed_ids) == (3, 1, ["d/2/0"])
     assert not report.ok

@@ -286,27 +286,54 @@ def test_metrics_service_and_service_monitor() -> None:
     assert [sa["metadata"]["name"] for sa in by_kind(bare, "ServiceAccount")] == ["rel-specops"]
 
 
-def test_pod_monitor_scrapes_the_trainer_pods_and_the_dashboard_ships() -> None:
-    """The PodMonitor selects what the operator's trainer pods carry, at the port they serve on."""
-    from specops_operator.builders.common import Owner, labels
-    from specops_operator.builders.training import METRICS_PORT, TRAINER
+def test_pod_monitor_scrapes_the_workload_pods_and_the_dashboards_ship() -> None:
+    """The PodMonitor selects what the operator's trainer, generator and broker pods carry, at
+    the port each serves on."""
+    from specops_operator.api import SpeculatorDataGen
+    from specops_operator.builders.common import METRICS_PORT, Defaults, Owner, labels
+    from specops_operator.builders.datagen import build_datagen
+    from specops_operator.builders.training import TRAINER
 
     docs = render("workload-monitoring")
     monitor = one(docs, "PodMonitor")
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
-    owner = Owner("specops.dev/v1alpha1", "SpeculatorTraining", "run", "ml", "uid-1", {})
-    trainer_labels = labels(owner, TRAINER)
-    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(trainer_labels.items())
     assert monitor["spec"]["podMetricsEndpoints"] == [
         {"port": "metrics", "path": "/metrics", "interval": "30s"}
     ]
+    doc = next(yaml.safe_load_all((ROOT / "examples" / "datagen-online.yaml").read_text()))
+    doc["metadata"].update(namespace="ml", uid="uid-1")
+    datagen = SpeculatorDataGen.model_validate(doc)
+    templates = {
+        child["metadata"]["labels"]["app.kubernetes.io/component"]: child["spec"]["template"]
+        for child in build_datagen(datagen, Defaults())
+        if child["kind"] in ("Job", "StatefulSet")
+    }
+    for name in ("generator", "broker"):  # trainer pods: tests/operator/test_live_progress.py
+        assert _selects(monitor, templates[name]["metadata"]["labels"]), name
+        assert any(p["name"] == "metrics" for p in templates[name]["spec"]["containers"][0]["ports"]), name
+    owner = Owner("specops.dev/v1alpha1", "SpeculatorTraining", "run", "ml", "uid-1", {})
+    assert _selects(monitor, labels(owner, TRAINER))
+    assert not _selects(monitor, labels(owner, "evaluator"))
     assert METRICS_PORT == 9400
-    dashboard = one(docs, "ConfigMap")
-    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    shipped = json.loads(dashboard["data"]["specops-training.json"])
-    assert shipped == json.loads((CHART / "dashboards" / "specops-training.json").read_text())
+    dashboards = one(docs, "ConfigMap")
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    for name in ("specops-training.json", "specops-datagen.json"):
+        shipped = json.loads(dashboards["data"][name])
+        assert shipped == json.loads((CHART / "dashboards" / name).read_text())
     assert not by_kind(render("defaults"), "PodMonitor") and not by_kind(render("defaults"), "ConfigMap")
     assert one(render("monitoring"), "ServiceMonitor") and not by_kind(render("monitoring"), "PodMonitor")
+
+
+def _selects(monitor: Obj, labels: dict[str, str]) -> bool:
+    """Whether a PodMonitor's label selector (matchLabels, matchExpressions `In`) selects these pod labels."""
+    selector = monitor["spec"]["selector"]
+    if not set(selector.get("matchLabels", {}).items()) <= set(labels.items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
 
 
 def monitor_path(docs: list[Obj]) -> str:

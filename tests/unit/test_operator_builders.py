@@ -264,8 +264,14 @@ def test_offline_generator_job() -> None:
         "/etc/specops/config.yaml",
         "--run.shard_index",
         "$(JOB_COMPLETION_INDEX)",
+        *("--metrics.host", "$(POD_IP)"),  # each generator's progress on its pod's own IP
     ]
-    assert container["env"][0]["name"] == "JOB_COMPLETION_INDEX"
+    assert [e["name"] for e in container["env"][:2]] == ["JOB_COMPLETION_INDEX", "POD_IP"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    config = yaml.safe_load(
+        next(m for m in CASES["datagen-offline"] if m["kind"] == "ConfigMap")["data"]["config.yaml"]
+    )
+    assert config["metrics"] == {"port": 9400, "host": "127.0.0.1"}  # the args bind it to the pod IP
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
 

@@ -118,6 +118,11 @@ def test_presentation() -> None:
                 assert '[?(@.type=="' in column["jsonPath"], column
         assert [c["name"] for c in columns[:2]] == ["Ready", "Reason"]
         assert any(c.get("priority") == 1 for c in columns), "nothing extra for -o wide"
+    for kind in by_kind:  # the live estimate the operator reads from the running pods
+        columns = by_kind[kind]["spec"]["versions"][0]["additionalPrinterColumns"]
+        assert {"name": "ETA", "jsonPath": ".status.progress.eta"}.items() <= next(
+            c for c in columns if c["name"] == "ETA"
+        ).items(), kind
     scale = by_kind["SpeculatorDataGen"]["spec"]["versions"][0]["subresources"]["scale"]
     assert scale == {
         "specReplicasPath": ".spec.workers",

@@ -273,6 +273,26 @@ def test_metrics_are_served_for_prometheus(tmp_path: Path) -> None:
         served.stop()
 
 
+def test_backpressure_stalls_are_counted(running: Running) -> None:
+    """Two producers offer more than the broker may hold: their offers wait (one stall, some
+    seconds of it) until a consumer takes examples and room frees."""
+    broker = running.broker
+    writers = [_produce(running.url, range(k * 6, k * 6 + 6), (k, 2), window=3) for k in range(2)]
+    deadline = time.monotonic() + 10
+    while not broker.offers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert broker.offers, "6 offers for a budget of 4 examples: some wait"
+    assert broker.stats.counters.get("stalls") == 1
+    source = ZmqSource(running.url, timeout_s=10)
+    assert len(list(source)) == 12
+    for writer in writers:
+        writer.join(10)
+    source.close()
+    broker._update_gauges()
+    assert broker.stats.counters["stalls"] >= 1 and broker.stats.counters["stalled_seconds"] > 0
+    assert broker._stalled_since is None
+
+
 def test_sink_contract_and_config(tmp_path: Path, running: Running) -> None:
     from specops.config import RunConfig, SyncConfig
 

@@ -306,6 +306,17 @@ class RunConfig(Contract):
         return self
 
 
+class ProgressMetricsConfig(Contract):
+    """A process's live progress as Prometheus metrics, served while it runs: each trainer rank's
+    (step, loss and accuracy per TTT step, tokens/s, ETA; specops.train.progress), each
+    generator's (examples written/stored/failed, rates, total, ETA; specops.generate_progress)."""
+
+    port: Annotated[int, Field(ge=0, le=65000)] | None = None
+    """Port of local rank (or local worker) 0; local rank r serves port + r. 0 = any free port; null = off."""
+    host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
+    """Address to bind; loopback unless asked (in pods the operator binds the pod's IP)."""
+
+
 class DataGenConfig(Contract):
     """A data generation run: sources -> chat/loss mask -> verifier forward -> sink."""
 
@@ -329,6 +340,8 @@ class DataGenConfig(Contract):
     """Where examples go: disk shards (offline), a local queue or a ZeroMQ broker (online)."""
     run: RunConfig = Field(default_factory=RunConfig)
     """This process's part of the run: local workers, its input slice, allowed path roots."""
+    metrics: ProgressMetricsConfig = Field(default_factory=lambda: ProgressMetricsConfig())
+    """Live progress as Prometheus metrics while generating (the operator sets it in pods)."""
 
     @property
     def sequence_limit(self) -> int:
@@ -480,16 +493,6 @@ def _each_once(items: list[str]) -> list[str]:
     if twice:
         raise ValueError(f"lists {', '.join(twice)} more than once")
     return items
-
-
-class ProgressMetricsConfig(Contract):
-    """Each rank's live progress (step, loss and accuracy per TTT step, tokens/s, ETA) as
-    Prometheus metrics, served while it trains (specops.train.progress)."""
-
-    port: Annotated[int, Field(ge=0, le=65000)] | None = None
-    """Port of local rank 0; local rank r serves port + r. 0 = any free port; null = off."""
-    host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
-    """Address to bind; loopback unless asked (in pods the operator binds the pod's IP)."""
 
 
 class TrainConfig(Contract):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from specops.data.records import Conversation, TokenizedExample
     from specops.engines.base import InferencePipeline
     from specops.example import ExampleDict
+    from specops.generate_progress import GenerationProgress
     from specops.stores.base import DataSink, StoreMeta
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,16 @@ def in_slice(example_id: str, index: int, count: int) -> bool:
 
 def worker_config(config: DataGenConfig, worker: int) -> DataGenConfig:
     """Local worker `worker`'s own single-process slice of this process's slice."""
-    run = config.run
+    run, metrics = config.run, config.metrics
     update = {
         "num_workers": 1,
         "shard_index": run.shard_index * run.num_workers + worker,
         "num_shards": run.num_shards * run.num_workers,
     }
-    return config.model_copy(update={"run": run.model_copy(update=update)})
+    port = metrics.port + worker if metrics.port else metrics.port  # worker w serves port + w, as ranks do
+    return config.model_copy(
+        update={"run": run.model_copy(update=update), "metrics": metrics.model_copy(update={"port": port})}
+    )
 
 
 def generate_data(config: DataGenConfig | str | Path, **overrides: Any) -> GenerateReport:
@@ -152,7 +156,9 @@ def generate_data(config: DataGenConfig | str | Path, **overrides: Any) -> Gener
 
 def run_slice(config: DataGenConfig) -> GenerateReport:
     """Generate this process's slice in-process and finalize the sink when nothing failed."""
+    from specops.generate_progress import GenerationProgress
     from specops.stores.factory import FinalizingSink, open_sink
+    from specops.stores.streaming import MetricsServer
     from specops.verifier import load_tokenizer
 
     started = time.monotonic()
@@ -160,15 +166,27 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
     tokenizer = load_tokenizer(config.verifier, config.run.allowed_roots)
     meta = store_meta(config, tokenizer)
     sink = open_sink(config, meta)
+    progress = GenerationProgress(report, config.run.shard_index, config.run.num_shards, sink)
+    server = None
     try:
+        if config.metrics.port is not None:
+            server = MetricsServer(config.metrics.port, progress, config.metrics.host)
+            log.info(
+                "%s: progress metrics on %s:%d/metrics", progress.label, config.metrics.host, server.port
+            )
         if config.sync.claim_ranges:
-            generate_claimed(sink, config, meta, tokenizer, report, started)
+            generate_claimed(sink, config, meta, tokenizer, progress)
         else:
-            examples = tokenized_slice(config, tokenizer, sink.done_ids(), report)
-            generate_if_any(None, sink, examples, config, meta, report, started)
+            done = sink.done_ids()
+            progress.expect(count_slice(config, done))
+            examples = tokenized_slice(config, tokenizer, done, report)
+            generate_if_any(None, sink, examples, config, meta, progress)
     except BaseException:
         sink.close()
         raise
+    finally:
+        if server is not None:
+            server.close()
     if report.ok and isinstance(sink, FinalizingSink):
         sink.finalize()
     else:
@@ -183,8 +201,7 @@ def generate_claimed(
     config: DataGenConfig,
     meta: StoreMeta,
     tokenizer: PreTrainedTokenizerBase,
-    report: GenerateReport,
-    started: float,
+    progress: GenerationProgress,
 ) -> None:
     """Online with `sync.claim_ranges`: generate ranges claimed from the broker until none is left.
 
@@ -198,11 +215,14 @@ def generate_claimed(
     if not isinstance(sink, ZmqStore) or config.sync.claim_ranges is None:
         raise ConfigError("sync.claim_ranges: ranges are claimed from a broker (sync.kind 'zmq')")
     engine: InferencePipeline | None = None
+    report = progress.report
     while report.ok and (claim := sink.claim(config.sync.claim_ranges)) is not None:
         run = config.run.model_copy(update={"shard_index": claim.index, "num_shards": claim.count})
         part = config.model_copy(update={"run": run})
-        examples = tokenized_slice(part, tokenizer, sink.range_done_ids(claim), report)
-        engine = generate_if_any(engine, sink, examples, part, meta, report, started)
+        done = sink.range_done_ids(claim)
+        progress.expect(count_slice(part, done))
+        examples = tokenized_slice(part, tokenizer, done, report)
+        engine = generate_if_any(engine, sink, examples, part, meta, progress)
         if report.ok:
             sink.complete(claim)
 
@@ -213,8 +233,7 @@ def generate_if_any(
     examples: Iterator[TokenizedExample],
     config: DataGenConfig,
     meta: StoreMeta,
-    report: GenerateReport,
-    started: float,
+    progress: GenerationProgress,
 ) -> InferencePipeline | None:
     """Generate `examples`, loading the engine (seconds to minutes) only when there is one to
     generate and `engine` is None; returns the engine for the next call."""
@@ -223,7 +242,7 @@ def generate_if_any(
         return engine
     if engine is None:
         engine = load_engine(config, meta)
-    generate_examples(engine, sink, itertools.chain([first], examples), config, report, started)
+    generate_examples(engine, sink, itertools.chain([first], examples), config, progress)
     return engine
 
 
@@ -306,6 +325,12 @@ def tokenized_slice(
         yield example
 
 
+def count_slice(config: DataGenConfig, done: set[str]) -> int:
+    """Conversations of this slice not yet stored: the progress total, from one pass over the
+    sources (no tokenizing, no model)."""
+    return sum(1 for _ in slice_conversations(config, done, GenerateReport()))
+
+
 def slice_conversations(
     config: DataGenConfig, done: set[str], report: GenerateReport
 ) -> Iterator[Conversation]:
@@ -328,18 +353,24 @@ def generate_examples(
     sink: DataSink,
     examples: Iterable[TokenizedExample],
     config: DataGenConfig,
-    report: GenerateReport,
-    started: float,
+    progress: GenerationProgress,
 ) -> None:
-    """Length-grouped batches through the engine into the sink, with a progress bar on stderr."""
+    """Length-grouped batches through the engine into the sink, with a progress bar on stderr
+    (total and ETA: the slice's examples; dropped and failed ones count as processed) and a
+    progress line in the log every `generate_progress.LOG_EVERY_S`."""
     from tqdm import tqdm
 
     from specops.engines.batching import plan_batches, windows
 
-    engine_cfg = config.engine
-    label = f"slice {config.run.shard_index}/{config.run.num_shards}"
+    engine_cfg, report = config.engine, progress.report
+    progress.start()
     with tqdm(
-        desc=label, unit="ex", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0
+        desc=progress.label,
+        unit="ex",
+        total=progress.expected or None,  # None: a caller that counted nothing gets a bar without total
+        initial=progress.processed,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
     ) as bar:
         for window in windows(examples, WINDOW_BATCHES * engine_cfg.batch_size):
             lengths = [len(e.token_ids) for e in window]
@@ -347,11 +378,13 @@ def generate_examples(
                 batch = [window[i] for i in indices]
                 for output in _forward_or_isolate(engine, batch, report):
                     sink.write(output)
-                    written = sum(len(e["token_ids"]) for e in output)
                     report.written += len(output)
-                    report.tokens += written
-                    bar.update(len(output))
-                bar.set_postfix(tok_s=f"{report.tokens / max(time.monotonic() - started, 1e-9):.0f}")
+                    report.tokens += sum(len(e["token_ids"]) for e in output)
+                bar.update(progress.processed - bar.n)
+                bar.set_postfix(tok_s=f"{progress.rates()[1]:.0f}")
+                progress.maybe_log()
+        bar.update(progress.processed - bar.n)
+    progress.maybe_log(force=True)
 
 
 def _forward_or_isolate(

@@ -39,6 +39,15 @@ def pod_roots(pod: PodSettings) -> list[str]:
     return [*ALLOWED_ROOTS, *(m.mount_path.rstrip("/") for m in pod.volume_mounts)]
 
 
+METRICS_PORT = 9400
+"""Live progress metrics of trainer and generator pods (container port `metrics`; local rank or
+local worker r serves METRICS_PORT + r). Every pod gets one config: the container's args bind
+the endpoint to the pod's own IP (`METRICS_ARGS`, `POD_IP_ENV`), reachable by the operator and
+by Prometheus (the chart's PodMonitor) but by no other interface of the node."""
+METRICS_ARGS = ("--metrics.host", "$(POD_IP)")
+POD_IP_ENV: Manifest = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+METRICS_CONTAINER_PORT: Manifest = {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}
+
 REPORT_WRAPPER = ["python", "-m", "specops_operator.report", "--"]
 """Runs the CLI as a child and copies its JSON report line into the termination message."""
 

@@ -70,6 +70,7 @@ def render_config(spec: SpeculatorDataGenSpec, names: DataGenNames) -> DataGenCo
         **workload_fields(spec),
         "sync": sync,
         "run": {"num_workers": 1, "num_shards": spec.shards, "allowed_roots": roots},
+        "metrics": {"port": common.METRICS_PORT},  # bound to the pod's IP by the container's args
     }
     return load_config(DataGenConfig, data)
 
@@ -103,11 +104,13 @@ def _generator_job(
             common.CONFIG_FILE,
             "--run.shard_index",
             "$(JOB_COMPLETION_INDEX)",
+            *common.METRICS_ARGS,
         ],
-        env=[common.index_env("JOB_COMPLETION_INDEX"), *cache_env],
+        env=[common.index_env("JOB_COMPLETION_INDEX"), common.POD_IP_ENV, *cache_env],
         volumes=volumes,
         mounts=mounts,
         resources=spec.pod.resources,
+        ports=(common.METRICS_CONTAINER_PORT,),
         labels=keys.labels,
     )
     return common.job(

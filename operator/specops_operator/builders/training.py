@@ -40,8 +40,6 @@ from specops_operator.conditions import is_true
 TRAINER = "trainer"
 EVALUATOR = "evaluator"
 RENDEZVOUS_PORT = 29500
-METRICS_PORT = 9400
-"""Each rank's progress metrics: METRICS_PORT + local rank (the pod's port `metrics` is local rank 0)."""
 FINAL_DIR = f"{common.OUTPUT_ROOT}/final"
 """Where the trainer publishes the exported speculator."""
 EVALUATION_FILE = f"{common.OUTPUT_ROOT}/evaluation.json"
@@ -161,7 +159,7 @@ def render_config(spec: SpeculatorTrainingSpec, data: DataSource) -> TrainConfig
         "allowed_roots": [*common.pod_roots(spec.pod), *keys.roots],
         "device": "auto",
         "resume": "auto",
-        "metrics": {"port": METRICS_PORT},  # bound to the pod's IP by the container's args
+        "metrics": {"port": common.METRICS_PORT},  # bound to the pod's IP by the container's args
     }
     return load_config(TrainConfig, config)
 
@@ -238,11 +236,11 @@ def _trainer_job(
         component=TRAINER,
         args=[
             *("torchrun", "--module", "specops.cli", "train", "--config", common.CONFIG_FILE),
-            *("--metrics.host", "$(POD_IP)"),  # one config for all ranks; each pod has its own IP
+            *common.METRICS_ARGS,  # one config for all ranks; each pod has its own IP
         ],
         env=[
             common.index_env("JOB_COMPLETION_INDEX"),
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            common.POD_IP_ENV,
             *rendezvous_env(spec, names, owner.uid, attempt),
             *cache_env,
         ],
@@ -251,7 +249,7 @@ def _trainer_job(
         resources=spec.pod.resources,
         ports=(
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            common.METRICS_CONTAINER_PORT,
         ),
         subdomain=names.service,
         labels=keys.labels,

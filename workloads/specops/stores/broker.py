@@ -304,6 +304,10 @@ class Broker:
         """When the last client left (`exit_after_eos` waits `timeout_s` past it)."""
         self.grace_until = time.monotonic() + (self.timing.timeout_s if self.journal.resumed else 0.0)
         self.stats = StreamStats("broker")
+        self._stalled_since: float | None = None
+        for name in ("stalls", "stalled_seconds"):  # served from the start, at 0
+            self.stats.inc(name, 0.0)
+        """Since when producers' offers wait for room in `max_bytes` (backpressure), if they do."""
         self._stopping = False
         self._rr: deque[str] = deque()
         """Consumer sids in round-robin order for dispatch."""
@@ -409,6 +413,16 @@ class Broker:
         self._update_gauges()
         self.stats.maybe_log()
 
+    def _note_stall(self, stalled: bool) -> None:
+        """Backpressure for Prometheus: `stalls` counts the times offers began to wait for room,
+        `stalled_seconds` how long they waited (brought up to date by every call)."""
+        now = time.monotonic()
+        if self._stalled_since is not None:
+            self.stats.inc("stalled_seconds", now - self._stalled_since)
+        elif stalled:
+            self.stats.inc("stalls")
+        self._stalled_since = now if stalled else None
+
     def _update_gauges(self) -> None:
         consumers = [s for s in self.sessions.values() if s.role == "consumer"]
         producers = [s for s in self.sessions.values() if s.role == "producer"]
@@ -418,6 +432,7 @@ class Broker:
         self.stats.set("held_bytes", self.held_bytes)
         self.stats.set("reserved_bytes", self.reserved_bytes)
         self.stats.set("waiting_offers", len(self.offers))
+        self._note_stall(self._stalled_since is not None)
         self.stats.set("producers", len(producers))
         self.stats.set("consumers", len(consumers))
         self.stats.set("producer_unacked_bytes", sum(s.reported.get("unacked_bytes", 0.0) for s in producers))
@@ -702,9 +717,11 @@ class Broker:
         if not self._relay_wanted():
             return
         grants: dict[str, list[int]] = {}
+        stalled = False
         while (offer := self._head_offer()) is not None:
             used = self.held_bytes + self.reserved_bytes
             if used and used + offer.nbytes > self.config.max_bytes:
+                stalled = True
                 break
             self.offers.popleft()
             if (offer.sid, offer.seq) in self.reserved:
@@ -712,6 +729,7 @@ class Broker:
             self.reserved[(offer.sid, offer.seq)] = offer
             self.reserved_bytes += offer.nbytes
             grants.setdefault(offer.sid, []).append(offer.seq)
+        self._note_stall(stalled)
         for sid, seqs in grants.items():
             session = self.sessions.get(sid)
             if session is not None:

@@ -198,6 +198,8 @@ class DiskStore:
         self._buffer_ids: set[str] = set()
         self._buffer_bytes = 0
         self._committed_any = False
+        self.committed_examples = 0
+        """Examples this object committed to shards (live progress: what is stored)."""
         self._closed = False
 
     @classmethod
@@ -501,6 +503,7 @@ class DiskStore:
         self._own = updated
         self._view.add(self._manifest_file, entry)
         self._done.update(entry.ids)
+        self.committed_examples += len(entry.ids)
         self._next_seq += 1
         self._buffer, self._buffer_ids, self._buffer_bytes = [], set(), 0
         vocab_ids, vocab_counts = loss_token_counts(examples)

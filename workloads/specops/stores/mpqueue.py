@@ -165,6 +165,11 @@ class MPQueueStore:
             raise StreamError(f"the queue consumer at {self._address} closed the queue before end-of-stream")
         return _unpack(raw, f"queue consumer at {self._address}")
 
+    @property
+    def committed_examples(self) -> int:
+        """Examples handed to the consumer: what this sink has stored."""
+        return int(self.stats.counters.get("sent_examples", 0))
+
     def done_ids(self) -> set[str]:
         """A queue keeps no history: nothing is skipped on a rerun."""
         return set()

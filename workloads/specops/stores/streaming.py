@@ -86,7 +86,7 @@ class StreamStats:
         self._last_counters = dict(self.counters)
 
 
-class _Collector:
+class StatsCollector:
     """Exposes StreamStats objects to a prometheus_client registry at scrape time."""
 
     def __init__(self, stats: list[StreamStats]) -> None:
@@ -140,6 +140,6 @@ def serve_metrics(
     """Start the endpoint when a port is configured; log where it listens."""
     if port is None:
         return None
-    server = MetricsServer(port, _Collector(stats), host)
+    server = MetricsServer(port, StatsCollector(stats), host)
     log.info("stream metrics on %s:%d/metrics", host, server.port)
     return server

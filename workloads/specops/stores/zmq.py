@@ -484,6 +484,11 @@ class ZmqStore(_Link):
             del self._pending[message["req"]]
             return self._replies.pop(message["req"])
 
+    @property
+    def committed_examples(self) -> int:
+        """Examples the broker acked (it holds or delivered them): what this sink has stored."""
+        return int(self.stats.counters.get("acked_examples", 0))
+
     def done_ids(self) -> set[str]:
         """Ids of this sink's slice the stream already delivered (a rerun skips them)."""
         return set() if self._static is None else self.range_done_ids(self._static)

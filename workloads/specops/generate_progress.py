@@ -1,0 +1,141 @@
+"""Live progress of one generator process: the bar's total and ETA, periodic log lines, and
+Prometheus metrics served while it generates (through specops.stores.streaming.MetricsServer).
+
+The figures are the slice's `GenerateReport`, read where the driver keeps it up to date, so
+nothing is counted twice. The total is the slice's conversations not yet stored, counted
+before the engine loads (one more pass over the sources, no model work); an example that is
+written, dropped or failed is one of them processed. With `sync.claimRanges` the total grows
+with each claimed range. Local worker `w` serves `metrics.port + w`, as trainer ranks do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from specops.stores.streaming import StatsCollector
+
+if TYPE_CHECKING:
+    from specops.generate import GenerateReport
+
+log = logging.getLogger(__name__)
+
+PREFIX = "specops_generate_"
+COUNTERS = {
+    "examples_written": ("written", "examples the engine produced and handed to the sink"),
+    "examples_failed": ("failed", "examples the engine could not process even alone"),
+    "examples_dropped": ("dropped", "conversations that yield no example (template, too few loss tokens)"),
+    "examples_skipped": ("skipped", "examples already stored by an earlier run (resume)"),
+    "tokens": ("tokens", "tokens of the written examples"),
+}
+"""Metric -> (GenerateReport field, help). Counters: Prometheus adds `_total`."""
+GAUGES = {
+    "examples_expected": "conversations of this slice to process in this run (the bar's total)",
+    "examples_processed": "of those, written, dropped or failed so far",
+    "examples_stored": "examples the sink holds durably (disk: committed shards; stream: acked)",
+    "examples_per_second": "processed examples per second since the engine loaded",
+    "tokens_per_second": "written tokens per second since the engine loaded",
+    "eta_seconds": "estimated seconds until the slice is processed",
+}
+METRIC_NAMES = sorted([*(PREFIX + name + "_total" for name in COUNTERS), *(PREFIX + name for name in GAUGES)])
+"""Every sample name a generator serves (its sink's stream metrics aside)."""
+LOG_EVERY_S = 30.0
+"""Seconds between progress lines in the log (and one line when the slice is done)."""
+
+
+class GenerationProgress:
+    """One generator's progress over its live report; a prometheus_client collector."""
+
+    def __init__(self, report: GenerateReport, slice_index: int, num_slices: int, sink: Any = None) -> None:
+        self.report = report
+        self.slice = str(slice_index)
+        self.label = f"slice {slice_index}/{num_slices}"
+        self.expected = 0
+        self.sink = sink
+        self._since: float | None = None
+        self._last_log = time.monotonic()
+
+    def expect(self, count: int) -> None:
+        """`count` more conversations to process (the slice, or one more claimed range)."""
+        self.expected += count
+
+    def start(self) -> None:
+        """The engine is loaded: rates count from here (loading is not generating)."""
+        if self._since is None:
+            self._since = time.monotonic()
+
+    @property
+    def processed(self) -> int:
+        return self.report.written + self.report.dropped + self.report.failed
+
+    def rates(self) -> tuple[float, float]:
+        """(examples/s, tokens/s) since the engine loaded."""
+        if self._since is None:
+            return 0.0, 0.0
+        elapsed = max(time.monotonic() - self._since, 1e-9)
+        return self.processed / elapsed, self.report.tokens / elapsed
+
+    def eta_seconds(self) -> float | None:
+        examples_per_s, _ = self.rates()
+        remaining = max(0, self.expected - self.processed)
+        if remaining == 0:
+            return 0.0
+        return remaining / examples_per_s if examples_per_s > 0 else None
+
+    def stored(self) -> int | None:
+        """What the sink holds durably, when it can say (`committed_examples`)."""
+        committed = getattr(self.sink, "committed_examples", None)
+        return None if committed is None else int(committed)
+
+    def line(self) -> str:
+        examples_per_s, tokens_per_s = self.rates()
+        eta = self.eta_seconds()
+        failed = f", {self.report.failed} failed" if self.report.failed else ""
+        dropped = f", {self.report.dropped} dropped" if self.report.dropped else ""
+        return (
+            f"{self.label}: {self.processed}/{self.expected} examples{failed}{dropped}, "
+            f"{examples_per_s:.2f} examples/s, {tokens_per_s:.0f} tokens/s, "
+            f"ETA {'unknown' if eta is None else format_seconds(eta)}"
+        )
+
+    def maybe_log(self, force: bool = False) -> None:
+        """A progress line in the log every LOG_EVERY_S (the bar may be on a terminal only)."""
+        now = time.monotonic()
+        if force or now - self._last_log >= LOG_EVERY_S:
+            log.info("%s", self.line())
+            self._last_log = now
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, (field, help_text) in COUNTERS.items():
+            counter = CounterMetricFamily(PREFIX + name, help_text, labels=["slice"])
+            counter.add_metric([self.slice], float(getattr(self.report, field)))
+            yield counter
+        examples_per_s, tokens_per_s = self.rates()
+        values = {
+            "examples_expected": self.expected,
+            "examples_processed": self.processed,
+            "examples_stored": self.stored(),
+            "examples_per_second": examples_per_s,
+            "tokens_per_second": tokens_per_s,
+            "eta_seconds": self.eta_seconds(),
+        }
+        for name, help_text in GAUGES.items():
+            value = values[name]
+            if value is not None:
+                gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=["slice"])
+                gauge.add_metric([self.slice], float(value))
+                yield gauge
+        stats = getattr(self.sink, "stats", None)
+        if stats is not None:  # a stream sink's own figures: unacked bytes, time blocked on the broker
+            yield from StatsCollector([stats]).collect()
+
+
+def format_seconds(seconds: float) -> str:
+    """`5400` -> `1:30:00`, as the bar shows it."""
+    from tqdm import tqdm
+
+    return str(tqdm.format_interval(seconds))
