@@ -52,6 +52,8 @@ TRAINER_FILE = "trainer.json"
 FILES = "files"
 """trainer.json's record of every other file: relative path -> {nbytes, digest}."""
 DAMAGED_SUFFIX = ".damaged"
+PUBLISHED = ("best", "final")
+"""Model-only directories `publish` writes beside the checkpoints."""
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -222,13 +224,32 @@ def _building(tmp: Path, final: Path, env: DistEnv) -> Iterator[None]:
 
 
 def _swap_into(tmp: Path, final: Path) -> None:
-    """Replace directory `final` by `tmp` (rename; the old one is removed afterwards)."""
-    old = final.with_name(f".tmp-old-{final.name}")
+    """Replace directory `final` by `tmp` (rename; the old one is removed afterwards). A crash between
+    the two renames leaves only `.tmp-old-<name>`; `recover_published` puts it back."""
+    old = _previous(final)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(f".tmp-old-{final.name}")
+
+
+def recover_published(output_dir: Path, names: tuple[str, ...] = PUBLISHED) -> None:
+    """Undo a swap cut short: restore `<name>` from `.tmp-old-<name>` when `<name>` is missing,
+    else drop the leftover (the swap had finished)."""
+    for name in names:
+        final, old = output_dir / name, _previous(output_dir / name)
+        if not old.exists():
+            continue
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+            fsync_dir(output_dir)
 
 
 class Checkpointer:
@@ -239,6 +260,8 @@ class Checkpointer:
         self.env = env
         self.strategy = strategy
         self.keep = keep
+        if env.is_main and output_dir.is_dir():
+            recover_published(output_dir)
 
     def save(
         self,
