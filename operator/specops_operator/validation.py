@@ -6,12 +6,14 @@ nothing is created, so no GPU is ever requested for a run that cannot work.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops.paths import PACKAGE_PREFIX
 from specops.plan import KNOWN_SHAPES, human, known_shape
+from specops.verifier import HUB_ID_PATTERN
 from specops_operator.api import (
     ModelCacheSpec,
     SpeculatorDataGenSpec,
@@ -207,4 +209,19 @@ def check_training(
         findings += inline
     findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
     findings += _cache_size(spec.model_cache, verifier, "spec")
+    findings += _init_from_path(spec.draft.init_from)
     return findings, arch
+
+
+def _init_from_path(init_from: str | None) -> list[Finding]:
+    """A local `draft.initFrom` the trainer pods could not read (a Hub id is downloaded by them)."""
+    hub = init_from is not None and re.match(HUB_ID_PATTERN, init_from) is not None
+    if init_from is None or hub or _in_pod(init_from):
+        return []
+    return [
+        Finding(
+            "PathNotAllowed",
+            f"spec.draft.initFrom: {init_from!r} is neither a Hub id nor under the trainer pods' volumes "
+            f"({', '.join(ALLOWED_ROOTS)})",
+        )
+    ]
