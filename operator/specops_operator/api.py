@@ -870,6 +870,17 @@ class SpeculatorTrainingSpec(TrainWorkload):
         hub_verifier_rule("verifier", lambda s: s.verifier),
         hub_verifier_rule("dataGen.verifier", lambda s: s.data_gen.verifier if s.data_gen else None),
         Rule(
+            "!has(self.draft) || !has(self.draft.initFrom) || !has(self.draft.initFromVerifier) || "
+            "!self.draft.initFromVerifier",
+            "spec.draft.initFrom and spec.draft.initFromVerifier both set the starting weights; use one",
+            lambda s: s.draft.init_from is None or not s.draft.init_from_verifier,
+        ),
+        Rule(
+            f"!has(self.draft) || !has(self.draft.initFrom) || !self.draft.initFrom.matches('{TRAVERSAL_RE2}')",
+            "spec.draft.initFrom must not contain '..' (give a Hub id or an absolute path)",
+            lambda s: s.draft.init_from is None or not TRAVERSAL.search(s.draft.init_from),
+        ),
+        Rule(
             "!has(self.dataGen) || !has(self.dataGen.modelCache)",
             "spec.dataGen.modelCache: set spec.modelCache instead (the inline data generation shares "
             "the training's cache)",

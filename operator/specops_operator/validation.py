@@ -6,12 +6,14 @@ nothing is created, so no GPU is ever requested for a run that cannot work.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from specops.config import VerifierConfig
 from specops.engines.base import default_layer_ids
 from specops.paths import PACKAGE_PREFIX
 from specops.plan import KNOWN_SHAPES, human, known_shape
+from specops.verifier import HUB_ID_PATTERN
 from specops_operator.api import (
     ModelCacheSpec,
     PodSettings,
@@ -219,4 +221,12 @@ def check_training(
     findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
     findings += _cache_size(spec.model_cache, verifier, "spec")
     findings += _verifier_path(verifier, spec.pod, "spec")
+    findings += _init_from_path(spec.draft.init_from, spec.pod)
     return findings, arch
+
+
+def _init_from_path(init_from: str | None, pod: PodSettings) -> list[Finding]:
+    """A local `draft.initFrom` the trainer pods could not read (a Hub id is downloaded by them)."""
+    if init_from is None or re.match(HUB_ID_PATTERN, init_from) is not None:
+        return []
+    return _outside_pod([("spec.draft.initFrom", init_from)], pod, "spec")

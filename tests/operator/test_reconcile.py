@@ -418,3 +418,34 @@ async def test_too_small_storage_stalls_with_the_estimate_before_any_child(
     assert "spec.storage.size 500Gi" in compatible["message"] and "= 1.5Ti" in compatible["message"]
     await _settle(api)
     assert api.children("Job") == [] and api.children("PersistentVolumeClaim") == []
+
+
+async def test_draft_init_from_reaches_the_trainer_config_and_a_path_off_the_volumes_stalls(
+    api: Api, operator: Runner
+) -> None:
+    import yaml
+
+    from specops.config import TrainConfig, load_config
+
+    await operator()
+    cr = example("hass-train.yaml")
+    cr["spec"]["draft"]["initFrom"] = "acme/qwen3-8b-eagle3"
+    await api.create(example("datagen-offline.yaml"))
+    await api.create(cr)
+    config = await api.until(
+        lambda: api.get("v1", "ConfigMap", "ml", "qwen3-8b-hass-train"), what="training config"
+    )
+    rendered = load_config(TrainConfig, yaml.safe_load(config["data"]["config.yaml"]))
+    assert rendered.draft.init_from == "acme/qwen3-8b-eagle3" and rendered.draft.algorithm == "hass"
+
+    local = example("hass-train.yaml")
+    local["metadata"]["name"] = "from-home"
+    local["spec"]["draft"]["initFrom"] = "/home/me/drafts/v1"  # not on any volume of the trainer pods
+    await api.create(local)
+    await api.until(_condition(api, TR, "from-home", "Stalled"), what="Stalled")
+    compatible = _conditions(api.get(*TR, "ml", "from-home"))["VerifierCompatible"]
+    assert (
+        compatible["reason"] == "PathNotAllowed"
+        and "spec.draft.initFrom: '/home/me/drafts/v1'" in compatible["message"]
+    )
+    assert api.get("v1", "ConfigMap", "ml", "from-home-train") is None

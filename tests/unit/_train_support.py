@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from specops.config import TrainConfig, load_config
 from specops.example import ExampleDict
 from specops.stores.base import StoreMeta
 from specops.stores.disk import DiskStore
+from specops.testing.net import free_port
 
 VOCAB = 64
 HIDDEN = 32
@@ -132,3 +136,27 @@ def train_cli(root: Path) -> list[str]:
     script = root / "specops_train.py"
     script.write_text(TRAIN_MAIN)
     return [str(script)]
+
+
+def gloo_world(script: str, *args: str, ranks: int = 2, timeout: float = 240) -> list[str]:
+    """Run `python -c script args` as every rank of a local CPU world; each rank's last stdout line."""
+    base = {
+        **os.environ,
+        "WORLD_SIZE": str(ranks),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    base.update(PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(ranks)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    return [out.splitlines()[-1] for out, _ in outs]

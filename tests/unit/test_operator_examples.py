@@ -307,6 +307,21 @@ CROSS_FIELD = [
         ),
         "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
     ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.draft.initFrom", "acme/qwen3-8b-eagle3")(doc),
+            _set("spec.draft.initFromVerifier", True)(doc),
+        ),
+        "initFromVerifier both set the starting weights; use one",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.initFrom", "/output/../etc/drafts"),
+        "spec.draft.initFrom must not contain '..'",
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _train_support import build_verifier, make_examples, train_config, write_store
+from _train_support import build_verifier, gloo_world, make_examples, train_config, write_store
 
 from specops.config import TrainDataConfig
 from specops.stores.disk import DiskStore
@@ -127,22 +127,7 @@ shutdown(env)
 def test_every_rank_of_a_gloo_world_gets_the_summed_window_counts(tmp_path: Path) -> None:
     """Each rank's stream window differs; the draft vocabulary must not (one mapping for DDP)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    port = free_port()
-    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORLD_COUNTS],
-            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONPATH": os.pathsep.join(sys.path)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    assert [json.loads(out.splitlines()[-1]) for out, _ in outs] == [[[3, 2], [7, 5], [9, 5]]] * 2
+    assert [json.loads(line) for line in gloo_world(WORLD_COUNTS, timeout=120)] == [
+        [[3, 2], [7, 5], [9, 5]]
+    ] * 2

@@ -397,6 +397,20 @@ class DraftConfig(Contract):
     """Start the decoder layers from the verifier's last layers and `fc` from passing the deepest
     auxiliary hidden state through, instead of random weights (fewer steps to the same accuracy;
     see docs/training.md)."""
+    init_from: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Fine-tune an existing speculator (a local directory under an allowed root, or a Hub id;
+    SpecOps- or upstream `speculators`-trained): its weights and its d2t/t2d vocabulary mapping
+    are the start, the optimizer starts fresh. Its architecture, vocabulary sizes, auxiliary
+    layers and verifier must match this run's, else the run is refused; a run that resumes from
+    its own checkpoint ignores it."""
+
+    @model_validator(mode="after")
+    def _one_start(self) -> Self:
+        if self.init_from is not None and self.init_from_verifier:
+            raise ValueError(
+                "draft.initFrom and draft.initFromVerifier both set the starting weights; use one"
+            )
+        return self
 
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -466,7 +480,8 @@ class TrainDataConfig(Contract):
     vocab_window_tokens: Annotated[int, Field(ge=1, le=1 << 30)] = 131072
     """Streams without vocab_from: each rank holds its first streamed examples in memory until they
     reach this many tokens, the loss-masked token counts of every rank's window (summed, so all ranks
-    agree) choose the draft vocabulary, and those examples are then trained on like any other. Memory:
+    agree) choose the draft vocabulary, and those examples are then trained on like any other (no
+    window with draft.initFrom, whose vocabulary mapping is kept). Memory:
     tokens x the bytes per token of the hidden states (an 8B verifier with 4 slots in bf16: 32 KiB)."""
     max_dropped_shards: Annotated[int, Field(ge=0, le=1_000_000)] = 8
     """DiskStore shards (data.kind disk, or a stream's cache) a rank may drop because they fail
@@ -573,6 +588,15 @@ class TrainConfig(Contract):
         """`collective_timeout_s`, raised above a stream's stall timeout (see that field)."""
         stall = self.data.stall_timeout_s if self.data.kind in ("mpqueue", "zmq") else None
         return self.collective_timeout_s if stall is None else max(self.collective_timeout_s, stall + 60.0)
+
+    @model_validator(mode="after")
+    def _init_from_keeps_its_vocabulary(self) -> Self:
+        if self.draft.init_from is not None and self.data.vocab_from is not None:
+            raise ValueError(
+                "data.vocabFrom: draft.initFrom keeps the loaded speculator's vocabulary mapping; "
+                "leave vocabFrom unset"
+            )
+        return self
 
     @model_validator(mode="after")
     def _streams_need_max_steps(self) -> Self:

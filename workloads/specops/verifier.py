@@ -81,7 +81,7 @@ mounted read-only into every pod). Set, Hub verifiers resolve from it alone and 
 downloaded; other Hub traffic (datasets) still uses the ordinary writable cache and network."""
 
 
-def hub_snapshot(repo_id: str, revision: str | None, field: str = FIELD) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, field: str = FIELD, *, model_cache: bool = True) -> str:
     """The local snapshot of a Hub model: `huggingface_hub` downloads what the cache lacks.
 
     `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply as usual; offline (or with
@@ -89,11 +89,12 @@ def hub_snapshot(repo_id: str, revision: str | None, field: str = FIELD) -> str:
     of the client's traceback. A process resolves its verifier several times (config, tokenizer,
     weights, the head): each asks the Hub once, not once per call (keyed by where the client
     looks, so a changed cache asks again). Speculators load through here too (`field` names what
-    the user set).
+    the user set). `model_cache=False` never looks in `$SPECOPS_MODEL_CACHE` (it holds the verifier
+    only): such a model goes to the ordinary writable cache, e.g. a trainer's `draft.initFrom`.
     """
     from huggingface_hub import constants as hub_constants
 
-    shared = os.environ.get(MODEL_CACHE_ENV)
+    shared = os.environ.get(MODEL_CACHE_ENV) if model_cache else None
     if shared:
         return _hub_snapshot(repo_id, revision, field, hub_constants.ENDPOINT, shared, True)
     key = (hub_constants.ENDPOINT, hub_constants.HF_HUB_CACHE, bool(hub_constants.HF_HUB_OFFLINE))

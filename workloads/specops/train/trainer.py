@@ -45,6 +45,7 @@ from specops.train.checkpoint import (
 )
 from specops.train.data import Prefetcher, StreamFactory, TrainData, open_source, stream_cache, vocab_counts
 from specops.train.distributed import DistEnv, all_reduce, barrier, init_distributed, shutdown, wrap
+from specops.train.init_from import start_from
 from specops.train.losses import METRICS, LossSpec, draft_loss, step_valid_counts, summarize
 from specops.train.monitor import LogHook, Monitor
 from specops.train.optim import build_optimizer, lr_at, set_lr, trainable_parameters
@@ -175,7 +176,14 @@ class Trainer:
                 f"draft.hiddenSize: {cfg.draft.hidden_size} differs from the verifier's {verifier_hidden}, "
                 "and draft.initFromVerifier copies the verifier's layers: use one or the other"
             )
-        counts = vocab_counts(cfg, self.data, vocab_size, roots, resumed=resume_from is not None)
+        # A resumed run continues its own checkpoint; initFrom only starts a new one. Either carries
+        # d2t/t2d, so no counts (and, for a stream, no window) are taken.
+        init_from = cfg.draft.init_from if resume_from is None else None
+        counts = (
+            {}
+            if init_from
+            else vocab_counts(cfg, self.data, vocab_size, roots, resumed=resume_from is not None)
+        )
         t2d, d2t = build_vocab_mapping(counts, vocab_size, cfg.draft.draft_vocab_size)
         self.draft = Eagle3DraftModel.from_training_args(
             verifier_config,
@@ -199,8 +207,13 @@ class Trainer:
         )
 
         # Resumed weights (d2t/t2d included) go into the plain module before any wrapper shards it.
+        started: Path | None = None
         if resume_from is not None:
             self.draft.load_weights(resume_from / "model.safetensors")
+        elif init_from:
+            started = start_from(
+                self.draft, init_from, roots, int(verifier_config.get_text_config().num_hidden_layers)
+            )
         self.draft.to(env.device)
         self.model = wrap(TTTModule(self.draft, cfg.ttt_steps), env, cfg.distributed)
         self.params = trainable_parameters(self.model)
@@ -225,7 +238,16 @@ class Trainer:
             hook=on_log,
         )
         if resume_from is not None:
-            self.monitor.write(f"resumed from {resume_from} at step {self.step} (epoch {self.epoch})")
+            skipped = (
+                " (draft.initFrom not applied: a resumed run keeps its own weights)"
+                if cfg.draft.init_from
+                else ""
+            )
+            self.monitor.write(
+                f"resumed from {resume_from} at step {self.step} (epoch {self.epoch}){skipped}"
+            )
+        elif init_from:
+            self.monitor.write(f"draft.initFrom: starting from the weights of {init_from} ({started})")
         self.progress = Progress(env.rank, self.total_steps, self.step)
         self.metrics_server = self._serve_progress()
 
