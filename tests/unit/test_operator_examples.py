@@ -289,6 +289,30 @@ CROSS_FIELD = [
         ),
         "spec.modelCache holds Hub models only: spec.verifier.nameOrPath must be a Hub id",
     ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (_set("spec.draft.normBeforeFc", True)(doc), _set("spec.draft.fcNorm", True)(doc)),
+        "draft.fcNorm exclude each other",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.layerTypes", ["full_attention", "full_attention"]),
+        "draft.layerTypes needs one entry per draft layer",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.layerTypes", ["sliding_attention"]),
+        "draft.layerTypes has a sliding_attention layer",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.slidingWindow", 128),
+        "draft.slidingWindow is required exactly when",
+    ),
 ]
 
 
