@@ -209,7 +209,7 @@ def test_specops_checkpoint_loads_upstream_and_matches(
     assert reloaded.config.speculators_dict() == ours.config.speculators_dict()
 
 
-@pytest.mark.parametrize("case", ["norm_output", "sliding"])
+@pytest.mark.parametrize("case", ["norm_output", "norm_before_fc+norm_output"])
 def test_proposals_follow_the_training_forward(case: str, verifier: tuple[LlamaForCausalLM, Path]) -> None:
     """`propose` (what evaluation drafts with) reads each chained step as forward_ttt does."""
     model, verifier_dir = verifier
@@ -231,6 +231,37 @@ def test_proposals_follow_the_training_forward(case: str, verifier: tuple[LlamaF
         steps = draft.forward_ttt(batch, STEPS)
     chained = draft.to_target_ids(torch.stack([logits[0, n - 1].argmax(-1) for logits in steps]))
     assert chained.tolist() == proposal.tolist()
+
+
+def test_sliding_window_moves_with_each_drafted_position(
+    verifier: tuple[LlamaForCausalLM, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At inference the window follows the drafted position, as in vLLM's KV cache: the chained
+    query at position q sees context keys q - w + 1 .. (the last accepted position) n - 1."""
+    model, verifier_dir = verifier
+    draft = _specops_draft(model, verifier_dir, CASES["sliding"])  # layer 0 sliding (w = 5), layer 1 full
+    seen: list[tuple[list[int], list[torch.Tensor]]] = []
+    original = Eagle3DraftModel.layer_masks
+
+    def spy(self: Eagle3DraftModel, allowed: torch.Tensor, queries: torch.Tensor) -> list[torch.Tensor]:
+        masks = original(self, allowed, queries)
+        seen.append((queries.tolist(), masks))
+        return masks
+
+    monkeypatch.setattr(Eagle3DraftModel, "layer_masks", spy)
+    ids, aux, _ = _inputs(model)
+    n = 40
+    draft.propose(ids[None, : n + 1], aux[None, :n], STEPS)
+    assert [queries for queries, _ in seen] == [list(range(n)), [n], [n + 1]]
+    first, *chain = seen
+    assert first[1][0][0, n - 1].nonzero().flatten().tolist() == list(range(n - 5, n))
+    for (queries, (sliding, full)), q in zip(chain, (n, n + 1), strict=True):
+        assert sliding[0, 0].nonzero().flatten().tolist() == list(range(q - 4, n)), queries
+        assert full[0, 0].nonzero().flatten().tolist() == list(range(n))
+    with pytest.raises(
+        ValueError, match="sliding_window 5 of draft layers \\[0\\] cannot see the 6 positions"
+    ):
+        draft.propose(ids[None, : n + 1], aux[None, :n], 7)
 
 
 def test_unknown_layer_type_is_refused(verifier: tuple[LlamaForCausalLM, Path], tmp_path: Path) -> None:

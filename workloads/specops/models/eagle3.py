@@ -100,6 +100,11 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
         vocab = int(self.layer_config.vocab_size)
         if not 1 <= int(self.draft_vocab_size) <= vocab:
             raise SpeculatorFormatError(f"draft_vocab_size {self.draft_vocab_size} must be in 1..{vocab}")
+        style = self.layer_config.model_type
+        if style not in _LAYER_CONFIGS:
+            raise SpeculatorFormatError(
+                f"transformer_layer_config.model_type {style!r} is not implemented (known: {sorted(_LAYER_CONFIGS)})"
+            )
         if self.norm_before_fc and self.fc_norm:
             raise SpeculatorFormatError("norm_before_fc and fc_norm exclude each other: set one")
         self.sliding_layers()  # refuses layer types the draft does not implement
@@ -734,7 +739,16 @@ class Eagle3DraftModel(SpeculatorModel):
         yet run through it); `aux_hidden` [B, n, A, H] the verifier's aux states for the first n.
         With a `context` from earlier calls on the same (growing) sequence, only positions added
         since then are run through the draft's step 0.
+
+        A sliding layer's window moves with each drafted position, as in vLLM's KV cache (training
+        keeps it at the last accepted position, as upstream does); it must span the drafted tokens.
         """
+        short = {i: w for i, w in self.windows.items() if w < num_tokens - 1}
+        if short:
+            raise ValueError(
+                f"sliding_window {min(short.values())} of draft layers {sorted(short)} cannot see the "
+                f"{num_tokens - 1} positions drafted before the last of {num_tokens}"
+            )
         b, n_plus_1 = input_ids.shape
         n = n_plus_1 - 1
         ctx = context if context is not None else self.new_context()
@@ -759,12 +773,14 @@ class Eagle3DraftModel(SpeculatorModel):
         ctx.length = n
         hidden = hidden[:, -1:]
         chain = [StepKV(context=layer.context, extending=False) for layer in ctx.layers]
-        last_masks = [mask[:, -1:] for mask in masks]
+        last_allowed = allowed[:, -1:]
         proposed = []
         for step in range(num_tokens):
             token = self.to_target_ids(self.logits(hidden).argmax(-1))
             proposed.append(token)
             if step + 1 < num_tokens:
-                positions = torch.full((b, 1), n - 1 + step + 1, device=device)
-                hidden = self._step(hidden, token, positions, chain, last_masks, aligned=False)
+                position = n - 1 + step + 1
+                masks = self.layer_masks(last_allowed, torch.tensor([position], device=device))
+                positions = torch.full((b, 1), position, device=device)
+                hidden = self._step(hidden, token, positions, chain, masks, aligned=False)
         return torch.cat(proposed, dim=1)
