@@ -209,3 +209,16 @@ def test_a_draft_vllm_cannot_serve_for_the_verifier_is_refused(
     source = research_checkpoint(new_draft(verifier, verifier_dir, num_layers=2), tmp_path / "research")
     with pytest.raises(SpeculatorFormatError, match="vLLM cannot serve a draft of 2 layers for"):
         convert_research_checkpoint(source, tmp_path / "out", verifier=hybrid)
+
+
+def test_a_draft_mixing_sliding_and_full_layers_is_refused(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    mixed = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
+    source = research_checkpoint(
+        new_draft(verifier, verifier_dir, num_layers=2, **mixed), tmp_path / "research"
+    )
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **mixed}))
+    with pytest.raises(SpeculatorFormatError, match="whose layers mix full_attention and sliding_attention"):
+        convert_research_checkpoint(source, tmp_path / "out", verifier=verifier_dir)

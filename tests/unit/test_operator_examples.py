@@ -313,6 +313,16 @@ CROSS_FIELD = [
         _set("spec.draft.slidingWindow", 128),
         "draft.slidingWindow is required exactly when",
     ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.draft.numLayers", 2)(doc),
+            _set("spec.draft.layerTypes", ["full_attention", "sliding_attention"])(doc),
+            _set("spec.draft.slidingWindow", 128)(doc),
+        ),
+        "draft.layerTypes mixes full_attention and sliding_attention",
+    ),
 ]
 
 

@@ -23,7 +23,7 @@ FLAGS = {
     "numLayers": 2,
     "normBeforeFc": True,
     "normOutput": True,
-    "layerTypes": ["sliding_attention", "full_attention"],
+    "layerTypes": ["sliding_attention", "sliding_attention"],
     "slidingWindow": 8,
 }
 
@@ -64,7 +64,7 @@ def test_train_with_upstream_flags_exports_what_it_trained(
     assert saved["transformer_layer_config"]["layer_types"] == FLAGS["layerTypes"]
     assert saved["transformer_layer_config"]["sliding_window"] == 8
     draft = SpeculatorModel.from_pretrained(final)
-    assert isinstance(draft, Eagle3DraftModel) and draft.windows == {0: 8}
+    assert isinstance(draft, Eagle3DraftModel) and draft.windows == {0: 8, 1: 8}
     assert draft.input_norm is not None
     assert not torch.equal(draft.input_norm.weight, torch.ones_like(draft.input_norm.weight)), "never trained"
 
@@ -90,7 +90,7 @@ def test_the_reference_library_loads_the_trained_draft(world: dict[str, Any]) ->
         pytest.skip("needs test_train_with_upstream_flags_exports_what_it_trained's run")
     reference = Upstream.from_pretrained(str(final))
     assert reference.config.norm_before_fc and reference.config.norm_output
-    assert reference.sliding_window_indices == [0] and reference.sliding_window == 8
+    assert reference.sliding_window_indices == [0, 1] and reference.sliding_window == 8
 
 
 def make_examples_for(world: dict[str, Any]) -> list[Any]:
@@ -116,6 +116,10 @@ def make_examples_for(world: dict[str, Any]) -> list[Any]:
             "draft.slidingWindow is required exactly when draft.layerTypes has a sliding_attention layer",
         ),
         ({"slidingWindow": 4}, "draft.slidingWindow is required exactly when"),
+        (
+            {"numLayers": 2, "layerTypes": ["sliding_attention", "full_attention"], "slidingWindow": 4},
+            "draft.layerTypes mixes full_attention and sliding_attention, which vLLM 0.32 cannot serve",
+        ),
         ({"layerTypes": ["chunked_attention"]}, "draft.layerTypes[0]: Input should be"),
     ],
 )

@@ -400,9 +400,9 @@ class DraftConfig(Contract):
     layer_types: list[Literal["full_attention", "sliding_attention"]] | None = Field(
         default=None, max_length=8
     )
-    """Attention of each draft layer, one entry per numLayers: full_attention sees every earlier
-    position, sliding_attention only the last slidingWindow (the position itself included);
-    unset = all full_attention."""
+    """Attention of each draft layer, one entry per numLayers, all the same type (vLLM cannot serve
+    a mix): full_attention sees every earlier position, sliding_attention only the last
+    slidingWindow (the position itself included); unset = all full_attention."""
     sliding_window: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
     """Positions a sliding_attention layer sees; required exactly when layerTypes has one."""
 
@@ -429,6 +429,12 @@ DRAFT_RULES: tuple[tuple[str, str, Callable[[DraftConfig], bool]], ...] = (
         "has({d}.slidingWindow) == (has({d}.layerTypes) && {d}.layerTypes.exists(t, t == 'sliding_attention'))",
         "draft.slidingWindow is required exactly when draft.layerTypes has a sliding_attention layer",
         lambda d: (d.sliding_window is not None) == ("sliding_attention" in (d.layer_types or [])),
+    ),
+    (
+        "!has({d}.layerTypes) || {d}.layerTypes.all(t, t == {d}.layerTypes[0])",
+        "draft.layerTypes mixes full_attention and sliding_attention, which vLLM 0.32 cannot serve "
+        "(two KV cache groups): give every layer the same type",
+        lambda d: len(set(d.layer_types or [])) <= 1,
     ),
 )
 """DraftConfig's cross-field rules: (CEL over the draft object `{d}`, message, the pydantic check);

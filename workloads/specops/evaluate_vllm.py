@@ -174,7 +174,8 @@ def main(args: argparse.Namespace) -> int:
         require_vllm("--engine")
         inputs = load_inputs(args)
         model, draft, prompts = inputs.model, inputs.draft, inputs.prompts
-        unservable = unservable_draft(model.config, len(draft.layers))
+        types = getattr(draft.config.layer_config, "layer_types", None) or ()
+        unservable = unservable_draft(model.config, len(draft.layers), types)
         if unservable:
             raise ValueError(f"--engine vllm: {unservable}")
         verifier, speculator_dir, device, dtype = (

@@ -128,7 +128,7 @@ def convert_research_checkpoint(
         raise SpeculatorFormatError(f"{src}: not an EAGLE-3 checkpoint; missing {missing or ['midlayer.*']}")
     num_layers = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("layers."))
     full_config = AutoConfig.from_pretrained(str(verifier))
-    unservable = unservable_draft(full_config, num_layers)
+    unservable = unservable_draft(full_config, num_layers, research.get("layer_types") or ())
     if unservable:
         raise SpeculatorFormatError(f"{src}: {unservable}")
     verifier_config = full_config.get_text_config()
