@@ -323,6 +323,15 @@ CROSS_FIELD = [
         ),
         "draft.layerTypes mixes full_attention and sliding_attention",
     ),
+    (
+        "hass-train.yaml",  # speculativeTokens 4
+        0,
+        lambda doc: (
+            _set("spec.draft.layerTypes", ["sliding_attention"])(doc),
+            _set("spec.draft.slidingWindow", 2)(doc),
+        ),
+        "draft.speculativeTokens - 1 positions drafted before the last one",
+    ),
 ]
 
 

@@ -120,6 +120,10 @@ def make_examples_for(world: dict[str, Any]) -> list[Any]:
             {"numLayers": 2, "layerTypes": ["sliding_attention", "full_attention"], "slidingWindow": 4},
             "draft.layerTypes mixes full_attention and sliding_attention, which vLLM 0.32 cannot serve",
         ),
+        (
+            {"layerTypes": ["sliding_attention"], "slidingWindow": 2, "speculativeTokens": 5},
+            "draft.slidingWindow must reach back over the draft.speculativeTokens - 1 positions",
+        ),
         ({"layerTypes": ["chunked_attention"]}, "draft.layerTypes[0]: Input should be"),
     ],
 )

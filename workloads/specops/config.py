@@ -436,6 +436,12 @@ DRAFT_RULES: tuple[tuple[str, str, Callable[[DraftConfig], bool]], ...] = (
         "(two KV cache groups): give every layer the same type",
         lambda d: len(set(d.layer_types or [])) <= 1,
     ),
+    (
+        "!has({d}.slidingWindow) || {d}.slidingWindow >= {d}.speculativeTokens - 1",
+        "draft.slidingWindow must reach back over the draft.speculativeTokens - 1 positions drafted "
+        "before the last one (at inference the window moves with each drafted token)",
+        lambda d: d.sliding_window is None or d.sliding_window >= d.speculative_tokens - 1,
+    ),
 )
 """DraftConfig's cross-field rules: (CEL over the draft object `{d}`, message, the pydantic check);
 the operator emits them into the SpeculatorTraining CRD."""
