@@ -34,6 +34,7 @@ from pydantic.alias_generators import to_snake
 from typing_extensions import TypedDict
 
 from specops.config import (
+    DRAFT_RULES,
     ConfigError,
     Contract,
     DataGenConfig,
@@ -800,6 +801,11 @@ class TrainerSpec(Contract):
     long enough for the slowest pod to be scheduled and pull its image."""
 
 
+def _on_draft(holds: Callable[[DraftConfig], bool]) -> Callable[[Any], bool]:
+    """A DraftConfig rule as a spec-level check (the draft section is always there in the model)."""
+    return lambda spec: holds(spec.draft)
+
+
 class SpeculatorTrainingSpec(TrainWorkload):
     """Train an EAGLE-3 or HASS speculator on generated data and export it for vLLM."""
 
@@ -900,6 +906,14 @@ class SpeculatorTrainingSpec(TrainWorkload):
                     and (s.data_gen is None or (s.data_gen.workers <= 1 and s.data_gen.mode == "offline"))
                 )
             ),
+        ),
+        *(
+            Rule(
+                f"!has(self.draft) || ({cel.format(d='self.draft')})",
+                message.replace("draft.", "spec.draft."),
+                _on_draft(holds),
+            )
+            for cel, message, holds in DRAFT_RULES
         ),
     )
 

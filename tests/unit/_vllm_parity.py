@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from _models_support import new_draft, verifier_states
@@ -30,6 +30,8 @@ class Case(NamedTuple):
     layer_style: str
     hidden_size: int | None
     architecture: str
+    flags: dict[str, Any]
+    """Upstream architecture flags for the draft (norm_before_fc, norm_output, layer_types, ...)."""
 
 
 def build(root: Path, case: Case) -> tuple[LlamaForCausalLM, Path]:
@@ -62,6 +64,7 @@ def build(root: Path, case: Case) -> tuple[LlamaForCausalLM, Path]:
         draft_vocab=case.draft_vocab,
         layer_style=case.layer_style,
         hidden_size=case.hidden_size,
+        **case.flags,
     )
     head = VerifierHead.from_pretrained(root / "verifier")
     gen = torch.Generator().manual_seed(0)
@@ -134,5 +137,8 @@ def main(root: Path, case: Case) -> None:
 
 
 if __name__ == "__main__":
-    layers, vocab, style, hidden, architecture = sys.argv[2:7]
-    main(Path(sys.argv[1]), Case(int(layers), int(vocab), style, int(hidden) or None, architecture))
+    layers, vocab, style, hidden, architecture, flags = sys.argv[2:8]
+    main(
+        Path(sys.argv[1]),
+        Case(int(layers), int(vocab), style, int(hidden) or None, architecture, json.loads(flags)),
+    )

@@ -165,3 +165,60 @@ def test_cli_convert_eagle3(
     (source / "config.json").write_text("{")
     assert run_convert([*argv, *roots]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_research_checkpoint_with_upstream_flags_keeps_them(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    flags = {"norm_before_fc": True, "norm_output": True}
+    draft = new_draft(
+        verifier, verifier_dir, layer_types=["sliding_attention"], sliding_window=6, **flags
+    ).eval()
+    with torch.no_grad():
+        draft.input_norm.weight.uniform_(0.5, 1.5)  # type: ignore[union-attr]
+    source = research_checkpoint(draft, tmp_path / "research")
+    config = json.loads((source / "config.json").read_text())
+    config.update(layer_types=["sliding_attention"], sliding_window=6, eagle_config=flags)
+    (source / "config.json").write_text(json.dumps(config))
+    convert_research_checkpoint(source, tmp_path / "out", verifier=verifier_dir, aux_layer_ids=[1, 2, 3])
+    loaded = SpeculatorModel.from_pretrained(tmp_path / "out")
+    assert isinstance(loaded, Eagle3DraftModel) and loaded.windows == {0: 6}
+    assert loaded.config.norm_before_fc and loaded.config.norm_output
+    batch = packed_batch(verifier, [torch.arange(20) % VOCAB])
+    with torch.no_grad():
+        for a, b in zip(draft.forward_ttt(batch, 3), loaded.forward_ttt(batch, 3), strict=True):
+            assert torch.equal(a, b)
+
+    config.pop("eagle_config")  # the tensor is there, the flag is not: refused, not dropped
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpeculatorFormatError, match=r"not in the architecture \['input_norm.weight'\]"):
+        convert_research_checkpoint(source, tmp_path / "out2", verifier=verifier_dir, aux_layer_ids=[1, 2, 3])
+
+
+def test_a_draft_vllm_cannot_serve_for_the_verifier_is_refused(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    hybrid = tmp_path / "hybrid-verifier"
+    hybrid.mkdir()
+    for file in verifier_dir.iterdir():
+        (hybrid / file.name).write_bytes(file.read_bytes())
+    config = json.loads((hybrid / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config.update(layer_types=["sliding_attention", "full_attention"] * (layers // 2), sliding_window=8)
+    (hybrid / "config.json").write_text(json.dumps(config))
+    source = research_checkpoint(new_draft(verifier, verifier_dir, num_layers=2), tmp_path / "research")
+    with pytest.raises(SpeculatorFormatError, match="vLLM cannot serve a draft of 2 layers for"):
+        convert_research_checkpoint(source, tmp_path / "out", verifier=hybrid)
+
+
+def test_a_draft_mixing_sliding_and_full_layers_is_refused(
+    verifier: LlamaForCausalLM, verifier_dir: Path, tmp_path: Path
+) -> None:
+    mixed = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
+    source = research_checkpoint(
+        new_draft(verifier, verifier_dir, num_layers=2, **mixed), tmp_path / "research"
+    )
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **mixed}))
+    with pytest.raises(SpeculatorFormatError, match="whose layers mix full_attention and sliding_attention"):
+        convert_research_checkpoint(source, tmp_path / "out", verifier=verifier_dir)

@@ -31,6 +31,11 @@ VLLM_TOP_LEVEL = {
     "norm_before_residual",
     "target_hidden_size",
     "eagle_aux_hidden_state_layer_ids",
+    "norm_before_fc",
+    "fc_norm",
+    "norm_output",
+    "embed_requires_grad",
+    "speculators_version",
 }
 """Every key SpecOps writes; each one is read by vLLM's speculators loader or the reference library."""
 
@@ -101,6 +106,8 @@ def test_saved_speculator_has_exactly_the_fields_vllm_reads(
     assert set(config) == VLLM_TOP_LEVEL
     assert config["norm_before_residual"] is False, "written explicitly (vLLM defaults it to True)"
     assert config["architectures"] == ["Eagle3DraftModel"]
+    assert config["speculators_version"] == "0.9.0"
+    assert config["norm_before_fc"] is False and config["norm_output"] is False
     assert config["speculators_config"] == {
         "algorithm": "hass",
         "default_proposal_method": "greedy",

@@ -33,13 +33,31 @@ HYBRID = {"GptOssForCausalLM"}
 refuses it ("All drafting layers should belong to the same kv cache group"), so one layer here."""
 
 
+SLIDING = {"layer_types": ["sliding_attention", "sliding_attention"], "sliding_window": 8}
+FLAGGED = [
+    (1, 48, "llama", 0, "LlamaForCausalLM", {"norm_before_fc": True, "norm_output": True}),
+    (1, 48, "qwen3", 0, "LlamaForCausalLM", {"fc_norm": True, "norm_output": True}),
+    (2, 48, "llama", 0, "LlamaForCausalLM", SLIDING),
+    (2, 48, "qwen3", 0, "LlamaForCausalLM", {**SLIDING, "norm_before_fc": True, "norm_output": True}),
+]
+"""Upstream's architecture flags, and sliding-window draft layers (windows far shorter than the
+sequences, so a window in the wrong place changes the drafts)."""
+
+
 @pytest.mark.parametrize(
-    ("num_layers", "draft_vocab", "layer_style", "hidden_size", "architecture"),
-    [(*shape, "LlamaForCausalLM") for shape in SHAPES]
-    + [(1 if name in HYBRID else 2, 48, "llama", 0, name) for name in VLLM_FAMILIES],
+    ("num_layers", "draft_vocab", "layer_style", "hidden_size", "architecture", "flags"),
+    [(*shape, "LlamaForCausalLM", {}) for shape in SHAPES]
+    + [(1 if name in HYBRID else 2, 48, "llama", 0, name, {}) for name in VLLM_FAMILIES]
+    + FLAGGED,
 )
 def test_vllm_matches_specops_evaluate(
-    tmp_path: Path, num_layers: int, draft_vocab: int, layer_style: str, hidden_size: int, architecture: str
+    tmp_path: Path,
+    num_layers: int,
+    draft_vocab: int,
+    layer_style: str,
+    hidden_size: int,
+    architecture: str,
+    flags: dict[str, object],
 ) -> None:
     script = Path(__file__).with_name("_vllm_parity.py")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -53,6 +71,7 @@ def test_vllm_matches_specops_evaluate(
             layer_style,
             str(hidden_size),
             architecture,
+            json.dumps(flags),
         ],
         capture_output=True,
         text=True,

@@ -322,6 +322,49 @@ CROSS_FIELD = [
         _set("spec.draft.initFrom", "/output/../etc/drafts"),
         "spec.draft.initFrom must not contain '..'",
     ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (_set("spec.draft.normBeforeFc", True)(doc), _set("spec.draft.fcNorm", True)(doc)),
+        "draft.fcNorm exclude each other",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.layerTypes", ["full_attention", "full_attention"]),
+        "draft.layerTypes needs one entry per draft layer",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.layerTypes", ["sliding_attention"]),
+        "draft.layerTypes has a sliding_attention layer",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        _set("spec.draft.slidingWindow", 128),
+        "draft.slidingWindow is required exactly when",
+    ),
+    (
+        "hass-train.yaml",
+        0,
+        lambda doc: (
+            _set("spec.draft.numLayers", 2)(doc),
+            _set("spec.draft.layerTypes", ["full_attention", "sliding_attention"])(doc),
+            _set("spec.draft.slidingWindow", 128)(doc),
+        ),
+        "draft.layerTypes mixes full_attention and sliding_attention",
+    ),
+    (
+        "hass-train.yaml",  # speculativeTokens 4
+        0,
+        lambda doc: (
+            _set("spec.draft.layerTypes", ["sliding_attention"])(doc),
+            _set("spec.draft.slidingWindow", 2)(doc),
+        ),
+        "draft.speculativeTokens - 1 positions drafted before the last one",
+    ),
 ]
 
 

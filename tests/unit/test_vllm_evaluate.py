@@ -84,3 +84,45 @@ def test_engine_vllm_checks_the_speculator_path_first(
     args.allowed_root = [str(tmp_path)]
     assert evaluate_command.main(args) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_engine_vllm_refuses_a_draft_vllm_cannot_serve_before_serving(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A verifier mixing sliding and full attention with a 2-layer draft: exit 2 naming why, vLLM never started."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specops import evaluate_vllm
+    from specops.models.eagle3 import Eagle3DraftModel
+    from specops.models.vocab import build_vocab_mapping
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=8,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "verifier")
+    t2d, d2t = build_vocab_mapping({i: 64 - i for i in range(64)}, 64, 32)
+    draft = Eagle3DraftModel.from_training_args(
+        config, t2d, d2t, verifier_name_or_path=str(tmp_path / "verifier"), num_layers=2
+    )
+    draft.save_pretrained(tmp_path / "spec")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt_ids": [1, 2, 3]}) + "\n")
+    monkeypatch.setattr(vllm_engine, "require_vllm", lambda field="": None)
+    monkeypatch.setattr(evaluate_vllm, "serve", lambda *a, **k: pytest.fail("vLLM was started"))
+    args = parse(
+        "--speculator", str(tmp_path / "spec"), "--data", str(tmp_path / "prompts.jsonl"), "--engine", "vllm"
+    )
+    args.allowed_root = [str(tmp_path)]
+    assert evaluate_command.main(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bars
+    assert last.startswith(
+        "specops evaluate: error: --engine vllm: vLLM cannot serve a draft of 2 layers for"
+    )

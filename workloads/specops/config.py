@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
@@ -403,6 +404,24 @@ class DraftConfig(Contract):
     are the start, the optimizer starts fresh. Its architecture, vocabulary sizes, auxiliary
     layers and verifier must match this run's, else the run is refused; a run that resumes from
     its own checkpoint ignores it."""
+    norm_before_fc: bool = False
+    """One RMSNorm over the concatenated auxiliary hidden states before `fc` (upstream's
+    `norm_before_fc`, tensor `input_norm.weight`; default off). vLLM serves it."""
+    fc_norm: bool = False
+    """One RMSNorm per auxiliary hidden state before they are concatenated into `fc` (upstream's
+    `fc_norm`; default off); excludes normBeforeFc. vLLM serves it."""
+    norm_output: bool = False
+    """Pass the last layer's output through the final norm before lm_head AND feed that normed state
+    to the next drafted position (upstream's `norm_output`, "Eagle 3.1"; default off: the next step
+    reads the pre-norm state). vLLM serves it."""
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = Field(
+        default=None, max_length=8
+    )
+    """Attention of each draft layer, one entry per numLayers, all the same type (vLLM cannot serve
+    a mix): full_attention sees every earlier position, sliding_attention only the last
+    slidingWindow (the position itself included); unset = all full_attention."""
+    sliding_window: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
+    """Positions a sliding_attention layer sees; required exactly when layerTypes has one."""
 
     @model_validator(mode="after")
     def _one_start(self) -> Self:
@@ -411,6 +430,46 @@ class DraftConfig(Contract):
                 "draft.initFrom and draft.initFromVerifier both set the starting weights; use one"
             )
         return self
+
+    @model_validator(mode="after")
+    def _architecture_fits(self) -> Self:
+        broken = [message for _, message, holds in DRAFT_RULES if not holds(self)]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+
+DRAFT_RULES: tuple[tuple[str, str, Callable[[DraftConfig], bool]], ...] = (
+    (
+        "!has({d}.normBeforeFc) || !has({d}.fcNorm) || !({d}.normBeforeFc && {d}.fcNorm)",
+        "draft.normBeforeFc and draft.fcNorm exclude each other (one norm before fc, or one per state)",
+        lambda d: not (d.norm_before_fc and d.fc_norm),
+    ),
+    (
+        "!has({d}.layerTypes) || size({d}.layerTypes) == {d}.numLayers",
+        "draft.layerTypes needs one entry per draft layer (draft.numLayers)",
+        lambda d: d.layer_types is None or len(d.layer_types) == d.num_layers,
+    ),
+    (
+        "has({d}.slidingWindow) == (has({d}.layerTypes) && {d}.layerTypes.exists(t, t == 'sliding_attention'))",
+        "draft.slidingWindow is required exactly when draft.layerTypes has a sliding_attention layer",
+        lambda d: (d.sliding_window is not None) == ("sliding_attention" in (d.layer_types or [])),
+    ),
+    (
+        "!has({d}.layerTypes) || {d}.layerTypes.all(t, t == {d}.layerTypes[0])",
+        "draft.layerTypes mixes full_attention and sliding_attention, which vLLM 0.32 cannot serve "
+        "(two KV cache groups): give every layer the same type",
+        lambda d: len(set(d.layer_types or [])) <= 1,
+    ),
+    (
+        "!has({d}.slidingWindow) || {d}.slidingWindow >= {d}.speculativeTokens - 1",
+        "draft.slidingWindow must reach back over the draft.speculativeTokens - 1 positions drafted "
+        "before the last one (at inference the window moves with each drafted token)",
+        lambda d: d.sliding_window is None or d.sliding_window >= d.speculative_tokens - 1,
+    ),
+)
+"""DraftConfig's cross-field rules: (CEL over the draft object `{d}`, message, the pydantic check);
+the operator emits them into the SpeculatorTraining CRD."""
 
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]

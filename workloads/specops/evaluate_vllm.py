@@ -166,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
     from specops.engines.vllm import require_vllm
     from specops.evaluate import eos_ids, evaluate, greedy_references
     from specops.models.config import SpeculatorFormatError
+    from specops.models.families import unservable_draft
     from specops.stores.atomic import write_json_atomic
     from specops.verifier import resolve_verifier
 
@@ -173,6 +174,10 @@ def main(args: argparse.Namespace) -> int:
         require_vllm("--engine")
         inputs = load_inputs(args)
         model, draft, prompts = inputs.model, inputs.draft, inputs.prompts
+        types = getattr(draft.config.layer_config, "layer_types", None) or ()
+        unservable = unservable_draft(model.config, len(draft.layers), types)
+        if unservable:
+            raise ValueError(f"--engine vllm: {unservable}")
         verifier, speculator_dir, device, dtype = (
             inputs.verifier,
             inputs.speculator_dir,

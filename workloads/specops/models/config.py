@@ -26,6 +26,10 @@ WEIGHTS_NAME = "model.safetensors"
 ALGORITHMS = ("eagle3", "hass")
 """Training algorithms recorded in `speculators_config.algorithm`; both save as an eagle3 model."""
 
+SPECULATORS_VERSION = "0.9.0"
+"""`speculators_version` written to config.json: the reference `speculators` release whose format
+SpecOps writes and is tested against (tests/unit/test_models_reference.py)."""
+
 _BUILTIN_MODULES: dict[str, str] = {"eagle3": "specops.models.eagle3"}
 """speculators_model_type -> module whose import registers its config and model classes."""
 
@@ -119,7 +123,7 @@ class SpeculatorModelConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         kwargs.pop("speculators_model_type", None)
-        # Written by other tools; the class already knows its own type and these carry nothing for us.
+        # The class knows its own type; a file's speculators_version is the writer's (ours is written).
         for key in ("speculators_version", "model_type"):
             kwargs.pop(key, None)
         if isinstance(self.speculators_config, dict):
@@ -200,6 +204,7 @@ class SpeculatorModelConfig(PretrainedConfig):
         return {
             "architectures": list(self.architectures or []),
             "speculators_model_type": self.speculators_model_type,
+            "speculators_version": SPECULATORS_VERSION,
             "speculators_config": self.spec.model_dump(mode="json"),
         }
 

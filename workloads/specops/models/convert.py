@@ -6,7 +6,10 @@ post_attention_layernorm}.*`, `norm.weight`, `lm_head.weight`, `d2t`, `t2d` and 
 `embed_tokens.weight`, stored as safetensors or as `pytorch_model.bin` (read with
 `torch.load(weights_only=True)`, which refuses anything but tensors). The single `midlayer` becomes
 `layers.0`; a missing embedding is copied from the verifier, which also supplies the defaults
-for the auxiliary layer ids and the `speculators_config.verifier` record.
+for the auxiliary layer ids and the `speculators_config.verifier` record. The architecture flags
+(`norm_before_fc` with `input_norm.weight`, `fc_norm` with `fc_norm.i.weight`, `norm_output`,
+`layer_types` + `sliding_window`) carry over, top level or under `eagle_config`; a draft vLLM could
+not serve for this verifier is refused.
 """
 
 from __future__ import annotations
@@ -24,13 +27,25 @@ from transformers import AutoConfig, LlamaConfig
 from specops.engines.base import default_layer_ids
 from specops.models.config import SpeculatorFormatError, SpeculatorsConfig, SpeculatorVerifierConfig
 from specops.models.eagle3 import ARCHITECTURE, Eagle3DraftModel, Eagle3SpeculatorConfig
+from specops.models.families import unservable_draft
 from specops.models.safetensors_io import read_tensors, weight_locations
 from specops.models.verifier_head import verifier_tensor_names
 from specops.models.vocab import check_vocab_mapping
 
 _LAYER = re.compile(r"^(?:model\.)?(?:midlayer|layers\.(\d+))\.(.+)$")
-_TOP = {"fc.weight", "norm.weight", "lm_head.weight", "embed_tokens.weight", "d2t", "t2d"}
-_LAYER_KEYS = set(LlamaConfig().to_dict()) | {"rope_theta", "rope_scaling"}
+_TOP = {
+    "fc.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "embed_tokens.weight",
+    "d2t",
+    "t2d",
+    "input_norm.weight",
+}
+_FC_NORM = re.compile(r"^fc_norm\.\d+\.weight$")
+_LAYER_KEYS = set(LlamaConfig().to_dict()) | {"rope_theta", "rope_scaling", "layer_types", "sliding_window"}
+_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+"""Architecture flags read from the research config (top level, else `eagle_config`)."""
 """Research config keys that describe the decoder layer (everything else is dropped)."""
 
 
@@ -65,7 +80,7 @@ def rename_research_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch
         match = _LAYER.match(name)
         if match:
             out[f"layers.{match.group(1) or 0}.{match.group(2)}"] = tensor
-        elif bare in _TOP:
+        elif bare in _TOP or _FC_NORM.match(bare):
             out[bare] = tensor
         else:
             unknown.append(name)
@@ -112,7 +127,11 @@ def convert_research_checkpoint(
     if missing or "layers.0.self_attn.q_proj.weight" not in tensors:
         raise SpeculatorFormatError(f"{src}: not an EAGLE-3 checkpoint; missing {missing or ['midlayer.*']}")
     num_layers = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("layers."))
-    verifier_config = AutoConfig.from_pretrained(str(verifier)).get_text_config()
+    full_config = AutoConfig.from_pretrained(str(verifier))
+    unservable = unservable_draft(full_config, num_layers, research.get("layer_types") or ())
+    if unservable:
+        raise SpeculatorFormatError(f"{src}: {unservable}")
+    verifier_config = full_config.get_text_config()
     vocab = int(verifier_config.vocab_size)
     if int(research.get("vocab_size", vocab)) != vocab:
         raise SpeculatorFormatError(
@@ -126,6 +145,7 @@ def convert_research_checkpoint(
         embed_name = verifier_tensor_names(verifier).embed
         tensors["embed_tokens.weight"] = read_tensors(verifier, [embed_name])[embed_name]
     eagle_config = research.get("eagle_config") or {}
+    flags: dict[str, Any] = {flag: bool(research.get(flag, eagle_config.get(flag, False))) for flag in _FLAGS}
     layer_ids = list(
         aux_layer_ids
         or eagle_config.get("eagle_aux_hidden_state_layer_ids")
@@ -136,7 +156,7 @@ def convert_research_checkpoint(
         architectures=[ARCHITECTURE],
         transformer_layer_config=research_layer_config({**research, "vocab_size": vocab}, num_layers),
         draft_vocab_size=draft_vocab,
-        norm_before_residual=bool(research.get("norm_before_residual", False)),
+        **flags,
         target_hidden_size=int(target_hidden) if target_hidden and int(target_hidden) != hidden else None,
         eagle_aux_hidden_state_layer_ids=layer_ids,
         speculators_config=SpeculatorsConfig.greedy(
@@ -154,8 +174,12 @@ def convert_research_checkpoint(
         if name in state and state[name].shape != ref.shape
     ]
     missing = sorted(set(expected) - set(state))
-    if problems or missing:
-        raise SpeculatorFormatError(f"{src}: tensors do not fit config.json: {problems}; missing {missing}")
+    unexpected = sorted(set(state) - set(expected))
+    if problems or missing or unexpected:
+        raise SpeculatorFormatError(
+            f"{src}: tensors do not fit config.json: {problems}; missing {missing}; not in the architecture "
+            f"{unexpected} (norm_before_fc: {flags['norm_before_fc']}, fc_norm: {flags['fc_norm']})"
+        )
     dtype = tensors["fc.weight"].dtype
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     model.to(dtype)

@@ -1,10 +1,13 @@
 """EAGLE-3 draft model (also trained as HASS): config, decoder layers, TTT forward, proposals.
 
 Architecture (tensor names are what vLLM's `Eagle3LlamaForCausalLM` loader expects):
-`fc` fuses the A=3 auxiliary verifier hidden states (A*H -> H); `layers.0` takes
+`fc` fuses the A=3 auxiliary verifier hidden states (A*H -> H), optionally after one RMSNorm over
+their concatenation (`input_norm`, `norm_before_fc`) or one per state (`fc_norm.i`, `fc_norm`); `layers.0` takes
 `[input_layernorm(embed(token)); hidden_norm(hidden)]` (2H) into attention and keeps `hidden`
 (or its norm, `norm_before_residual`) as the residual; further `layers.i` are plain pre-norm
-decoder layers; `norm` + `lm_head` give logits over the draft vocabulary; `d2t` maps a draft id
+decoder layers, each attending over all earlier positions or, for a `sliding_attention` entry of
+`layer_types`, the last `sliding_window` ones; `norm` + `lm_head` give logits over the draft vocabulary
+(with `norm_output` the normed state is also what the next TTT step reads); `d2t` maps a draft id
 to its target id (`target = draft + d2t[draft]`), `t2d` marks target ids in the draft vocab.
 `embed_tokens` and `lm_head` are copies of the verifier's (lm_head rows selected by t2d) and frozen.
 """
@@ -45,6 +48,9 @@ from specops.models.vocab import check_vocab_mapping
 
 ARCHITECTURE = "Eagle3DraftModel"
 LayerStyle = Literal["llama", "qwen3"]
+LayerType = Literal["full_attention", "sliding_attention"]
+LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
+"""`transformer_layer_config.layer_types` entries the draft implements (others are refused)."""
 _LAYER_CONFIGS: dict[str, Any] = {"llama": LlamaConfig, "qwen3": Qwen3Config}
 _NOISE_KEYS = (
     "architectures",
@@ -74,6 +80,14 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
     norm_before_residual: bool = False
     target_hidden_size: int | None = None
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    norm_before_fc: bool = False
+    """One RMSNorm (`input_norm`, A*H wide) over the concatenated auxiliary states before `fc`."""
+    fc_norm: bool = False
+    """One RMSNorm per auxiliary state (`fc_norm.i`) before concatenation; excludes norm_before_fc."""
+    norm_output: bool = False
+    """The last layer's output goes through `norm` before lm_head AND before the next TTT step reads it."""
+    embed_requires_grad: bool = False
+    """Training: the embedding is trained too (it is frozen by default, a copy of the verifier's)."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.transformer_layer_config is None:
@@ -86,7 +100,39 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
         vocab = int(self.layer_config.vocab_size)
         if not 1 <= int(self.draft_vocab_size) <= vocab:
             raise SpeculatorFormatError(f"draft_vocab_size {self.draft_vocab_size} must be in 1..{vocab}")
+        style = self.layer_config.model_type
+        if style not in _LAYER_CONFIGS:
+            raise SpeculatorFormatError(
+                f"transformer_layer_config.model_type {style!r} is not implemented (known: {sorted(_LAYER_CONFIGS)})"
+            )
+        if self.norm_before_fc and self.fc_norm:
+            raise SpeculatorFormatError("norm_before_fc and fc_norm exclude each other: set one")
+        self.sliding_layers()  # refuses layer types the draft does not implement
         super().__post_init__(**kwargs)
+
+    def sliding_layers(self) -> dict[int, int]:
+        """Layer index -> attention window (in positions) of the `sliding_attention` layers.
+
+        A query at position t sees keys t - window + 1 .. t (upstream's rule, also vLLM's)."""
+        cfg = self.layer_config
+        types = list(getattr(cfg, "layer_types", None) or [])
+        layers = int(cfg.num_hidden_layers)
+        field = "transformer_layer_config.layer_types"
+        if not types:
+            return {}
+        unknown = sorted({t for t in types if t not in LAYER_TYPES})
+        if unknown:
+            raise SpeculatorFormatError(f"{field}: {unknown} not implemented (known: {list(LAYER_TYPES)})")
+        if len(types) != layers:
+            raise SpeculatorFormatError(f"{field} has {len(types)} entries for {layers} layers")
+        window = getattr(cfg, "sliding_window", None)
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if sliding and (not isinstance(window, int) or window < 1):
+            raise SpeculatorFormatError(
+                f"transformer_layer_config.sliding_window must be a positive integer for the "
+                f"sliding_attention layers {sliding}, got {window!r}"
+            )
+        return dict.fromkeys(sliding, int(window or 0))
 
     @property
     def layer_config(self) -> PretrainedConfig:
@@ -111,6 +157,10 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
             "norm_before_residual": bool(self.norm_before_residual),
             "target_hidden_size": self.target_hidden_size,
             "eagle_aux_hidden_state_layer_ids": self.eagle_aux_hidden_state_layer_ids,
+            "norm_before_fc": bool(self.norm_before_fc),
+            "fc_norm": bool(self.fc_norm),
+            "norm_output": bool(self.norm_output),
+            "embed_requires_grad": bool(self.embed_requires_grad),
         }
 
 
@@ -119,11 +169,14 @@ def draft_layer_config(
     num_layers: int,
     layer_style: LayerStyle,
     hidden_size: int | None = None,
+    layer_types: Sequence[LayerType] | None = None,
+    sliding_window: int | None = None,
 ) -> PretrainedConfig:
     """Decoder-layer config of the draft: the verifier's dimensions and rotary setup, `num_layers` deep.
 
     With a `hidden_size` of its own the draft keeps the verifier's heads and head size, and its MLP
-    width scales with the hidden size."""
+    width scales with the hidden size. `layer_types` (one per layer) and `sliding_window` are
+    recorded as transformers and upstream write them; unset = every layer attends over everything."""
     text = verifier_config.get_text_config()
     target = int(text.hidden_size)
     hidden = int(hidden_size or target)
@@ -146,7 +199,27 @@ def draft_layer_config(
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=False,
+        **_attention_kinds(layer_style, num_layers, layer_types, sliding_window),
     )
+
+
+def _attention_kinds(
+    layer_style: LayerStyle, num_layers: int, layer_types: Sequence[LayerType] | None, window: int | None
+) -> dict[str, Any]:
+    """The layer config keys for per-layer attention kinds (none when every layer is full)."""
+    if not layer_types:
+        if window is not None:
+            raise ValueError("sliding_window needs layer_types naming its sliding_attention layers")
+        return {}
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+    sliding = "sliding_attention" in layer_types
+    if sliding != (window is not None):
+        raise ValueError("sliding_window is needed exactly when layer_types has a sliding_attention layer")
+    kinds: dict[str, Any] = {"layer_types": list(layer_types), "sliding_window": window}
+    if layer_style == "qwen3":  # Qwen3Config drops sliding_window unless this is set
+        kinds["use_sliding_window"] = sliding
+    return kinds
 
 
 @dataclass
@@ -346,7 +419,18 @@ class Eagle3DraftModel(SpeculatorModel):
         hidden, vocab, draft_vocab = int(cfg.hidden_size), int(cfg.vocab_size), int(config.draft_vocab_size)
         target_hidden = int(config.target_hidden_size or hidden)
         self.embed_tokens = nn.Embedding(vocab, hidden)
-        self.fc = nn.Linear(config.num_aux_layers * target_hidden, hidden, bias=False)
+        aux = config.num_aux_layers
+        self.input_norm: nn.Module | None = (
+            LlamaRMSNorm(aux * target_hidden, cfg.rms_norm_eps) if config.norm_before_fc else None
+        )
+        self.fc_norm: nn.ModuleList | None = (
+            nn.ModuleList(LlamaRMSNorm(target_hidden, cfg.rms_norm_eps) for _ in range(aux))
+            if config.fc_norm
+            else None
+        )
+        self.fc = nn.Linear(aux * target_hidden, hidden, bias=False)
+        self.windows = config.sliding_layers()
+        """Layer index -> attention window of the sliding_attention layers (the others see everything)."""
         qk_norm = cfg.model_type == "qwen3"
         self.layers = nn.ModuleList(
             DraftDecoderLayer(
@@ -363,7 +447,7 @@ class Eagle3DraftModel(SpeculatorModel):
         self.own_vocab_layers = target_hidden != hidden
         """A draft narrower or wider than its verifier trains its own embedding and lm_head."""
         if not self.own_vocab_layers:
-            self.embed_tokens.requires_grad_(False)
+            self.embed_tokens.requires_grad_(bool(config.embed_requires_grad))
             self.lm_head.requires_grad_(False)
 
     def _init_weights(self, std: float) -> None:
@@ -396,6 +480,11 @@ class Eagle3DraftModel(SpeculatorModel):
         draft_vocab_size: int | None = None,
         init_from_verifier: bool = False,
         hidden_size: int | None = None,
+        norm_before_fc: bool = False,
+        fc_norm: bool = False,
+        norm_output: bool = False,
+        layer_types: Sequence[LayerType] | None = None,
+        sliding_window: int | None = None,
     ) -> Eagle3DraftModel:
         """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm
         copied; with `init_from_verifier`, its layers and `fc` start from the verifier's too
@@ -424,10 +513,13 @@ class Eagle3DraftModel(SpeculatorModel):
         config = Eagle3SpeculatorConfig(
             architectures=[ARCHITECTURE],
             transformer_layer_config=draft_layer_config(
-                verifier_config, num_layers, layer_style, hidden_size
+                verifier_config, num_layers, layer_style, hidden_size, layer_types, sliding_window
             ),
             draft_vocab_size=d2t.numel(),
             norm_before_residual=norm_before_residual,
+            norm_before_fc=norm_before_fc,
+            fc_norm=fc_norm,
+            norm_output=norm_output,
             target_hidden_size=target_hidden if own_width else None,
             eagle_aux_hidden_state_layer_ids=layer_ids,
             speculators_config=SpeculatorsConfig.greedy(
@@ -529,15 +621,16 @@ class Eagle3DraftModel(SpeculatorModel):
         tokens: torch.Tensor,
         positions: torch.Tensor,
         caches: list[StepKV],
-        context_allowed: torch.Tensor,
+        masks: Sequence[torch.Tensor],
         aligned: bool,
         rows: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One draft pass over all layers; returns the last layer's pre-norm hidden state.
+        """One draft pass over all layers; returns what the next step reads (see `step_output`).
 
         `positions` is always [B, T]; `hidden` and `tokens` are [B, T, ..] or, with `rows`, just the
-        marked positions. `keep` makes the last layer return only its marked positions."""
+        marked positions. `masks` holds each layer's context mask (`layer_masks`). `keep` makes the
+        last layer return only its marked positions."""
         embeds = self.embed_tokens(tokens).to(hidden.dtype)
         rope: tuple[torch.Tensor, torch.Tensor] = self.rotary_emb(hidden, positions)
         last = len(self.layers) - 1
@@ -547,20 +640,36 @@ class Eagle3DraftModel(SpeculatorModel):
                 embeds if index == 0 else None,
                 rope,
                 caches[index],
-                context_allowed,
+                masks[index],
                 aligned,
                 rows=rows,
                 keep=keep if index == last else None,
             )
-        return hidden
+        return self.norm(hidden) if self.config.norm_output else hidden
+
+    def layer_masks(self, allowed: torch.Tensor, queries: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's context mask: `allowed` (bool [B, Tq, Tk]), narrowed for a sliding layer to
+        keys within its window of the query's context index (`queries`, [Tq])."""
+        keys = torch.arange(allowed.shape[-1], device=allowed.device)
+        windowed = {
+            w: allowed & (keys[None, :] > queries[:, None] - w)[None] for w in set(self.windows.values())
+        }
+        return [windowed[self.windows[i]] if i in self.windows else allowed for i in range(len(self.layers))]
 
     def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
-        """fc over the concatenated auxiliary hidden states [.., A, H] -> [.., H]."""
-        return self.fc(aux_hidden.flatten(-2).to(self.fc.weight.dtype))
+        """fc over the concatenated auxiliary hidden states [.., A, H] -> [.., H], after
+        `input_norm` (over all of them) or `fc_norm` (each its own) where the config asks."""
+        features = aux_hidden.to(self.fc.weight.dtype)
+        if self.fc_norm is not None:
+            features = torch.stack([norm(features[..., i, :]) for i, norm in enumerate(self.fc_norm)], -2)
+        features = features.flatten(-2)
+        if self.input_norm is not None:
+            features = self.input_norm(features)
+        return self.fc(features)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits of pre-norm draft hidden states."""
-        return self.lm_head(self.norm(hidden))
+        """Draft-vocabulary logits of what `_step` returned (normed already with norm_output)."""
+        return self.lm_head(hidden if self.config.norm_output else self.norm(hidden))
 
     def forward_ttt(
         self, batch: DraftBatch, ttt_steps: int, where: Sequence[torch.Tensor] | None = None
@@ -583,6 +692,7 @@ class Eagle3DraftModel(SpeculatorModel):
                 f"{self.config.num_aux_layers}"
             )
         allowed = context_mask(batch.document_ids)
+        masks = self.layer_masks(allowed, torch.arange(allowed.shape[1], device=allowed.device))
         caches = [StepKV() for _ in self.layers]
         hidden = self.fuse(batch.aux_hidden)
         needed = rows_needed(where) if where is not None else None
@@ -591,16 +701,16 @@ class Eagle3DraftModel(SpeculatorModel):
             tokens = step_tokens(batch.input_ids, step)
             positions = batch.position_ids + step
             if where is None or needed is None:
-                hidden = self._step(hidden, tokens, positions, caches, allowed, aligned=True)
+                hidden = self._step(hidden, tokens, positions, caches, masks, aligned=True)
                 out.append(self.logits(hidden))
             else:
                 rows = needed[step]
                 if step == 0:
-                    hidden = self._step(hidden, tokens, positions, caches, allowed, aligned=True, keep=rows)
+                    hidden = self._step(hidden, tokens, positions, caches, masks, aligned=True, keep=rows)
                 else:  # hidden holds step-1's rows, a superset of this step's
                     hidden = hidden[rows[needed[step - 1]]]
                     hidden = self._step(
-                        hidden, tokens[rows], positions, caches, allowed, aligned=True, rows=rows
+                        hidden, tokens[rows], positions, caches, masks, aligned=True, rows=rows
                     )
                 out.append(self.logits(hidden[where[step][rows]]))
             for cache in caches:
@@ -629,7 +739,16 @@ class Eagle3DraftModel(SpeculatorModel):
         yet run through it); `aux_hidden` [B, n, A, H] the verifier's aux states for the first n.
         With a `context` from earlier calls on the same (growing) sequence, only positions added
         since then are run through the draft's step 0.
+
+        A sliding layer's window moves with each drafted position, as in vLLM's KV cache (training
+        keeps it at the last accepted position, as upstream does); it must span the drafted tokens.
         """
+        short = {i: w for i, w in self.windows.items() if w < num_tokens - 1}
+        if short:
+            raise ValueError(
+                f"sliding_window {min(short.values())} of draft layers {sorted(short)} cannot see the "
+                f"{num_tokens - 1} positions drafted before the last of {num_tokens}"
+            )
         b, n_plus_1 = input_ids.shape
         n = n_plus_1 - 1
         ctx = context if context is not None else self.new_context()
@@ -642,12 +761,13 @@ class Eagle3DraftModel(SpeculatorModel):
         start = ctx.length
         new_positions = torch.arange(start, n, device=device)
         allowed = (torch.arange(n, device=device)[None, :] <= new_positions[:, None]).expand(b, -1, -1)
+        masks = self.layer_masks(allowed, new_positions)
         hidden = self._step(
             self.fuse(aux_hidden[:, start:]),
             input_ids[:, start + 1 :],
             new_positions.expand(b, -1),
             ctx.layers,
-            allowed,
+            masks,
             aligned=False,
         )
         ctx.length = n
@@ -659,6 +779,8 @@ class Eagle3DraftModel(SpeculatorModel):
             token = self.to_target_ids(self.logits(hidden).argmax(-1))
             proposed.append(token)
             if step + 1 < num_tokens:
-                positions = torch.full((b, 1), n - 1 + step + 1, device=device)
-                hidden = self._step(hidden, token, positions, chain, last_allowed, aligned=False)
+                position = n - 1 + step + 1
+                masks = self.layer_masks(last_allowed, torch.tensor([position], device=device))
+                positions = torch.full((b, 1), position, device=device)
+                hidden = self._step(hidden, token, positions, chain, masks, aligned=False)
         return torch.cat(proposed, dim=1)

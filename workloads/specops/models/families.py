@@ -8,6 +8,7 @@ architecture, because an untested head or layer layout would give wrong targets 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,14 +64,21 @@ def verifier_family(config: Any, source: str) -> Family:
     return family
 
 
-def unservable_draft(config: Any, num_layers: int) -> str | None:
-    """Why vLLM 0.32 could not serve a `num_layers` draft for this verifier, or None.
+def unservable_draft(config: Any, num_layers: int, draft_layer_types: Sequence[str] = ()) -> str | None:
+    """Why vLLM 0.32 could not serve a `num_layers` draft (of these layer types) for this verifier, or None.
 
-    A verifier mixing sliding-window and full attention layers (gpt-oss) puts them in separate KV
-    cache groups, and vLLM then refuses a draft whose layers do not all fall into one group
-    ("All drafting layers should belong to the same kv cache group"): one layer is served, two are
-    not (tests/unit/test_models_vllm.py).
+    Sliding-window and full attention layers go into separate KV cache groups, and vLLM refuses a
+    draft whose layers do not all fall into one group ("All drafting layers should belong to the
+    same kv cache group"): a draft mixing the two types is refused (seen with a 2-layer sliding +
+    full draft for Llama), and so is a multi-layer draft for a verifier mixing them (gpt-oss), where
+    one layer is served and two are not (tests/unit/test_models_vllm.py).
     """
+    mixed = sorted(set(draft_layer_types))
+    if len(mixed) > 1:
+        return (
+            f"vLLM cannot serve a draft whose layers mix {' and '.join(mixed)} (two KV cache groups): "
+            "give every layer the same type"
+        )
     family = FAMILIES.get(architecture(config))
     types = set(getattr(config.get_text_config(), "layer_types", None) or [])
     if family is not None and family.vllm_eagle3 and num_layers > 1 and len(types) > 1:

@@ -199,6 +199,11 @@ class Trainer:
             aux_layer_ids=aux_layer_ids,
             init_from_verifier=cfg.draft.init_from_verifier,
             hidden_size=cfg.draft.hidden_size,
+            norm_before_fc=cfg.draft.norm_before_fc,
+            fc_norm=cfg.draft.fc_norm,
+            norm_output=cfg.draft.norm_output,
+            layer_types=cfg.draft.layer_types,
+            sliding_window=cfg.draft.sliding_window,
         )
         head_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.head = VerifierHead.from_pretrained(verifier_path, dtype=head_dtype, device=env.device)
