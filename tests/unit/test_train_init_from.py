@@ -319,7 +319,8 @@ def test_a_speculator_written_by_the_reference_library_is_the_start(world: dict[
     assert trainer.run().final is not None
 
     with pytest.raises(
-        ConfigError, match=r"draft\.initFrom: .* norm_output is True in the speculator, False in this run"
+        ConfigError,
+        match=r"draft\.initFrom: .* draft\.normOutput \(norm_output\) is True in the speculator, False in this run",
     ):
         Trainer(
             config(
@@ -330,6 +331,18 @@ def test_a_speculator_written_by_the_reference_library_is_the_start(world: dict[
             ),
             DistEnv(),
         )
+    # The same architecture asked for: upstream's "Eagle 3.1" checkpoint is the start.
+    normed = Trainer(
+        config(
+            world,
+            "norm-output-asked",
+            max_steps=1,
+            draft__init_from=str(world["root"] / "upstream-norm-output"),
+            draft__norm_output=True,
+        ),
+        DistEnv(),
+    )
+    assert normed.draft.config.norm_output and normed.run().final is not None
 
 
 RANK = """import hashlib, sys

@@ -61,11 +61,11 @@ SAME: tuple[tuple[str, Getter], ...] = (
     ("transformer_layer_config.num_attention_heads", _layer("num_attention_heads")),
     ("transformer_layer_config.num_key_value_heads", _layer("num_key_value_heads")),
     ("transformer_layer_config.head_dim", _layer("head_dim")),
-    ("the sliding-window layers (transformer_layer_config.layer_types)", _sliding_layers),
-    # Upstream architecture flags: a checkpoint that sets one this run's draft does not is refused.
-    ("norm_before_fc", _flag("norm_before_fc")),
-    ("fc_norm", _flag("fc_norm")),
-    ("norm_output", _flag("norm_output")),
+    ("draft.layerTypes (transformer_layer_config.layer_types)", _sliding_layers),
+    ("draft.slidingWindow (transformer_layer_config.sliding_window)", _layer("sliding_window")),
+    ("draft.normBeforeFc (norm_before_fc)", _flag("norm_before_fc")),
+    ("draft.fcNorm (fc_norm)", _flag("fc_norm")),
+    ("draft.normOutput (norm_output)", _flag("norm_output")),
 )
 """What must be equal in the loaded speculator and this run's draft, each named for the message."""
 
