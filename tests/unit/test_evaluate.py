@@ -21,6 +21,8 @@ from specops.data.split import HeldOutSplit
 from specops.evaluate import (
     CachedVerifier,
     default_max_mismatch_rate,
+    draft_cost_ratio,
+    estimated_speedup,
     evaluate,
     greedy_decode,
     greedy_references,
@@ -374,6 +376,22 @@ def test_evaluation_logs_its_progress_prompt_by_prompt(
         "verifier greedy references: prompt 4/4 done",
         "evaluate draft: prompt 4/4 done",
     ]
+
+
+def test_draft_cost_counts_the_weights_each_step_reads(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel
+) -> None:
+    """A tied head reads the embedding table once; an untied one reads its own copy and the
+    embedding is only looked up: the verifier reads as much per token either way."""
+    untied, tied = copy.deepcopy(verifier), copy.deepcopy(verifier)
+    untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    embedding = verifier.model.embed_tokens.weight.numel()
+    draft_reads = sum(p.numel() for p in draft.parameters()) - draft.embed_tokens.weight.numel()
+    expected = draft_reads / (sum(p.numel() for p in untied.parameters()) - embedding)
+    assert draft_cost_ratio(untied, draft) == pytest.approx(expected)
+    assert draft_cost_ratio(tied, draft) == pytest.approx(expected)
+    assert estimated_speedup(2.0, 3, 0.1) == pytest.approx(2.0 / 1.3)
 
 
 def test_cli_evaluates_the_conversations_its_training_held_out(

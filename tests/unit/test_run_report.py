@@ -162,3 +162,23 @@ def test_versions_and_verifier_identity() -> None:
     }
     local = VerifierConfig(name_or_path="/models/m")
     assert provenance.verifier_provenance(local, "/models/m")["revision"] is None
+
+
+def test_training_lines_of_torchrun_ranks_reach_run_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`specops run --nproc N` streams rank 0's stdout: shown, kept in run.log, its JSON last."""
+    import os
+    import sys
+
+    from specops.local_run import _logging, stream_lines
+
+    script = "print('[train step 2] loss=3.5'); print(); print('{\"step\": 2}')"
+    with _logging(tmp_path / "logs" / "run.log"):
+        code, lines = stream_lines([sys.executable, "-c", script], dict(os.environ))
+    assert code == 0 and lines == ["[train step 2] loss=3.5", '{"step": 2}']
+    assert "[train step 2] loss=3.5" in capsys.readouterr().out
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert "specops.train.lines: [train step 2] loss=3.5" in log
+    code, _ = stream_lines([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    assert code == 3

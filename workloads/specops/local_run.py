@@ -269,17 +269,24 @@ def _train_torchrun(plan: LocalPlan) -> dict[str, Any]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.nproc}",
         "-m", "specops.cli", "train", "--config", str(plan.out_dir / "train.yaml"),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code, lines = stream_lines(command, {**os.environ, "OMP_NUM_THREADS": "1"})
+    if code != 0:
+        raise RuntimeError(f"training failed with exit code {code} (see {plan.out_dir / 'logs'})")
+    return dict(json.loads(lines[-1]))
+
+
+def stream_lines(command: Sequence[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run `command`; each stdout line (rank 0's training lines, its JSON result last) goes on to
+    the console and, through `LINES`, into run.log as it comes. Returns the exit code and the lines."""
     lines: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as ranks:
-        assert ranks.stdout is not None
-        for line in ranks.stdout:  # rank 0's training lines: shown and kept in run.log as they come
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
             print(line, end="", flush=True)
-            LINES.info(line.rstrip("\n"))
-            lines.append(line)
-    if ranks.returncode != 0:
-        raise RuntimeError(f"training failed with exit code {ranks.returncode} (see {plan.out_dir / 'logs'})")
-    return dict(json.loads("".join(lines).strip().splitlines()[-1]))
+            if line.strip():
+                LINES.info(line.rstrip("\n"))
+                lines.append(line.strip())
+    return process.returncode, lines
 
 
 def _evaluate(plan: LocalPlan, speculator: Path) -> tuple[dict[str, Any], float]:
