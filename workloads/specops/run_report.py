@@ -146,7 +146,7 @@ def _curves(
             axes.plot(steps, values, label=label, color=color, **style)
     axes.set(title=title, xlabel="training step", ylabel=ylabel)
     axes.grid(alpha=0.3)
-    axes.margins(x=0.02, y=0.08)
+    axes.margins(x=0.04, y=0.08)
     if axes.lines:
         axes.legend()
     else:
@@ -160,7 +160,7 @@ def _best_marker(axes: Axes, validation: list[dict[str, Any]]) -> None:
         chosen = min(best, key=lambda m: m["loss"])
         axes.plot(
             chosen["step"], chosen["loss"], marker="*", markersize=18, color="gold",
-            markeredgecolor="black", linestyle="none", label=f"best (step {chosen['step']})",
+            markeredgecolor="black", linestyle="none", label=f"best (step {chosen['step']})", clip_on=False,
         )  # fmt: skip
         axes.legend()
 
@@ -216,8 +216,9 @@ def _position_accuracy(axes: Axes, records: list[dict[str, Any]], kind: str) -> 
         axes.plot(
             steps, values, marker=marker, linewidth=2, label=f"position {int(key.rsplit('_', 1)[1]) + 1}"
         )
-    axes.set_ylim(bottom=0)
-    axes.margins(x=0.02)
+    axes.margins(x=0.04)
+    top = max(axes.get_ylim()[1], 0.01)
+    axes.set_ylim(-0.03 * top, top)  # a position stuck at 0 stays visible above the x axis
     axes.grid(alpha=0.3)
     axes.legend()
 
