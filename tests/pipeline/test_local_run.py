@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 
 from specops.config import ConfigError
-from specops.local_run import plan_local, run_local, summary
+from specops.local_run import LocalPlan, plan_local, run_local, run_provenance, summary
 
 
 def _training_yaml(tmp_path: Path, verifier: Path, data: Path, **spec: object) -> Path:
@@ -78,10 +82,76 @@ def test_local_run_reports_and_resumes(
     }
     assert source["prompts"] == report["evaluation"]["trained"]["prompts"] > 0
     assert report["training"]["best"] is not None and "held out of training" in summary(report)
+    assert source["held_out_conversations"] >= source["conversations"]
+    assert source["stored_conversations"] > source["held_out_conversations"]
+    _check_report_files(tmp_path / "out", plan, report)
 
     again = run_local(plan)  # a rerun resumes: nothing regenerated, no extra training steps
     assert again["data"]["written"] == 0 and again["data"]["skipped"] == report["data"]["written"]
     assert again["training"]["step"] == report["training"]["step"]
+    assert again["provenance"] == report["provenance"]
+    # The config digest follows the resolved configs: another learning rate, another digest.
+    other = plan_local(_training_yaml(tmp_path, tiny_verifier_dir, synthetic_jsonl, optim={"lr": 1e-3}))
+    assert run_provenance(other, "")["config_sha256"] != report["provenance"]["config_sha256"]
+
+
+def _check_report_files(out: Path, plan: LocalPlan, report: dict[str, Any]) -> None:
+    """Provenance with real values, rounded floats, the 1600x900 figure, every stage in run.log."""
+    import torch
+    import transformers
+
+    import specops
+
+    made = report["provenance"]
+    assert made["versions"]["specops"] == specops.__version__
+    assert made["versions"]["torch"] == torch.__version__
+    assert made["versions"]["transformers"] == transformers.__version__
+    configs = (out / "datagen.yaml").read_bytes() + (out / "train.yaml").read_bytes()
+    assert made["config_sha256"] == "sha256:" + hashlib.sha256(configs).hexdigest()
+    manifest = (out / "data" / "manifest.json").read_bytes()
+    assert made["data"]["manifests"] == ["manifest.json"]
+    assert made["data"]["manifest_sha256"] == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    assert made["verifier"]["id"] == plan.train.verifier.name_or_path and made["verifier"]["revision"] is None
+    checkout = Path(specops.__file__).parent
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # run from a git checkout (as the tests are)
+        assert made["git"]["commit"] == head.stdout.strip() and isinstance(made["git"]["dirty"], bool)
+    else:
+        assert made["git"] is None
+
+    speedup = report["estimated_speedup"]
+    assert 0 < speedup["draft_cost_ratio"] < 1
+    k = plan.train.draft.speculative_tokens
+    expected = report["acceptance_length"] / (1 + k * speedup["draft_cost_ratio"])
+    assert speedup["value"] == pytest.approx(expected, rel=1e-3)
+    floats = _floats(report)
+    assert floats and all(float(f"{x:.4g}") == x for x in floats), "report.json floats are rounded"
+
+    with Image.open(out / "report.png") as image:
+        assert image.size == (1600, 900)
+    log = (out / "logs" / "run.log").read_text()
+    for line in (
+        "[1/3] generating data",
+        "[2/3] training",
+        "[train step 2]",  # the trainer's own lines (logEvery: 2)
+        "done: ",
+        "[3/3] evaluating",
+        "verifier greedy references: prompt",
+        f"evaluate trained draft: prompt {report['evaluation_prompts']['prompts']}/",
+        "evaluate untrained draft: prompt",
+        "report: ",
+    ):
+        assert line in log, f"run.log lacks {line!r}"
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        return [f for item in value.values() for f in _floats(item)]
+    if isinstance(value, list):
+        return [f for item in value for f in _floats(item)]
+    return []
 
 
 def test_missing_data_gen_ref_is_named(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from specops.data.split import HeldOutSplit
 from specops.evaluate import (
     CachedVerifier,
     default_max_mismatch_rate,
+    draft_cost_ratio,
+    estimated_speedup,
     evaluate,
     greedy_decode,
     greedy_references,
@@ -346,6 +349,49 @@ def test_shared_references_match_recomputed_ones(verifier: LlamaForCausalLM, dra
     )
     with pytest.raises(ValueError, match="1 references for"):
         evaluate(verifier, draft, PROMPTS, references=references[:1])
+
+
+def test_evaluation_logs_its_progress_prompt_by_prompt(
+    verifier: LlamaForCausalLM,
+    draft: Eagle3DraftModel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prompts = [*PROMPTS, [7, 7, 1], [33, 4]]
+    caplog.set_level(logging.INFO, logger="specops.evaluate")
+    monkeypatch.setattr(evaluate_module, "PROGRESS_EVERY", 0.0)  # a line on every decoding step
+    report = evaluate(verifier, draft, prompts, max_new_tokens=12, label="trained draft", batch_size=3)
+    lines = [r.getMessage() for r in caplog.records]
+    mine = [line for line in lines if line.startswith("evaluate trained draft: prompt ")]
+    done = [int(line.split("prompt ")[1].split("/")[0]) for line in mine]
+    assert done == sorted(done) and done[-1] == len(prompts) and len(mine) > len(prompts)
+    assert f"prompt 4/4 done, {report.generated_tokens}/48 tokens (" in mine[-1] and "prompts/s)" in mine[-1]
+    assert any(line.startswith("verifier greedy references: prompt 4/4 done, ") for line in lines)
+
+    caplog.clear()
+    monkeypatch.setattr(evaluate_module, "PROGRESS_EVERY", 1e9)  # throttled: only the last prompt's line
+    evaluate(verifier, draft, prompts, max_new_tokens=12, references=greedy_references(verifier, prompts, 12))
+    progress = [r.getMessage() for r in caplog.records if "prompt " in r.getMessage()]
+    assert [line.split(",")[0] for line in progress] == [
+        "verifier greedy references: prompt 4/4 done",
+        "evaluate draft: prompt 4/4 done",
+    ]
+
+
+def test_draft_cost_counts_the_weights_each_step_reads(
+    verifier: LlamaForCausalLM, draft: Eagle3DraftModel
+) -> None:
+    """A tied head reads the embedding table once; an untied one reads its own copy and the
+    embedding is only looked up: the verifier reads as much per token either way."""
+    untied, tied = copy.deepcopy(verifier), copy.deepcopy(verifier)
+    untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    embedding = verifier.model.embed_tokens.weight.numel()
+    draft_reads = sum(p.numel() for p in draft.parameters()) - draft.embed_tokens.weight.numel()
+    expected = draft_reads / (sum(p.numel() for p in untied.parameters()) - embedding)
+    assert draft_cost_ratio(untied, draft) == pytest.approx(expected)
+    assert draft_cost_ratio(tied, draft) == pytest.approx(expected)
+    assert estimated_speedup(2.0, 3, 0.1) == pytest.approx(2.0 / 1.3)
 
 
 def test_cli_evaluates_the_conversations_its_training_held_out(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from specops.models.eagle3 import Eagle3DraftModel
+
+log = logging.getLogger(__name__)
 
 REDUCED_PRECISION_MISMATCH_RATE = 0.5
 """Default `max_mismatch_rate` in bf16/fp16: at most this share of prompts may leave the verifier's
@@ -53,6 +56,43 @@ class SpeculativeOutput:
     accepted: list[int]
 
 
+PROGRESS_EVERY = 5.0
+"""Seconds between evaluation progress lines (a line also marks the last prompt done)."""
+
+
+class DecodeProgress:
+    """Log lines while prompts decode, so a long evaluation is not silent: `what: prompt i/N done,
+    T/B tokens (t tokens/s, r prompts/s)` (B: the token budget, `max_new_tokens` per prompt), at
+    most every `every` seconds and when the last prompt ends."""
+
+    def __init__(self, what: str, total: int, max_new_tokens: int, every: float | None = None) -> None:
+        self.what, self.total, self.budget = what, total, total * max_new_tokens
+        self.every = PROGRESS_EVERY if every is None else every
+        self.finished = self.tokens = 0
+        self.began = self._last = time.perf_counter()
+
+    def add(self, tokens: int, finished: int) -> None:
+        """`tokens` more generated, `finished` more prompts done."""
+        self.tokens += tokens
+        self.finished += finished
+        now = time.perf_counter()
+        last = finished > 0 and self.finished >= self.total
+        if not last and now - self._last < self.every:
+            return
+        self._last = now
+        seconds = max(now - self.began, 1e-9)
+        log.info(
+            "%s: prompt %d/%d done, %d/%d tokens (%.1f tokens/s, %.2f prompts/s)",
+            self.what,
+            self.finished,
+            self.total,
+            self.tokens,
+            self.budget,
+            self.tokens / seconds,
+            self.finished / seconds,
+        )
+
+
 @dataclass
 class EvalReport:
     """Aggregate acceptance over all prompts (the JSON `specops evaluate` prints)."""
@@ -63,6 +103,8 @@ class EvalReport:
     accepted_tokens: int
     acceptance_length: float
     per_position: list[float]
+    accepted_per_position: list[int]
+    """Steps whose first j+1 draft tokens were all accepted (`per_position` = these / `drafts`)."""
     generated_tokens: int
     lossless: bool
     """Every prompt's output equals the verifier's greedy decoding, token for token."""
@@ -239,19 +281,28 @@ def _finish(tokens: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list
 
 @torch.inference_mode()
 def greedy_decode_batch(
-    model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int]
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos: set[int],
+    progress: DecodeProgress | None = None,
 ) -> list[list[int]]:
     """The verifier's own greedy continuation of each prompt (KV-cached, one token per row per forward)."""
     if len(prompts) > 1 and has_sliding_window(model):
-        return [out for p in prompts for out in greedy_decode_batch(model, [p], max_new_tokens, eos)]
+        return [
+            out for p in prompts for out in greedy_decode_batch(model, [p], max_new_tokens, eos, progress)
+        ]
     runner = CachedVerifier(model, [0], rows=len(prompts))
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     chunks: list[list[int]] = [list(p) for p in prompts]
     while True:
+        active = done.count(False)
         for r, (logits, _) in enumerate(runner.extend(chunks, last_logits_only=True)):
             if not done[r]:
                 outs[r], done[r] = _finish([*outs[r], int(logits[-1].argmax())], max_new_tokens, eos)
+        if progress is not None:
+            progress.add(active, active - done.count(False))
         if all(done):
             return outs
         chunks = [[] if done[r] else outs[r][-1:] for r in range(len(prompts))]
@@ -272,12 +323,15 @@ def speculative_decode_batch(
     max_new_tokens: int,
     k: int,
     eos: set[int],
+    progress: DecodeProgress | None = None,
 ) -> list[SpeculativeOutput]:
     """Greedy chain speculative decoding of several prompts: the draft proposes per row, the
     verifier checks every row's proposal in one forward."""
     if len(prompts) > 1 and has_sliding_window(model):
         return [
-            o for p in prompts for o in speculative_decode_batch(model, draft, [p], max_new_tokens, k, eos)
+            o
+            for p in prompts
+            for o in speculative_decode_batch(model, draft, [p], max_new_tokens, k, eos, progress)
         ]
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
     if not aux_ids:
@@ -292,7 +346,22 @@ def speculative_decode_batch(
     contexts = [draft.new_context() for _ in prompts]
     accepted: list[list[int]] = [[] for _ in prompts]
     done = [_finish(t[len(p) :], max_new_tokens, eos)[1] for t, p in zip(tokens, prompts, strict=True)]
+    counted = 0
+
+    def report_progress(active: int) -> None:
+        """Tokens generated so far (as they will be returned: cut at EOS and the budget)."""
+        nonlocal counted
+        if progress is not None:
+            now = sum(
+                len(_finish(t[len(p) :], max_new_tokens, eos)[0])
+                for t, p in zip(tokens, prompts, strict=True)
+            )
+            progress.add(now - counted, active - done.count(False))
+            counted = now
+
+    report_progress(len(prompts))
     while not all(done):
+        active = done.count(False)
         chunks: list[list[int]] = []
         for r in range(len(prompts)):
             if done[r]:
@@ -314,6 +383,7 @@ def speculative_decode_batch(
             runner.reject(r, k - n_ok)
             aux_states[r].append(aux[: 1 + n_ok])
             done[r] = _finish(tokens[r][len(prompts[r]) :], max_new_tokens, eos)[1]
+        report_progress(active)
     return [
         SpeculativeOutput(tokens=_finish(t[len(p) :], max_new_tokens, eos)[0], accepted=a)
         for t, p, a in zip(tokens, prompts, accepted, strict=True)
@@ -343,6 +413,7 @@ def evaluate(
     references: Sequence[Sequence[int]] | None = None,
     batch_size: int = 8,
     max_mismatch_rate: float | None = None,
+    label: str = "draft",
 ) -> EvalReport:
     """Acceptance over `prompts` (token ids); k defaults to the speculator's `speculative_tokens`.
 
@@ -350,6 +421,7 @@ def evaluate(
     them when evaluating several drafts on the same prompts so the verifier decodes them once.
     `batch_size` prompts are decoded together (results do not depend on it).
     `max_mismatch_rate` defaults to `default_max_mismatch_rate` of the verifier's dtype.
+    Progress is logged as `evaluate <label>: prompt i/N done ...` (`DecodeProgress`).
     """
     if max_mismatch_rate is not None and not 0.0 <= max_mismatch_rate <= 1.0:
         raise ValueError(f"max_mismatch_rate must be in [0, 1], got {max_mismatch_rate}")
@@ -366,10 +438,18 @@ def evaluate(
     drafts = accepted_tokens = generated = 0
     mismatched: list[int] = []
     first_mismatch: list[int] = []
+    log.info(
+        "evaluate %s: %d prompts, up to %d new tokens each, k = %d",
+        label,
+        len(prompts),
+        max_new_tokens,
+        steps,
+    )
+    progress = DecodeProgress(f"evaluate {label}", len(prompts), max_new_tokens)
     outputs = in_length_groups(
         prompts,
         batch_size,
-        lambda group: speculative_decode_batch(model, draft, group, max_new_tokens, steps, eos),
+        lambda group: speculative_decode_batch(model, draft, group, max_new_tokens, steps, eos, progress),
     )
     if check_lossless and references is None:
         references = greedy_references(model, prompts, max_new_tokens, batch_size)
@@ -390,6 +470,7 @@ def evaluate(
         accepted_tokens=accepted_tokens,
         acceptance_length=1.0 + accepted_tokens / drafts if drafts else 1.0,
         per_position=[c / drafts if drafts else 0.0 for c in per_position],
+        accepted_per_position=per_position,
         generated_tokens=generated,
         lossless=not mismatched,
         mismatched_prompts=mismatched,
@@ -404,6 +485,31 @@ def evaluate(
     )
 
 
+def draft_cost_ratio(verifier: PreTrainedModel, draft: Eagle3DraftModel) -> float:
+    """Weights one draft step reads over those one verifier step reads, per token.
+
+    Decoding a token is memory-bound, so this approximates a draft step's time in verifier steps.
+    Embedding tables are looked up one row at a time, so they count only where the verifier ties
+    its input embedding to its output head (then the head reads it whole)."""
+    embedding = verifier.get_input_embeddings().weight
+    head_weight = getattr(verifier.get_output_embeddings(), "weight", None)
+    if not isinstance(embedding, torch.Tensor):
+        raise ValueError("the verifier's input embedding has no weight tensor")
+    tied = isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == embedding.data_ptr()
+    verifier_reads = sum(p.numel() for p in verifier.parameters()) - (0 if tied else embedding.numel())
+    draft_reads = sum(
+        p.numel() for name, p in draft.named_parameters() if not name.startswith("embed_tokens.")
+    )
+    return draft_reads / verifier_reads
+
+
+def estimated_speedup(acceptance_length: float, k: int, cost_ratio: float) -> float:
+    """Tokens per verifier step over the time of one verifier step plus k draft steps: the usual
+    memory-bound estimate (`acceptance_length / (1 + k * cost_ratio)`), not a measurement; it leaves
+    out verification overhead, batching and the serving engine."""
+    return acceptance_length / (1.0 + k * cost_ratio)
+
+
 def _first_difference(tokens: Sequence[int], reference: Sequence[int]) -> int:
     return next(
         (i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
@@ -416,8 +522,9 @@ def greedy_references(
 ) -> list[list[int]]:
     """The verifier's own greedy continuation of every prompt (the lossless check's reference)."""
     eos = eos_ids(model)
+    progress = DecodeProgress("verifier greedy references", len(prompts), max_new_tokens)
     return in_length_groups(
-        prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos)
+        prompts, batch_size, lambda group: greedy_decode_batch(model, group, max_new_tokens, eos, progress)
     )
 
 

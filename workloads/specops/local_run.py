@@ -5,26 +5,32 @@ TrainConfig the pods would read (`specops_operator.builders` render functions); 
 to an output directory here. Stages: generate (DiskStore under `data/`) -> train (in process, or
 torchrun for several ranks) -> evaluate the trained draft and an untrained one on the conversations
 the training's split held out (`specops.data.split`: the same split its validation used) ->
-report (`report.json`, `report.png`, the `vllm serve` command) -> with `spec.export`, the upload
-(`specops.publish`, credentials from this environment: HF_TOKEN, AWS_*). Every stage resumes: a
-rerun skips stored examples and continues from the newest checkpoint.
+report (`report.json` with provenance, `report.png`: `specops.run_report`; the `vllm serve`
+command) -> with `spec.export`, the upload (`specops.publish`, credentials from this environment:
+HF_TOKEN, AWS_*). Every stage resumes: a rerun skips stored examples and continues from the newest
+checkpoint. `logs/run.log` holds every stage's lines: generation, the trainer's, evaluation progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import specops
+from specops import provenance
 from specops.config import ConfigError, DataGenConfig, EngineConfig, ExportConfig, TrainConfig, dump_config
+from specops.run_report import read_metrics, rounded, write_report
 from specops.serving import vllm_serve_command, vllm_serve_short
+from specops.train.monitor import LINES
 from specops.verifier import resolve_verifier, verifier_reference
 
 if TYPE_CHECKING:
@@ -157,9 +163,18 @@ def _default_roots() -> list[Path]:
 def run_local(plan: LocalPlan) -> dict[str, Any]:
     """Run every stage, write the report, return it. Raises on a failed stage."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    _log_to_file(plan.out_dir / "logs" / "run.log")
-    (plan.out_dir / "datagen.yaml").write_text(dump_config(plan.datagen))
-    (plan.out_dir / "train.yaml").write_text(dump_config(plan.train))
+    with _logging(plan.out_dir / "logs" / "run.log"):
+        return _run_stages(plan)
+
+
+def resolved_configs(plan: LocalPlan) -> dict[str, str]:
+    """The configs the stages read, as written into the output directory (file name -> YAML)."""
+    return {"datagen.yaml": dump_config(plan.datagen), "train.yaml": dump_config(plan.train)}
+
+
+def _run_stages(plan: LocalPlan) -> dict[str, Any]:
+    for name, text in resolved_configs(plan).items():
+        (plan.out_dir / name).write_text(text)
     if plan.online:
         log.info("dataGen.mode is online: a local run stores the data first, then trains on it")
 
@@ -172,18 +187,22 @@ def run_local(plan: LocalPlan) -> dict[str, Any]:
     if not speculator:
         raise RuntimeError(f"training produced no speculator (see {plan.out_dir / 'logs'})")
     evaluation: dict[str, Any] = {}
+    cost_ratio: float | None = None
     if plan.evaluate and plan.train.data.validation_fraction <= 0:
         log.warning("evaluation skipped: data.validationFraction is 0, so no conversation was held out")
     elif plan.evaluate:
         _banner("[3/3] evaluating trained vs untrained draft on held-out conversations")
-        evaluation = _evaluate(plan, Path(speculator))
-    report = _report(plan, generation, training, evaluation, Path(speculator), time.perf_counter() - started)
-    _write_report(plan.out_dir, report)
+        evaluation, cost_ratio = _evaluate(plan, Path(speculator))
+    seconds = time.perf_counter() - started
+    report = _report(plan, generation, training, evaluation, cost_ratio, Path(speculator), seconds)
+    metrics = read_metrics(plan.out_dir / "train" / "metrics.jsonl")
+    write_report(plan.out_dir, report, metrics)
+    log.info("report: %s, %s", plan.out_dir / "report.json", plan.out_dir / "report.png")
     if plan.export is not None:
         published = export_speculator(plan.export, Path(speculator), report)
         if published is not None:
             report["published"] = published
-            _write_report(plan.out_dir, report)
+            write_report(plan.out_dir, report, metrics)
     return report
 
 
@@ -210,15 +229,44 @@ def export_speculator(
 
 def _banner(text: str) -> None:
     print(f"\n== {text}", file=sys.stderr, flush=True)
+    log.info("%s", text, extra={PRINTED: True})
 
 
-def _log_to_file(path: Path) -> None:
+CONSOLE_LOGGERS = ("specops.local_run", "specops.evaluate")
+"""Loggers whose INFO lines a run also shows on stderr (its own and evaluation progress); the
+other stages show their own bars and lines, and warnings from anywhere are shown."""
+PRINTED = "specops_printed"
+"""A log record's attribute: its line is on the console already (it goes to run.log only)."""
+
+
+def _on_console(record: logging.LogRecord) -> bool:
+    if getattr(record, PRINTED, False):
+        return False
+    return record.levelno >= logging.WARNING or record.name in CONSOLE_LOGGERS
+
+
+@contextlib.contextmanager
+def _logging(path: Path) -> Iterator[None]:
+    """Everything logged (the trainer's lines included) into `path`, the run's lines and every
+    warning on stderr too; the handlers go when the run ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.addFilter(_on_console)
     root = logging.getLogger()
-    root.addHandler(handler)
+    level = root.level
     root.setLevel(logging.INFO)
+    for logger, handler in ((root, to_file), (root, console), (LINES, to_file)):
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, handler in ((root, to_file), (root, console), (LINES, to_file)):
+            logger.removeHandler(handler)
+        to_file.close()
+        root.setLevel(level)
 
 
 def _generate(plan: LocalPlan) -> dict[str, Any]:
@@ -252,19 +300,32 @@ def _train_torchrun(plan: LocalPlan) -> dict[str, Any]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.nproc}",
         "-m", "specops.cli", "train", "--config", str(plan.out_dir / "train.yaml"),
     ]  # fmt: skip
-    done = subprocess.run(
-        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"training failed with exit code {done.returncode} (see {plan.out_dir / 'logs'})")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    code, lines = stream_lines(command, {**os.environ, "OMP_NUM_THREADS": "1"})
+    if code != 0:
+        raise RuntimeError(f"training failed with exit code {code} (see {plan.out_dir / 'logs'})")
+    return dict(json.loads(lines[-1]))
 
 
-def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
-    """Acceptance of the trained draft and of an untrained twin on the same held-out prompts."""
+def stream_lines(command: Sequence[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run `command`; each stdout line (rank 0's training lines, its JSON result last) goes on to
+    the console and, through `LINES`, into run.log as it comes. Returns the exit code and the lines."""
+    lines: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if line.strip():
+                LINES.info(line.rstrip("\n"))
+                lines.append(line.strip())
+    return process.returncode, lines
+
+
+def _evaluate(plan: LocalPlan, speculator: Path) -> tuple[dict[str, Any], float]:
+    """Acceptance of the trained draft and of an untrained twin on the same held-out prompts, and
+    the draft's cost in verifier steps (`specops.evaluate.draft_cost_ratio`)."""
     import torch
 
-    from specops.evaluate import evaluate, greedy_references
+    from specops.evaluate import draft_cost_ratio, evaluate, greedy_references
     from specops.models.eagle3 import Eagle3DraftModel
     from specops.verifier import load_model, resolve_device
 
@@ -289,11 +350,16 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> dict[str, Any]:
     reports: dict[str, EvalReport] = {}
     for label, draft in (("trained", trained), ("untrained", untrained)):
         reports[label] = evaluate(
-            verifier, draft, prompts, max_new_tokens=plan.max_new_tokens, references=references
+            verifier,
+            draft,
+            prompts,
+            max_new_tokens=plan.max_new_tokens,
+            references=references,
+            label=f"{label} draft",
         )
         reports[label].source = found.source
         log.info("%s draft: acceptance length %.3f", label, reports[label].acceptance_length)
-    return {label: r.to_dict() for label, r in reports.items()}
+    return {label: r.to_dict() for label, r in reports.items()}, draft_cost_ratio(verifier, trained)
 
 
 def held_out_prompts(plan: LocalPlan) -> PromptSet:
@@ -332,17 +398,23 @@ def _report(
     generation: dict[str, Any],
     training: dict[str, Any],
     evaluation: dict[str, Any],
+    cost_ratio: float | None,
     speculator: Path,
     seconds: float,
 ) -> dict[str, Any]:
-    metrics = _read_metrics(plan.out_dir / "train" / "metrics.jsonl")
+    """report.json's content, floats rounded (`specops.run_report.rounded`)."""
+    from specops.evaluate import estimated_speedup
+
+    metrics = read_metrics(plan.out_dir / "train" / "metrics.jsonl")
     train_records = [m for m in metrics if m.get("kind") == "train"]
     k = plan.train.draft.speculative_tokens
+    verifier_dir = resolve_verifier(plan.train.verifier, plan.train.allowed_roots)
     report: dict[str, Any] = {
         "name": plan.name,
         "output_dir": str(plan.out_dir),
         "speculator": str(speculator),
-        "seconds": round(seconds, 1),
+        "seconds": seconds,
+        "provenance": run_provenance(plan, verifier_dir),
         "data": {"engine": plan.datagen.engine.kind, **generation},
         "training": {
             **training,
@@ -353,11 +425,7 @@ def _report(
         "serve": {
             "short": vllm_serve_short(str(speculator)),
             "long": vllm_serve_command(
-                verifier_reference(
-                    plan.train.verifier, resolve_verifier(plan.train.verifier, plan.train.allowed_roots)
-                ),
-                str(speculator),
-                k,
+                verifier_reference(plan.train.verifier, verifier_dir), str(speculator), k
             ),
         },
     }
@@ -367,52 +435,57 @@ def _report(
         report["baseline_acceptance_length"] = untrained["acceptance_length"]
         report["better_than_baseline"] = trained["acceptance_length"] > untrained["acceptance_length"]
         report["lossless"] = trained["lossless"] and untrained["lossless"]
-        report["evaluation_prompts"] = trained["source"]
-    return report
+        report["evaluation_prompts"] = {**trained["source"], **split_counts(plan)}
+    if evaluation and cost_ratio is not None:
+        report["estimated_speedup"] = {
+            "value": estimated_speedup(trained["acceptance_length"], k, cost_ratio),
+            "baseline": estimated_speedup(untrained["acceptance_length"], k, cost_ratio),
+            "draft_cost_ratio": cost_ratio,
+            "formula": "acceptance_length / (1 + k * draft_cost_ratio); draft_cost_ratio = weights a "
+            "draft step reads / weights a verifier step reads (memory-bound decoding); an estimate, "
+            "not a measurement",
+        }
+    return dict(rounded(report))
+
+
+def run_provenance(plan: LocalPlan, verifier_dir: str) -> dict[str, Any]:
+    """What produced this run: versions, the git revision of the SpecOps code (when it runs from a
+    checkout), the resolved configs' digest (`cat datagen.yaml train.yaml | sha256sum`), the
+    verifier that ran and the digest of the stored data's manifest."""
+    return {
+        "versions": provenance.versions(),
+        "git": provenance.git_revision(Path(specops.__file__).parent),
+        "config_sha256": provenance.texts_sha256(list(resolved_configs(plan).values())),
+        "verifier": provenance.verifier_provenance(plan.train.verifier, verifier_dir),
+        "data": data_provenance(Path(plan.train.data.path or "")),
+    }
+
+
+def data_provenance(data_dir: Path) -> dict[str, Any]:
+    """The stored data's manifest (the merged one, else each writer's) and its sha256."""
+    merged = data_dir / "manifest.json"
+    manifests = [merged] if merged.is_file() else sorted(data_dir.glob("manifest-w*.json"))
+    return {
+        "path": str(data_dir),
+        "manifests": [m.name for m in manifests],
+        "manifest_sha256": provenance.files_sha256(manifests) if manifests else None,
+    }
+
+
+def split_counts(plan: LocalPlan) -> dict[str, int]:
+    """How many conversations the store holds and how many of them the training's split held out
+    (the evaluation's prompts come from the latter, at most `maxPrompts` of them)."""
+    from specops.data.split import HeldOutSplit, conversation_id
+    from specops.stores.disk import DiskStore
+
+    split = HeldOutSplit(plan.train.data.validation_fraction, plan.train.seed)
+    store = DiskStore.open(plan.train.data.path or "", plan.train.allowed_roots, field="data.path")
+    held_out = {conversation_id(i): split.held_out(i) for part in store.partitions() for i in store.ids(part)}
+    return {"stored_conversations": len(held_out), "held_out_conversations": sum(held_out.values())}
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    return round(sum(values) / len(values), 1) if values else None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    try:
-        _plot(out_dir, report)
-    except ImportError:
-        log.warning("matplotlib is not installed: no report.png")
-
-
-def _plot(out_dir: Path, report: dict[str, Any]) -> None:
-    """Loss curve and per-position acceptance, trained vs untrained."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in _read_metrics(out_dir / "train" / "metrics.jsonl") if "loss" in m]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind in ("train", "eval"):
-        points = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == kind]
-        if points:
-            left.plot(*zip(*points, strict=True), label=kind, marker="." if kind == "eval" else None)
-    left.set(title="draft loss", xlabel="step", ylabel="loss")
-    left.legend()
-    for label, result in report.get("evaluation", {}).items():
-        per_position = result["per_position"]
-        right.plot(range(1, len(per_position) + 1), per_position, marker="o",
-                   label=f"{label} (AL {result['acceptance_length']:.2f})")  # fmt: skip
-    right.set(title="acceptance by draft position", xlabel="position", ylabel="accepted share", ylim=(0, 1))
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "report.png", dpi=80)
-    plt.close(fig)
+    return sum(values) / len(values) if values else None
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ def main(args: argparse.Namespace) -> int:
 
     from specops.evaluate import evaluate, write_report
     from specops.models.config import SpeculatorFormatError
+
+    # Progress lines on stderr (stdout carries the JSON report).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
         inputs = load_inputs(args)

@@ -1,15 +1,18 @@
 """Where training metrics go: stdout lines under a progress bar, metrics.jsonl, and the experiment
 trackers `train.reportTo` names (specops.train.tracking).
 
-Only rank 0 reports. `metrics.jsonl` (one JSON object per logged step or evaluation, appended
-across resumes) is the machine-readable record: tests and plots read the loss curve from it. A
-resume first drops what the lost steps logged (records past the checkpoint's step) and a line torn
-by a crash or a full disk, so the file holds each step once and every line parses.
+Only rank 0 reports. Every line also goes to the logger `specops.train.lines` (`LINES`), which does
+not propagate (the lines are on stdout already): a caller keeping a log file adds its handler there
+(`specops run` does, for logs/run.log). `metrics.jsonl` (one JSON object per logged step or
+evaluation, appended across resumes) is the machine-readable record: tests and plots read the loss
+curve from it. A resume first drops what the lost steps logged (records past the checkpoint's step)
+and a line torn by a crash or a full disk, so the file holds each step once and every line parses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 from specops.train.tracking import Trackers
 
 METRICS_FILE = "metrics.jsonl"
+LINES = logging.getLogger("specops.train.lines")
+LINES.propagate = False
 LogHook = Callable[[dict[str, Any]], None]
 
 
@@ -55,6 +60,7 @@ class Monitor:
     def write(self, line: str) -> None:
         if not self.enabled:
             return
+        LINES.info(line)
         if self._bar is not None and not self._bar.disable:
             self._bar.write(line)
         else:
