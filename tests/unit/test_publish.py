@@ -82,6 +82,17 @@ def test_push_uploads_the_speculator_with_a_card_and_a_hub_id_loads_it_back(
         assert loaded.returncode == 0, loaded.stderr
         assert loaded.stdout.strip() == "Eagle3DraftModel"
         assert hub.downloads["acme/tiny-eagle3"] >= 2  # config and weights came over HTTP
+        # An evaluation pod with spec.modelCache: the shared cache holds the verifier only, so a
+        # speculator named by Hub id still downloads into the pod's own cache.
+        (tmp_path / "verifier-cache").mkdir()
+        pod = {
+            **fresh,
+            "HF_HOME": str(tmp_path / "pod"),
+            "SPECOPS_MODEL_CACHE": str(tmp_path / "verifier-cache"),
+        }
+        in_pod = _run(["-c", loader, "acme/tiny-eagle3", str(speculator)], pod)
+        assert in_pod.returncode == 0, in_pod.stderr
+        assert not any((tmp_path / "verifier-cache").iterdir()), "the verifier's cache is not written"
 
         missing = _run(["-c", loader, "acme/nothing", str(speculator)], fresh)
         assert "speculator: 'acme/nothing': no such model on the Hub" in missing.stderr

@@ -52,11 +52,15 @@ class SpeculatorModel(nn.Module):
         revision: str | None = None,
     ) -> S:
         """Load a speculator into the class its config.json names (a subclass of `cls`): a local
-        directory, or a Hub id (downloaded like a verifier: HF_TOKEN, HF_ENDPOINT, offline cache)."""
+        directory, or a Hub id (downloaded like a verifier: HF_TOKEN, HF_ENDPOINT, offline cache;
+        never from or into `$SPECOPS_MODEL_CACHE`, which holds the verifier only)."""
         from specops.verifier import hub_snapshot, is_local
 
         where = str(path)
-        directory = Path(path) if is_local(where) else Path(hub_snapshot(where, revision, field="speculator"))
+        if is_local(where):
+            directory = Path(path)
+        else:
+            directory = Path(hub_snapshot(where, revision, field="speculator", model_cache=False))
         config = SpeculatorModelConfig.from_pretrained(directory)
         model_cls = _MODEL_REGISTRY.get(config.speculators_model_type)
         if model_cls is None:
