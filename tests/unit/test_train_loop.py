@@ -168,6 +168,20 @@ def test_validation_split_picks_the_best_checkpoint(world: dict[str, Any]) -> No
     assert result.best is not None and (result.best / "model.safetensors").is_file()
 
 
+def test_the_last_validation_is_checkpointed_and_never_run_twice(world: dict[str, Any]) -> None:
+    """Step 10 is no multiple of evalEvery: the end validates it, before the last checkpoint, so
+    rerunning the finished run (or resuming one stopped after that checkpoint) adds no second record."""
+    out = world["root"] / "val-once"
+    cfg = config(world, out.name, max_steps=10, eval_every=4, data__validation_fraction=0.3)
+    first = train(cfg)
+    assert [s for s, _ in losses(out, "eval")] == [4, 8, 10]
+    saved = json.loads((out / "checkpoints" / "step-00000010" / "state" / "trainer.json").read_text())
+    assert saved["validated_step"] == 10 and saved["best_val_loss"] == first.best_val_loss
+    again = train(cfg)
+    assert [s for s, _ in losses(out, "eval")] == [4, 8, 10]
+    assert again.best_val_loss == first.best_val_loss and again.step == 10
+
+
 def test_resume_refusals_and_partial_checkpoints(world: dict[str, Any]) -> None:
     out = world["root"] / "refuse"
     train(config(world, out.name, max_steps=2, checkpoint_every=1, keep_checkpoints=5))

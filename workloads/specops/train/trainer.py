@@ -227,6 +227,8 @@ class Trainer:
         self.step, self.epoch, self.consumed = 0, 0, 0
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
+        self.validated_step: int | None = None
+        """The step validation last ran at (checkpointed: a resumed run does not run it twice)."""
         self.total_steps = 0
         self._last_grad_norm = 0.0
         self._nonfinite_steps = 0
@@ -306,6 +308,7 @@ class Trainer:
         self.total_steps = int(trainer["total_steps"]) if same_plan else self._plan_total_steps()
         self.best_val_loss = trainer.get("best_val_loss")
         self.best_step = trainer.get("best_step")
+        self.validated_step = trainer.get("validated_step")
         self.epoch = int(rank["epoch"])
         self.consumed = int(rank["consumed"])
 
@@ -467,6 +470,7 @@ class Trainer:
         return summarize(sums.cpu(), self.cfg.ttt_step_loss_decay)
 
     def _validate(self) -> None:
+        self.validated_step = self.step
         metrics = self.evaluate()
         if metrics is None:
             return
@@ -496,14 +500,20 @@ class Trainer:
             "plan": self._plan_key(),
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
+            "validated_step": self.validated_step,
             "config": self.cfg.model_dump(mode="json"),
         }
         rank = {"epoch": self.epoch, "consumed": self.consumed}
         return self.checkpointer.save(self.step, self.model, self.draft, self.optimizer, trainer, rank)
 
     def _finish(self, interrupted: bool) -> TrainResult:
+        # The last validation before the last checkpoint, so that the checkpoint records its best
+        # and a rerun of a finished run validates nothing again.
+        validated = not interrupted and self.validated_step != self.step
+        if validated:
+            self._validate()
         latest = latest_checkpoint(self.output_dir)
-        if latest is None or latest.name != f"step-{self.step:08d}":
+        if validated or latest is None or latest.name != f"step-{self.step:08d}":
             latest = self._checkpoint()
         final = best = None
         dropped = getattr(self.data.source, "dropped", [])
@@ -513,8 +523,6 @@ class Trainer:
         if interrupted:
             self.monitor.write(f"stopped at step {self.step}; checkpoint {latest} (rerun to resume)")
         else:
-            if self.step % self.cfg.eval_every != 0:
-                self._validate()
             final = self.checkpointer.publish("final", self.draft)
             self.monitor.write(f"done: {self.step} steps; model in {final}")
             served = self.output_dir / "best" if self.best_step is not None else final
