@@ -136,6 +136,7 @@ def _check_report_files(out: Path, plan: LocalPlan, report: dict[str, Any]) -> N
         "[train step 2]",  # the trainer's own lines (logEvery: 2)
         "done: ",
         "[3/3] evaluating",
+        "held-out conversations (split by conversation: fraction ",
         "verifier greedy references: prompt",
         f"evaluate trained draft: prompt {report['evaluation_prompts']['prompts']}/",
         "evaluate untrained draft: prompt",

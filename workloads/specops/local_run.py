@@ -336,11 +336,14 @@ def _evaluate(plan: LocalPlan, speculator: Path) -> tuple[dict[str, Any], float]
         raise RuntimeError(
             "evaluation: no held-out prompts (raise data.validationFraction or the dataset size)"
         )
+    split = found.source["split"]
     log.info(
-        "evaluation: %d prompts from %d held-out conversations (%s)",
+        "evaluation: %d prompts from %d held-out conversations (split by %s: fraction %g, seed %d)",
         len(prompts),
         found.source["conversations"],
-        found.source["split"],
+        split["by"],
+        split["fraction"],
+        split["seed"],
     )
     device = resolve_device("auto")
     verifier = load_model(plan.train.verifier, dtype=torch.float32, device=device, allowed_roots=roots)
