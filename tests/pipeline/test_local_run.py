@@ -197,3 +197,35 @@ def test_the_yaml_s_engine_is_kept_else_vllm_only_where_a_gpu_runs_it(
     assert plan_local(named).datagen.engine.kind == "transformers"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert plan_local(unnamed).datagen.engine.kind == "transformers"
+
+
+def test_with_nproc_2_every_line_of_rank_0_reaches_run_log_once(
+    tmp_path: Path,
+    tiny_verifier_dir: Path,
+    synthetic_jsonl: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Under torchrun, rank 0's log records (stderr) join its stdout lines in run.log; the other
+    rank's stay on the console, and no line is kept twice."""
+    monkeypatch.setenv("SPECOPS_ALLOWED_ROOTS", f"{tiny_verifier_dir}:{synthetic_jsonl.parent}")
+    path = _training_yaml(
+        tmp_path, tiny_verifier_dir, synthetic_jsonl, epochs=1, logEvery=1, tokensPerStep=256
+    )
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["dataGen"]["datasets"][0]["maxSamples"] = 16
+    doc["spec"]["dataGen"]["sync"]["shardSize"] = 4  # partitions for both ranks
+    doc["spec"]["evaluation"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(doc))
+    report = run_local(plan_local(path, tmp_path / "out", nproc=2))
+    assert report["training"]["step"] > 0
+
+    log = (tmp_path / "out" / "logs" / "run.log").read_text().splitlines()
+    joined = [line for line in log if "joined the gloo process group" in line]
+    # The trainer's logging line, which reached only the console before.
+    assert len(joined) == 1 and "rank 0 of world size 2" in joined[0], joined
+    steps = [line[line.index("[train step ") :] for line in log if "[train step " in line]
+    assert steps and len(steps) == len(set(steps))
+    console = capfd.readouterr()
+    assert "rank 1 of world size 2" in console.err  # the other rank's stderr: on the console only
+    assert "rank 0 of world size 2" in console.out and "rank 0 of world size 2" not in console.err

@@ -30,7 +30,7 @@ from specops import provenance
 from specops.config import ConfigError, DataGenConfig, EngineConfig, ExportConfig, TrainConfig, dump_config
 from specops.run_report import read_metrics, rounded, write_report
 from specops.serving import vllm_serve_command, vllm_serve_short
-from specops.train.monitor import LINES
+from specops.train.monitor import LINES, STDERR_TO_STDOUT
 from specops.verifier import resolve_verifier, verifier_reference
 
 if TYPE_CHECKING:
@@ -300,15 +300,19 @@ def _train_torchrun(plan: LocalPlan) -> dict[str, Any]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.nproc}",
         "-m", "specops.cli", "train", "--config", str(plan.out_dir / "train.yaml"),
     ]  # fmt: skip
-    code, lines = stream_lines(command, {**os.environ, "OMP_NUM_THREADS": "1"})
+    # Rank 0 writes its stderr into its stdout (its log records too); the other ranks' stderr
+    # (their warnings and errors) and torchrun's own stay on the console.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", STDERR_TO_STDOUT: "1"}
+    code, lines = stream_lines(command, env)
     if code != 0:
         raise RuntimeError(f"training failed with exit code {code} (see {plan.out_dir / 'logs'})")
-    return dict(json.loads(lines[-1]))
+    return dict(json.loads(next(line for line in reversed(lines) if line.startswith("{"))))
 
 
 def stream_lines(command: Sequence[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run `command`; each stdout line (rank 0's training lines, its JSON result last) goes on to
-    the console and, through `LINES`, into run.log as it comes. Returns the exit code and the lines."""
+    """Run `command`; each stdout line (rank 0's: its training lines, its log records, its JSON
+    result) goes on to the console and, through `LINES`, into run.log as it comes. Returns the exit
+    code and the lines."""
     lines: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
         assert process.stdout is not None

@@ -28,9 +28,12 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(print_config(cfg), end="")
         return exitcodes.OK
+    from specops.train.monitor import rank0_stderr_to_stdout
     from specops.train.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    merged = rank0_stderr_to_stdout()  # the reader of stdout stamps each line with its own time
+    stamp = "" if merged else "%(asctime)s "
+    logging.basicConfig(level=logging.INFO, format=stamp + "%(levelname)s %(name)s: %(message)s")
     try:
         result = train(cfg)
     except (ValueError, KeyError) as exc:  # the trainer's checks of config against data

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,20 @@ METRICS_FILE = "metrics.jsonl"
 LINES = logging.getLogger("specops.train.lines")
 LINES.propagate = False
 LogHook = Callable[[dict[str, Any]], None]
+STDERR_TO_STDOUT = "SPECOPS_RANK0_STDERR_TO_STDOUT"
+"""Set to 1 by `specops run --nproc N`, which reads rank 0's stdout into logs/run.log: rank 0 then
+writes its stderr (log records, warnings, tracebacks) into its stdout too."""
+
+
+def rank0_stderr_to_stdout() -> bool:
+    """Under STDERR_TO_STDOUT, point rank 0's file descriptor 2 at its stdout, so every line it
+    writes (C libraries' included) reaches the one stream its launcher reads, once and in order;
+    the other ranks' stderr stays where it was. True when merged."""
+    if os.environ.get(STDERR_TO_STDOUT) != "1" or os.environ.get("RANK", "0") != "0":
+        return False
+    sys.stderr.flush()
+    os.dup2(sys.stdout.fileno(), 2)
+    return True
 
 
 class Monitor:
