@@ -55,16 +55,16 @@ def _config(root: Path, verifier: Path, sync: dict[str, Any], port: int, samples
 
 
 def _scraping_writes(
-    monkeypatch: pytest.MonkeyPatch, sink_class: type, port: int, scrapes: list[Scrape]
+    monkeypatch: pytest.MonkeyPatch, sink_class: type, port: int, scrapes: list[Scrape], method: str = "write"
 ) -> None:
     """Scrape the generator's endpoint at each write into `sink_class`, from inside the run."""
-    original = sink_class.write
+    original = getattr(sink_class, method)
 
     def write(self: Any, examples: Any) -> None:
         scrapes.append(_scrape(port))
         original(self, examples)
 
-    monkeypatch.setattr(sink_class, "write", write)
+    monkeypatch.setattr(sink_class, method, write)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,53 @@ def test_every_metric_the_datagen_dashboard_draws_is_served(
         "specops_stream_stalls_total",
         "specops_stream_in_bytes_total",
     } <= drawn
+
+
+def test_regeneration_shows_its_total_and_eta_logs_a_done_line_and_serves_its_counts(
+    tmp_path: Path,
+    tiny_verifier_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rerun whose answers file holds 4 of 10 conversations answers 6: the bar's total (the
+    capture's is the 10 the new sink lacks), progress lines, the done line, the served counters."""
+    from specops.regenerate import AnswerFiles
+
+    write_jsonl(tmp_path / "syn.jsonl", make_conversations(10, seed=6))
+
+    def config(out: str, samples: int, port: int | None) -> dict[str, Any]:
+        cfg = _config(tmp_path, tiny_verifier_dir, {"path": str(tmp_path / out)}, 0, samples)
+        answers = {"path": str(tmp_path / "answers"), "maxNewTokens": 8, "batchSize": 1}
+        return {**cfg, "regenerate": answers, "metrics": {"port": port}}
+
+    first = generate_data(config("first", 4, None))  # type: ignore[arg-type]
+    assert first.regenerated == 4
+    port, scrapes = free_port(), []
+    _scraping_writes(monkeypatch, AnswerFiles, port, scrapes, method="append")
+    monkeypatch.setattr(generate_progress, "LOG_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="specops.generate_progress")
+    caplog.clear()
+    capsys.readouterr()
+    report = generate_data(config("second", 10, port))  # type: ignore[arg-type]
+
+    assert (report.regenerated, report.written) == (6, 10)
+    err = capsys.readouterr().err
+    assert "slice 0/1 answers: 100%" in err and "6/6" in err  # windows of 4: 4 then 2
+    assert "slice 0/1: 100%" in err and "10/10" in err  # the capture's own bar
+    lines = [m for m in caplog.messages if m.startswith("slice 0/1 answers: ")]
+    assert re.fullmatch(
+        r"slice 0/1 answers: 4/6 conversations, \d+ answer tokens, [\d.]+ conversations/s, "
+        r"\d+ tokens/s, ETA \d\d:\d\d",
+        lines[0],
+    ), lines
+    assert re.fullmatch(r"slice 0/1 answers: 6/6 conversations, .* ETA 00:00", lines[-2])
+    assert re.fullmatch(
+        rf"slice 0/1 answers: done, 6/6 conversations \(6 answered, {report.regenerated_tokens} answer "
+        r"tokens, \d+ tokens/s\) in \d\d:\d\d; 4 read back from earlier runs",
+        lines[-1],
+    ), lines[-1]
+    slice0 = (("slice", "0"),)
+    answered = [got[("specops_generate_regenerated_total", slice0)] for got in scrapes]
+    assert answered == [0, 4]  # scraped before each window is stored
+    assert scrapes[-1][("specops_generate_regenerated_tokens_total", slice0)] > 0

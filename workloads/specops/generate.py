@@ -19,12 +19,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specops import exitcodes
 from specops.config import ConfigError, DataGenConfig, load_config
+from specops.generate_report import GenerateReport
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,59 +39,6 @@ log = logging.getLogger(__name__)
 
 WINDOW_BATCHES = 16
 """Examples are read `WINDOW_BATCHES * batch_size` at a time and grouped by length inside the window."""
-
-
-@dataclass
-class GenerateReport:
-    """What a run did; `ok` is False when examples or workers failed (a rerun retries them)."""
-
-    written: int = 0
-    """Examples handed to the sink in this run."""
-    skipped: int = 0
-    """Examples of this slice the sink already held (resume)."""
-    dropped: int = 0
-    """Conversations that yield no example (e.g. fewer loss tokens than processor.min_loss_tokens)."""
-    failed: int = 0
-    """Examples the engine could not process even alone (listed in failed_ids)."""
-    tokens: int = 0
-    """Tokens of the written examples."""
-    regenerated: int = 0
-    """Conversations answered by the verifier in this run (`regenerate`)."""
-    regenerated_tokens: int = 0
-    """Answer tokens the verifier generated in this run."""
-    seconds: float = 0.0
-    failed_ids: list[str] = field(default_factory=list)
-    worker_errors: list[str] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.worker_errors
-
-    def add(self, other: GenerateReport) -> None:
-        """Fold a worker's counts into this report (seconds stay the caller's wall time)."""
-        for name in (
-            "written",
-            "skipped",
-            "dropped",
-            "failed",
-            "tokens",
-            "regenerated",
-            "regenerated_tokens",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.failed_ids.extend(other.failed_ids)
-        self.worker_errors.extend(other.worker_errors)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1), "ok": self.ok}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GenerateReport:
-        return cls(**{k: v for k, v in data.items() if k not in ("tokens_per_s", "ok")})
 
 
 class GenerateError(RuntimeError):
@@ -310,9 +257,13 @@ def tokenized_slice(
     processor = config.processor.model_copy(update={"max_length": config.sequence_limit})
     conversations = slice_conversations(config, done, report)
     if config.regenerate is not None:
+        from specops.generate_progress import AnswerProgress
         from specops.regenerate import regenerated_slice
 
-        conversations = regenerated_slice(config, tokenizer, conversations, report)
+        answers = AnswerProgress(report, config.run.shard_index, config.run.num_shards)
+        conversations = regenerated_slice(
+            config, tokenizer, conversations, answers, lambda answered: count_slice(config, done | answered)
+        )
     for conversation in conversations:
         try:
             example = tokenize_conversation(tokenizer, conversation, processor, config.chat_template)
@@ -358,20 +309,11 @@ def generate_examples(
     """Length-grouped batches through the engine into the sink, with a progress bar on stderr
     (total and ETA: the slice's examples; dropped and failed ones count as processed) and a
     progress line in the log every `generate_progress.LOG_EVERY_S`."""
-    from tqdm import tqdm
-
     from specops.engines.batching import plan_batches, windows
 
     engine_cfg, report = config.engine, progress.report
     progress.start()
-    with tqdm(
-        desc=progress.label,
-        unit="ex",
-        total=progress.expected or None,  # None: a caller that counted nothing gets a bar without total
-        initial=progress.processed,
-        file=sys.stderr,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    ) as bar:
+    with progress.bar() as bar:
         for window in windows(examples, WINDOW_BATCHES * engine_cfg.batch_size):
             lengths = [len(e.token_ids) for e in window]
             for _, indices in plan_batches(lengths, engine_cfg.batch_size, engine_cfg.max_tokens_per_batch):
@@ -380,9 +322,7 @@ def generate_examples(
                     sink.write(output)
                     report.written += len(output)
                     report.tokens += sum(len(e["token_ids"]) for e in output)
-                bar.update(progress.processed - bar.n)
-                bar.set_postfix(tok_s=f"{progress.rates()[1]:.0f}")
-                progress.maybe_log()
+                progress.show(bar)
         bar.update(progress.processed - bar.n)
     progress.maybe_log(force=True)
 

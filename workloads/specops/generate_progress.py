@@ -6,19 +6,20 @@ nothing is counted twice. The total is the slice's conversations not yet stored,
 before the engine loads (one more pass over the sources, no model work); an example that is
 written, dropped or failed is one of them processed. With `sync.claimRanges` the total grows
 with each claimed range. Local worker `w` serves `metrics.port + w`, as trainer ranks do.
+The `regenerate` stage before it shows the same (`AnswerProgress`): its total is the
+conversations no answers file holds yet, its rates are answers' and answer tokens'.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from specops.generate_report import GenerateReport
 from specops.stores.streaming import StatsCollector
-
-if TYPE_CHECKING:
-    from specops.generate import GenerateReport
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ COUNTERS = {
     "examples_dropped": ("dropped", "conversations that yield no example (template, too few loss tokens)"),
     "examples_skipped": ("skipped", "examples already stored by an earlier run (resume)"),
     "tokens": ("tokens", "tokens of the written examples"),
+    "regenerated": ("regenerated", "conversations the verifier answered (regenerate)"),
+    "regenerated_tokens": ("regenerated_tokens", "answer tokens the verifier generated (regenerate)"),
 }
 """Metric -> (GenerateReport field, help). Counters: Prometheus adds `_total`."""
 GAUGES = {
@@ -42,23 +45,39 @@ GAUGES = {
 METRIC_NAMES = sorted([*(PREFIX + name + "_total" for name in COUNTERS), *(PREFIX + name for name in GAUGES)])
 """Every sample name a generator serves (its sink's stream metrics aside)."""
 LOG_EVERY_S = 30.0
-"""Seconds between progress lines in the log (and one line when the slice is done)."""
+"""Seconds between progress lines in the log (and one line when the stage is done)."""
 
 
-class GenerationProgress:
-    """One generator's progress over its live report; a prometheus_client collector."""
+def slice_label(slice_index: int, num_slices: int) -> str:
+    return f"slice {slice_index}/{num_slices}"
 
-    def __init__(self, report: GenerateReport, slice_index: int, num_slices: int, sink: Any = None) -> None:
+
+class StageProgress:
+    """One stage's total, rates and ETA over the live report; its bar on stderr and its lines in
+    the log (the bar may be on a terminal only)."""
+
+    unit = "ex"
+
+    def __init__(self, report: GenerateReport, label: str) -> None:
         self.report = report
-        self.slice = str(slice_index)
-        self.label = f"slice {slice_index}/{num_slices}"
+        self.label = label
         self.expected = 0
-        self.sink = sink
         self._since: float | None = None
         self._last_log = time.monotonic()
 
+    @property
+    def processed(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def tokens(self) -> int:
+        raise NotImplementedError
+
+    def line(self) -> str:
+        raise NotImplementedError
+
     def expect(self, count: int) -> None:
-        """`count` more conversations to process (the slice, or one more claimed range)."""
+        """`count` more to process (the slice, or one more claimed range)."""
         self.expected += count
 
     def start(self) -> None:
@@ -66,23 +85,70 @@ class GenerationProgress:
         if self._since is None:
             self._since = time.monotonic()
 
+    def elapsed(self) -> float:
+        return 0.0 if self._since is None else time.monotonic() - self._since
+
+    def rates(self) -> tuple[float, float]:
+        """(processed/s, tokens/s) since the engine loaded."""
+        if self._since is None:
+            return 0.0, 0.0
+        elapsed = max(self.elapsed(), 1e-9)
+        return self.processed / elapsed, self.tokens / elapsed
+
+    def eta_seconds(self) -> float | None:
+        per_s, _ = self.rates()
+        remaining = max(0, self.expected - self.processed)
+        if remaining == 0:
+            return 0.0
+        return remaining / per_s if per_s > 0 else None
+
+    def eta(self) -> str:
+        eta = self.eta_seconds()
+        return "unknown" if eta is None else format_seconds(eta)
+
+    def maybe_log(self, force: bool = False) -> None:
+        """A progress line in the log every LOG_EVERY_S."""
+        now = time.monotonic()
+        if force or now - self._last_log >= LOG_EVERY_S:
+            log.info("%s", self.line())
+            self._last_log = now
+
+    def bar(self, disable: bool = False) -> Any:
+        """A tqdm bar on stderr with the total (None: a caller that counted nothing) and ETA."""
+        from tqdm import tqdm
+
+        return tqdm(
+            disable=disable,
+            desc=self.label,
+            unit=self.unit,
+            total=self.expected or None,
+            initial=self.processed,
+            file=sys.stderr,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+
+    def show(self, bar: Any) -> None:
+        """Bring `bar` up to date, and the log when a line is due."""
+        bar.update(self.processed - bar.n)
+        bar.set_postfix(tok_s=f"{self.rates()[1]:.0f}")
+        self.maybe_log()
+
+
+class GenerationProgress(StageProgress):
+    """One generator's capture progress over its live report; a prometheus_client collector."""
+
+    def __init__(self, report: GenerateReport, slice_index: int, num_slices: int, sink: Any = None) -> None:
+        super().__init__(report, slice_label(slice_index, num_slices))
+        self.slice = str(slice_index)
+        self.sink = sink
+
     @property
     def processed(self) -> int:
         return self.report.written + self.report.dropped + self.report.failed
 
-    def rates(self) -> tuple[float, float]:
-        """(examples/s, tokens/s) since the engine loaded."""
-        if self._since is None:
-            return 0.0, 0.0
-        elapsed = max(time.monotonic() - self._since, 1e-9)
-        return self.processed / elapsed, self.report.tokens / elapsed
-
-    def eta_seconds(self) -> float | None:
-        examples_per_s, _ = self.rates()
-        remaining = max(0, self.expected - self.processed)
-        if remaining == 0:
-            return 0.0
-        return remaining / examples_per_s if examples_per_s > 0 else None
+    @property
+    def tokens(self) -> int:
+        return self.report.tokens
 
     def stored(self) -> int | None:
         """What the sink holds durably, when it can say (`committed_examples`)."""
@@ -91,21 +157,12 @@ class GenerationProgress:
 
     def line(self) -> str:
         examples_per_s, tokens_per_s = self.rates()
-        eta = self.eta_seconds()
         failed = f", {self.report.failed} failed" if self.report.failed else ""
         dropped = f", {self.report.dropped} dropped" if self.report.dropped else ""
         return (
             f"{self.label}: {self.processed}/{self.expected} examples{failed}{dropped}, "
-            f"{examples_per_s:.2f} examples/s, {tokens_per_s:.0f} tokens/s, "
-            f"ETA {'unknown' if eta is None else format_seconds(eta)}"
+            f"{examples_per_s:.2f} examples/s, {tokens_per_s:.0f} tokens/s, ETA {self.eta()}"
         )
-
-    def maybe_log(self, force: bool = False) -> None:
-        """A progress line in the log every LOG_EVERY_S (the bar may be on a terminal only)."""
-        now = time.monotonic()
-        if force or now - self._last_log >= LOG_EVERY_S:
-            log.info("%s", self.line())
-            self._last_log = now
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -132,6 +189,54 @@ class GenerationProgress:
         stats = getattr(self.sink, "stats", None)
         if stats is not None:  # a stream sink's own figures: unacked bytes, time blocked on the broker
             yield from StatsCollector([stats]).collect()
+
+
+class AnswerProgress(StageProgress):
+    """The `regenerate` stage's progress: conversations handled (the total: those no answers file
+    holds yet), how many got an answer, answer tokens; a done line closes it."""
+
+    unit = "conv"
+
+    def __init__(self, report: GenerateReport, slice_index: int, num_slices: int) -> None:
+        super().__init__(report, slice_label(slice_index, num_slices) + " answers")
+        self.done = 0
+        """Conversations of the total stored in this slice's answers file."""
+
+    @property
+    def processed(self) -> int:
+        return self.done
+
+    @property
+    def tokens(self) -> int:
+        return self.report.regenerated_tokens
+
+    def add(self, conversations: int, answered: int, tokens: int) -> None:
+        """One window stored: `conversations` handled, `answered` of them got an answer."""
+        self.done += conversations
+        self.report.regenerated += answered
+        self.report.regenerated_tokens += tokens
+
+    def line(self) -> str:
+        per_s, tokens_per_s = self.rates()
+        return (
+            f"{self.label}: {self.done}/{self.expected} conversations, {self.tokens} answer tokens, "
+            f"{per_s:.2f} conversations/s, {tokens_per_s:.0f} tokens/s, ETA {self.eta()}"
+        )
+
+    def finish(self, reused: int) -> None:
+        """The done line: what this run answered, and what it read back from earlier runs."""
+        log.info(
+            "%s: done, %d/%d conversations (%d answered, %d answer tokens, %.0f tokens/s) in %s; "
+            "%d read back from earlier runs",
+            self.label,
+            self.done,
+            self.expected,
+            self.report.regenerated,
+            self.tokens,
+            self.rates()[1],
+            format_seconds(self.elapsed()),
+            reused,
+        )
 
 
 def format_seconds(seconds: float) -> str:

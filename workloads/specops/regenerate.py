@@ -10,7 +10,10 @@ marked `open_final`, so it renders without an end-of-turn token.
 
 Answers are appended to JSONL files under `regenerate.path`, one per slice, each window fsynced,
 and reused by every rerun: a killed run answers only what no file holds yet; a torn last line is
-cut off. `regenerate.json` records who answered, and a different setup is refused.
+cut off. `regenerate.json` records who answered, and a different setup is refused. Progress (a
+bar whose total is what is left to answer, log lines, a done line, the report's counts served as
+metrics) goes through `specops.generate_progress.AnswerProgress`; this module never imports the
+driver (`specops.generate`), which imports it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from specops.engines.answers import AnswerEngine
-    from specops.generate import GenerateReport
+    from specops.generate_progress import AnswerProgress
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +272,15 @@ def regenerated_slice(
     config: DataGenConfig,
     tokenizer: PreTrainedTokenizerBase,
     conversations: Iterable[Conversation],
-    report: GenerateReport,
+    progress: AnswerProgress,
+    count_left: Callable[[set[str]], int],
 ) -> Iterator[Conversation]:
     """This slice's conversations with the verifier's answers: every one is answered (or read back
     from an earlier run's files) before the first is yielded, so the answering engine is closed
-    before the capture engine loads. The engine loads only when something is left to answer."""
+    before the capture engine loads. The engine loads only when something is left to answer.
+
+    `count_left(ids)` counts the slice's conversations not in `ids` (one pass over the sources):
+    with the ids the answers files hold, the progress total."""
     from specops.engines.answers import load_answer_engine
 
     assert config.regenerate is not None
@@ -282,22 +289,27 @@ def regenerated_slice(
         answers_dir(config), answer_setup(config, tokenizer), f"{run.shard_index}-of-{run.num_shards}"
     )
     known = files.ids()
+    progress.expect(count_left(known))
     wanted: set[str] = set()
     engine: AnswerEngine | None = None
     try:
-        for window in windows(conversations, WINDOW_BATCHES * config.regenerate.batch_size):
-            wanted.update(c.id for c in window)
-            todo = [c for c in window if c.id not in known]
-            if not todo:
-                continue
-            engine = engine or load_answer_engine(config)
-            conversations_out, answered, tokens = regenerate_window(todo, engine, tokenizer, config)
-            files.append(conversations_out)
-            report.regenerated += answered
-            report.regenerated_tokens += tokens
+        with progress.bar(disable=not progress.expected) as bar:  # none: everything was answered
+            for window in windows(conversations, WINDOW_BATCHES * config.regenerate.batch_size):
+                wanted.update(c.id for c in window)
+                todo = [c for c in window if c.id not in known]
+                if not todo:
+                    continue
+                if engine is None:
+                    engine = load_answer_engine(config)
+                    progress.start()
+                conversations_out, answered, tokens = regenerate_window(todo, engine, tokenizer, config)
+                files.append(conversations_out)
+                progress.add(len(todo), answered, tokens)
+                progress.show(bar)
     finally:
         if engine is not None:
             engine.close()
+    progress.finish(reused=len(wanted & known))
     for row in files.rows():
         if row["id"] in wanted:
             yield from_row(row)
