@@ -150,6 +150,14 @@ def _rows(title: str) -> tuple[list[str], Callable[[str, str], None]]:
     return lines, row
 
 
+def _storage(row: Callable[[str, str], None], requested: int | None, needed: int) -> None:
+    """The claim's size against what the run needs, where the spec sets one."""
+    from specops.plan import human
+
+    if requested is not None:
+        row("storage", f"{human(requested)} requested: {'fits' if requested >= needed else 'TOO SMALL'}")
+
+
 def render(result: dict[str, Any]) -> str:
     """The plan as aligned lines for a terminal."""
     from specops.plan import human
@@ -178,9 +186,7 @@ def render(result: dict[str, Any]) -> str:
             f"{result['shards']} shard file(s) of up to {result['shard_size']} examples, "
             f"from {result['writers']} writer(s)",
         )
-        if result["storage_bytes"] is not None:
-            fits = "fits" if result["storage_bytes"] >= result["total_bytes"] else "TOO SMALL"
-            row("storage", f"{human(result['storage_bytes'])} requested: {fits}")
+        _storage(row, result["storage_bytes"], result["total_bytes"])
     if "broker" in result:
         broker = result["broker"]
         row(
@@ -243,8 +249,6 @@ def render_training(result: dict[str, Any]) -> str:
             f"{human(ckpt['peak_bytes'])} at most: keepCheckpoints {ckpt['keep']} + the one being written "
             f"+ {ckpt['published']} model-only dir(s) (final{', best' if ckpt['published'] > 1 else ''})",
         )
-        if result["storage_bytes"] is not None:
-            fits = "fits" if result["storage_bytes"] >= ckpt["peak_bytes"] else "TOO SMALL"
-            row("storage", f"{human(result['storage_bytes'])} requested: {fits}")
+        _storage(row, result["storage_bytes"], ckpt["peak_bytes"])
     row("time", "the project has measured no training throughput: not estimated")
     return "\n".join(lines)

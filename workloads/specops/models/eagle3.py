@@ -471,20 +471,8 @@ class Eagle3DraftModel(SpeculatorModel):
         *,
         verifier_name_or_path: str,
         verifier_weights: str | Path | None = None,
-        algorithm: Literal["eagle3", "hass"] = "eagle3",
-        num_layers: int = 1,
-        layer_style: LayerStyle = "llama",
-        norm_before_residual: bool = False,
-        speculative_tokens: int = 3,
-        aux_layer_ids: Sequence[int] | None = None,
         draft_vocab_size: int | None = None,
-        init_from_verifier: bool = False,
-        hidden_size: int | None = None,
-        norm_before_fc: bool = False,
-        fc_norm: bool = False,
-        norm_output: bool = False,
-        layer_types: Sequence[LayerType] | None = None,
-        sliding_window: int | None = None,
+        **options: Any,
     ) -> Eagle3DraftModel:
         """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm
         copied; with `init_from_verifier`, its layers and `fc` start from the verifier's too
@@ -492,7 +480,8 @@ class Eagle3DraftModel(SpeculatorModel):
         `target_hidden_size` and starts the embedding, norm and lm_head fresh (trained).
 
         `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
-        (default: the same path). The keyword names match `specops.config.DraftConfig`.
+        (default: the same path). `options` are `training_config`'s keywords, named as in
+        `specops.config.DraftConfig`.
         """
         check_vocab_mapping(t2d, d2t)
         text = verifier_config.get_text_config()
@@ -501,29 +490,14 @@ class Eagle3DraftModel(SpeculatorModel):
         if t2d.numel() != int(text.vocab_size):
             raise ValueError(f"t2d has {t2d.numel()} entries but the verifier vocab is {text.vocab_size}")
         config = cls.training_config(
-            verifier_config,
-            d2t.numel(),
-            verifier_name_or_path=verifier_name_or_path,
-            algorithm=algorithm,
-            num_layers=num_layers,
-            layer_style=layer_style,
-            norm_before_residual=norm_before_residual,
-            speculative_tokens=speculative_tokens,
-            aux_layer_ids=aux_layer_ids,
-            init_from_verifier=init_from_verifier,
-            hidden_size=hidden_size,
-            norm_before_fc=norm_before_fc,
-            fc_norm=fc_norm,
-            norm_output=norm_output,
-            layer_types=layer_types,
-            sliding_window=sliding_window,
+            verifier_config, d2t.numel(), verifier_name_or_path=verifier_name_or_path, **options
         )
         model = cls(config)
         model.set_vocab_mapping(t2d, d2t)
         weights = verifier_weights if verifier_weights is not None else verifier_name_or_path
         if config.target_hidden_size is None:
             model.copy_verifier_weights(weights)
-        if init_from_verifier:
+        if options.get("init_from_verifier"):
             model.init_from_verifier_layers(weights, int(text.num_hidden_layers))
         return model
 
