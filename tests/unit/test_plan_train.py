@@ -124,7 +124,7 @@ def test_the_table_names_counted_and_estimated_figures(
 
 
 def test_a_speculator_training_plans_its_training_from_its_generation(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     path = ROOT / "examples" / "eagle3-train.yaml"
     generation, training = plan(capsys, str(path))
@@ -139,9 +139,27 @@ def test_a_speculator_training_plans_its_training_from_its_generation(
     train_tokens = generation["tokens"] - round(generation["tokens"] * fraction)
     epochs = spec.get("epochs", 1)
     assert training["steps"]["count"] == math.ceil(train_tokens / ranks / (per_step // row * row)) * epochs
-    assert "unknown" in training["draft"]  # the 8B verifier's config.json is not here; nothing is fetched
+    # No config.json of the 8B verifier here (nothing is fetched): the table of known verifiers
+    # gives its shapes. Direct count of EAGLE-3's draft: frozen embedding and lm_head (draft vocab),
+    # fc over 3 layers, one decoder layer whose attention reads [embed; hidden], the final norm.
+    hidden, vocab, draft_vocab, mlp, heads, kv_heads, head = 4096, 128256, 32000, 14336, 32, 8, 128
+    layer = 2 * hidden * heads * head + 2 * (2 * hidden * kv_heads * head) + heads * head * hidden
+    layer += 3 * hidden * mlp + 3 * hidden
+    trainable = 3 * hidden * hidden + layer + hidden
+    assert training["draft"]["trainable"] == trainable
+    assert training["draft"]["parameters"] == trainable + vocab * hidden + draft_vocab * hidden
+    assert "table of known verifiers" in training["draft"]["source"]
+    saved = training["draft"]["parameters"] * 4 + vocab + draft_vocab * 8  # fp32 weights, t2d, d2t
+    assert training["checkpoint"]["model_bytes"] == saved
+    assert training["checkpoint"]["optimizer_bytes"] > trainable * 8
     assert cli.main(["plan", str(path)]) == 0
-    assert "parameters unknown: the config.json of" in capsys.readouterr().out
+    assert "storage         200.0Gi requested: fits" in capsys.readouterr().out
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[0]["spec"]["storage"]["size"] = "20Gi"  # below 2 + 1 checkpoints of 5.7 GiB and final/best
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump_all(docs))
+    assert cli.main(["plan", str(small)]) == 0
+    assert "storage         20.0Gi requested: TOO SMALL" in capsys.readouterr().out
 
 
 def test_a_stream_reads_at_most_max_steps_batches(

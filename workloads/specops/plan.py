@@ -77,6 +77,23 @@ KNOWN_SHAPES: dict[str, VerifierShape] = {
 """Dimensions of common verifiers (from their config.json); `source` is the lowercase Hub id."""
 
 
+KNOWN_LAYERS: dict[str, tuple[str, int, int, int, int]] = {
+    "meta-llama/llama-3.1-8b-instruct": ("llama", 14336, 32, 8, 128),
+    "meta-llama/llama-3.1-70b-instruct": ("llama", 28672, 64, 8, 128),
+    "meta-llama/llama-3.3-70b-instruct": ("llama", 28672, 64, 8, 128),
+    "meta-llama/llama-3.2-1b-instruct": ("llama", 8192, 32, 8, 64),
+    "meta-llama/llama-3.2-3b-instruct": ("llama", 8192, 24, 8, 128),
+    "qwen/qwen3-8b": ("qwen3", 12288, 32, 8, 128),
+    "qwen/qwen3-14b": ("qwen3", 17408, 40, 8, 128),
+    "qwen/qwen3-32b": ("qwen3", 25600, 64, 8, 128),
+    "qwen/qwen2.5-7b-instruct": ("qwen2", 18944, 28, 4, 128),
+    "huggingfacetb/smollm2-135m-instruct": ("llama", 1536, 9, 3, 64),
+}
+"""(model_type, intermediate_size, attention heads, key/value heads, head_dim) of the verifiers in
+KNOWN_SHAPES (their config.json): with those, enough for `specops plan` to build a draft's layers
+on the meta device and count its parameters when no config.json is at hand."""
+
+
 def known_shape(verifier: VerifierConfig) -> VerifierShape | None:
     """A common verifier's dimensions, matched by Hub id or by directory/GGUF file name."""
     name = verifier.name_or_path.lower().rstrip("/")

@@ -6,7 +6,8 @@ and each shard's token count; no tensor is read); a training fed by a data gener
 file takes that generation's plan (counted or estimated, as it says); a stream reads at most
 maxSteps x tokensPerStep per rank. The draft is the trainer's own, built on PyTorch's meta device
 (shapes, no weights) from the verifier's config.json where it is local or already in the Hub
-cache: nothing is downloaded, and otherwise the parameters are said to be unknown.
+cache, else from the table of known verifiers (`plan.KNOWN_LAYERS`): nothing is downloaded, and
+otherwise the parameters are said to be unknown.
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def draft_parameters(cfg: TrainConfig, figures: DataFigures) -> DraftSize | str:
 
 
 def _verifier_config(cfg: TrainConfig) -> tuple[Any, str] | str:
-    """(the verifier's config, where it was read) from a local directory or the Hub cache only."""
+    """(the verifier's config, where it was read): a local directory, the Hub cache, or the table
+    of known verifiers; never a download."""
     from transformers import AutoConfig
 
     from specops.paths import resolve_allowed
@@ -255,19 +257,48 @@ def _verifier_config(cfg: TrainConfig) -> tuple[Any, str] | str:
     name = verifier.name_or_path
     if is_local(name):
         path = resolve_allowed(name, cfg.allowed_roots, "verifier.nameOrPath")
-        if not (path / "config.json").is_file():
-            return f"verifier.nameOrPath: {path}/config.json is not here (plan where the verifier is)"
-        return AutoConfig.from_pretrained(path), str(path / "config.json")
-    try:
-        found = AutoConfig.from_pretrained(
-            name,
-            revision=verifier.revision,
-            trust_remote_code=verifier.trust_remote_code,
-            local_files_only=True,
-        )
-    except (OSError, ValueError):
-        return (
-            f"the config.json of {name!r} is not in the local Hub cache and plan downloads nothing "
-            f"(`specops fetch-verifier {name}` fills the cache)"
-        )
-    return found, f"{name}'s config.json in the Hub cache"
+        if (path / "config.json").is_file():
+            return AutoConfig.from_pretrained(path), str(path / "config.json")
+        missing = f"{path}/config.json is not here"
+    else:
+        try:
+            found = AutoConfig.from_pretrained(
+                name,
+                revision=verifier.revision,
+                trust_remote_code=verifier.trust_remote_code,
+                local_files_only=True,
+            )
+        except (OSError, ValueError):
+            missing = f"the config.json of {name!r} is not in the local Hub cache"
+        else:
+            return found, f"{name}'s config.json in the Hub cache"
+    known = _known_config(cfg)
+    if known is not None:
+        return known
+    return (
+        f"{missing}, it is not a known verifier, and plan downloads nothing "
+        f"(`specops fetch-verifier` fills the cache)"
+    )
+
+
+def _known_config(cfg: TrainConfig) -> tuple[Any, str] | None:
+    """A config with the dimensions of a verifier in plan's tables (what the draft's shapes need)."""
+    from transformers import AutoConfig
+
+    shape = plan.known_shape(cfg.verifier)
+    if shape is None or shape.source not in plan.KNOWN_LAYERS:
+        return None
+    model_type, intermediate, heads, kv_heads, head_dim = plan.KNOWN_LAYERS[shape.source]
+    architecture = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    config = AutoConfig.for_model(
+        model_type,
+        architectures=[architecture[model_type]],
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+    )
+    return config, f"the table of known verifiers ({shape.source}; no config.json at hand)"
