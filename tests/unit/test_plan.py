@@ -36,7 +36,7 @@ def even_shards(examples: int, writers: int, shard_size: int) -> int:
 
 
 def test_the_flagship_example_direct_computation(capsys: pytest.CaptureFixture[str]) -> None:
-    (result,) = plan(capsys, str(ROOT / "examples" / "eagle3-train.yaml"))
+    result, _training = plan(capsys, str(ROOT / "examples" / "eagle3-train.yaml"))
     rows, tokens = 207_865, 207_865 * MEAN_TOKENS_PER_EXAMPLE  # UltraChat train_sft, 1024 per example
     per_token = 4 * 4096 * 2 + TOKEN_BYTES  # layers [2, 16, 29, 32] x hidden 4096 x bf16 (GPU pods)
     assert (result["examples"], result["tokens"], result["bytes_per_token"]) == (rows, tokens, per_token)
@@ -48,7 +48,7 @@ def test_the_flagship_example_direct_computation(capsys: pytest.CaptureFixture[s
 
 def test_the_operator_preflight_gives_the_same_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     path = ROOT / "examples" / "eagle3-train.yaml"
-    (result,) = plan(capsys, str(path))
+    result, _training = plan(capsys, str(path))
     training = load_resources(path.read_text())[0]
     assert isinstance(training, SpeculatorTraining) and training.spec.data_gen is not None
     spec = training.spec.data_gen
@@ -60,7 +60,7 @@ def test_the_operator_preflight_gives_the_same_bytes(capsys: pytest.CaptureFixtu
 
 def test_an_online_example_sizes_its_broker(capsys: pytest.CaptureFixture[str]) -> None:
     path = ROOT / "examples" / "datagen-online.yaml"
-    (result,) = plan(capsys, str(path))
+    result, _training = plan(capsys, str(path))
     docs = list(yaml.safe_load_all(path.read_text()))
     datagen = next(d for d in docs if d["kind"] == "SpeculatorDataGen")["spec"]
     training = next(d for d in docs if d["kind"] == "SpeculatorTraining")["spec"]

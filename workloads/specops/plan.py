@@ -77,6 +77,23 @@ KNOWN_SHAPES: dict[str, VerifierShape] = {
 """Dimensions of common verifiers (from their config.json); `source` is the lowercase Hub id."""
 
 
+KNOWN_LAYERS: dict[str, tuple[str, int, int, int, int]] = {
+    "meta-llama/llama-3.1-8b-instruct": ("llama", 14336, 32, 8, 128),
+    "meta-llama/llama-3.1-70b-instruct": ("llama", 28672, 64, 8, 128),
+    "meta-llama/llama-3.3-70b-instruct": ("llama", 28672, 64, 8, 128),
+    "meta-llama/llama-3.2-1b-instruct": ("llama", 8192, 32, 8, 64),
+    "meta-llama/llama-3.2-3b-instruct": ("llama", 8192, 24, 8, 128),
+    "qwen/qwen3-8b": ("qwen3", 12288, 32, 8, 128),
+    "qwen/qwen3-14b": ("qwen3", 17408, 40, 8, 128),
+    "qwen/qwen3-32b": ("qwen3", 25600, 64, 8, 128),
+    "qwen/qwen2.5-7b-instruct": ("qwen2", 18944, 28, 4, 128),
+    "huggingfacetb/smollm2-135m-instruct": ("llama", 1536, 9, 3, 64),
+}
+"""(model_type, intermediate_size, attention heads, key/value heads, head_dim) of the verifiers in
+KNOWN_SHAPES (their config.json): with those, enough for `specops plan` to build a draft's layers
+on the meta device and count its parameters when no config.json is at hand."""
+
+
 def known_shape(verifier: VerifierConfig) -> VerifierShape | None:
     """A common verifier's dimensions, matched by Hub id or by directory/GGUF file name."""
     name = verifier.name_or_path.lower().rstrip("/")
@@ -241,3 +258,97 @@ device. Only these give a time estimate; elsewhere `plan` says none was measured
 def generation_throughput(shape: VerifierShape, engine: str, device: str) -> Throughput | None:
     key = ((shape.num_layers, shape.hidden_size, shape.vocab_size), engine, device)
     return MEASURED_GENERATION.get(key)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def optimizer_steps(
+    tokens: int,
+    examples: int,
+    *,
+    tokens_per_step: int,
+    max_seq_len: int,
+    batching: str,
+    epochs: int,
+    ranks: int,
+) -> int:
+    """Optimizer steps of `epochs` passes over `examples` of `tokens` in all, split over `ranks`.
+
+    A packed batch holds `tokens_per_step // row_len` rows of `row_len = min(maxSeqLen,
+    tokensPerStep)` tokens (`specops.train.packing.row_shape`); first-fit packing leaves gaps, so
+    the trainer's count of full and partial batches is usually a little higher. A padded batch holds
+    one example per row.
+    """
+    row_len = min(max_seq_len, tokens_per_step)
+    rows = tokens_per_step // row_len
+    if batching == "padded":
+        per_rank = math.ceil(examples / ranks / rows)
+    else:
+        per_rank = math.ceil(tokens / ranks / (rows * row_len))
+    return per_rank * epochs
+
+
+ADAM_BYTES_PER_PARAMETER = 8
+"""AdamW's exp_avg and exp_avg_sq, float32, for every trainable parameter (state/optimizer.safetensors)."""
+ADAM_STEP_BYTES = 4
+"""The float32 `step` AdamW keeps per trainable tensor."""
+TENSOR_ENTRY_BYTES = 256
+"""Per stored tensor: its safetensors header entry (and its optimizer.json entry); measured ~100-200 B."""
+SMALL_FILES_BYTES = 8 * 2**10
+"""config.json and trainer.json of a checkpoint (measured 1.5 + 2.7 KiB on the test draft)."""
+RANK_STATE_BYTES = 20 * 2**10
+"""Each rank's state/rank-N files: torch's 5 KiB RNG state and Python's as JSON (measured 16 KiB)."""
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Bytes SpecOps writes per checkpoint (`specops.train.checkpoint`) and in all for a run."""
+
+    model_bytes: int
+    """model.safetensors: every saved tensor in its dtype (what `final/` and `best/` hold too)."""
+    optimizer_bytes: int
+    """state/optimizer.safetensors: AdamW moments of the trainable parameters."""
+    files_bytes: int
+    """Headers, config/trainer JSON and every rank's RNG state (an upper bound)."""
+    model_files_bytes: int
+    """A model-only directory's headers and config.json (an upper bound)."""
+    keep: int
+    published: int
+    """Model-only directories beside the checkpoints: final, and best when there is validation."""
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.model_bytes + self.optimizer_bytes + self.files_bytes
+
+    @property
+    def published_bytes(self) -> int:
+        return self.published * (self.model_bytes + self.model_files_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """keepCheckpoints kept + the one being written before the oldest is deleted + final/best."""
+        return (self.keep + 1) * self.checkpoint_bytes + self.published_bytes
+
+
+def checkpoint_size(
+    saved: Sequence[tuple[int, int]],
+    trainable: Sequence[int],
+    *,
+    ranks: int,
+    keep: int,
+    validation: bool,
+) -> CheckpointSize:
+    """`saved`: (elements, bytes per element) of each tensor in model.safetensors; `trainable`: the
+    elements of each trainable tensor (AdamW keeps two float32 moments and a step for each)."""
+    model_files = SMALL_FILES_BYTES // 2 + TENSOR_ENTRY_BYTES * len(saved)
+    return CheckpointSize(
+        model_bytes=sum(n * width for n, width in saved),
+        optimizer_bytes=sum(trainable) * ADAM_BYTES_PER_PARAMETER + ADAM_STEP_BYTES * len(trainable),
+        files_bytes=SMALL_FILES_BYTES
+        + TENSOR_ENTRY_BYTES * (len(saved) + 3 * len(trainable))
+        + RANK_STATE_BYTES * ranks,
+        model_files_bytes=model_files,
+        keep=keep,
+        published=2 if validation else 1,
+    )

@@ -1,7 +1,8 @@
 """What `specops plan` reads: the runs a file describes, the verifier's shape, counted tokens.
 
-A file is a local DataGenConfig, or Kubernetes YAML with SpeculatorDataGen / SpeculatorTraining
-objects (validated with the operator's own models). Nothing here loads model weights or talks to a
+A file is a local DataGenConfig or TrainConfig, or Kubernetes YAML with SpeculatorDataGen /
+SpeculatorTraining objects (validated with the operator's own models; a training's TrainConfig is
+rendered as the operator renders it for its pods). Nothing here loads model weights or talks to a
 GPU: the shape comes from the spec, the table of common verifiers or `config.json`, and tokens are
 counted with the tokenizer alone, by the code generation itself runs.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from specops.config import ConfigError, DataGenConfig, VerifierConfig, load_config
+from specops.config import ConfigError, DataGenConfig, TrainConfig, VerifierConfig, load_config
 from specops.plan import VerifierShape, known_shape
 
 
@@ -40,8 +41,30 @@ class PlannedRun:
     declared_shape: VerifierShape | None = None
 
 
-def planned_runs(path: Path, allowed_roots: Sequence[str] = ()) -> list[PlannedRun]:
-    """The data generations `path` describes; ConfigError naming the file when it holds none."""
+@dataclass(frozen=True)
+class PlannedTraining:
+    """One training the file asks for: its TrainConfig and the data generation that feeds it."""
+
+    label: str
+    config: TrainConfig
+    ranks: int = 1
+    """Trainer processes (nodes x processes per node); a local TrainConfig plans one."""
+    feed: str | None = None
+    """Label of the planned data generation that writes or streams its examples, if any."""
+    storage_bytes: int | None = None
+    """The output claim's size, where the spec sets one."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """Everything `specops plan` plans in one file."""
+
+    runs: list[PlannedRun]
+    trainings: list[PlannedTraining]
+
+
+def planned(path: Path, allowed_roots: Sequence[str] = ()) -> Planned:
+    """The data generations and trainings `path` describes; ConfigError naming the file when it holds none."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -51,56 +74,78 @@ def planned_runs(path: Path, allowed_roots: Sequence[str] = ()) -> list[PlannedR
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if any(isinstance(d, dict) and "kind" in d for d in docs):
-        return _resource_runs(text, str(path), allowed_roots)
-    if len(docs) == 1 and isinstance(docs[0], dict) and "datasets" in docs[0]:
+        return _resources(text, str(path), allowed_roots)
+    single = docs[0] if len(docs) == 1 and isinstance(docs[0], dict) else {}
+    if "datasets" in single:
         config = load_config(DataGenConfig, path)
         if allowed_roots:
             run = config.run.model_copy(update={"allowed_roots": [*config.run.allowed_roots, *allowed_roots]})
             config = config.model_copy(update={"run": run})
-        return [
-            PlannedRun(
-                label=str(path),
-                config=config,
-                writers=config.run.num_shards * config.run.num_workers,
-                gpu=_local_gpu(config.engine.device),
-                online=config.sync.kind == "zmq",
-            )
-        ]
+        writers = config.run.num_shards * config.run.num_workers
+        gpu, online = _local_gpu(config.engine.device), config.sync.kind == "zmq"
+        return Planned([PlannedRun(str(path), config, writers, gpu, online)], [])
+    if "data" in single and ({"outputDir", "output_dir"} & set(single)):
+        train = load_config(TrainConfig, path)
+        if allowed_roots:
+            train = train.model_copy(update={"allowed_roots": [*train.allowed_roots, *allowed_roots]})
+        return Planned([], [PlannedTraining(str(path), train)])
     raise ConfigError(
-        f"{path}: neither a DataGenConfig (no `datasets`) nor SpeculatorDataGen/SpeculatorTraining objects; "
-        "plan the data generation that feeds a training"
+        f"{path}: neither a DataGenConfig (no `datasets`), a TrainConfig (no `data` and `outputDir`) nor "
+        "SpeculatorDataGen/SpeculatorTraining objects"
     )
 
 
-def _resource_runs(text: str, source: str, allowed_roots: Sequence[str]) -> list[PlannedRun]:
+def _resources(text: str, source: str, allowed_roots: Sequence[str]) -> Planned:
     from specops_operator.api import (
         SpeculatorDataGen,
         SpeculatorDataGenSpec,
         SpeculatorTraining,
         load_resources,
     )
-    from specops_operator.builders.training import procs_per_node
+    from specops_operator.builders.datagen import DataGenNames
+    from specops_operator.builders.training import DataSource, procs_per_node, render_config
+    from specops_operator.estimate import quantity_bytes
 
     resources = load_resources(text, source)
+    datagens = {r.metadata.name: r.spec for r in resources if isinstance(r, SpeculatorDataGen)}
     ranks: dict[str, int] = {}
     refs: list[str] = []
     specs: list[tuple[str, SpeculatorDataGenSpec]] = []
+    trainings: list[PlannedTraining] = []
     for resource in resources:
         if isinstance(resource, SpeculatorTraining):
-            spec = resource.spec
+            spec, name = resource.spec, resource.metadata.name
             world = spec.nodes * procs_per_node(spec)
             if spec.data_gen is not None:
-                specs.append((f"SpeculatorTraining {resource.metadata.name} (spec.dataGen)", spec.data_gen))
-                ranks[specs[-1][0]] = world
+                feed, data_name, data_spec = f"SpeculatorTraining {name} (spec.dataGen)", name, spec.data_gen
+                specs.append((feed, spec.data_gen))
             elif spec.data_gen_ref is not None:
-                ranks[f"SpeculatorDataGen {spec.data_gen_ref.name}"] = world
-                refs.append(f"SpeculatorTraining {resource.metadata.name} reads {spec.data_gen_ref.name}")
+                feed, data_name = f"SpeculatorDataGen {spec.data_gen_ref.name}", spec.data_gen_ref.name
+                if data_name not in datagens:
+                    refs.append(f"SpeculatorTraining {name} reads {data_name}")
+                    continue
+                data_spec = datagens[data_name]
+            else:
+                continue  # the spec's own rule requires one of the two
+            ranks[feed] = world
+            data = DataSource(DataGenNames(data_name, resource.metadata.namespace or "default"), data_spec)
+            size = spec.storage.size
+            trainings.append(
+                PlannedTraining(
+                    f"SpeculatorTraining {name}",
+                    render_config(spec, data),
+                    world,
+                    feed,
+                    quantity_bytes(size) if size is not None else None,
+                )
+            )
         elif isinstance(resource, SpeculatorDataGen):
             specs.append((f"SpeculatorDataGen {resource.metadata.name}", resource.spec))
     if not specs:
         where = f" ({'; '.join(refs)}, defined elsewhere: plan that file)" if refs else ""
         raise ConfigError(f"{source}: no SpeculatorDataGen or spec.dataGen to plan{where}")
-    return [_spec_run(label, spec, ranks.get(label, 1), allowed_roots) for label, spec in specs]
+    runs = [_spec_run(label, spec, ranks.get(label, 1), allowed_roots) for label, spec in specs]
+    return Planned(runs, trainings)
 
 
 def _spec_run(label: str, spec: Any, trainer_ranks: int, allowed_roots: Sequence[str]) -> PlannedRun:

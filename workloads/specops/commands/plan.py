@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file",
         type=Path,
-        help="a DataGenConfig YAML, or SpeculatorDataGen/SpeculatorTraining YAML (kubectl's)",
+        help="a DataGenConfig or TrainConfig YAML, or SpeculatorDataGen/SpeculatorTraining YAML (kubectl's)",
     )
     parser.add_argument(
         "--estimate",
@@ -31,17 +32,26 @@ def register(parser: argparse.ArgumentParser) -> None:
         "sources as generation does, or estimated from maxSamples, a split slice or known dataset sizes), "
         "bytes of hidden states per token and in total (layers captured, hidden size, dtype), shard "
         "files, the broker's peak memory for online runs, and a generation time where the project "
-        "measured the throughput of that verifier, engine and device (the source is printed)."
+        "measured the throughput of that verifier, engine and device (the source is printed). "
+        "For each training: the examples and tokens it reads (a DiskStore's manifests, the plan of the "
+        "generation feeding it, or a stream's maxSteps x tokensPerStep), the held-out share, optimizer "
+        "steps, the draft's parameters (built on the meta device from a local or cached config.json; "
+        "nothing is downloaded) and its checkpoints' bytes on disk."
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    from specops.plan_inputs import planned_runs
+    from specops.plan_inputs import planned
+    from specops.plan_train import plan_training
 
-    runs = planned_runs(args.file, args.allowed_root)
-    for run in runs:
-        result = plan_run(run, count_tokens=not args.estimate)
+    found = planned(args.file, args.allowed_root)
+    runs: dict[str, dict[str, Any]] = {}
+    for run in found.runs:
+        result = runs[run.label] = plan_run(run, count_tokens=not args.estimate)
         print(json.dumps(result) if args.json else render(result))
+    for training in found.trainings:
+        result = plan_training(training, runs.get(training.feed) if training.feed else None)
+        print(json.dumps(result) if args.json else render_training(result))
     return exitcodes.OK
 
 
@@ -131,14 +141,28 @@ def plan_run(run: Any, count_tokens: bool = True) -> dict[str, Any]:
     return out
 
 
+def _rows(title: str) -> tuple[list[str], Callable[[str, str], None]]:
+    lines = [title]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name:<15} {text}")
+
+    return lines, row
+
+
+def _storage(row: Callable[[str, str], None], requested: int | None, needed: int) -> None:
+    """The claim's size against what the run needs, where the spec sets one."""
+    from specops.plan import human
+
+    if requested is not None:
+        row("storage", f"{human(requested)} requested: {'fits' if requested >= needed else 'TOO SMALL'}")
+
+
 def render(result: dict[str, Any]) -> str:
     """The plan as aligned lines for a terminal."""
     from specops.plan import human
 
-    lines = [result["run"]]
-
-    def row(name: str, text: str) -> None:
-        lines.append(f"  {name:<15} {text}")
+    lines, row = _rows(result["run"])
 
     row("verifier", result["verifier"])
     if "shape" in result:
@@ -162,9 +186,7 @@ def render(result: dict[str, Any]) -> str:
             f"{result['shards']} shard file(s) of up to {result['shard_size']} examples, "
             f"from {result['writers']} writer(s)",
         )
-        if result["storage_bytes"] is not None:
-            fits = "fits" if result["storage_bytes"] >= result["total_bytes"] else "TOO SMALL"
-            row("storage", f"{human(result['storage_bytes'])} requested: {fits}")
+        _storage(row, result["storage_bytes"], result["total_bytes"])
     if "broker" in result:
         broker = result["broker"]
         row(
@@ -184,4 +206,49 @@ def render(result: dict[str, Any]) -> str:
         )
     elif "time" in result:
         row("time", "no measured throughput for this verifier, engine and device: not estimated")
+    return "\n".join(lines)
+
+
+def render_training(result: dict[str, Any]) -> str:
+    """A training's plan as aligned lines for a terminal."""
+    from specops.plan import human
+
+    lines, row = _rows(result["training"])
+    row("verifier", result["verifier"])
+    data = result["data"]
+
+    def amount(examples: int | None, tokens: int | None) -> str:
+        parts = [f"{examples:,} examples"] if examples is not None else []
+        return ", ".join(parts + ([f"{tokens:,} tokens"] if tokens is not None else []))
+
+    row("data", f"{amount(data['examples'], data['tokens']) or 'unknown'} ({data['kind']}; {data['source']})")
+    if "held_out" in result:
+        held = result["held_out"]
+        row("held out", f"{amount(held['examples'], held['tokens'])} ({held['source']})")
+        row("trained on", amount(result["train"]["examples"], result["train"]["tokens"]))
+    steps = result["steps"]
+    count = "unknown" if steps["count"] is None else f"{steps['count']:,}"
+    row("steps", f"{count} on {result['ranks']} rank(s) ({steps['source']})")
+    draft = result["draft"]
+    if "unknown" in draft:
+        row("draft", f"parameters unknown: {draft['unknown']}")
+    else:
+        row(
+            "draft",
+            f"{draft['parameters']:,} parameters, {draft['trainable']:,} trainable ({draft['source']})",
+        )
+    if "checkpoint" in result:
+        ckpt = result["checkpoint"]
+        row(
+            "checkpoint",
+            f"{human(ckpt['bytes'])} each (model {human(ckpt['model_bytes'])} + AdamW state "
+            f"{human(ckpt['optimizer_bytes'])} + RNG and JSON)",
+        )
+        row(
+            "disk",
+            f"{human(ckpt['peak_bytes'])} at most: keepCheckpoints {ckpt['keep']} + the one being written "
+            f"+ {ckpt['published']} model-only dir(s) (final{', best' if ckpt['published'] > 1 else ''})",
+        )
+        _storage(row, result["storage_bytes"], ckpt["peak_bytes"])
+    row("time", "the project has measured no training throughput: not estimated")
     return "\n".join(lines)

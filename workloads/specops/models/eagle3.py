@@ -471,20 +471,8 @@ class Eagle3DraftModel(SpeculatorModel):
         *,
         verifier_name_or_path: str,
         verifier_weights: str | Path | None = None,
-        algorithm: Literal["eagle3", "hass"] = "eagle3",
-        num_layers: int = 1,
-        layer_style: LayerStyle = "llama",
-        norm_before_residual: bool = False,
-        speculative_tokens: int = 3,
-        aux_layer_ids: Sequence[int] | None = None,
         draft_vocab_size: int | None = None,
-        init_from_verifier: bool = False,
-        hidden_size: int | None = None,
-        norm_before_fc: bool = False,
-        fc_norm: bool = False,
-        norm_output: bool = False,
-        layer_types: Sequence[LayerType] | None = None,
-        sliding_window: int | None = None,
+        **options: Any,
     ) -> Eagle3DraftModel:
         """A fresh draft for a verifier: verifier embeddings, lm_head rows (by t2d) and final norm
         copied; with `init_from_verifier`, its layers and `fc` start from the verifier's too
@@ -492,7 +480,8 @@ class Eagle3DraftModel(SpeculatorModel):
         `target_hidden_size` and starts the embedding, norm and lm_head fresh (trained).
 
         `verifier_name_or_path` is recorded for vLLM; weights are read from `verifier_weights`
-        (default: the same path). The keyword names match `specops.config.DraftConfig`.
+        (default: the same path). `options` are `training_config`'s keywords, named as in
+        `specops.config.DraftConfig`.
         """
         check_vocab_mapping(t2d, d2t)
         text = verifier_config.get_text_config()
@@ -500,6 +489,42 @@ class Eagle3DraftModel(SpeculatorModel):
             raise ValueError(f"draft_vocab_size {draft_vocab_size} != len(d2t) {d2t.numel()}")
         if t2d.numel() != int(text.vocab_size):
             raise ValueError(f"t2d has {t2d.numel()} entries but the verifier vocab is {text.vocab_size}")
+        config = cls.training_config(
+            verifier_config, d2t.numel(), verifier_name_or_path=verifier_name_or_path, **options
+        )
+        model = cls(config)
+        model.set_vocab_mapping(t2d, d2t)
+        weights = verifier_weights if verifier_weights is not None else verifier_name_or_path
+        if config.target_hidden_size is None:
+            model.copy_verifier_weights(weights)
+        if options.get("init_from_verifier"):
+            model.init_from_verifier_layers(weights, int(text.num_hidden_layers))
+        return model
+
+    @classmethod
+    def training_config(
+        cls,
+        verifier_config: PretrainedConfig,
+        draft_vocab_size: int,
+        *,
+        verifier_name_or_path: str,
+        algorithm: Literal["eagle3", "hass"] = "eagle3",
+        num_layers: int = 1,
+        layer_style: LayerStyle = "llama",
+        norm_before_residual: bool = False,
+        speculative_tokens: int = 3,
+        aux_layer_ids: Sequence[int] | None = None,
+        init_from_verifier: bool = False,
+        hidden_size: int | None = None,
+        norm_before_fc: bool = False,
+        fc_norm: bool = False,
+        norm_output: bool = False,
+        layer_types: Sequence[LayerType] | None = None,
+        sliding_window: int | None = None,
+    ) -> Eagle3SpeculatorConfig:
+        """The config `from_training_args` builds its draft from, without reading any weight
+        (`specops plan` instantiates it on the meta device to count parameters)."""
+        text = verifier_config.get_text_config()
         layer_ids = (
             list(aux_layer_ids) if aux_layer_ids else default_layer_ids(int(text.num_hidden_layers))[:3]
         )
@@ -510,12 +535,12 @@ class Eagle3DraftModel(SpeculatorModel):
                 f"init_from_verifier copies the verifier's layers, which need its hidden size {target_hidden}, "
                 f"not {hidden_size}"
             )
-        config = Eagle3SpeculatorConfig(
+        return Eagle3SpeculatorConfig(
             architectures=[ARCHITECTURE],
             transformer_layer_config=draft_layer_config(
                 verifier_config, num_layers, layer_style, hidden_size, layer_types, sliding_window
             ),
-            draft_vocab_size=d2t.numel(),
+            draft_vocab_size=draft_vocab_size,
             norm_before_residual=norm_before_residual,
             norm_before_fc=norm_before_fc,
             fc_norm=fc_norm,
@@ -528,14 +553,6 @@ class Eagle3DraftModel(SpeculatorModel):
                 SpeculatorVerifierConfig.from_config(verifier_config, verifier_name_or_path),
             ),
         )
-        model = cls(config)
-        model.set_vocab_mapping(t2d, d2t)
-        weights = verifier_weights if verifier_weights is not None else verifier_name_or_path
-        if not own_width:
-            model.copy_verifier_weights(weights)
-        if init_from_verifier:
-            model.init_from_verifier_layers(weights, int(text.num_hidden_layers))
-        return model
 
     def set_vocab_mapping(self, t2d: torch.Tensor, d2t: torch.Tensor) -> None:
         """Install the draft<->target vocabulary mapping (see `specops.models.vocab`)."""

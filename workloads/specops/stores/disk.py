@@ -342,6 +342,10 @@ class DiskStore:
             f"data.max_dropped_shards={self._max_dropped} allows ({listed})"
         )
 
+    def listed_tokens(self) -> int:
+        """Tokens of every committed shard, as the manifests list them (no shard is read)."""
+        return sum(entry.num_tokens for entry in self._view.entries.values())
+
     def token_counts(self) -> dict[int, int]:
         """Occurrences of each token id at loss-masked positions, over every committed shard."""
         total: Counter[int] = Counter()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from specops.config import ConfigError, TrainConfig, dump_config
+from specops.config import ConfigError, DraftConfig, TrainConfig, dump_config
 from specops.engines.base import default_layer_ids
 from specops.models.batch import DraftBatch
 from specops.models.eagle3 import Eagle3DraftModel
@@ -154,7 +154,7 @@ class Trainer:
         )
         self.verifier_path = verifier_path = resolve_verifier(cfg.verifier, roots)
         verifier_config = load_verifier_config(cfg.verifier, roots)
-        aux_layer_ids = _aux_layer_ids(self.data.meta(), verifier_config, cfg.verifier.name_or_path)
+        aux_layer_ids = data_aux_layers(self.data.meta(), verifier_config, cfg.verifier.name_or_path)
 
         # Resume point (known before the vocabulary: a resumed stream keeps its checkpoint's).
         self.checkpointer = Checkpointer(self.output_dir, env, cfg.distributed, cfg.keep_checkpoints)
@@ -162,20 +162,7 @@ class Trainer:
 
         # The draft: vocabulary from token counts, frozen parts copied from the verifier.
         vocab_size = int(verifier_config.get_text_config().vocab_size)
-        if cfg.draft.draft_vocab_size > vocab_size:
-            raise ConfigError(
-                f"draft.draftVocabSize: {cfg.draft.draft_vocab_size} exceeds the verifier vocabulary "
-                f"({vocab_size} tokens); set it to at most {vocab_size}"
-            )
-        unservable = unservable_draft(verifier_config, cfg.draft.num_layers)
-        if unservable:
-            raise ConfigError(f"draft.numLayers: {unservable}")
-        verifier_hidden = int(verifier_config.get_text_config().hidden_size)
-        if cfg.draft.init_from_verifier and cfg.draft.hidden_size not in (None, verifier_hidden):
-            raise ConfigError(
-                f"draft.hiddenSize: {cfg.draft.hidden_size} differs from the verifier's {verifier_hidden}, "
-                "and draft.initFromVerifier copies the verifier's layers: use one or the other"
-            )
+        check_draft(cfg.draft, verifier_config)
         # A resumed run continues its own checkpoint; initFrom only starts a new one. Either carries
         # d2t/t2d, so no counts (and, for a stream, no window) are taken.
         init_from = cfg.draft.init_from if resume_from is None else None
@@ -191,19 +178,8 @@ class Trainer:
             d2t,
             verifier_name_or_path=verifier_reference(cfg.verifier, verifier_path),
             verifier_weights=verifier_path,
-            algorithm=cfg.draft.algorithm,
-            num_layers=cfg.draft.num_layers,
-            layer_style=cfg.draft.layer_style,
-            norm_before_residual=cfg.draft.norm_before_residual,
-            speculative_tokens=cfg.draft.speculative_tokens,
             aux_layer_ids=aux_layer_ids,
-            init_from_verifier=cfg.draft.init_from_verifier,
-            hidden_size=cfg.draft.hidden_size,
-            norm_before_fc=cfg.draft.norm_before_fc,
-            fc_norm=cfg.draft.fc_norm,
-            norm_output=cfg.draft.norm_output,
-            layer_types=cfg.draft.layer_types,
-            sliding_window=cfg.draft.sliding_window,
+            **draft_options(cfg.draft),
         )
         head_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.head = VerifierHead.from_pretrained(verifier_path, dtype=head_dtype, device=env.device)
@@ -599,7 +575,46 @@ def _tensors(batch: DraftBatch) -> dict[str, torch.Tensor]:
     return {f.name: getattr(batch, f.name) for f in fields(batch)}
 
 
-def _aux_layer_ids(meta: StoreMeta | None, verifier_config: Any, verifier_name: str) -> list[int]:
+def check_draft(draft: DraftConfig, verifier_config: Any) -> None:
+    """ConfigError naming the `draft.` field that cannot be built for this verifier."""
+    text = verifier_config.get_text_config()
+    vocab_size, verifier_hidden = int(text.vocab_size), int(text.hidden_size)
+    if draft.draft_vocab_size > vocab_size:
+        raise ConfigError(
+            f"draft.draftVocabSize: {draft.draft_vocab_size} exceeds the verifier vocabulary "
+            f"({vocab_size} tokens); set it to at most {vocab_size}"
+        )
+    unservable = unservable_draft(verifier_config, draft.num_layers)
+    if unservable:
+        raise ConfigError(f"draft.numLayers: {unservable}")
+    if draft.init_from_verifier and draft.hidden_size not in (None, verifier_hidden):
+        raise ConfigError(
+            f"draft.hiddenSize: {draft.hidden_size} differs from the verifier's {verifier_hidden}, "
+            "and draft.initFromVerifier copies the verifier's layers: use one or the other"
+        )
+
+
+def draft_options(draft: DraftConfig) -> dict[str, Any]:
+    """The architecture keywords of `Eagle3DraftModel.from_training_args` / `training_config`
+    that `draft:` sets (the trainer builds with them; `specops plan` counts the same draft)."""
+    names = (
+        "algorithm",
+        "num_layers",
+        "layer_style",
+        "norm_before_residual",
+        "speculative_tokens",
+        "init_from_verifier",
+        "hidden_size",
+        "norm_before_fc",
+        "fc_norm",
+        "norm_output",
+        "layer_types",
+        "sliding_window",
+    )
+    return {name: getattr(draft, name) for name in names}
+
+
+def data_aux_layers(meta: StoreMeta | None, verifier_config: Any, verifier_name: str) -> list[int]:
     """The auxiliary layers the data captured (checked against the verifier), else EAGLE-3's default."""
     text = verifier_config.get_text_config()
     num_layers = int(text.num_hidden_layers)
