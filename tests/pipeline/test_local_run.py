@@ -199,6 +199,24 @@ def test_the_yaml_s_engine_is_kept_else_vllm_only_where_a_gpu_runs_it(
     assert plan_local(unnamed).datagen.engine.kind == "transformers"
 
 
+def test_local_processes_take_free_ports_not_the_pods_fixed_one(
+    tmp_path: Path, tiny_verifier_dir: Path, synthetic_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator renders metrics.port 9400 for pods (one per pod IP); on one machine two runs
+    (or a run beside CI) would collide there, so a local run's processes bind ports the OS picks."""
+    from specops.stores.streaming import MetricsServer
+    from specops.train.progress import Progress
+
+    monkeypatch.setenv("SPECOPS_ALLOWED_ROOTS", f"{tiny_verifier_dir}:{synthetic_jsonl.parent}")
+    plan = plan_local(_training_yaml(tmp_path, tiny_verifier_dir, synthetic_jsonl))
+    assert plan.train.metrics.port == 0 and plan.datagen.metrics.port == 0
+    assert plan.train.metrics.host == plan.datagen.metrics.host == "127.0.0.1"
+    servers = [MetricsServer(plan.train.metrics.port, Progress(0, 1, 0)) for _ in range(2)]
+    assert len({s.port for s in servers}) == 2 and 0 not in {s.port for s in servers}
+    for server in servers:
+        server.close()
+
+
 def test_with_nproc_2_every_line_of_rank_0_reaches_run_log_once(
     tmp_path: Path,
     tiny_verifier_dir: Path,

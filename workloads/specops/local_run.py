@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import specops
 from specops import provenance
-from specops.config import ConfigError, DataGenConfig, EngineConfig, ExportConfig, TrainConfig, dump_config
+from specops.config import (
+    ConfigError,
+    DataGenConfig,
+    EngineConfig,
+    ExportConfig,
+    ProgressMetricsConfig,
+    TrainConfig,
+    dump_config,
+)
 from specops.run_report import read_metrics, rounded, write_report
 from specops.serving import vllm_serve_command, vllm_serve_short
 from specops.train.monitor import LINES, STDERR_TO_STDOUT
@@ -55,6 +63,11 @@ class LocalPlan:
     online: bool
     export: ExportConfig | None = None
     """Where to upload the trained draft (the CR's `spec.export`); None: nowhere."""
+
+
+LOCAL_METRICS = ProgressMetricsConfig(port=0)
+"""Live metrics of a local run's processes on loopback ports the OS picks (each logs its own): the
+pods' fixed port 9400 would collide between two runs, or a run and a test, on one machine."""
 
 
 def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None) -> LocalPlan:
@@ -109,6 +122,7 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
                     "allowed_roots": roots,
                 }
             ),
+            "metrics": LOCAL_METRICS,
         }
     )
     # A local run always stores the data, then trains on it (the online mode streams on clusters).
@@ -120,6 +134,7 @@ def plan_local(path: Path, out_dir: Path | None = None, nproc: int | None = None
             "output_dir": str(out / "train"),
             "allowed_roots": roots,
             "device": "auto",
+            "metrics": LOCAL_METRICS,
         }
     )
     return LocalPlan(
