@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import kmock
-from test_export import NAME, TR, _conditions, _container, _finish, _job, _trained
+from test_export import NAME, TR, _conditions, _container, _env, _finish, _job, _trained
 from test_reconcile import _settle
 
 from conftest import Api, Runner, example, fake_pod, job_done
@@ -91,6 +91,30 @@ async def test_a_failed_upload_is_retried_after_the_export_is_fixed(api: Api, op
     await _settle(api)
     assert _uid(_job(api, "publish")) == _uid(second) and len(_deletes(api)) == 1, "uploaded once"
     assert _job(api, "train") is not None and len(_events(api, "UploadRetried")) == 1
+
+
+async def test_an_upload_waiting_on_a_missing_secret_is_replaced_when_the_secret_name_is_fixed(
+    api: Api, operator: Runner
+) -> None:
+    await operator()
+    await _trained(api, {"hub": HUB}, {"enabled": False})
+    first = await api.until(lambda: _job(api, "publish"), what="upload Job")
+    stuck = fake_pod(NAME, "SpeculatorTraining", "publisher", 0, exit_code=0, message="")
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "hf-write" not found'}
+    stuck["status"] = {
+        "phase": "Pending",
+        "containerStatuses": [{"name": "workload", "ready": False, "state": {"waiting": waiting}}],
+    }
+    await api.create(stuck)
+    await api.patch("batch/v1", "Job", "ml", PUBLISH, {"status": {"active": 1, "ready": 0}}, "status")
+    await api.until(lambda: _conditions(api)["Ready"].get("reason") == "PodsNotStarting", what="stuck")
+
+    fixed = {"hub": {"tokenSecret": {"name": "huggingface-write"}}}
+    await api.patch(*TR, "ml", NAME, {"spec": {"export": fixed}})
+    second = await _replaced(api, first)
+    assert _env(second)["HF_TOKEN"]["secretKeyRef"]["name"] == "huggingface-write"
+    [event] = await api.until(lambda: _events(api, "UploadRetried"), what="UploadRetried")
+    assert "spec.export changed" in event["message"] and "had not started" in event["message"]
 
 
 async def test_a_retry_annotation_uploads_the_same_export_again(api: Api, operator: Runner) -> None:
