@@ -436,10 +436,9 @@ def ensure_upload(
         return None, step
     if desired is None or step.delete or step.record != wanted:  # a stale Job: nothing to converge
         return existing, step
-    settled = uploads.recorded(prior, wanted) == wanted and uploads.published_reason(prior) in uploads.FINAL
     job = ensure(
         kube,
-        hold_ttl(desired, frozenset({PUBLISHER}) if settled else frozenset()),
+        hold_ttl(desired, frozenset({PUBLISHER}) if uploads.settled(prior, wanted) else frozenset()),
         meta.uid,
         fresh=False,
         create=step.create,
@@ -542,10 +541,7 @@ def upload_pods(
     error line) or while some may not run."""
     meta = cr.metadata
     assert meta.namespace
-    recorded = uploads.recorded(prior, step.record) == step.record
-    unread = publisher.failed or (
-        publisher.complete and not (recorded and uploads.published_reason(prior) in uploads.FINAL)
-    )
+    unread = publisher.failed or (publisher.complete and not uploads.settled(prior, step.record))
     if unread or publisher.unsure:
         return pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, PUBLISHER)
     return ()
@@ -648,7 +644,7 @@ def release_ttl(kube: Kube, body: Manifest) -> None:
 def _upload_due(body: Manifest, prior: Manifest) -> bool:
     """A completed training whose `spec.export` (or retry request) is not the one its status
     shows, or whose new upload is under way: it uploads again (`reconcile_upload`)."""
-    if body.get("kind") != TRAINING_KIND or not is_true(prior.get("conditions") or [], "Complete"):
+    if body.get("kind") != TRAINING_KIND:
         return False
     try:
         cr = SpeculatorTraining.model_validate(body)

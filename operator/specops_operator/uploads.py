@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specops_operator.builders.publish import UploadKey
-from specops_operator.conditions import find
+from specops_operator.conditions import find, is_true
 
 Obj = dict[str, Any]
 IN_FLIGHT = frozenset({"Uploading"})
@@ -82,9 +82,17 @@ def evaluated_after_run(status: Obj) -> bool | None:
     return False if evaluated.get("reason") in SKIPPED else None
 
 
+def settled(status: Obj, key: UploadKey | None) -> bool:
+    """The outcome of the upload for `key` is recorded: its Job is not made again, gets its TTL,
+    and its pods need not be read again."""
+    return recorded(status, key) == key and published_reason(status) in FINAL
+
+
 def due(status: Obj, wanted: UploadKey | None) -> bool:
     """A completed run still has upload work: the export (or retry request) is not the one whose
     outcome status shows, or an upload is under way."""
+    if not is_true(status.get("conditions") or [], "Complete"):
+        return False
     return recorded(status, wanted) != wanted or published_reason(status) in IN_FLIGHT
 
 
@@ -138,8 +146,8 @@ def decide(
         return UploadStep(keep=True, delete=True, record=have, note=note)
     if wanted is None or not ready:
         return UploadStep(record=wanted)
-    reason = published_reason(status)
-    if before == wanted and reason in FINAL:
+    if settled(status, wanted):
         return UploadStep(record=wanted)  # its outcome is recorded; the TTL removed the Job
+    reason = published_reason(status)
     retried = _cause(before, wanted, reason) if before is not None and before != wanted else ""
     return UploadStep(create=True, record=wanted, retried=retried)

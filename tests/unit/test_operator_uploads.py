@@ -80,3 +80,4 @@ def test_a_completed_run_has_upload_work_only_when_the_recorded_key_differs() ->
     assert due(_status(None, None), NEW)  # added after the run completed
     assert not due(_status(None, "UploadFailed"), NEW)  # recorded before keys were: no re-upload
     assert not due(_status(None, None), None)
+    assert not due(_status(OLD, "UploadFailed", complete=False), NEW)  # a run not complete: the usual path
