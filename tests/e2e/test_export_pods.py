@@ -58,7 +58,9 @@ def test_a_training_with_export_hub_ends_with_the_draft_on_the_hub_and_its_url_i
             return now if done and condition(now, "Published").get("reason") == "Uploaded" else None
 
         retried = until(uploaded_again, timeout=300, what="the retried upload", interval=1.0)
-        assert len(hub.commits) == 2 and repo.commit != first
+        assert len(hub.commits) == 2, (
+            "uploaded once more"
+        )  # same files: the stand-in gives the same commit id
         assert retried["artifact"]["revision"] == repo.commit
         assert condition(retried, "Complete")["status"] == "True"
 
