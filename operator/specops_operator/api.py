@@ -830,7 +830,8 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Whether and how the trained draft's acceptance length is measured after training."""
     export: ExportSpec | None = None
     """Upload the trained draft to a Hub repository or an object store after its evaluation;
-    default: it stays on the output claim only."""
+    default: it stays on the output claim only. May change at any time: a changed (or added)
+    export uploads again, also after the run completed; removing it cancels an upload not started."""
     pod: PodSettings = Field(default_factory=PodSettings)
     """Image, resources and scheduling of the trainer pods."""
     verifier_architecture: VerifierArchitecture | None = None
@@ -845,9 +846,10 @@ class SpeculatorTrainingSpec(TrainWorkload):
     """Delete finished Jobs (not the checkpoints) after this many seconds."""
 
     MUTABLE: ClassVar[frozenset[str]] = frozenset(
-        {"suspend", "trainer", "active_deadline_seconds", "ttl_seconds_after_finished"}
+        {"suspend", "trainer", "export", "active_deadline_seconds", "ttl_seconds_after_finished"}
     )
-    """Everything else is fixed once pods run: a Job cannot change its pod template."""
+    """Everything else is fixed once pods run: a Job cannot change its pod template. `export` may
+    change: the upload Job is replaced (one not running, or once it ended) and uploads again."""
 
     cel_rules = (
         exactly_one("dataGenRef", "dataGen", "spec needs exactly one of dataGenRef or dataGen"),
@@ -1095,6 +1097,16 @@ class TrainerStatus(Contract):
     """What ended the last failed attempt."""
 
 
+class UploadRecord(Contract):
+    """Which upload the Published condition describes, so a changed `spec.export` (or a new
+    `specops.dev/retry-upload` annotation) is seen even after the upload Job is gone."""
+
+    export_hash: Annotated[str, Field(max_length=64)] = ""
+    """A hash of `spec.export` (as the upload Job's annotation specops.dev/export-hash)."""
+    retry: Annotated[str, Field(max_length=253)] = ""
+    """The specops.dev/retry-upload annotation's value it was made for."""
+
+
 class TrainingStatus(Contract):
     """Observed state of a SpeculatorTraining."""
 
@@ -1114,6 +1126,8 @@ class TrainingStatus(Contract):
     """Acceptance measured after training."""
     artifact: Artifact | None = None
     """Where the exported speculator lies and the command that serves it; set once exported."""
+    upload: UploadRecord | None = None
+    """The `spec.export` (and retry request) the Published condition is about."""
 
 
 # --------------------------------------------------------------------------- resources

@@ -20,7 +20,7 @@ from typing import Any, cast
 import kopf
 
 from specops.config import ConfigError
-from specops_operator import API_VERSION, GROUP, PREFIX, VERSION, restarts, stream_keys
+from specops_operator import API_VERSION, GROUP, PREFIX, VERSION, restarts, stream_keys, uploads
 from specops_operator.api import (
     DATAGEN_KIND,
     TRAINING_KIND,
@@ -50,7 +50,7 @@ from specops_operator.builders.drift import (
     workload_patch,
 )
 from specops_operator.builders.modelcache import FETCHER, CacheNames
-from specops_operator.builders.publish import PUBLISHER
+from specops_operator.builders.publish import PUBLISHER, UploadKey
 from specops_operator.builders.training import (
     EVALUATOR,
     TRAINER,
@@ -58,6 +58,7 @@ from specops_operator.builders.training import (
     TrainingNames,
     build_training,
     inline_source,
+    upload_job,
 )
 from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitions
 from specops_operator.kube import PLURALS, ApiError, Kube
@@ -76,9 +77,11 @@ from specops_operator.status import (
     looks_stuck,
     may_create,
     parse_ranges,
+    running_pods,
     settled_status,
     stalled_status,
     training_status,
+    upload_status,
     waiting_status,
 )
 from specops_operator.trust import AllowList
@@ -410,10 +413,44 @@ def _evaluated(kube: Kube, names: TrainingNames, prior: Manifest) -> bool:
     return JobView.of(kube.get("batch/v1", "Job", names.namespace, names.eval_job)).complete
 
 
+def ensure_upload(
+    kube: Kube, cr: SpeculatorTraining, desired: Manifest | None, prior: Manifest
+) -> tuple[Manifest | None, uploads.UploadStep]:
+    """The upload Job for `spec.export` as it is now (`desired`: None while no upload may run):
+    kept, replaced (a stale one is observed once more, then deleted after the status is written;
+    the new one is made by a later reconcile, once the old is gone), cancelled, or made.
+    Returns the Job to observe."""
+    meta = cr.metadata
+    assert meta.namespace and meta.uid
+    name = TrainingNames(meta.name, meta.namespace).publish_job
+    existing = kube.get("batch/v1", "Job", meta.namespace, name)
+    export = cr.spec.export
+    wanted = UploadKey.of(export, meta.annotations) if export is not None else None
+    view = JobView.of(existing)
+    running = False
+    if uploads.key_of(existing, wanted) != wanted and view.active:  # stale: does a pod of it run?
+        pods = pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, PUBLISHER)
+        running = running_pods(view, pods) > 0
+    step = uploads.decide(wanted, desired is not None, existing, running, prior)
+    if not (step.keep or step.create):
+        return None, step
+    if desired is None or step.delete or step.record != wanted:  # a stale Job: nothing to converge
+        return existing, step
+    job = ensure(
+        kube,
+        hold_ttl(desired, frozenset({PUBLISHER}) if uploads.settled(prior, wanted) else frozenset()),
+        meta.uid,
+        fresh=False,
+        create=step.create,
+    )
+    return job, step
+
+
 def reconcile_training(
     cr: SpeculatorTraining, prior: Manifest, ctx: Context, now: str
-) -> tuple[Manifest, Manifest | None]:
-    """The status, and the failed trainer Job to delete once that status is written (a restart)."""
+) -> tuple[Manifest, tuple[Manifest, ...], uploads.UploadStep]:
+    """The status, the Jobs to delete once that status is written (a failed trainer attempt, a
+    stale upload), and what was done with the upload Job."""
     kube = ctx.api
     meta = cr.metadata
     assert meta.namespace and meta.uid
@@ -445,11 +482,12 @@ def reconcile_training(
         )
     except ConfigError as exc:
         raise Stall("InvalidSpec", str(exc)) from None
-    existing = ensure_all(kube, children, meta.uid, prior)
+    upload = next((c for c in children if c["metadata"]["name"] == names.publish_job), None)
+    existing = ensure_all(kube, [c for c in children if c is not upload], meta.uid, prior)
     if job is None or trained:  # else keep the read `trained` was decided on: status agrees with it
         job = existing.get(("Job", names.job), job)
     eval_job = existing.get(("Job", names.eval_job))
-    publish_job = existing.get(("Job", names.publish_job))
+    publish_job, step = ensure_upload(kube, cr, upload, prior)
     fetch = existing.get(("Job", cache.job), fetch)
     if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
         for queued in (fetch, job, eval_job, publish_job):
@@ -471,12 +509,7 @@ def reconcile_training(
         if read_eval or evaluator.unsure
         else ()
     )
-    read_upload = (publisher.complete and not (prior.get("artifact") or {}).get("url")) or publisher.failed
-    publish_pods = (
-        pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, PUBLISHER)
-        if read_upload or publisher.unsure
-        else ()
-    )
+    publish_pods = upload_pods(kube, cr, publisher, step, prior)
     output = existing.get(("PersistentVolumeClaim", names.claim))
     stages = ((job, trainer, pods), (eval_job, evaluator, eval_pods), (publish_job, publisher, publish_pods))
     stuck = [j for j, v, p in stages if looks_stuck(v, p)]
@@ -487,6 +520,7 @@ def reconcile_training(
         eval_pods=eval_pods,
         publish_job=publish_job,
         publish_pods=publish_pods,
+        upload=step,
         claim=output,
         events=events_about(kube, meta.namespace, *stuck, output) if stuck else (),
         fetch=observe_fetch(kube, cr, fetch, existing.get(("PersistentVolumeClaim", cache.claim)), prior)
@@ -496,7 +530,59 @@ def reconcile_training(
         live=live,
     )
     status = training_status(cr, prior, data, seen, now, compatible_condition(findings, arch is not None))
-    return status, (job if group.teardown else None)
+    stale = publish_job if step.delete else None
+    return status, tuple(j for j in (job if group.teardown else None, stale) if j is not None), step
+
+
+def upload_pods(
+    kube: Kube, cr: SpeculatorTraining, publisher: JobView, step: uploads.UploadStep, prior: Manifest
+) -> tuple[Manifest, ...]:
+    """The upload pods, read for an outcome status has not recorded yet (the report's URL, the
+    error line) or while some may not run."""
+    meta = cr.metadata
+    assert meta.namespace
+    unread = publisher.failed or (publisher.complete and not uploads.settled(prior, step.record))
+    if unread or publisher.unsure:
+        return pods_of(kube, meta.namespace, meta.name, TRAINING_KIND, PUBLISHER)
+    return ()
+
+
+def reconcile_upload(
+    cr: SpeculatorTraining, prior: Manifest, ctx: Context, now: str
+) -> tuple[Manifest, uploads.UploadStep, tuple[Manifest, ...]]:
+    """A completed run with upload work (`uploads.due`): only the upload Job is made or replaced,
+    and nothing of the data is read (its SpeculatorDataGen may be gone by now)."""
+    kube = ctx.api
+    meta = cr.metadata
+    assert meta.namespace
+    evaluated = uploads.evaluated_after_run(prior)
+    desired = None
+    if cr.spec.export is not None and evaluated is not None:
+        desired = upload_job(cr, ctx.defaults, evaluated=evaluated)
+    job, step = ensure_upload(kube, cr, desired, prior)
+    view = JobView.of(job)
+    pods = upload_pods(kube, cr, view, step, prior)
+    stuck = looks_stuck(view, pods)
+    seen = Observed(
+        publish_job=job,
+        publish_pods=pods,
+        upload=step,
+        events=events_about(kube, meta.namespace, job) if stuck else (),
+    )
+    if KUEUE_QUEUE_LABEL in meta.labels and _kueue_due(cr.spec.suspend, prior):
+        sync_kueue(kube, job, cr.spec.suspend)
+    return upload_status(cr, prior, seen, now), step, ((job,) if step.delete and job is not None else ())
+
+
+def upload_events(step: uploads.UploadStep) -> tuple[tuple[str, str], ...]:
+    """(reason, message) of the Events a step is worth."""
+    if step.retried:
+        return (("UploadRetried", step.retried),)
+    if step.cancelled:
+        return (
+            ("UploadCancelled", "spec.export was removed: the upload Job that had not started was deleted"),
+        )
+    return ()
 
 
 @dataclass(frozen=True)
@@ -505,8 +591,11 @@ class Outcome:
 
     status: Manifest
     applied: str | None = None
-    teardown: Manifest | None = None
-    """A failed trainer Job to delete (foreground) after the status recording its restart is written."""
+    teardown: tuple[Manifest, ...] = ()
+    """Jobs to delete (foreground) after the status is written: a failed trainer attempt (its
+    restart recorded), a stale upload Job (its outcome recorded)."""
+    events: tuple[tuple[str, str], ...] = ()
+    """(reason, message) of Normal Events to post besides the condition transitions."""
 
 
 def _applied_spec(body: Manifest) -> Manifest | None:
@@ -552,6 +641,19 @@ def release_ttl(kube: Kube, body: Manifest) -> None:
             )
 
 
+def _upload_due(body: Manifest, prior: Manifest) -> bool:
+    """A completed training whose `spec.export` (or retry request) is not the one its status
+    shows, or whose new upload is under way: it uploads again (`reconcile_upload`)."""
+    if body.get("kind") != TRAINING_KIND:
+        return False
+    try:
+        cr = SpeculatorTraining.model_validate(body)
+    except ValueError:
+        return False  # an unreadable spec stays settled, as before
+    export = cr.spec.export
+    return uploads.due(prior, UploadKey.of(export, cr.metadata.annotations) if export else None)
+
+
 def reconcile(body: Manifest, ctx: Context) -> Outcome:
     """Bring children in line with the CR; returns the status to write (never raises for bad specs).
 
@@ -568,7 +670,8 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
     if meta.get("deletionTimestamp") or _owner_gone(ctx.api, body):
         return Outcome(prior)  # being deleted: the cleanup handler (or the GC) owns the children now
     try:
-        if is_terminal(prior):
+        upload_only = is_terminal(prior) and _upload_due(body, prior)
+        if is_terminal(prior) and not upload_only:
             release_ttl(ctx.api, body)
             return Outcome(settled_status(generation, prior))
         applied = _applied_spec(body)
@@ -585,13 +688,18 @@ def reconcile(body: Manifest, ctx: Context) -> Outcome:
         refused = ctx.allow.refusals(cr)
         if refused:
             raise Stall("NotAllowed", "; ".join(refused))
-        teardown = None
+        teardown: tuple[Manifest, ...] = ()
+        events: tuple[tuple[str, str], ...] = ()
         if isinstance(cr, SpeculatorDataGen):
             status = reconcile_datagen(cr, prior, ctx, now)
         else:
-            status, teardown = reconcile_training(cr, prior, ctx, now)
+            if upload_only:
+                status, step, teardown = reconcile_upload(cr, prior, ctx, now)
+            else:
+                status, teardown, step = reconcile_training(cr, prior, ctx, now)
+            events = upload_events(step)
         record = None if applied is not None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
-        return Outcome(status, record, teardown)
+        return Outcome(status, record, teardown, events)
     except ConfigError as exc:
         return Outcome(stalled_status(generation, prior, "InvalidSpec", str(exc), now, None))
     except Stall as stall:
@@ -610,6 +718,8 @@ def write(kube: Kube, body: Manifest, outcome: Outcome) -> None:
     key = (API_VERSION, body["kind"], meta["namespace"], meta["name"])
     if outcome.applied is not None:
         kube.patch(*key, {"metadata": {"annotations": {APPLIED: outcome.applied}}})
+    for reason, message in outcome.events:
+        kopf.event(cast(kopf.Body, body), type="Normal", reason=reason, message=message[:1024])
     status = outcome.status
     prior = dict(body.get("status") or {})
     if status == {k: prior.get(k) for k in status}:
@@ -633,9 +743,9 @@ def write(kube: Kube, body: Manifest, outcome: Outcome) -> None:
 
 
 def delete_attempt(kube: Kube, job: Manifest) -> None:
-    """Delete a failed attempt's Job with foreground propagation: the Job (and the name the next
-    attempt takes) stays until its pods are gone, so no rank of it outlives it. The uid
-    precondition spares a newer attempt of the same name."""
+    """Delete a failed trainer attempt's (or a stale upload's) Job with foreground propagation:
+    the Job (and the name the next one takes) stays until its pods are gone, so no pod of it
+    outlives it. The uid precondition spares a newer Job of the same name."""
     meta = job["metadata"]
     kube.delete(
         "batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground", uid=meta.get("uid")
@@ -652,8 +762,8 @@ def refresh(ctx: Context, kind: str, namespace: str, name: str) -> None:
                 outcome = reconcile(body, ctx)
             ctx.metrics.record(body, outcome.status)
             write(ctx.api, body, outcome)
-            if outcome.teardown is not None:
-                delete_attempt(ctx.api, outcome.teardown)
+            for job in outcome.teardown:
+                delete_attempt(ctx.api, job)
 
 
 def delete_children(kube: Kube, body: Manifest) -> int:

@@ -32,6 +32,7 @@ from specops_operator.builders.training import (
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
 from specops_operator.progress import eta_text
 from specops_operator.report import parse_report
+from specops_operator.uploads import UploadStep, evaluated_after_run
 from specops_operator.validation import FINDING_REASONS
 
 Obj = dict[str, Any]
@@ -366,6 +367,8 @@ class Observed:
     publish_job: Obj | None = None
     """The `spec.export` upload Job."""
     publish_pods: tuple[Obj, ...] = ()
+    upload: UploadStep = field(default_factory=UploadStep)
+    """What was done with the upload Job (`uploads.decide`): the key to record, why it is replaced."""
     claim: Obj | None = None
     """The PVC the running stage writes (data or output)."""
     events: tuple[Obj, ...] = ()
@@ -631,6 +634,9 @@ def _published(
     """Published (only with `spec.export`): Uploaded with the URL, UploadFailed with the pod's error
     line, EvaluationFailed (a draft whose evaluation failed is not uploaded), or not yet."""
     target = export_target(cr)
+    note = seen.upload.note
+    if note and (not publisher.exists or not (publisher.complete or publisher.failed)):
+        return Desired("Published", False, "Uploading", f"{note}; uploads to {target}")
     if publisher.complete:
         return Desired("Published", True, "Uploaded", f"uploaded to {artifact_url or target}")
     if publisher.failed:
@@ -807,9 +813,10 @@ def training_status(
         )
     )
     desired.append(_evaluated(cr, data, evaluator, result, seen))
-    uploaded = _uploaded(seen, prior) if publisher.complete else {}
-    if cr.spec.export is not None:
-        desired.append(_published(cr, trainer, evaluator, publisher, seen, uploaded.get("url")))
+    uploaded = _uploaded(seen, prior)
+    published = _publish_condition(cr, trainer, evaluator, publisher, seen, uploaded, prior)
+    if published is not None:
+        desired.append(published)
     if compatible is not None:
         desired.append(compatible)
     report = latest_report(seen.pods) or {}
@@ -838,7 +845,75 @@ def training_status(
         out["evaluation"] = result
     if trainer.complete:
         out["artifact"] = {**artifact(cr, data), **uploaded}
-    return out
+    return out | _upload_record(seen, prior)
+
+
+def _upload_record(seen: Observed, prior: Obj) -> Obj:
+    """`status.upload` for the key Published describes (null once there is none)."""
+    if seen.upload.record is not None:
+        return {"upload": seen.upload.record.status()}
+    return {"upload": None} if prior.get("upload") else {}
+
+
+def _publish_condition(
+    cr: SpeculatorTraining,
+    trainer: JobView,
+    evaluator: JobView,
+    publisher: JobView,
+    seen: Observed,
+    uploaded: Obj,
+    prior: Obj,
+) -> Desired | None:
+    """Published with `spec.export`; after it was removed, False (`NotRequested`) where a
+    Published condition was already shown; else none."""
+    if cr.spec.export is not None:
+        return _published(cr, trainer, evaluator, publisher, seen, uploaded.get("url"))
+    if find(prior.get("conditions") or [], "Published") is None:
+        return None
+    running = (
+        " (an upload already running was left to finish)"
+        if publisher.exists and not (publisher.complete or publisher.failed)
+        else ""
+    )
+    return Desired(
+        "Published", False, "NotRequested", f"spec.export was removed: nothing is uploaded{running}"
+    )
+
+
+def upload_status(cr: SpeculatorTraining, prior: Obj, seen: Observed, now: str) -> Obj:
+    """A completed run whose `spec.export` changed (or that was asked to retry): the run stays
+    Complete (its draft is on the claim), Published follows the new upload Job, and
+    `status.artifact.url`/`revision` the latest upload that succeeded. No data is read."""
+    evaluated = evaluated_after_run(prior)
+    trainer = JobView(exists=True, complete=True)
+    evaluator = (
+        JobView(exists=True, complete=True)
+        if evaluated
+        else JobView(exists=True, failed=True)
+        if evaluated is None
+        else JobView()
+    )
+    publisher = JobView.of(seen.publish_job)
+    uploaded = _uploaded(seen, prior)
+    ready = find(prior.get("conditions") or [], "Ready") or {}
+    done = f"speculator exported to {FINAL_DIR}"
+    message = str(ready.get("message") or done)
+    if evaluated is not None:
+        note = _upload_phase(cr, publisher, seen) if cr.spec.export is not None else ""
+        message = f"{done}{note if isinstance(note, str) else f'; uploading again: {note[2]}'}"
+    desired = lifecycle(Phase.COMPLETE, "Complete", message[:MESSAGE_LIMIT])
+    published = _publish_condition(cr, trainer, evaluator, publisher, seen, uploaded, prior)
+    if published is not None:
+        desired.append(published)
+    generation = cr.metadata.generation or 0
+    out: Obj = {
+        **prior,
+        "observedGeneration": generation,
+        "conditions": merge(prior.get("conditions") or [], desired, generation, now),
+    }
+    if prior.get("artifact"):
+        out["artifact"] = {**prior["artifact"], **uploaded}
+    return out | _upload_record(seen, prior)
 
 
 def _uploaded(seen: Observed, prior: Obj) -> Obj:

@@ -191,6 +191,33 @@ def test_mutable_fields_change(client: Client, ns: str, example: str, change: Ca
     assert updated["metadata"]["generation"] == 2
 
 
+def test_the_export_changes_while_the_rest_of_the_spec_stays_fixed(client: Client, ns: str) -> None:
+    """`spec.export` may be added, fixed, switched to an object store and removed (the operator
+    uploads again); an update that also changes an immutable field is refused naming that field."""
+    doc = _example("hass-train.yaml")
+    assert "export" not in doc["spec"]
+    _create(client, ns, doc)
+    exports = (
+        {"hub": {"repo": "acme/draft-typo", "tokenSecret": {"name": "hf", "key": "token"}}},
+        {"hub": {"repo": "acme/draft", "tokenSecret": {"name": "hf-write", "key": "token"}}},
+        {"uri": "s3://drafts/hass", "credentialsSecret": {"name": "s3"}},
+    )
+    for generation, export in enumerate(exports, start=2):
+        doc["spec"]["export"] = export
+        stored = client.apply(doc, _path(doc, ns))
+        defaulted = apply_defaults(crd_schema("SpeculatorTraining"), doc)["spec"]["export"]
+        assert stored["spec"]["export"] == defaulted and stored["metadata"]["generation"] == generation
+    both = copy.deepcopy(doc)
+    both["spec"]["export"] = {"hub": {"repo": "acme/other"}}
+    both["spec"]["nodes"] = doc["spec"]["nodes"] + 1
+    error = _refused(lambda: client.apply(both, _path(both, ns)))
+    assert error.mentions(immutable_message("nodes")), error.messages
+    assert not error.mentions(immutable_message("export")), error.messages
+    del doc["spec"]["export"]
+    stored = client.apply(doc, _path(doc, ns))
+    assert "export" not in stored["spec"] and stored["metadata"]["generation"] == len(exports) + 2
+
+
 _TRANSITION = re.compile(r"^(?:has\(self\.(\w+)\)|self\.(\w+) == oldSelf\.\w+$)")
 
 
@@ -287,7 +314,6 @@ ADDED: dict[str, Any] = {
     "procsPerNode": 1,
     "runName": "qwen3-hass",
     "modelCache": {"existingClaim": "models"},
-    "export": {"hub": {"repo": "acme/draft"}},
 }
 
 

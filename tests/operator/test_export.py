@@ -39,9 +39,11 @@ async def _finish(api: Api, component: str, suffix: str, report: Obj, exit_code:
     await api.patch("batch/v1", "Job", "ml", f"{NAME}-{suffix}", status, "status")
 
 
-async def _trained(api: Api, export: Obj, evaluation: Obj | None = None) -> None:
+async def _trained(api: Api, export: Obj | None, evaluation: Obj | None = None) -> None:
+    """The example trained (data generated, trainer done); `export`: None for a run without one."""
     cr = example("eagle3-train.yaml")
-    cr["spec"]["export"] = export
+    if export is not None:
+        cr["spec"]["export"] = export
     if evaluation is not None:
         cr["spec"]["evaluation"] = evaluation
     await api.create(cr)

@@ -521,6 +521,7 @@ MUTABLE = [
     ("hass-train.yaml", _set("spec.suspend", True)),
     ("hass-train.yaml", _set("spec.activeDeadlineSeconds", 86400)),
     ("hass-train.yaml", _set("spec.trainer.maxRestarts", 10)),  # applies from the next attempt
+    ("hass-train.yaml", _set("spec.export", {"hub": {"repo": "acme/draft"}})),  # uploads (again)
 ]
 
 

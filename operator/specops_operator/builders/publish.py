@@ -6,10 +6,20 @@ Least privilege: the credentials (the Hub token, the AWS keys) are environment v
 user's Secret in this pod only (no trainer, evaluator or generator pod sees them), the operator
 itself never reads that Secret, and the pod mounts the output claim read-only. Its report line
 (`url`, `commit`) reaches `status.artifact` through the termination message like every other.
+
+`spec.export` may change: the Job records what it was rendered from (a hash of the export and the
+CR's `specops.dev/retry-upload` value, `UploadKey`), so the operator sees when it is stale
+(`specops_operator.uploads`) although a Job's pod template cannot change.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from specops_operator import PREFIX
 from specops_operator.api import ExportSpec, PodSettings, Resources
 from specops_operator.builders import common
 from specops_operator.builders.common import Defaults, Manifest, Owner, PodParts
@@ -19,6 +29,57 @@ UPLOAD_RESOURCES = Resources(requests={"cpu": "500m", "memory": "1Gi"})
 """An upload streams files: no GPU, little memory."""
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL = ("AWS_SESSION_TOKEN",)
+EXPORT_HASH_ANNOTATION = f"{PREFIX}/export-hash"
+"""On the upload Job: a hash of the `spec.export` it was rendered from."""
+RETRY_ANNOTATION = f"{PREFIX}/retry-upload"
+"""On the CR: a new value asks for another upload with the same export (a fixed Secret); on the
+upload Job: the value it was made for."""
+
+
+MAX_RETRY = 63
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class UploadKey:
+    """What an upload Job was made for: the export (hashed) and the retry request."""
+
+    export_hash: str
+    retry: str = ""
+
+    @classmethod
+    def of(cls, export: ExportSpec, annotations: dict[str, str]) -> UploadKey:
+        """The key of `export` as the CR asks for it now (defaults filled: equal exports hash equal)."""
+        text = json.dumps(export.model_dump(mode="json", by_alias=True), sort_keys=True)
+        retry = annotations.get(RETRY_ANNOTATION, "")
+        if len(retry) > MAX_RETRY:  # recorded in status and on the Job: kept short
+            retry = f"sha256:{_digest(retry)}"
+        return cls(_digest(text), retry)
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, Any]) -> UploadKey | None:
+        """The key an upload Job records (None for one made before keys were recorded)."""
+        if not annotations.get(EXPORT_HASH_ANNOTATION):
+            return None
+        return cls(str(annotations[EXPORT_HASH_ANNOTATION]), str(annotations.get(RETRY_ANNOTATION) or ""))
+
+    @classmethod
+    def from_status(cls, record: dict[str, Any] | None) -> UploadKey | None:
+        """The key `status.upload` records (None when none is)."""
+        if not record or not record.get("exportHash"):
+            return None
+        return cls(str(record["exportHash"]), str(record.get("retry") or ""))
+
+    def annotations(self) -> dict[str, str]:
+        out = {EXPORT_HASH_ANNOTATION: self.export_hash}
+        return out | ({RETRY_ANNOTATION: self.retry} if self.retry else {})
+
+    def status(self) -> dict[str, str]:
+        """As `status.upload`."""
+        return {"exportHash": self.export_hash} | ({"retry": self.retry} if self.retry else {})
 
 
 def push_args(export: ExportSpec, speculator: str, evaluation: str | None) -> list[str]:
@@ -73,12 +134,14 @@ def publish_job(
     *,
     speculator: str,
     evaluation: str | None,
+    key: UploadKey,
     suspend: bool,
     deadline: int | None,
     ttl: int | None,
 ) -> Manifest:
-    """The upload Job: the output claim read-only, the credentials, `specops push`. A refused token
-    or a missing bucket (exit 2) fails at once; a network failure is retried twice."""
+    """The upload Job: the output claim read-only, the credentials, `specops push`, annotated with
+    `key`. A refused token or a missing bucket (exit 2) fails at once; a network failure is
+    retried twice."""
     volume, mount = common.claim_volume("output", claim, common.OUTPUT_ROOT, read_only=True)
     credentials = credentials_env(export)
     parts = PodParts(
@@ -89,7 +152,7 @@ def publish_job(
         mounts=[mount],
         resources=export.resources or UPLOAD_RESOURCES,
     )
-    return common.job(
+    job = common.job(
         owner,
         name,
         PUBLISHER,
@@ -101,3 +164,5 @@ def publish_job(
         deadline=deadline,
         ttl=ttl,
     )
+    job["metadata"]["annotations"] = key.annotations()
+    return job

@@ -444,19 +444,28 @@ def build_training(
     if trained and not skipped:
         children.append(_eval_job(cr, owner, names, data, defaults, cache))
     if spec.export is not None and trained and (skipped or evaluated):
-        children.append(
-            publish.publish_job(
-                owner,
-                names.publish_job,
-                names.claim_for(spec),
-                spec.export,
-                spec.pod,
-                defaults,
-                speculator=FINAL_DIR,
-                evaluation=None if skipped else EVALUATION_FILE,
-                suspend=spec.suspend,
-                deadline=spec.active_deadline_seconds,
-                ttl=spec.ttl_seconds_after_finished,
-            )
-        )
+        children.append(upload_job(cr, defaults, evaluated=not skipped))
     return children
+
+
+def upload_job(cr: SpeculatorTraining, defaults: Defaults, *, evaluated: bool) -> Manifest:
+    """`spec.export`'s upload Job (`evaluated`: the model card gets the evaluation's report). It
+    needs nothing of the data, so a completed run uploads again after its DataGen is gone."""
+    owner = Owner.of(cr)
+    names = TrainingNames(owner.name, owner.namespace)
+    spec = cr.spec
+    assert spec.export is not None
+    return publish.publish_job(
+        owner,
+        names.publish_job,
+        names.claim_for(spec),
+        spec.export,
+        spec.pod,
+        defaults,
+        speculator=FINAL_DIR,
+        evaluation=EVALUATION_FILE if evaluated else None,
+        key=publish.UploadKey.of(spec.export, cr.metadata.annotations),
+        suspend=spec.suspend,
+        deadline=spec.active_deadline_seconds,
+        ttl=spec.ttl_seconds_after_finished,
+    )
