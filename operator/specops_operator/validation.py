@@ -153,14 +153,16 @@ def _pod_paths(spec: SpeculatorDataGenSpec, field: str) -> list[Finding]:
     named = [(f"{field}.datasets[{i}].path", d.path) for i, d in enumerate(spec.datasets) if d.kind != "hf"]
     if spec.regenerate is not None and spec.regenerate.path is not None:
         named.append((f"{field}.regenerate.path", spec.regenerate.path))
-    return _outside_pod(named, spec.pod, field) + _verifier_path(spec.verifier, spec.pod, field)
+    verifier = _model_path(f"{field}.verifier.nameOrPath", spec.verifier.name_or_path, spec.pod, field)
+    return _outside_pod(named, spec.pod, field) + verifier
 
 
-def _verifier_path(verifier: VerifierConfig, pod: PodSettings, field: str) -> list[Finding]:
-    """A local verifier (weights on a mounted claim) the pods could not read."""
-    if not verifier.name_or_path.startswith("/"):
-        return []  # a Hub id, or package:NAME/path
-    return _outside_pod([(f"{field}.verifier.nameOrPath", verifier.name_or_path)], pod, field)
+def _model_path(name: str, value: str | None, pod: PodSettings, field: str) -> list[Finding]:
+    """A local model directory (verifier weights on a mounted claim, a `draft.initFrom`) the pods
+    could not read; a Hub id is downloaded by the pods, `package:` paths ship in the image."""
+    if value is None or re.match(HUB_ID_PATTERN, value) is not None:
+        return []
+    return _outside_pod([(name, value)], pod, field)
 
 
 def _outside_pod(named: list[tuple[str, str]], pod: PodSettings, field: str) -> list[Finding]:
@@ -220,13 +222,6 @@ def check_training(
         findings += inline
     findings += _storage(spec.storage.existing_claim, claim_found, "spec.storage.existingClaim")
     findings += _cache_size(spec.model_cache, verifier, "spec")
-    findings += _verifier_path(verifier, spec.pod, "spec")
-    findings += _init_from_path(spec.draft.init_from, spec.pod)
+    findings += _model_path("spec.verifier.nameOrPath", verifier.name_or_path, spec.pod, "spec")
+    findings += _model_path("spec.draft.initFrom", spec.draft.init_from, spec.pod, "spec")
     return findings, arch
-
-
-def _init_from_path(init_from: str | None, pod: PodSettings) -> list[Finding]:
-    """A local `draft.initFrom` the trainer pods could not read (a Hub id is downloaded by them)."""
-    if init_from is None or re.match(HUB_ID_PATTERN, init_from) is not None:
-        return []
-    return _outside_pod([("spec.draft.initFrom", init_from)], pod, "spec")
