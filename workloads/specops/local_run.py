@@ -38,7 +38,7 @@ from specops.config import (
 )
 from specops.run_report import read_metrics, rounded, write_report
 from specops.serving import vllm_serve_command, vllm_serve_short
-from specops.train.monitor import LINES, STDERR_TO_STDOUT
+from specops.train.monitor import LINES, METRICS_FILE, STDERR_TO_STDOUT
 from specops.verifier import resolve_verifier, verifier_reference
 
 if TYPE_CHECKING:
@@ -209,8 +209,8 @@ def _run_stages(plan: LocalPlan) -> dict[str, Any]:
         _banner("[3/3] evaluating trained vs untrained draft on held-out conversations")
         evaluation, cost_ratio = _evaluate(plan, Path(speculator))
     seconds = time.perf_counter() - started
-    report = _report(plan, generation, training, evaluation, cost_ratio, Path(speculator), seconds)
-    metrics = read_metrics(plan.out_dir / "train" / "metrics.jsonl")
+    metrics = read_metrics(plan.out_dir / "train" / METRICS_FILE)
+    report = _report(plan, generation, training, evaluation, cost_ratio, metrics, Path(speculator), seconds)
     write_report(plan.out_dir, report, metrics)
     log.info("report: %s, %s", plan.out_dir / "report.json", plan.out_dir / "report.png")
     if plan.export is not None:
@@ -421,13 +421,14 @@ def _report(
     training: dict[str, Any],
     evaluation: dict[str, Any],
     cost_ratio: float | None,
+    metrics: list[dict[str, Any]],
     speculator: Path,
     seconds: float,
 ) -> dict[str, Any]:
-    """report.json's content, floats rounded (`specops.run_report.rounded`)."""
+    """report.json's content, floats rounded (`specops.run_report.rounded`); `metrics` are the
+    trainer's metrics.jsonl records, read once for the report and its figure."""
     from specops.evaluate import estimated_speedup
 
-    metrics = read_metrics(plan.out_dir / "train" / "metrics.jsonl")
     train_records = [m for m in metrics if m.get("kind") == "train"]
     k = plan.train.draft.speculative_tokens
     verifier_dir = resolve_verifier(plan.train.verifier, plan.train.allowed_roots)
