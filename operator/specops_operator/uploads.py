@@ -108,10 +108,8 @@ def _cause(old: UploadKey, new: UploadKey, reason: str) -> str:
 
 
 def _finished(job: Obj) -> bool:
-    return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-        for c in (job.get("status") or {}).get("conditions") or []
-    )
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return is_true(conditions, "Complete") or is_true(conditions, "Failed")
 
 
 def decide(
