@@ -317,6 +317,11 @@ class ProgressMetricsConfig(Contract):
     host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
     """Address to bind; loopback unless asked (in pods the operator binds the pod's IP)."""
 
+    def port_of(self, index: int) -> int | None:
+        """The port of local rank or worker `index`: `port + index`; 0 stays 0 (any free port),
+        None stays None (off)."""
+        return self.port + index if self.port else self.port
+
 
 class DataGenConfig(Contract):
     """A data generation run: sources -> chat/loss mask -> verifier forward -> sink."""

@@ -79,7 +79,7 @@ def worker_config(config: DataGenConfig, worker: int) -> DataGenConfig:
         "shard_index": run.shard_index * run.num_workers + worker,
         "num_shards": run.num_shards * run.num_workers,
     }
-    port = metrics.port + worker if metrics.port else metrics.port  # worker w serves port + w, as ranks do
+    port = metrics.port_of(worker)  # worker w serves port + w, as ranks do
     return config.model_copy(
         update={"run": run.model_copy(update=update), "metrics": metrics.model_copy(update={"port": port})}
     )

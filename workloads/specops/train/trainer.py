@@ -237,10 +237,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _serve_progress(self) -> MetricsServer | None:
-        port, host = self.cfg.metrics.port, self.cfg.metrics.host
+        port, host = self.cfg.metrics.port_of(self.env.local_rank), self.cfg.metrics.host
         if port is None:
             return None
-        server = MetricsServer(port + self.env.local_rank if port else 0, self.progress, host)
+        server = MetricsServer(port, self.progress, host)
         log.info("rank %d: progress metrics on %s:%d/metrics", self.env.rank, host, server.port)
         return server
 
