@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM
 from specops import evaluate as evaluate_module
 from specops.commands import evaluate as evaluate_command
 from specops.data.split import HeldOutSplit
+from specops.eval_inputs import load_inputs
 from specops.evaluate import (
     CachedVerifier,
     default_max_mismatch_rate,
@@ -412,7 +413,7 @@ def test_cli_evaluates_the_conversations_its_training_held_out(
     argv = ["--speculator", str(tmp_path / "spec"), "--train-config", str(tmp_path / "train.yaml"), *roots]
     parser = argparse.ArgumentParser(prog="specops evaluate")
     evaluate_command.register(parser)
-    inputs = evaluate_command.load_inputs(parser.parse_args([*argv, "--max-prompts", "1000"]))
+    inputs = load_inputs(parser.parse_args([*argv, "--max-prompts", "1000"]))
     evaluated = {prompt_conversation(p) for p in inputs.prompts}
     assert evaluated and not evaluated & trained_conversations(store, 0.25, 3)
 

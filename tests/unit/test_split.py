@@ -21,9 +21,9 @@ from _split_support import (
     trained_conversations,
 )
 
-from specops.commands.evaluate import held_out_of
 from specops.config import ConfigError, DataGenConfig, TrainConfig, load_config
 from specops.data.split import HeldOutSplit, conversation_id
+from specops.eval_inputs import held_out_of
 from specops.evaluate import load_prompts
 from specops.example import ExampleDict
 from specops.local_run import LocalPlan, held_out_prompts

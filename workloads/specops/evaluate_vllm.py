@@ -162,8 +162,8 @@ def serve(
 
 def main(args: argparse.Namespace) -> int:
     """The `--engine vllm` branch of `specops evaluate` (arguments already range-checked)."""
-    from specops.commands.evaluate import load_inputs
     from specops.engines.vllm import require_vllm
+    from specops.eval_inputs import load_inputs
     from specops.evaluate import eos_ids, evaluate, greedy_references
     from specops.models.config import SpeculatorFormatError
     from specops.models.families import unservable_draft
