@@ -61,12 +61,12 @@ from specops_operator.builders.training import (
     upload_job,
 )
 from specops_operator.conditions import elapsed, is_true, now_rfc3339, transitions
+from specops_operator.jobs import JobView, parse_ranges
 from specops_operator.kube import PLURALS, ApiError, Kube
 from specops_operator.metrics import OperatorMetrics
 from specops_operator.progress import metrics_endpoints, rank0_endpoint, read_generation, read_progress
 from specops_operator.status import (
     CACHED,
-    JobView,
     Observed,
     compatible_condition,
     datagen_status,
@@ -76,7 +76,6 @@ from specops_operator.status import (
     is_terminal,
     looks_stuck,
     may_create,
-    parse_ranges,
     running_pods,
     settled_status,
     stalled_status,

@@ -19,6 +19,7 @@ from typing import Any
 
 from specops_operator.builders.publish import UploadKey
 from specops_operator.conditions import find, is_true
+from specops_operator.jobs import JobView
 
 Obj = dict[str, Any]
 IN_FLIGHT = frozenset({"Uploading"})
@@ -108,8 +109,8 @@ def _cause(old: UploadKey, new: UploadKey, reason: str) -> str:
 
 
 def _finished(job: Obj) -> bool:
-    conditions = (job.get("status") or {}).get("conditions") or []
-    return is_true(conditions, "Complete") or is_true(conditions, "Failed")
+    view = JobView.of(job)
+    return view.complete or view.failed
 
 
 def decide(

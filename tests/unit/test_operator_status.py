@@ -12,19 +12,17 @@ from specops_operator.api import SpeculatorDataGen, SpeculatorTraining, load_res
 from specops_operator.builders.datagen import DataGenNames
 from specops_operator.builders.training import DataSource
 from specops_operator.conditions import Phase, find
+from specops_operator.jobs import JobView, format_ranges, parse_ranges
 from specops_operator.status import (
-    JobView,
     Observed,
     claim_problem,
     create_problem,
     datagen_status,
     failure_detail,
     finished_components,
-    format_ranges,
     hold_ttl,
     is_terminal,
     may_create,
-    parse_ranges,
     pending_detail,
     running_pods,
     settled_status,
