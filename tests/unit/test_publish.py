@@ -205,6 +205,24 @@ def test_push_to_a_missing_bucket_fails_with_one_line_and_exit_2(speculator: Pat
     assert "--to s3://no-such-bucket/x: no such bucket" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_push_with_credentials_the_store_refuses_fails_with_one_line_and_exit_2(
+    speculator: Path, s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server checks signatures against its IAM users (none has the key `testing`): a 403."""
+    import boto3
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    push = ["-m", "specops.cli", "push", str(speculator), "--to", "s3://drafts/refused", "--endpoint-url", s3]
+    result = _run([*push, "--allowed-root", str(speculator.parent)], S3_ENV)
+    assert result.returncode == 2, result.stderr
+    assert "--to s3://drafts/refused: the object store refused the upload" in result.stderr
+    assert "AWS_ACCESS_KEY_ID" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.undo()
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", **_keys())
+    assert "Contents" not in client.list_objects_v2(Bucket="drafts", Prefix="refused/"), "nothing stored"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
