@@ -980,6 +980,12 @@ class DataGenProgress(Contract):
     (live, from their metrics; a shard's final count is in `examples` once it ends)."""
     running_total: Annotated[int, Field(ge=0)] | None = None
     """Examples the running generators' shards hold, not yet stored when they started (live)."""
+    running_answered: Annotated[int, Field(ge=0)] | None = None
+    """With `regenerate`: conversations the running generators have answered so far in this run
+    (live; their capture, `runningDone`, starts once all of a shard's are answered)."""
+    running_answer_total: Annotated[int, Field(ge=0)] | None = None
+    """With `regenerate`: conversations the running generators' shards have to answer, those no
+    answers file holds yet (live)."""
     eta_seconds: Annotated[int, Field(ge=0)] | None = None
     """The slowest running generator's estimate of seconds until its shard is done (live; shards
     not started yet are not in it; 0 once complete)."""

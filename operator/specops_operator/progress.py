@@ -34,6 +34,12 @@ GENERATION_FIELDS = {
     GENERATE_PREFIX + "examples_expected": "runningTotal",
 }
 """Generator metric -> `status.progress` field, summed over the running generators."""
+ANSWER_FIELDS = {
+    GENERATE_PREFIX + "answers_done": "runningAnswered",
+    GENERATE_PREFIX + "answers_expected": "runningAnswerTotal",
+}
+"""The same for the answering stage (`regenerate`): only generators that answer serve them, and
+status has them only when one did."""
 READ_TIMEOUT_S = 2.0
 PARALLEL_READS = 16
 """Generator endpoints read at once: a refresh waits about READ_TIMEOUT_S for all of them."""
@@ -76,14 +82,14 @@ def parse_progress(text: str) -> dict[str, float]:
 
 
 def parse_generation(text: str) -> dict[str, float]:
-    """One generator's `status.progress` figures (its slice's examples processed and expected, and
-    its ETA) in a scrape of its endpoint."""
+    """One generator's `status.progress` figures (its slice's examples processed and expected, its
+    conversations answered and to answer when it regenerates, and its ETA) in a scrape of its endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            field = GENERATION_FIELDS.get(sample.name)
+            field = GENERATION_FIELDS.get(sample.name) or ANSWER_FIELDS.get(sample.name)
             if field is not None:
                 found[field] = found.get(field, 0.0) + float(sample.value)
             elif sample.name == GENERATE_PREFIX + "eta_seconds":
@@ -127,6 +133,9 @@ def read_generation(urls: Sequence[str], timeout: float = READ_TIMEOUT_S) -> dic
             continue
         for field in GENERATION_FIELDS.values():
             total[field] = total.get(field, 0.0) + figures.get(field, 0.0)
+        for field in ANSWER_FIELDS.values():
+            if field in figures:
+                total[field] = total.get(field, 0.0) + figures[field]
         etas.append(figures.get("etaSeconds"))
     if etas and all(eta is not None for eta in etas):
         total["etaSeconds"] = max(eta for eta in etas if eta is not None)

@@ -373,7 +373,15 @@ def download_phase(fetch: Observed, cached: Desired) -> tuple[Phase, str, str] |
 # --------------------------------------------------------------------------- data generation
 
 
-LIVE_DATAGEN = ("runningDone", "runningTotal", "etaSeconds", "eta", "updatedAt")
+LIVE_DATAGEN = (
+    "runningDone",
+    "runningTotal",
+    "runningAnswered",
+    "runningAnswerTotal",
+    "etaSeconds",
+    "eta",
+    "updatedAt",
+)
 """`status.progress` fields read from the running generators (kept while none answers)."""
 
 
@@ -393,7 +401,8 @@ def _datagen_progress(cr: SpeculatorDataGen, job: JobView, seen: Observed, prior
         seconds += float(report.get("seconds") or 0.0)
     total = cr.spec.shards
     live = {k: before[k] for k in LIVE_DATAGEN if k in before}
-    live.update(_live_fields(seen.live, now, ("runningDone", "runningTotal", "etaSeconds")))
+    counts = ("runningDone", "runningTotal", "runningAnswered", "runningAnswerTotal", "etaSeconds")
+    live.update(_live_fields(seen.live, now, counts))
     if job.complete and "etaSeconds" in live:
         live.update(etaSeconds=0, eta=eta_text(0))
     return {

@@ -11,7 +11,7 @@ from test_reconcile import DG, TR, _condition
 
 from conftest import Api, Runner, example, job_done
 from specops.generate import GenerateReport
-from specops.generate_progress import GenerationProgress
+from specops.generate_progress import AnswerProgress, GenerationProgress
 from specops.stores.streaming import MetricsServer
 from specops.train.progress import Progress
 
@@ -120,6 +120,16 @@ async def test_datagen_progress_follows_the_running_generators(api: Api, operato
         )
         live = _datagen_progress(api)
         assert live["runningDone"] == 42 and live["updatedAt"] and "etaSeconds" not in live, live
+        assert "runningAnswered" not in live and "runningAnswerTotal" not in live, "neither answers"
+
+        answers = AnswerProgress(reports[1], 1, 8)  # generator 1 answers its prompts first
+        answers.expect(30)
+        answers.add(12, 11, 400)
+        progress[1].answers = answers
+        await api.until(
+            lambda: _datagen_progress(api).get("runningAnswered") == 12, timeout=10, what="answers"
+        )
+        assert _datagen_progress(api)["runningAnswerTotal"] == 30
 
         progress[1].start()
         reports[1].written = 10

@@ -107,6 +107,7 @@ def test_a_running_generator_serves_its_progress(on_disk: dict[str, Any]) -> Non
     assert scrapes[-1][("specops_generate_eta_seconds", slice0)] > 0
     served = {name for name, _ in scrapes[-1]}
     assert served == set(METRIC_NAMES), "METRIC_NAMES lists exactly what a disk generator serves"
+    assert not any(name.startswith("specops_generate_answers_") for name in served), "no regenerate"
     with pytest.raises(urllib.error.URLError):  # the endpoint ends with the slice
         _scrape(on_disk["port"])
 
@@ -227,4 +228,10 @@ def test_regeneration_shows_its_total_and_eta_logs_a_done_line_and_serves_its_co
     slice0 = (("slice", "0"),)
     answered = [got[("specops_generate_regenerated_total", slice0)] for got in scrapes]
     assert answered == [0, 4]  # scraped before each window is stored
+    # the answering stage is served too, so a long answering phase is not a capture stuck at 0
+    assert [got[("specops_generate_answers_done", slice0)] for got in scrapes] == [0, 4]
+    assert {got[("specops_generate_answers_expected", slice0)] for got in scrapes} == {6}
+    assert ("specops_generate_answers_eta_seconds", slice0) not in scrapes[0], "no rate before one window"
+    assert scrapes[1][("specops_generate_answers_eta_seconds", slice0)] >= 0
+    assert all(got[("specops_generate_examples_processed", slice0)] == 0 for got in scrapes)
     assert scrapes[-1][("specops_generate_regenerated_tokens_total", slice0)] > 0

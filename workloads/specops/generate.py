@@ -126,7 +126,7 @@ def run_slice(config: DataGenConfig) -> GenerateReport:
         else:
             done = sink.done_ids()
             progress.expect(count_slice(config, done))
-            examples = tokenized_slice(config, tokenizer, done, report)
+            examples = tokenized_slice(config, tokenizer, done, report, progress)
             generate_if_any(None, sink, examples, config, meta, progress)
     except BaseException:
         sink.close()
@@ -168,7 +168,7 @@ def generate_claimed(
         part = config.model_copy(update={"run": run})
         done = sink.range_done_ids(claim)
         progress.expect(count_slice(part, done))
-        examples = tokenized_slice(part, tokenizer, done, report)
+        examples = tokenized_slice(part, tokenizer, done, report, progress)
         engine = generate_if_any(engine, sink, examples, part, meta, progress)
         if report.ok:
             sink.complete(claim)
@@ -245,12 +245,17 @@ def store_meta(config: DataGenConfig, tokenizer: PreTrainedTokenizerBase) -> Sto
 
 
 def tokenized_slice(
-    config: DataGenConfig, tokenizer: PreTrainedTokenizerBase, done: set[str], report: GenerateReport
+    config: DataGenConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    done: set[str],
+    report: GenerateReport,
+    progress: GenerationProgress | None = None,
 ) -> Iterator[TokenizedExample]:
     """This slice's examples not yet in the sink, tokenized with their loss masks.
 
     Sequences are cut to `min(processor.max_length, engine.max_seq_len)`. A conversation the chat
-    template cannot render (or that keeps too few trainable tokens) is counted as dropped.
+    template cannot render (or that keeps too few trainable tokens) is counted as dropped. With
+    `regenerate`, the answering stage's progress is served through `progress` (if given).
     """
     from specops.data.chat import ChatTemplateError, tokenize_conversation
 
@@ -261,6 +266,8 @@ def tokenized_slice(
         from specops.regenerate import regenerated_slice
 
         answers = AnswerProgress(report, config.run.shard_index, config.run.num_shards)
+        if progress is not None:
+            progress.answers = answers
         conversations = regenerated_slice(
             config, tokenizer, conversations, answers, lambda answered: count_slice(config, done | answered)
         )

@@ -7,7 +7,9 @@ before the engine loads (one more pass over the sources, no model work); an exam
 written, dropped or failed is one of them processed. With `sync.claimRanges` the total grows
 with each claimed range. Local worker `w` serves `metrics.port + w`, as trainer ranks do.
 The `regenerate` stage before it shows the same (`AnswerProgress`): its total is the
-conversations no answers file holds yet, its rates are answers' and answer tokens'.
+conversations no answers file holds yet, its rates are answers' and answer tokens'; the
+generator's endpoint serves them too (`specops_generate_answers_*`), so an answering phase of
+hours is not a capture stuck at 0.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ GAUGES = {
     "tokens_per_second": "written tokens per second since the engine loaded",
     "eta_seconds": "estimated seconds until the slice is processed",
 }
+ANSWER_GAUGES = {
+    "answers_expected": "conversations of this slice to answer in this run (regenerate; the answers bar's total)",
+    "answers_done": "of those, answered (or found unanswerable) and stored in the answers file",
+    "answers_eta_seconds": "estimated seconds until the slice is answered (capture comes after)",
+}
+"""Served only by a generator that answers its prompts first (`regenerate`)."""
 METRIC_NAMES = sorted([*(PREFIX + name + "_total" for name in COUNTERS), *(PREFIX + name for name in GAUGES)])
-"""Every sample name a generator serves (its sink's stream metrics aside)."""
+"""Every sample name a generator serves (the answer gauges and a stream sink's metrics aside)."""
 LOG_EVERY_S = 30.0
 """Seconds between progress lines in the log (and one line when the stage is done)."""
 
@@ -141,6 +149,8 @@ class GenerationProgress(StageProgress):
         super().__init__(report, slice_label(slice_index, num_slices))
         self.slice = str(slice_index)
         self.sink = sink
+        self.answers: AnswerProgress | None = None
+        """The `regenerate` stage's progress, served beside the capture's while it exists."""
 
     @property
     def processed(self) -> int:
@@ -172,7 +182,7 @@ class GenerationProgress(StageProgress):
             counter.add_metric([self.slice], float(getattr(self.report, field)))
             yield counter
         examples_per_s, tokens_per_s = self.rates()
-        values = {
+        values: dict[str, float | None] = {
             "examples_expected": self.expected,
             "examples_processed": self.processed,
             "examples_stored": self.stored(),
@@ -180,7 +190,15 @@ class GenerationProgress(StageProgress):
             "tokens_per_second": tokens_per_s,
             "eta_seconds": self.eta_seconds(),
         }
-        for name, help_text in GAUGES.items():
+        helps = dict(GAUGES)
+        if self.answers is not None:
+            helps.update(ANSWER_GAUGES)
+            values.update(
+                answers_expected=self.answers.expected,
+                answers_done=self.answers.processed,
+                answers_eta_seconds=self.answers.eta_seconds(),
+            )
+        for name, help_text in helps.items():
             value = values[name]
             if value is not None:
                 gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=["slice"])
