@@ -325,6 +325,12 @@ CROSS_FIELD = [
     (
         "hass-train.yaml",
         0,
+        _set("spec.draft.initFromRevision", "v1"),
+        "draft.initFromRevision is the Hub revision of",
+    ),
+    (
+        "hass-train.yaml",
+        0,
         lambda doc: (_set("spec.draft.normBeforeFc", True)(doc), _set("spec.draft.fcNorm", True)(doc)),
         "draft.fcNorm exclude each other",
     ),

@@ -226,8 +226,10 @@ def _env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _yaml(world: dict[str, Any], tmp_path: Path, init_from: str) -> Path:
-    cfg = config(world, "hub", max_steps=1, draft__init_from=init_from).model_dump(mode="json", by_alias=True)
+def _yaml(world: dict[str, Any], tmp_path: Path, init_from: str, revision: str | None = None) -> Path:
+    cfg = config(
+        world, "hub", max_steps=1, draft__init_from=init_from, draft__init_from_revision=revision
+    ).model_dump(mode="json", by_alias=True)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -259,6 +261,43 @@ def test_a_hub_id_is_downloaded_and_a_missing_one_exits_2(world: dict[str, Any],
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert "draft.initFrom: 'acme/nothing': no such model on the Hub" in refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_a_hub_initfrom_is_pinned_by_initfromrevision(world: dict[str, Any], tmp_path: Path) -> None:
+    """The snapshot of the commit asked for is the start; a revision the Hub lacks, or one given
+    with a local directory, exits 2 naming it."""
+    with FakeHub({"acme/tiny-draft": world["final"]}) as hub:
+        env = _env(hub, tmp_path)
+        commit = hub.repos["acme/tiny-draft"].commit
+        pinned = _yaml(world, tmp_path, "acme/tiny-draft", commit)
+        done = subprocess.run(
+            [sys.executable, "-c", HUB_START, str(pinned), str(world["final"])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.splitlines()[-1] == "same weights"
+        assert f"/hf/hub/models--acme--tiny-draft/snapshots/{commit})" in done.stdout
+
+        for init_from, revision, message in (
+            ("acme/tiny-draft", "v9", "draft.initFrom: 'acme/tiny-draft' at revision 'v9': no such revision"),
+            (
+                str(world["final"]),
+                "main",
+                f"draft.initFromRevision: {world['final']} is a local directory, which has no revisions",
+            ),
+        ):
+            argv = [
+                sys.executable,
+                *train_cli(tmp_path),
+                "--config",
+                str(_yaml(world, tmp_path, init_from, revision)),
+            ]
+            refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+            assert refused.returncode == 2, refused.stderr[-3000:]
+            assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-2000:]
 
 
 UPSTREAM = """import sys, torch

@@ -409,6 +409,9 @@ class DraftConfig(Contract):
     are the start, the optimizer starts fresh. Its architecture, vocabulary sizes, auxiliary
     layers and verifier must match this run's, else the run is refused; a run that resumes from
     its own checkpoint ignores it."""
+    init_from_revision: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """The Hub revision (branch, tag or commit) of a Hub id initFrom; unset = the default branch.
+    Needs a Hub id initFrom: a local directory has no revisions, and one is refused."""
     norm_before_fc: bool = False
     """One RMSNorm over the concatenated auxiliary hidden states before `fc` (upstream's
     `norm_before_fc`, tensor `input_norm.weight`; default off). vLLM serves it."""
@@ -445,6 +448,11 @@ class DraftConfig(Contract):
 
 
 DRAFT_RULES: tuple[tuple[str, str, Callable[[DraftConfig], bool]], ...] = (
+    (
+        "!has({d}.initFromRevision) || has({d}.initFrom)",
+        "draft.initFromRevision is the Hub revision of draft.initFrom; set initFrom to a Hub id",
+        lambda d: d.init_from_revision is None or d.init_from is not None,
+    ),
     (
         "!has({d}.normBeforeFc) || !has({d}.fcNorm) || !({d}.normBeforeFc && {d}.fcNorm)",
         "draft.normBeforeFc and draft.fcNorm exclude each other (one norm before fc, or one per state)",

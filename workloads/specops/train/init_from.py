@@ -70,16 +70,22 @@ SAME: tuple[tuple[str, Getter], ...] = (
 """What must be equal in the loaded speculator and this run's draft, each named for the message."""
 
 
-def locate(init_from: str, allowed_roots: Sequence[str]) -> Path:
-    """The speculator directory: a local one under an allowed root, or a Hub id's snapshot."""
+def locate(init_from: str, revision: str | None, allowed_roots: Sequence[str]) -> Path:
+    """The speculator directory: a local one under an allowed root, or a Hub id's snapshot at
+    `revision` (None: the default branch)."""
     if is_local(init_from):
+        if revision is not None:
+            raise ConfigError(
+                f"draft.initFromRevision: {init_from} is a local directory, which has no revisions; "
+                "unset initFromRevision or give a Hub id"
+            )
         path = resolve_allowed(init_from, allowed_roots, FIELD)
         if not path.is_dir():
             raise FileNotFoundError(f"{FIELD}: {path} is not a speculator directory")
         return path
     if not re.match(HUB_ID_PATTERN, init_from):
         raise ConfigError(f"{FIELD}: {init_from!r} is neither an existing local path nor a Hub id")
-    return Path(hub_snapshot(init_from, None, FIELD, model_cache=False))
+    return Path(hub_snapshot(init_from, revision, FIELD, model_cache=False))
 
 
 def differences(
@@ -132,10 +138,15 @@ def _same_model(a: str, b: str | None) -> bool:
 
 
 def start_from(
-    draft: Eagle3DraftModel, init_from: str, allowed_roots: Sequence[str], verifier_layers: int
+    draft: Eagle3DraftModel,
+    init_from: str,
+    revision: str | None,
+    allowed_roots: Sequence[str],
+    verifier_layers: int,
 ) -> Path:
-    """Load `init_from` into `draft` (same architecture checked first); returns the directory read."""
-    directory = locate(init_from, allowed_roots)
+    """Load `init_from` (at Hub `revision`) into `draft` (same architecture checked first); returns
+    the directory read."""
+    directory = locate(init_from, revision, allowed_roots)
     try:
         loaded = Eagle3DraftModel.from_pretrained(directory)
     except SpeculatorFormatError as exc:

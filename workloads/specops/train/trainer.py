@@ -193,7 +193,11 @@ class Trainer:
             self.draft.load_weights(resume_from / "model.safetensors")
         elif init_from:
             started = start_from(
-                self.draft, init_from, roots, int(verifier_config.get_text_config().num_hidden_layers)
+                self.draft,
+                init_from,
+                cfg.draft.init_from_revision,
+                roots,
+                int(verifier_config.get_text_config().num_hidden_layers),
             )
         self.draft.to(env.device)
         self.model = wrap(TTTModule(self.draft, cfg.ttt_steps), env, cfg.distributed)
