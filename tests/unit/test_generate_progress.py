@@ -151,6 +151,22 @@ def streamed(tmp_path_factory: pytest.TempPathFactory, tiny_verifier_dir: Path) 
     return {"generator": scrapes, "broker": broker_scrape, "consumed": consumed}
 
 
+@pytest.fixture(scope="module")
+def answering(tmp_path_factory: pytest.TempPathFactory, tiny_verifier_dir: Path) -> list[Scrape]:
+    """A generator that answers 6 prompts first (windows of 4 then 2), scraped at each window."""
+    from specops.regenerate import AnswerFiles
+
+    root = tmp_path_factory.mktemp("genanswers")
+    write_jsonl(root / "syn.jsonl", make_conversations(6, seed=7))
+    port, scrapes = free_port(), []
+    cfg = _config(root, tiny_verifier_dir, {"path": str(root / "out")}, port, 6)
+    cfg["regenerate"] = {"path": str(root / "answers"), "maxNewTokens": 8, "batchSize": 1}
+    with pytest.MonkeyPatch.context() as patch:
+        _scraping_writes(patch, AnswerFiles, port, scrapes, method="append")
+        generate_data(cfg)  # type: ignore[arg-type]
+    return scrapes
+
+
 def test_a_streaming_generator_serves_its_sink_figures_too(streamed: dict[str, Any]) -> None:
     assert len(streamed["consumed"]) == 6
     last = streamed["generator"][-1]
@@ -161,7 +177,7 @@ def test_a_streaming_generator_serves_its_sink_figures_too(streamed: dict[str, A
 
 
 def test_every_metric_the_datagen_dashboard_draws_is_served(
-    on_disk: dict[str, Any], streamed: dict[str, Any]
+    on_disk: dict[str, Any], streamed: dict[str, Any], answering: list[Scrape]
 ) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
@@ -169,11 +185,12 @@ def test_every_metric_the_datagen_dashboard_draws_is_served(
     drawn = {name for expr in exprs for name in re.findall(r"\bspecops_(?:generate|stream)_\w+", expr)}
     served = {
         name
-        for scrape in (on_disk["scrapes"][-1], streamed["generator"][-1], streamed["broker"])
+        for scrape in (on_disk["scrapes"][-1], streamed["generator"][-1], streamed["broker"], *answering)
         for name, _ in scrape
     }
     assert drawn and drawn <= served, sorted(drawn - served)
     assert {"specops_generate_examples_expected", "specops_generate_eta_seconds"} <= drawn
+    assert {"specops_generate_answers_done", "specops_generate_answers_eta_seconds"} <= drawn
     assert {
         "specops_stream_producers",
         "specops_stream_stalls_total",
