@@ -31,7 +31,7 @@ from specops_operator.builders.training import (
 )
 from specops_operator.conditions import Desired, Phase, find, is_true, lifecycle, merge
 from specops_operator.jobs import NO_JOB, JobView, format_ranges, parse_ranges
-from specops_operator.progress import eta_text
+from specops_operator.progress import ANSWER_FIELDS, GENERATION_FIELDS, eta_text
 from specops_operator.report import parse_report
 from specops_operator.uploads import UploadStep, evaluated_after_run
 from specops_operator.validation import FINDING_REASONS
@@ -373,15 +373,9 @@ def download_phase(fetch: Observed, cached: Desired) -> tuple[Phase, str, str] |
 # --------------------------------------------------------------------------- data generation
 
 
-LIVE_DATAGEN = (
-    "runningDone",
-    "runningTotal",
-    "runningAnswered",
-    "runningAnswerTotal",
-    "etaSeconds",
-    "eta",
-    "updatedAt",
-)
+LIVE_DATAGEN_COUNTS = (*GENERATION_FIELDS.values(), *ANSWER_FIELDS.values(), "etaSeconds")
+"""The integer `status.progress` fields `progress.read_generation` sums from the generators."""
+LIVE_DATAGEN = (*LIVE_DATAGEN_COUNTS, "eta", "updatedAt")
 """`status.progress` fields read from the running generators (kept while none answers)."""
 
 
@@ -401,8 +395,7 @@ def _datagen_progress(cr: SpeculatorDataGen, job: JobView, seen: Observed, prior
         seconds += float(report.get("seconds") or 0.0)
     total = cr.spec.shards
     live = {k: before[k] for k in LIVE_DATAGEN if k in before}
-    counts = ("runningDone", "runningTotal", "runningAnswered", "runningAnswerTotal", "etaSeconds")
-    live.update(_live_fields(seen.live, now, counts))
+    live.update(_live_fields(seen.live, now, LIVE_DATAGEN_COUNTS))
     if job.complete and "etaSeconds" in live:
         live.update(etaSeconds=0, eta=eta_text(0))
     return {
